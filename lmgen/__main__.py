@@ -1,0 +1,3 @@
+from lmgen.cli import main
+
+raise SystemExit(main())

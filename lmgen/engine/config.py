@@ -1,0 +1,81 @@
+"""EngineConfig: how the engine loads the model and budgets its memory and batches."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lmgen.errors import InvalidArgumentError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+#: KV-cache budget on a CPU when the caller sets none (the cache never grows past what
+#: max_num_seqs requests of max_model_len tokens can use).
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+#: On a GPU: this fraction of the memory still free after loading the weights.
+DEFAULT_GPU_KV_CACHE_FRACTION = 0.85
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: int | float | str) -> int:
+    """Bytes from 1073741824, "1GiB", "512MB", "2g" (k/m/g/t: powers of 1000; ki/mi/gi/ti: 1024)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    match = _SIZE.match(str(value))
+    if not match:
+        raise InvalidArgumentError(f"cannot read {value!r} as a size: write bytes or e.g. '512MiB', '2GiB'")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Validated on creation; every field maps to an argument of ``LLM(...)`` and a CLI flag."""
+
+    model: str | None = None  # folder or hub id; None: the embedded demo model
+    dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16, float16
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    kv_cache_memory: int | str | None = None  # bytes or "2GiB"; None: see DEFAULT_*
+    max_model_len: int | None = None  # context length; None: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    seed: int | None = None  # seeds the requests that bring no seed of their own
+    revision: str | None = None  # hub revision
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise InvalidArgumentError(
+                f"dtype {self.dtype!r} is not supported; use one of: auto, float32, bfloat16, float16")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise InvalidArgumentError(f"device {self.device!r} is not supported; use auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidArgumentError(f"device {self.device!r} was asked for but no CUDA GPU is available; use cpu")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            _positive(name, getattr(self, name))
+        if self.kv_cache_memory is not None and parse_size(self.kv_cache_memory) <= 0:
+            raise InvalidArgumentError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
+        """The dtype to run in: the caller's, else the checkpoint's, else float32."""
+        name = checkpoint_dtype if self.dtype == "auto" else self.dtype
+        return DTYPES.get(str(name), torch.float32)

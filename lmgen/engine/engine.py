@@ -1,0 +1,208 @@
+"""Engine: load a checkpoint, accept requests, and run the step loop.
+
+``step()`` is the whole loop: schedule -> run the model -> sample -> update requests
+-> emit RequestOutput deltas. Every front end feeds ``add_request`` and consumes
+``step`` (or the async wrapper the server uses).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence
+
+import torch
+
+from lmgen.cache.block_pool import BlockPool
+from lmgen.cache.kv_cache import KVCache, bytes_per_block
+from lmgen.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig, parse_size
+from lmgen.engine.output import OutputState
+from lmgen.engine.request import Request
+from lmgen.engine.runner import ModelRunner
+from lmgen.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from lmgen.errors import InvalidArgumentError
+from lmgen.layers.rotary import context_length
+from lmgen.loader.checkpoint import DEMO_MODEL_PATH, iter_tensors, load_weights, read_json, resolve_model_path
+from lmgen.loader.tokenizer import Tokenizer
+from lmgen.models import model_class
+from lmgen.outputs import RequestOutput
+from lmgen.params import DEFAULT_MAX_TOKENS, SamplingParams
+from lmgen.sampling.processors import build_processors
+
+logger = logging.getLogger(__name__)
+
+
+def _as_id_set(value: int | list[int] | None) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    return frozenset([value] if isinstance(value, int) else value)
+
+
+class Engine:
+    """One model, one KV cache, many requests."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        started = time.perf_counter()
+        self.model_path = resolve_model_path(config.model or DEMO_MODEL_PATH, config.revision)
+        self.hf_config = read_json(self.model_path, "config.json", required=True)
+        self.generation_config = read_json(self.model_path, "generation_config.json")
+        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.hf_config.get("dtype") or self.hf_config.get("torch_dtype"))
+        self.max_model_len = config.max_model_len or context_length(self.hf_config)
+        self.model = self._load_model()
+        self.kv_cache = self._allocate_kv_cache()
+        self.pool = BlockPool(self.kv_cache.num_blocks)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   config.block_size), self.pool)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.eos_token_ids = self._eos_token_ids()
+        self.default_max_tokens = int(self.generation_config.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
+        self._rng = random.Random(config.seed)
+        self._requests: dict[str, Request] = {}
+        self._outputs: dict[str, OutputState] = {}
+        self._aborted: list[RequestOutput] = []
+        logger.info("loaded %s (%s, %s) in %.1f s; KV cache %d blocks of %d tokens (%.0f MiB)",
+                    self.model_path, self.dtype, self.device, time.perf_counter() - started,
+                    self.kv_cache.num_blocks, config.block_size, self.kv_cache.nbytes / 2**20)
+
+    # ---- loading -------------------------------------------------------------------------
+    def _load_model(self) -> torch.nn.Module:
+        cls = model_class(self.hf_config)
+        with torch.device("meta"):
+            model = cls.from_config(self.hf_config, self.max_model_len)
+        model = model.to(self.dtype).to_empty(device=self.device)
+        load_weights(model, iter_tensors(self.model_path))
+        return model.eval().requires_grad_(False)
+
+    def _allocate_kv_cache(self) -> KVCache:
+        args, block_size = self.model.args, self.config.block_size
+        per_block = bytes_per_block(args.num_layers, block_size, args.num_kv_heads, args.head_dim, self.dtype)
+        if self.config.kv_cache_memory is not None:
+            budget = parse_size(self.config.kv_cache_memory)
+        elif self.device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(self.device)[0] * DEFAULT_GPU_KV_CACHE_FRACTION)
+        else:
+            budget = DEFAULT_CPU_KV_CACHE_BYTES
+        useful = self.config.max_num_seqs * -(-self.max_model_len // block_size)
+        num_blocks = min(budget // per_block, useful)
+        if num_blocks < 1:
+            raise InvalidArgumentError(
+                f"kv_cache_memory {budget} bytes is smaller than one KV block ({per_block} bytes); raise it")
+        return KVCache(args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim,
+                       self.dtype, self.device)
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = _as_id_set(self.generation_config.get("eos_token_id"))
+        ids = ids or _as_id_set(self.hf_config.get("eos_token_id"))
+        if not ids and self.tokenizer.eos_token_id is not None:
+            ids = frozenset([self.tokenizer.eos_token_id])
+        return ids
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its request id. Raises on bad input."""
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise InvalidArgumentError(f"request id {request_id!r} is already in use")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        max_tokens = params.max_tokens or self.default_max_tokens
+        self._check_fits(len(prompt_ids), max_tokens)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        request = Request(request_id, prompt_ids, params, max_tokens,
+                          torch.Generator(self.device).manual_seed(seed), prompt_text, self.eos_token_ids)
+        request.logits_processors = build_processors(len(prompt_ids), params.min_tokens, request.stop_token_ids)
+        self._requests[request_id] = request
+        self._outputs[request_id] = OutputState(request, self.tokenizer)
+        self.scheduler.add(request)
+        return request_id
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidArgumentError("the prompt is empty: give at least one character or token id")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidArgumentError("the prompt is empty: give at least one character or token id")
+        vocab = self.model.args.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgumentError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        return None, ids
+
+    def _check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        if num_prompt_tokens >= self.max_model_len:
+            raise InvalidArgumentError(
+                f"the prompt has {num_prompt_tokens} tokens but the model's context is {self.max_model_len} "
+                "tokens (prompt plus output): shorten the prompt or raise max_model_len")
+        needed = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        capacity = self.pool.num_blocks * self.config.block_size
+        if needed > capacity:
+            raise InvalidArgumentError(
+                f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) needs {needed} tokens of KV "
+                f"cache but it holds {capacity}: raise kv_cache_memory or lower max_tokens")
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its blocks; its final delta comes out of the next step()."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        request.finish("abort")
+        self.scheduler.finish(request)
+        self._aborted.append(self._outputs.pop(request_id).update(request, [], None))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._aborted)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    def score(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Logits [len(prompt), vocab] (float32) at every position of each token-id prompt.
+
+        Runs as one batch beside (not inside) the request stream; the prompts' KV
+        blocks are freed before returning.
+        """
+        requests = [Request(f"score-{i}", self._tokenize(p)[1], SamplingParams(), 1, torch.Generator())
+                    for i, p in enumerate(prompts)]
+        for request in requests:
+            self._check_fits(request.num_prompt_tokens, 1)
+        blocks_needed = sum(-(-r.num_prompt_tokens // self.config.block_size) for r in requests)
+        if blocks_needed > self.pool.num_free_blocks:
+            raise InvalidArgumentError(
+                f"scoring needs {blocks_needed} KV blocks, {self.pool.num_free_blocks} are free: score fewer prompts at once")
+        try:
+            for request in requests:
+                request.block_ids = self.pool.allocate(-(-request.num_prompt_tokens // self.config.block_size))
+            batch = ScheduledBatch(requests, [r.num_prompt_tokens for r in requests])
+            logits = self.runner.all_logits(batch)
+        finally:
+            for request in requests:
+                self.pool.free(request.block_ids)
+        return list(logits.split([r.num_prompt_tokens for r in requests]))
+
+    # ---- the loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Advance every scheduled request by one step; returns the deltas it produced."""
+        outputs, self._aborted = self._aborted, []
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return outputs
+        sampled = self.runner.execute(batch)
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            request.num_computed_tokens += n
+        for request, token, logprobs in sampled:
+            request.append_token(token, self.max_model_len)
+            state = self._outputs[request.request_id]
+            outputs.append(state.update(request, [token], None if logprobs is None else [logprobs]))
+            if request.finished:
+                self.scheduler.finish(request)
+                del self._requests[request.request_id], self._outputs[request.request_id]
+        return outputs

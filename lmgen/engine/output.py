@@ -1,0 +1,54 @@
+"""Turns each request's new tokens into a RequestOutput delta: text and stop strings."""
+
+from __future__ import annotations
+
+from lmgen.engine.request import Request
+from lmgen.loader.tokenizer import IncrementalDetokenizer, Tokenizer
+from lmgen.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+class OutputState:
+    """Per-request detokenizer plus stop-string search.
+
+    Stop strings are matched on text, so they are found across token boundaries.
+    While a request runs, the last ``len(longest stop) - 1`` characters are held back:
+    they might turn out to begin a stop string, which is not part of the output.
+    """
+
+    def __init__(self, request: Request, tokenizer: Tokenizer) -> None:
+        params = request.params
+        self.tokenizer = tokenizer
+        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        self.stop = params.stop
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""
+        self.num_sent_chars = 0
+
+    def update(self, request: Request, new_token_ids: list[int],
+               new_logprobs: list[dict[int, Logprob]] | None) -> RequestOutput:
+        new_text = self.detokenizer.add_tokens(new_token_ids)
+        if request.finished:
+            new_text += self.detokenizer.flush()
+        searched_from = max(0, len(self.text) - self.holdback)
+        self.text += new_text
+        if self.stop and request.num_output_tokens >= request.params.min_tokens:
+            self._find_stop(request, searched_from)
+        end = len(self.text) if request.finished else max(self.num_sent_chars, len(self.text) - self.holdback)
+        delta = self.text[self.num_sent_chars:end]
+        self.num_sent_chars = end
+        if new_logprobs is not None:
+            new_logprobs = [self._decoded(entry) for entry in new_logprobs]
+        completion = CompletionOutput(0, delta, new_token_ids, request.finish_reason, request.stop_reason, new_logprobs)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
+                             finished=request.finished)
+
+    def _find_stop(self, request: Request, start: int) -> None:
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return
+        index, stop = min(hits)
+        self.text = self.text[: index + (len(stop) if request.params.include_stop_str_in_output else 0)]
+        request.finish("stop", stop)
+
+    def _decoded(self, entry: dict[int, Logprob]) -> dict[int, Logprob]:
+        return {tid: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([tid])) for tid, lp in entry.items()}

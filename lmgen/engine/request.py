@@ -1,0 +1,83 @@
+"""Request: one sequence's tokens, settings and progress through the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lmgen.params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """A request owns its state; a step moves ``num_computed_tokens`` toward ``num_tokens``.
+
+    There is no separate prefill phase: a new request has computed nothing, a
+    decoding one lacks exactly its last sampled token, and a preempted one starts
+    over from zero with its generated tokens counted as prompt.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved: the params', else the model's default
+    generator: torch.Generator
+    prompt: str | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    all_token_ids: list[int] = field(init=False)
+    stop_token_ids: frozenset[int] = field(init=False)  # EOS unless ignored, plus the caller's stop ids
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: int | str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    logits_processors: list = field(default_factory=list)  # see lmgen.sampling.processors
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        eos = frozenset() if self.params.ignore_eos else self.eos_token_ids
+        self.stop_token_ids = eos | frozenset(self.params.stop_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int, max_model_len: int) -> None:
+        """Add a sampled token and finish the request if it hit a token or length limit."""
+        self.all_token_ids.append(token_id)
+        if token_id in self.stop_token_ids:  # min_tokens is enforced by masking these before sampling
+            self.finish("stop", token_id if token_id in self.params.stop_token_ids else None)
+        elif self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+            self.finish("length")
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+

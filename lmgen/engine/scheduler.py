@@ -1,0 +1,124 @@
+"""Token-budget scheduler: chunked prefill and decode in one batch, preemption by recompute.
+
+Each step hands out at most ``max_num_batched_tokens`` tokens. Running requests go
+first (a decoding one needs one token, a partly prefilled one the next chunk of its
+prompt); waiting requests are admitted with what is left. When the KV pool runs dry,
+the most recently admitted running request is preempted: its blocks are freed and it
+goes back to the front of the queue, to be recomputed later. Nothing is lost.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lmgen.cache.block_pool import BlockPool
+from lmgen.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # requests in one batch
+    max_num_batched_tokens: int = 512  # tokens in one step (the prefill chunk size, too)
+    block_size: int = 16
+
+
+@dataclass
+class ScheduledBatch:
+    """What one step computes: for each request, how many of its tokens."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop to make room
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._make_room(request, n, batch):
+                continue
+            batch.requests.append(request)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        if not batch.preempted:  # no blocks to spare for newcomers when running ones were evicted
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate(request, request.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.requests.append(request)
+            batch.num_new_tokens.append(n)
+            budget -= n
+
+    def _make_room(self, request: Request, n: int, batch: ScheduledBatch) -> bool:
+        """Allocate blocks for `n` more tokens, preempting from the back; False if `request` was preempted."""
+        while not self._allocate(request, request.num_computed_tokens + n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _allocate(self, request: Request, num_tokens: int) -> bool:
+        needed = -(-num_tokens // self.config.block_size) - len(request.block_ids)
+        if needed <= 0:
+            return True
+        if needed > self.pool.num_free_blocks:
+            return False
+        request.block_ids.extend(self.pool.allocate(needed))
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _release(self, request: Request) -> None:
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+
+    def finish(self, request: Request) -> None:
+        """Drop a finished request (any reason) and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)

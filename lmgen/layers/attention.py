@@ -1,0 +1,82 @@
+"""Attention over the paged KV cache, in plain PyTorch (the reference path).
+
+A step's tokens arrive flat ([T, ...], request after request). Each request's new
+keys/values are written into its cache slots; then its queries attend over its
+whole cached context, gathered from its block table and padded to a rectangle so
+one scaled_dot_product_attention call serves the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about a step, built once and shared by all layers.
+
+    Shapes: T tokens in the step, B requests, S = max blocks * block_size keys.
+    """
+
+    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] padded with block 0 (masked out)
+    query_starts: torch.Tensor  # [B] position of each request's first new token
+    seq_lens: torch.Tensor  # [B] tokens in each request's context after this step
+    token_request: torch.Tensor  # [T] which request each token belongs to
+    token_offset: torch.Tensor  # [T] index of each token among its request's new tokens
+    max_query_len: int
+    block_size: int
+    _masks: dict = field(default_factory=dict)
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[B, 1, max_q, S] bool: causal over the context, within `window` if set."""
+        if window not in self._masks:
+            device = self.block_tables.device
+            offsets = torch.arange(self.max_query_len, device=device)
+            # Padded query rows are clamped to the last real position so no row is empty (NaN).
+            q_pos = torch.minimum(self.query_starts[:, None] + offsets[None, :], self.seq_lens[:, None] - 1)
+            k_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=device)
+            allowed = k_pos[None, None, :] <= q_pos[:, :, None]
+            if window is not None:
+                allowed &= k_pos[None, None, :] > q_pos[:, :, None] - window
+            self._masks[window] = allowed[:, None]
+        return self._masks[window]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KVH, D], cache: [num_blocks, block_size, KVH, D] each. Returns [T, H, D]."""
+    k_cache, v_cache = kv_cache
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+
+    batch = meta.block_tables.shape[0]
+    keys = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)  # [B, KVH, S, D]
+    values = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+    if meta.decode_only:
+        queries = q.unsqueeze(2)  # [B, H, 1, D]: one token per request, already in order
+    else:
+        queries = q.new_zeros(batch, meta.max_query_len, q.shape[1], head_dim)
+        queries[meta.token_request, meta.token_offset] = q
+        queries = queries.transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=meta.mask(window), scale=scale,
+        enable_gqa=q.shape[1] != num_kv_heads)
+    if meta.decode_only:
+        return out.squeeze(2)
+    return out.transpose(1, 2)[meta.token_request, meta.token_offset]

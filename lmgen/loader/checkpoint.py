@@ -1,0 +1,192 @@
+"""Find a checkpoint (local folder or hub id) and stream its safetensors weights.
+
+Weights are read straight from the file into the model's own parameter memory
+(``TensorRef.load_into``), so loading never holds a second full copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmgen.errors import ModelNotFoundError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+# The files a model needs; a hub download fetches nothing else.
+CHECKPOINT_FILES = [
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json",
+]
+
+#: The small model shipped inside the package, used when no model is named.
+DEMO_MODEL_PATH = Path(__file__).resolve().parent.parent / "demo_model"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint folder for a folder path or a Hugging Face hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists() or text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
+        raise ModelNotFoundError(
+            f"no checkpoint folder at {text!r}: pass a folder holding config.json and *.safetensors, or a hub id like 'org/name'")
+    return _download(text, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILES,
+                                      local_files_only=offline))
+    except LocalEntryNotFoundError as exc:
+        how = ("HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached")
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the Hugging Face cache and {how}: download it where there is network "
+            f"(`huggingface-cli download {repo_id}`) or pass a local folder") from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"could not fetch model {repo_id!r} from the Hugging Face Hub: {exc}") from exc
+
+
+def read_json(folder: Path, name: str, required: bool = False) -> dict:
+    file = folder / name
+    if not file.is_file():
+        if required:
+            raise ModelNotFoundError(f"{name} is missing from {folder}: a Hugging Face checkpoint folder needs it")
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UnsupportedModelError(f"{file} is not valid JSON: {exc}") from exc
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lies in a safetensors file; read on demand."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    def load(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        self._read_into(out)
+        return out
+
+    def load_into(self, dest: torch.Tensor) -> None:
+        """Copy into `dest` (same shape), converting dtype/device as needed."""
+        if tuple(dest.shape) != self.shape:
+            raise UnsupportedModelError(
+                f"{self.file.name}: tensor of shape {list(self.shape)} does not fit parameter of shape {list(dest.shape)}")
+        if dest.dtype == self.dtype and dest.device.type == "cpu" and dest.is_contiguous():
+            self._read_into(dest)  # no intermediate copy
+        else:
+            dest.copy_(self.load())
+
+    def _read_into(self, dest: torch.Tensor) -> None:
+        buffer = memoryview(dest.reshape(-1).view(torch.uint8).numpy()) if self.nbytes else memoryview(b"")
+        with open(self.file, "rb") as f:
+            f.seek(self.start)
+            done = 0
+            while done < self.nbytes:
+                n = f.readinto(buffer[done:])
+                if not n:
+                    raise UnsupportedModelError(f"{self.file} is truncated")
+                done += n
+
+
+def _read_header(file: Path) -> Iterator[tuple[str, TensorRef]]:
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise UnsupportedModelError(f"{file.name}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        yield name, TensorRef(file, _DTYPES[info["dtype"]], tuple(info["shape"]), base + begin, end - begin)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single or sharded (via the index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(read_json(folder, index.name)["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelNotFoundError(f"{folder} lacks shard(s) listed in its index: {', '.join(missing)}")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise UnsupportedModelError(
+            f"{folder} holds only pickle weights (*.bin/*.pt), which can run arbitrary code when loaded; "
+            "lmgen loads safetensors only: convert with transformers' save_pretrained(..., safe_serialization=True)")
+    raise ModelNotFoundError(f"no *.safetensors weights in {folder}")
+
+
+def iter_tensors(folder: Path) -> Iterator[tuple[str, TensorRef]]:
+    for file in weight_files(folder):
+        yield from _read_header(file)
+
+
+def load_weights(model: nn.Module, tensors: Iterator[tuple[str, TensorRef]]) -> None:
+    """Fill the model's parameters by Hugging Face name, fused modules included.
+
+    ``model.packed_modules`` maps a checkpoint module name (``q_proj``) to the fused
+    module and shard that hold it (``("qkv_proj", 0)``).
+    """
+    params = dict(model.named_parameters())
+    packed = getattr(model, "packed_modules", {})
+    expected = {name: {0} for name in params}
+    loaded: dict[str, set[int]] = {}
+    for name, ref in tensors:
+        if "rotary_emb." in name or (name == "lm_head.weight" and name not in params):
+            continue  # recomputed, or tied to the embedding
+        module_path, _, leaf = name.rpartition(".")
+        parent, _, module_name = module_path.rpartition(".")
+        target, shard = name, None
+        if module_name in packed:
+            fused, shard = packed[module_name]
+            target = f"{parent}.{fused}.{leaf}"
+            expected[target] = set(range(len(model.get_submodule(f"{parent}.{fused}").shard_sizes)))
+        if target not in params:
+            logger.warning("ignoring checkpoint tensor %s: the model has no such parameter", name)
+            continue
+        dest = params[target].data
+        if shard is not None:
+            dest = model.get_submodule(f"{parent}.{packed[module_name][0]}").shard(dest, shard)
+        ref.load_into(dest)
+        loaded.setdefault(target, set()).add(shard or 0)
+    missing = [n for n, shards in expected.items() if loaded.get(n, set()) != shards]
+    if missing:
+        raise UnsupportedModelError(
+            f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {', '.join(missing[:3])}")

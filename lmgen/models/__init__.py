@@ -1,0 +1,31 @@
+"""Model registry: the ``architectures`` name of config.json -> implementation.
+
+Adding a family is one file in this folder and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lmgen.errors import UnsupportedModelError
+
+# architecture name -> "module:class"
+_REGISTRY = {
+    "LlamaForCausalLM": "lmgen.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "lmgen.models.llama:MistralForCausalLM",
+    "Qwen2ForCausalLM": "lmgen.models.llama:Qwen2ForCausalLM",
+}
+
+SUPPORTED_ARCHITECTURES = tuple(_REGISTRY)
+
+
+def model_class(config: dict) -> type:
+    """The class implementing the checkpoint's architecture (imported on demand)."""
+    names = config.get("architectures") or []
+    for name in names:
+        if name in _REGISTRY:
+            module, cls = _REGISTRY[name].split(":")
+            return getattr(importlib.import_module(module), cls)
+    raise UnsupportedModelError(
+        f"architecture {', '.join(names) or '(none given in config.json)'} is not supported; "
+        f"lmgen runs: {', '.join(SUPPORTED_ARCHITECTURES)}")

@@ -1,0 +1,62 @@
+"""What the engine hands back: RequestOutput, CompletionOutput, Logprob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """The log-probability of one token, its rank (1 = most likely) and its text."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence.
+
+    In the stream of deltas the engine produces, ``text``, ``token_ids`` and
+    ``logprobs`` hold only what is new since the previous delta; in the outputs of
+    :meth:`lmgen.LLM.generate` they hold the whole completion.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length" or "abort"; None while running
+    stop_reason: int | str | None = None  # the stop string or token id that ended it
+    logprobs: list[dict[int, Logprob]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The result of one request (a delta while streaming, the whole when done)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+
+    @property
+    def text(self) -> str:
+        """The text of the first completion (the only one unless n > 1)."""
+        return self.outputs[0].text
+
+    def merge(self, delta: RequestOutput) -> None:
+        """Append a later delta of the same request to this accumulated output."""
+        for mine, new in zip(self.outputs, delta.outputs):
+            mine.text += new.text
+            mine.token_ids.extend(new.token_ids)
+            if new.logprobs is not None:
+                mine.logprobs = (mine.logprobs or []) + new.logprobs
+            mine.finish_reason = new.finish_reason
+            mine.stop_reason = new.stop_reason
+        self.finished = delta.finished

@@ -1,0 +1,1 @@
+"""Turning logits into tokens: processors, warpers and the batched sampler."""

@@ -1,0 +1,74 @@
+"""Tiny random-weight checkpoints saved with transformers, for parity tests.
+
+Each variant is a config that exercises one code path (rope scaling, biases,
+sliding windows, ...). Weights are random, so outputs are gibberish, but they are
+the same gibberish in transformers and lmgen, which is what the tests check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 512
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Portugal is a country in southern Europe; Lisbon is its capital.",
+    "A list of colors: red, blue, green, yellow, purple and orange.",
+    "Once upon a time there was a little cat who liked to sleep in the sun.",
+    "café, naïve, façade, 東京, Ελληνικά, emoji 🙂🚀 and numbers 1234567890",
+]
+
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# name -> (transformers config class name, overrides)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama-untied-bias-headdim": ("LlamaConfig", dict(tie_word_embeddings=False, attention_bias=True, head_dim=24)),
+    "llama3-rope": ("LlamaConfig", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
+    "llama-linear-rope": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "llama-dynamic-rope": ("LlamaConfig", dict(max_position_embeddings=40, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
+    "mistral-sliding": ("MistralConfig", dict(sliding_window=8, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+}
+
+
+def build_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer with <s>/</s>/<pad>, saved as a Hugging Face tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    import json
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "clean_up_tokenization_spaces": False,
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}",
+    }))
+
+
+def build_checkpoint(folder: Path, variant: str, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a random `variant` model (and a tokenizer) into `folder`; returns it."""
+    import transformers
+
+    config_class, overrides = VARIANTS[variant]
+    config = getattr(transformers, config_class)(**{**BASE, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    build_tokenizer(folder)
+    return folder
