@@ -44,6 +44,13 @@ class LLM:
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    def default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """The model's generation_config.json sampling defaults, with `overrides` on top.
+
+        Used whenever ``params`` is omitted; pass SamplingParams to take full control.
+        """
+        return self.engine.default_sampling_params(**overrides)
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for every prompt in one continuous batch; outputs in the prompts' order."""
@@ -83,7 +90,7 @@ class LLM:
              params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
         prompt_list = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
-            param_list = [params or SamplingParams()] * len(prompt_list)
+            param_list = [params or self.default_sampling_params()] * len(prompt_list)
         else:
             param_list = list(params)
             if len(param_list) != len(prompt_list):

@@ -102,6 +102,19 @@ class Engine:
             ids = frozenset([self.tokenizer.eos_token_id])
         return ids
 
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config.json sampling defaults, then `overrides`.
+
+        Only settings the file writes down are taken (temperature, top_k, top_p, min_p;
+        ``do_sample: false`` means greedy); the rest keep SamplingParams' defaults.
+        """
+        config = self.generation_config
+        defaults = {name: config[name] for name in ("temperature", "top_k", "top_p", "min_p")
+                    if config.get(name) is not None}
+        if config.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:

@@ -1,0 +1,146 @@
+"""The ``lmgen`` command: generate | chat (serve and bench arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from lmgen.errors import LmgenError
+
+logger = logging.getLogger("lmgen")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags mirroring ``LLM(...)``'s arguments (EngineConfig)."""
+    group = parser.add_argument_group("model and engine")
+    group.add_argument("--model", "-m", default=None,
+                       help="checkpoint folder or Hugging Face hub id (default: the embedded demo model)")
+    group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    group.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    group.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    group.add_argument("--kv-cache-memory", default=None,
+                       help="KV-cache budget, e.g. 512MiB or 4GiB (default: 2GiB on CPU, 85%% of free GPU memory)")
+    group.add_argument("--max-model-len", type=int, default=None,
+                       help="context length in tokens (default: the model's)")
+    group.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")
+    group.add_argument("--max-num-batched-tokens", type=int, default=512,
+                       help="most tokens in one step; long prompts are prefilled in chunks of this size")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                seed=args.engine_seed, revision=args.revision)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (SamplingParams)")
+    group.add_argument("--max-tokens", "-n", type=int, default=None,
+                       help="most tokens to generate (default: the model's generation_config, else 256)")
+    group.add_argument("--min-tokens", type=int, default=0, help="generate at least this many before stopping")
+    group.add_argument("--temperature", "-t", type=float, default=None,
+                       help="0 for greedy; higher is more random (default: generation_config's, else 1.0)")
+    group.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0: off)")
+    group.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    group.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p times the best one")
+    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def sampling_params(args: argparse.Namespace, llm):
+    """The CLI's flags over the model's generation_config defaults."""
+    return llm.default_sampling_params(
+        max_tokens=args.max_tokens, min_tokens=args.min_tokens, seed=args.seed, stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmgen", description="Generate text with large language models (Hugging Face checkpoints).",
+        epilog="Run 'lmgen COMMAND --help' for a command's flags. With no --model, the embedded demo model is used.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout",
+                              description="Continue a prompt (argument or stdin), streaming the text to stdout.")
+    gen.add_argument("prompt", nargs="?", help="the prompt (read from stdin when omitted)")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(run=run_generate)
+
+    chat = commands.add_parser("chat", help="talk to a chat model in the terminal",
+                               description="Interactive chat with the model's chat template. "
+                                           "/reset clears the history; Ctrl-D leaves.")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(run=run_chat)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from lmgen.llm import LLM
+
+    return LLM(args.model, **engine_kwargs(args))
+
+
+def _stream_to_stdout(llm, prompt, params) -> str:
+    text = []
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+        text.append(delta.text)
+    sys.stdout.write("\n")
+    return "".join(text)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    llm = _load(args)
+    params = sampling_params(args, llm)
+    if args.prompt is not None:
+        sys.stdout.write(prompt)
+    _stream_to_stdout(llm, prompt, params)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    params = sampling_params(args, llm)
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(base)
+    print("lmgen chat: type a message; /reset clears the history, Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/reset":
+            history = list(base)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = llm.tokenizer.encode_chat(history, add_generation_prompt=True)
+        history.append({"role": "assistant", "content": _stream_to_stdout(llm, prompt, params)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except LmgenError as exc:
+        print(f"lmgen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,94 @@
+"""Scheduler behaviour with no model: budgets, chunked prefill, preemption, abort."""
+
+import torch
+
+from lmgen.cache.block_pool import BlockPool
+from lmgen.engine.request import Request, RequestStatus
+from lmgen.engine.scheduler import Scheduler, SchedulerConfig
+from lmgen.params import SamplingParams
+
+
+def make_request(name: str, prompt_len: int, max_tokens: int = 8) -> Request:
+    return Request(name, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), max_tokens,
+                   torch.Generator())
+
+
+def run_step(scheduler: Scheduler, sample_token: int = 7):
+    """What the engine does after the model ran: advance counters, append a token where one was sampled."""
+    batch = scheduler.schedule()
+    for request, n in zip(batch.requests, batch.num_new_tokens):
+        request.num_computed_tokens += n
+        if request.num_computed_tokens == request.num_tokens:
+            request.append_token(sample_token, max_model_len=10_000)
+            if request.finished:
+                scheduler.finish(request)
+    return batch
+
+
+def test_token_budget_mixes_chunked_prefill_and_decode():
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10, block_size=4), BlockPool(64))
+    short, long = make_request("short", 3), make_request("long", 25)
+    scheduler.add(short)
+    scheduler.add(long)
+    first = run_step(scheduler)
+    assert first.num_new_tokens == [3, 7]  # short prefilled whole, long gets the rest of the budget
+    second = run_step(scheduler)
+    assert [r.request_id for r in second.requests] == ["short", "long"]
+    assert second.num_new_tokens == [1, 9]  # one decode token, the next prefill chunk
+    assert long.num_computed_tokens == 16 and long.num_output_tokens == 0
+
+
+def test_blocks_follow_the_tokens():
+    pool = BlockPool(64)
+    scheduler = Scheduler(SchedulerConfig(block_size=4), pool)
+    request = make_request("r", 5)
+    scheduler.add(request)
+    run_step(scheduler)
+    assert len(request.block_ids) == 2  # 5 tokens in blocks of 4
+    for _ in range(3):
+        run_step(scheduler)
+    assert len(request.block_ids) == 2  # tokens 6..8 still fit
+    run_step(scheduler)
+    assert len(request.block_ids) == 3
+
+
+def test_preemption_frees_blocks_and_requeues_first():
+    pool = BlockPool(4)  # 16 token slots
+    scheduler = Scheduler(SchedulerConfig(block_size=4), pool)
+    a, b = make_request("a", 7, max_tokens=8), make_request("b", 7, max_tokens=8)
+    scheduler.add(a)
+    scheduler.add(b)
+    run_step(scheduler)  # both prefilled: 2 blocks each, pool full
+    assert pool.num_free_blocks == 0
+    run_step(scheduler)  # token 8 still fits in two blocks
+    batch = run_step(scheduler)  # a and b both need a third block for token 9: b is preempted
+    assert b in batch.preempted and b.status is RequestStatus.WAITING
+    assert b.num_computed_tokens == 0 and b.block_ids == [] and b.num_output_tokens == 2
+    assert scheduler.waiting[0] is b
+    for _ in range(50):
+        if not scheduler.has_unfinished():
+            break
+        run_step(scheduler)
+    assert a.finished and b.finished
+    assert a.num_output_tokens == 8 and b.num_output_tokens == 8
+    assert pool.num_free_blocks == 4
+
+
+def test_abort_frees_blocks():
+    pool = BlockPool(8)
+    scheduler = Scheduler(SchedulerConfig(block_size=4), pool)
+    request = make_request("r", 9)
+    scheduler.add(request)
+    run_step(scheduler)
+    assert pool.num_free_blocks == 5
+    request.finish("abort")
+    scheduler.finish(request)
+    assert pool.num_free_blocks == 8 and not scheduler.has_unfinished()
+
+
+def test_max_num_seqs_limits_admission():
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, block_size=4), BlockPool(64))
+    for i in range(3):
+        scheduler.add(make_request(f"r{i}", 2))
+    batch = run_step(scheduler)
+    assert len(batch) == 2 and len(scheduler.waiting) == 1

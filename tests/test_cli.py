@@ -1,0 +1,57 @@
+"""The lmgen command as a user types it."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def lmgen(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmgen", *args], input=stdin, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_lists_the_commands():
+    result = lmgen("--help")
+    assert result.returncode == 0
+    assert "generate" in result.stdout and "chat" in result.stdout
+
+
+def test_generate_help_explains_the_flags():
+    result = lmgen("generate", "--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--dtype", "--kv-cache-memory", "--max-tokens", "--temperature", "--seed", "--stop"):
+        assert flag in result.stdout
+
+
+def test_generate_streams_the_continuation(llama_path):
+    result = lmgen("generate", "Portugal is", "--model", str(llama_path), "--max-tokens", "8", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Portugal is") and len(result.stdout) > len("Portugal is")
+
+
+def test_generate_reads_the_prompt_from_stdin(llama_path):
+    result = lmgen("generate", "--model", str(llama_path), "-n", "4", "-t", "0", stdin="Lisbon")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_chat_keeps_history_and_resets(llama_path):
+    result = lmgen("chat", "--model", str(llama_path), "-n", "3", "-t", "0", stdin="hello\n/reset\nagain\n")
+    assert result.returncode == 0, result.stderr
+    assert "(history cleared)" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("generate", "hi", "--model", "./missing-model"), "no checkpoint folder"),
+    (("generate", "hi", "--max-tokens", "0"), "max_tokens must be at least 1"),
+    (("generate", "hi", "--temperature", "-1"), "temperature must be >= 0"),
+    (("generate", "", "--max-tokens", "2"), "prompt is empty"),
+])
+def test_errors_are_one_line_without_traceback(llama_path, args, message):
+    if "--model" not in args:
+        args = args + ("--model", str(llama_path))
+    result = lmgen(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,121 @@
+"""Loading checkpoints: local folders, sharded weights, the hub cache, and every way it can fail."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from lmgen import LLM, InvalidArgumentError, ModelNotFoundError, SamplingParams, UnsupportedModelError
+from lmgen.loader.checkpoint import resolve_model_path
+
+
+def copy_checkpoint(src, dst, drop=()):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*drop))
+    return dst
+
+
+def test_sharded_checkpoint_loads_like_the_single_file(llama_path, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_path)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama_path / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    params = SamplingParams(max_tokens=8, temperature=0)
+    single = LLM(str(llama_path), dtype="float32").generate("Lisbon", params)[0]
+    assert LLM(str(sharded), dtype="float32").generate("Lisbon", params)[0].outputs[0].token_ids == \
+        single.outputs[0].token_ids
+
+
+def test_bfloat16_checkpoint_runs_in_float32_and_bfloat16(llama_path, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_path).to(torch.bfloat16)
+    folder = tmp_path / "bf16"
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama_path / name, folder / name)
+    auto = LLM(str(folder))
+    assert auto.engine.dtype == torch.bfloat16
+    assert LLM(str(folder), dtype="float32").engine.model.model.norm.weight.dtype == torch.float32
+    assert len(auto.generate("Hi", SamplingParams(max_tokens=3))[0].outputs[0].token_ids) == 3
+
+
+def test_missing_folder_names_the_path():
+    with pytest.raises(ModelNotFoundError, match="no checkpoint folder at './nowhere'"):
+        LLM("./nowhere")
+
+
+def test_unknown_hub_id_offline_names_the_id_and_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelNotFoundError, match=r"'someone/no-such-model'.*HF_HUB_OFFLINE.*huggingface-cli download"):
+        LLM("someone/no-such-model")
+
+
+def test_hub_id_is_read_from_the_cache_offline(monkeypatch, tmp_path, llama_path):
+    """A model already in the Hugging Face cache loads by its id with no network."""
+    cache = tmp_path / "cache"
+    snapshot = cache / "models--org--tiny" / "snapshots" / ("0" * 40)
+    copy_checkpoint(llama_path, snapshot)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    assert resolve_model_path("org/tiny") == snapshot
+
+
+@pytest.mark.parametrize("missing, error, message", [
+    ("config.json", ModelNotFoundError, "config.json is missing"),
+    ("*.safetensors", ModelNotFoundError, "no \\*.safetensors"),
+    ("tokenizer.json", FileNotFoundError, "tokenizer.json"),
+])
+def test_missing_files_are_named(llama_path, tmp_path, missing, error, message):
+    folder = copy_checkpoint(llama_path, tmp_path / "broken", drop=[missing])
+    with pytest.raises(error, match=message):
+        LLM(str(folder))
+
+
+def test_pickle_checkpoints_are_refused(llama_path, tmp_path):
+    folder = copy_checkpoint(llama_path, tmp_path / "pickle", drop=["*.safetensors"])
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(UnsupportedModelError, match="safetensors only"):
+        LLM(str(folder))
+
+
+def test_unsupported_architecture_lists_the_supported(llama_path, tmp_path):
+    folder = copy_checkpoint(llama_path, tmp_path / "gpt", drop=[])
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["GPTBigCodeForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="GPTBigCodeForCausalLM.*LlamaForCausalLM.*Qwen2ForCausalLM"):
+        LLM(str(folder))
+
+
+def test_missing_weight_is_reported(llama_path, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_checkpoint(llama_path, tmp_path / "partial")
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match="gate_up_proj"):
+        LLM(str(folder))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dtype="float8"), "dtype 'float8'"), (dict(device="tpu"), "device 'tpu'"),
+    (dict(max_num_seqs=0), "max_num_seqs"), (dict(kv_cache_memory="lots"), "size"),
+    (dict(kv_cache_memory=10), "smaller than one KV block"),
+])
+def test_bad_engine_arguments(llama_path, kwargs, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        LLM(str(llama_path), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given when no GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error(llama_path):
+    with pytest.raises(InvalidArgumentError, match="no CUDA GPU"):
+        LLM(str(llama_path), device="cuda")
