@@ -21,7 +21,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     group.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     group.add_argument("--kv-cache-memory", default=None,
-                       help="KV-cache budget, e.g. 512MiB or 4GiB (default: 2GiB on CPU, 85%% of free GPU memory)")
+                       help="KV-cache budget, e.g. 512MiB or 4GiB (default: 1GiB on CPU, 85%% of free GPU memory)")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="context length in tokens (default: the model's)")
     group.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")

@@ -17,7 +17,7 @@ DTYPES = {
 
 #: KV-cache budget on a CPU when the caller sets none (the cache never grows past what
 #: max_num_seqs requests of max_model_len tokens can use).
-DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 #: On a GPU: this fraction of the memory still free after loading the weights.
 DEFAULT_GPU_KV_CACHE_FRACTION = 0.85
 

@@ -26,7 +26,7 @@ from lmgen.errors import InvalidArgumentError
 from lmgen.layers.rotary import context_length
 from lmgen.loader.checkpoint import DEMO_MODEL_PATH, iter_tensors, load_weights, read_json, resolve_model_path
 from lmgen.loader.tokenizer import Tokenizer
-from lmgen.models import model_class
+from lmgen.models import build_context, model_class
 from lmgen.outputs import RequestOutput
 from lmgen.params import DEFAULT_MAX_TOKENS, SamplingParams
 from lmgen.sampling.processors import build_processors
@@ -71,12 +71,10 @@ class Engine:
 
     # ---- loading -------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
-        cls = model_class(self.hf_config)
-        with torch.device("meta"):
-            model = cls.from_config(self.hf_config, self.max_model_len)
-        model = model.to(self.dtype).to_empty(device=self.device)
+        with build_context(self.device, self.dtype):
+            model = model_class(self.hf_config).from_config(self.hf_config, self.max_model_len)
         load_weights(model, iter_tensors(self.model_path))
-        return model.eval().requires_grad_(False)
+        return model.eval()
 
     def _allocate_kv_cache(self) -> KVCache:
         args, block_size = self.model.args, self.config.block_size

@@ -66,8 +66,10 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
     batch = meta.block_tables.shape[0]
-    keys = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)  # [B, KVH, S, D]
-    values = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+    # index_select on the flat table: indexing with the 2-D table directly is ~1000x slower on CPU
+    blocks = meta.block_tables.flatten()
+    keys = k_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, KVH, S, D]
+    values = v_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     if meta.decode_only:
         queries = q.unsqueeze(2)  # [B, H, 1, D]: one token per request, already in order
     else:

@@ -1,12 +1,29 @@
-"""Linear layers, including the fused ones that hold several checkpoint tensors."""
+"""Linear and embedding layers whose parameters are allocated but never initialised.
+
+Checkpoint weights overwrite every parameter, so random initialisation would be
+wasted work (and, on the meta device, pulls in heavy imports). Parameters take the
+current default device and dtype (see ``lmgen.models.build``).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class FusedLinear(nn.Linear):
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class FusedLinear(Linear):
     """One matmul standing for several checkpoint linears stacked on the output dim.
 
     q/k/v and gate/up projections are loaded into row slices of one weight, so a
@@ -23,9 +40,18 @@ class FusedLinear(nn.Linear):
         return param.narrow(0, start, self.shard_sizes[index])
 
 
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class SiluAndMul(nn.Module):
     """SwiGLU's activation on a fused gate/up projection: silu(gate) * up."""
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        return nn.functional.silu(gate) * up
+        return F.silu(gate) * up

@@ -7,7 +7,7 @@ from torch import nn
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)  # loaded from the checkpoint
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -562,10 +562,10 @@ def _plain_copy(value: Any) -> Any:
         return value
     if isinstance(value, Mapping):
         return {key: _plain_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain_copy(item) for item in value) if isinstance(value, tuple) else [
-            _plain_copy(item) for item in value
-        ]
+    if isinstance(value, list):
+        return [_plain_copy(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_plain_copy(item) for item in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain_copy(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):
@@ -666,7 +666,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._byte_ids = tokenizer._byte_fallback_token_ids()
-        context = [int(i) for i in list(prompt_ids)[-self._CONTEXT_TOKENS:]]
+        context = [int(i) for i in prompt_ids[-self._CONTEXT_TOKENS:]] if len(prompt_ids) else []
         # The context must end at a settled point, otherwise its tail would merge with the
         # first generated tokens and change text that decode(generated_ids) would not change.
         while context and not self._is_settled(context, self._decode(context)):

@@ -5,7 +5,11 @@ Adding a family is one file in this folder and one line here.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
+
+import torch
 
 from lmgen.errors import UnsupportedModelError
 
@@ -29,3 +33,15 @@ def model_class(config: dict) -> type:
     raise UnsupportedModelError(
         f"architecture {', '.join(names) or '(none given in config.json)'} is not supported; "
         f"lmgen runs: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+@contextlib.contextmanager
+def build_context(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside allocate their (uninitialised) parameters on `device` in `dtype`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)

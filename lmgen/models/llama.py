@@ -15,7 +15,7 @@ from torch import nn
 
 from lmgen.errors import UnsupportedModelError
 from lmgen.layers.attention import AttentionMetadata, paged_attention
-from lmgen.layers.linear import FusedLinear, SiluAndMul
+from lmgen.layers.linear import Embedding, FusedLinear, Linear, SiluAndMul
 from lmgen.layers.norm import RMSNorm
 from lmgen.layers.rotary import RopeConfig, RotaryEmbedding, apply_rotary
 
@@ -86,7 +86,7 @@ class Attention(nn.Module):
         q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
         self.qkv_proj = FusedLinear(args.hidden_size, self.split_sizes, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(q_size, args.hidden_size, bias=args.o_bias)
+        self.o_proj = Linear(q_size, args.hidden_size, bias=args.o_bias)
         self.window = args.layer_windows[layer_idx]
         self.scale = args.head_dim ** -0.5
 
@@ -107,7 +107,7 @@ class MLP(nn.Module):
         size = args.intermediate_size
         self.gate_up_proj = FusedLinear(args.hidden_size, [size, size], bias=args.mlp_bias)
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(size, args.hidden_size, bias=args.mlp_bias)
+        self.down_proj = Linear(size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -130,7 +130,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -148,7 +148,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = LlamaModel(args)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = None if args.tie_word_embeddings else Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args.rope, max_model_len)
 
     @classmethod

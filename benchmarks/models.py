@@ -1,0 +1,70 @@
+"""Create the benchmark checkpoints of BENCHMARKS.md (random weights, real shapes).
+
+    python benchmarks/models.py                 # bench-125m into benchmarks/models/
+    python benchmarks/models.py --shape qwen2.5-0.5b
+
+Speed does not depend on weight values, so random weights measure it faithfully.
+The weights are never committed (benchmarks/models/ is git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+SHAPES = {
+    # SmolLM2-135M's shape with a 32k vocabulary
+    "bench-125m": dict(vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                       max_position_embeddings=4096, rope_theta=10000.0),
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=32768, rope_theta=1000000.0),
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
+                           max_position_embeddings=2048, rope_theta=10000.0),
+}
+
+
+def _tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer padded out to the model's vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(f"word{i} token{i % 97} sample text number {i}" for i in range(j, j + 50)) for j in range(0, 5000, 50)]
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 4000), special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def create(name: str, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Build the checkpoint once; later calls return the existing folder."""
+    import transformers
+
+    folder = MODELS_DIR / name
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return folder
+    config = transformers.LlamaConfig(**SHAPES[name], bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    _tokenizer(folder, config.vocab_size)
+    return folder
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench-125m")
+    print(create(parser.parse_args().shape))
