@@ -17,8 +17,7 @@ import copy
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers import trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 CORPUS = [
     "Hello world! This is a small corpus used to train a tiny tokenizer for the tests.",
@@ -40,6 +39,9 @@ SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+# Qwen2's variant: digits are split one by one.
+QWEN2_SPLIT_PATTERN = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
@@ -373,6 +375,10 @@ def build_qwen2(folder: Path, backends: Backends, *, cleanup: bool = False) -> P
     tokenizer_json = backends.byte_level()
     tokenizer_json["normalizer"] = {"type": "NFC"}
     tok = Tokenizer.from_str(json.dumps(tokenizer_json))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     specs = [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
              ("<tool_call>", False), ("</tool_call>", False)]
     added = _append_added_tokens(tok, specs)
