@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,14 @@ class RequestOutput:
 
     def merge(self, delta: RequestOutput) -> None:
         """Append a later delta of the same request to this accumulated output."""
-        for mine, new in zip(self.outputs, delta.outputs):
+        by_index = {o.index: o for o in self.outputs}
+        for new in delta.outputs:
+            mine = by_index.get(new.index)
+            if mine is None:
+                self.outputs.append(CompletionOutput(new.index, new.text, list(new.token_ids), new.finish_reason,
+                                                     new.stop_reason, new.logprobs))
+                self.outputs.sort(key=lambda o: o.index)
+                continue
             mine.text += new.text
             mine.token_ids.extend(new.token_ids)
             if new.logprobs is not None:

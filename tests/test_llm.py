@@ -190,3 +190,42 @@ def test_generation_config_supplies_defaults(llama_path, tmp_path):
     defaults = llm.default_sampling_params()
     assert defaults.temperature == 0.6 and defaults.top_p == 0.9
     assert llm.default_sampling_params(temperature=0).greedy
+
+
+def test_n_completions_share_the_request_and_differ(llm):
+    [out] = llm.generate("Once upon a time", SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=5))
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 3
+    assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in out.outputs)
+    [again] = llm.generate("Once upon a time", SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=5))
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs]
+    streamed = {i: "" for i in range(3)}
+    for delta in llm.stream("Once upon a time", SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=5)):
+        for completion in delta.outputs:
+            streamed[completion.index] += completion.text
+    assert streamed == {o.index: o.text for o in out.outputs}
+
+
+def test_logit_bias_forces_a_token(llm):
+    [out] = llm.generate("Portugal", SamplingParams(max_tokens=5, temperature=0, logit_bias={300: 100.0}))
+    assert out.outputs[0].token_ids == [300] * 5
+
+
+def test_penalties_change_repetitive_greedy_output(llm):
+    base = llm.generate("the the the", SamplingParams(max_tokens=20, temperature=0))[0].outputs[0].token_ids
+    for kwargs in (dict(presence_penalty=2.0), dict(frequency_penalty=2.0), dict(repetition_penalty=5.0)):
+        tokens = llm.generate("the the the", SamplingParams(max_tokens=20, temperature=0, **kwargs))[0]
+        assert tokens.outputs[0].token_ids != base
+        assert len(set(tokens.outputs[0].token_ids)) >= len(set(base))
+
+
+def test_repetition_penalty_matches_transformers(llm):
+    import transformers
+
+    prompt = llm.tokenizer.encode("the quick brown fox")
+    logits = llm.engine.score([prompt])[0][-1]
+    expected = transformers.RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt]), logits[None].clone())[0]
+    from lmgen.sampling.processors import repetition_penalty_processor
+
+    got = repetition_penalty_processor(logits.shape[0], 1.7)(prompt, logits.clone())
+    assert torch.allclose(got, expected)

@@ -62,7 +62,7 @@ class Engine:
         self.eos_token_ids = self._eos_token_ids()
         self.default_max_tokens = int(self.generation_config.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
         self._rng = random.Random(config.seed)
-        self._requests: dict[str, Request] = {}
+        self._families: dict[str, list[Request]] = {}  # caller's request id -> its n sequences
         self._outputs: dict[str, OutputState] = {}
         self._aborted: list[RequestOutput] = []
         logger.info("loaded %s (%s, %s) in %.1f s; KV cache %d blocks of %d tokens (%.0f MiB)",
@@ -116,22 +116,38 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        """Queue a prompt (text or token ids); returns its request id. Raises on bad input."""
+        """Queue a prompt (text or token ids); returns its request id. Raises on bad input.
+
+        With ``params.n > 1`` the request fans out into n sequences that share the prompt;
+        their deltas come out under the one request id, told apart by ``index``.
+        """
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self._requests:
+        if request_id in self._families:
             raise InvalidArgumentError(f"request id {request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
+        self._check_logit_bias(params)
         max_tokens = params.max_tokens or self.default_max_tokens
         self._check_fits(len(prompt_ids), max_tokens)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        request = Request(request_id, prompt_ids, params, max_tokens,
-                          torch.Generator(self.device).manual_seed(seed), prompt_text, self.eos_token_ids)
-        request.logits_processors = build_processors(len(prompt_ids), params.min_tokens, request.stop_token_ids)
-        self._requests[request_id] = request
-        self._outputs[request_id] = OutputState(request, self.tokenizer)
-        self.scheduler.add(request)
+        family = []
+        for index in range(params.n):
+            seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
+            request = Request(f"{request_id}#{index}" if params.n > 1 else request_id, prompt_ids, params, max_tokens,
+                              torch.Generator(self.device).manual_seed(seed), prompt_text, self.eos_token_ids,
+                              parent_id=request_id, index=index)
+            request.logits_processors = build_processors(params, len(prompt_ids), self.model.args.vocab_size,
+                                                         request.stop_token_ids)
+            self._outputs[request.request_id] = OutputState(request, self.tokenizer)
+            self.scheduler.add(request)
+            family.append(request)
+        self._families[request_id] = family
         return request_id
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = self.model.args.vocab_size
+        bad = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgumentError(f"logit_bias token ids must be in [0, {vocab}); got {bad[:5]}")
 
     def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -160,20 +176,33 @@ class Engine:
                 f"cache but it holds {capacity}: raise kv_cache_memory or lower max_tokens")
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request now and free its blocks; its final delta comes out of the next step()."""
-        request = self._requests.pop(request_id, None)
-        if request is None:
+        """Stop a request (all n of its sequences) and free its blocks; its final delta comes out of the next step()."""
+        family = self._families.get(request_id)
+        if family is None:
             return
-        request.finish("abort")
-        self.scheduler.finish(request)
-        self._aborted.append(self._outputs.pop(request_id).update(request, [], None))
+        for request in family:
+            if not request.finished:
+                request.finish("abort")
+                self.scheduler.finish(request)
+                self._aborted.append(self._delta(request, [], None))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._aborted)
+        return bool(self._families) or bool(self._aborted)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self._requests)
+        return len(self._families)
+
+    def _delta(self, request: Request, token_ids: list[int], logprobs: list | None) -> RequestOutput:
+        """The request's completion delta, wrapped in its parent's RequestOutput; forgets finished families."""
+        completion = self._outputs[request.request_id].update(request, token_ids, logprobs)
+        family = self._families[request.parent_id]
+        done = all(r.finished for r in family)
+        if request.finished:
+            del self._outputs[request.request_id]
+        if done:
+            del self._families[request.parent_id]
+        return RequestOutput(request.parent_id, request.prompt, request.prompt_token_ids, [completion], finished=done)
 
     def score(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Logits [len(prompt), vocab] (float32) at every position of each token-id prompt.
@@ -185,15 +214,14 @@ class Engine:
                     for i, p in enumerate(prompts)]
         for request in requests:
             self._check_fits(request.num_prompt_tokens, 1)
-        blocks_needed = sum(-(-r.num_prompt_tokens // self.config.block_size) for r in requests)
-        if blocks_needed > self.pool.num_free_blocks:
-            raise InvalidArgumentError(
-                f"scoring needs {blocks_needed} KV blocks, {self.pool.num_free_blocks} are free: score fewer prompts at once")
+        blocks = [-(-r.num_prompt_tokens // self.config.block_size) for r in requests]
+        if sum(blocks) > self.pool.num_free_blocks:
+            raise InvalidArgumentError(f"scoring needs {sum(blocks)} KV blocks, {self.pool.num_free_blocks} are "
+                                       "free: score fewer prompts at once")
         try:
-            for request in requests:
-                request.block_ids = self.pool.allocate(-(-request.num_prompt_tokens // self.config.block_size))
-            batch = ScheduledBatch(requests, [r.num_prompt_tokens for r in requests])
-            logits = self.runner.all_logits(batch)
+            for request, count in zip(requests, blocks):
+                request.block_ids = self.pool.allocate(count)
+            logits = self.runner.all_logits(ScheduledBatch(requests, [r.num_prompt_tokens for r in requests]))
         finally:
             for request in requests:
                 self.pool.free(request.block_ids)
@@ -211,9 +239,8 @@ class Engine:
             request.num_computed_tokens += n
         for request, token, logprobs in sampled:
             request.append_token(token, self.max_model_len)
-            state = self._outputs[request.request_id]
-            outputs.append(state.update(request, [token], None if logprobs is None else [logprobs]))
+            delta = self._delta(request, [token], None if logprobs is None else [logprobs])
             if request.finished:
                 self.scheduler.finish(request)
-                del self._requests[request.request_id], self._outputs[request.request_id]
+            outputs.append(delta)
         return outputs

@@ -1,10 +1,10 @@
-"""Turns each request's new tokens into a RequestOutput delta: text and stop strings."""
+"""Turns each request's new tokens into a CompletionOutput delta: text and stop strings."""
 
 from __future__ import annotations
 
 from lmgen.engine.request import Request
 from lmgen.loader.tokenizer import IncrementalDetokenizer, Tokenizer
-from lmgen.outputs import CompletionOutput, Logprob, RequestOutput
+from lmgen.outputs import CompletionOutput, Logprob
 
 
 class OutputState:
@@ -25,7 +25,7 @@ class OutputState:
         self.num_sent_chars = 0
 
     def update(self, request: Request, new_token_ids: list[int],
-               new_logprobs: list[dict[int, Logprob]] | None) -> RequestOutput:
+               new_logprobs: list[dict[int, Logprob]] | None) -> CompletionOutput:
         new_text = self.detokenizer.add_tokens(new_token_ids)
         if request.finished:
             new_text += self.detokenizer.flush()
@@ -38,9 +38,8 @@ class OutputState:
         self.num_sent_chars = end
         if new_logprobs is not None:
             new_logprobs = [self._decoded(entry) for entry in new_logprobs]
-        completion = CompletionOutput(0, delta, new_token_ids, request.finish_reason, request.stop_reason, new_logprobs)
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
-                             finished=request.finished)
+        return CompletionOutput(request.index, delta, new_token_ids, request.finish_reason, request.stop_reason,
+                                new_logprobs)
 
     def _find_stop(self, request: Request, start: int) -> None:
         hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]

@@ -33,6 +33,8 @@ class Request:
     generator: torch.Generator
     prompt: str | None = None
     eos_token_ids: frozenset[int] = frozenset()
+    parent_id: str = ""  # the caller's request id; requests with n > 1 fan out into children
+    index: int = 0  # which of the parent's n completions this is
     all_token_ids: list[int] = field(init=False)
     stop_token_ids: frozenset[int] = field(init=False)  # EOS unless ignored, plus the caller's stop ids
     num_computed_tokens: int = 0
@@ -44,6 +46,7 @@ class Request:
     logits_processors: list = field(default_factory=list)  # see lmgen.sampling.processors
 
     def __post_init__(self) -> None:
+        self.parent_id = self.parent_id or self.request_id
         self.all_token_ids = list(self.prompt_token_ids)
         eos = frozenset() if self.params.ignore_eos else self.eos_token_ids
         self.stop_token_ids = eos | frozenset(self.params.stop_token_ids)
