@@ -12,6 +12,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# Half-precision GEMM kernels are ~6x slower than float32 on CPUs without native
+# bf16/fp16 units (AVX2 machines): there, products of several rows are computed in
+# float32 and rounded back, which is also what the native kernels do internally.
+_UPCAST_ON_CPU = {
+    torch.bfloat16: not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    torch.float16: not torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+}
+_UPCAST_MIN_ROWS = 4  # one row (batch-1 decode) is memory-bound: reading half precision wins
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear that picks the fastest exact-enough path for half precision on a CPU."""
+    if x.device.type == "cpu" and _UPCAST_ON_CPU.get(weight.dtype) and x.numel() >= _UPCAST_MIN_ROWS * x.shape[-1]:
+        out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return out.to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -20,7 +38,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class FusedLinear(Linear):

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmgen.errors import UnsupportedModelError
 from lmgen.layers.attention import AttentionMetadata, paged_attention
-from lmgen.layers.linear import Embedding, FusedLinear, Linear, SiluAndMul
+from lmgen.layers.linear import Embedding, FusedLinear, Linear, SiluAndMul, linear
 from lmgen.layers.norm import RMSNorm
 from lmgen.layers.rotary import RopeConfig, RotaryEmbedding, apply_rotary
 
@@ -167,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
 
 MistralForCausalLM = LlamaForCausalLM
