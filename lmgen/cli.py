@@ -1,13 +1,14 @@
-"""The ``lmgen`` command: generate | chat (serve and bench arrive with their issues)."""
+"""The ``lmgen`` command: generate | chat | serve (bench arrives with its issue)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from lmgen.errors import LmgenError
+from lmgen.errors import InvalidArgumentError, LmgenError
 
 logger = logging.getLogger("lmgen")
 
@@ -28,6 +29,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=512,
                        help="most tokens in one step; long prompts are prefilled in chunks of this size")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    group.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                       help="recompute shared prompt beginnings instead of reusing their KV blocks")
     group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
 
 
@@ -35,6 +38,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                enable_prefix_caching=args.enable_prefix_caching,
                 seed=args.engine_seed, revision=args.revision)
 
 
@@ -82,6 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(run=run_chat)
+
+    serve = commands.add_parser(
+        "serve", help="run the OpenAI-compatible HTTP server and web chat page",
+        description="Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                    "/v1/models, /tokenize, /detokenize, /health, /metrics) with a web chat page at /. "
+                    "All requests share one continuously batched engine.")
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                             "only; 0.0.0.0 for every interface)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="name(s) clients pass as 'model' (default: the --model value, or lmgen-demo)")
+    server.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 and /tokenize routes "
+                             "(default: $LMGEN_API_KEY; unset: no key needed)")
+    server.add_argument("--max-queued-requests", type=int, default=None, metavar="N",
+                        help="most sequences that may wait beyond the running batch (--max-num-seqs); more get "
+                             "429 with Retry-After (default: no limit)")
+    server.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long in-flight requests may finish before they are aborted (default: 30)")
+    add_engine_args(serve)
+    serve.set_defaults(run=run_serve)
     return parser
 
 
@@ -132,6 +158,25 @@ def run_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         prompt = llm.tokenizer.encode_chat(history, add_generation_prompt=True)
         history.append({"role": "assistant", "content": _stream_to_stdout(llm, prompt, params)})
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from lmgen.engine.config import EngineConfig
+
+    try:
+        from lmgen.server.launch import serve
+        from lmgen.server.serving import ServerSettings
+    except ImportError as exc:
+        raise LmgenError(f"lmgen serve needs the server extra ({exc.name} is missing): "
+                         "pip install 'lmgen[server]'") from None
+
+    config = EngineConfig(model=args.model, **engine_kwargs(args))  # bad flags fail here, before listening
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        raise InvalidArgumentError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    names = tuple(args.served_model_name or [args.model or "lmgen-demo"])
+    settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("LMGEN_API_KEY"),
+                              max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout)
+    return serve(config, settings, host=args.host, port=args.port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

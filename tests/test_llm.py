@@ -229,3 +229,32 @@ def test_repetition_penalty_matches_transformers(llm):
 
     got = repetition_penalty_processor(logits.shape[0], 1.7)(prompt, logits.clone())
     assert torch.allclose(got, expected)
+
+
+def test_prefix_cache_gives_identical_outputs_and_hits(llama_path):
+    shared = list(range(10, 60))  # 50 tokens: three full blocks of 16 are shareable
+    prompts = [shared + [100 + i, 200 + i] for i in range(6)]
+    params = [SamplingParams(max_tokens=16, temperature=0), SamplingParams(max_tokens=16, temperature=0.8, seed=3)]
+    plain = LLM(str(llama_path), dtype="float32", enable_prefix_caching=False)
+    cached = LLM(str(llama_path), dtype="float32")
+    for p in params:
+        expected = token_ids(plain.generate(prompts, p))
+        first = token_ids(cached.generate(prompts[:1], p))  # fills the cache
+        assert first == expected[:1]
+        assert token_ids(cached.generate(prompts, p)) == expected
+    assert cached.engine.scheduler.num_prefix_hit_tokens >= 48 * 6
+    assert plain.engine.scheduler.num_prefix_hit_tokens == 0
+
+
+def test_prefix_cache_survives_eviction_and_preemption(llama_path):
+    prompts = [[1] + list(range(20 + i, 60 + i)) for i in range(8)]  # overlapping, shifted prefixes
+    params = SamplingParams(max_tokens=20, temperature=0)
+    expected = token_ids(LLM(str(llama_path), dtype="float32", enable_prefix_caching=False).generate(prompts, params))
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4
+    tight = LLM(str(llama_path), dtype="float32", kv_cache_memory=10 * block_bytes)  # 160 tokens for all
+    for _ in range(2):  # the second round finds some prefixes cached, others evicted
+        assert token_ids(tight.generate(prompts, params)) == expected
+        assert token_ids(tight.generate(prompts[::-1], params)) == expected[::-1]
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.scheduler.num_prefix_hit_tokens > 0
+    assert tight.engine.pool.num_free_blocks == tight.engine.pool.num_blocks

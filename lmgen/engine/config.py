@@ -54,6 +54,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     block_size: int = 16
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared beginnings
     seed: int | None = None  # seeds the requests that bring no seed of their own
     revision: str | None = None  # hub revision
 

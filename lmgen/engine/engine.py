@@ -57,7 +57,7 @@ class Engine:
         self.kv_cache = self._allocate_kv_cache()
         self.pool = BlockPool(self.kv_cache.num_blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   config.block_size), self.pool)
+                                                   config.block_size, config.enable_prefix_caching), self.pool)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.eos_token_ids = self._eos_token_ids()
         self.default_max_tokens = int(self.generation_config.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
@@ -235,8 +235,7 @@ class Engine:
         if not batch.requests:
             return outputs
         sampled = self.runner.execute(batch)
-        for request, n in zip(batch.requests, batch.num_new_tokens):
-            request.num_computed_tokens += n
+        self.scheduler.commit(batch)
         for request, token, logprobs in sampled:
             request.append_token(token, self.max_model_len)
             delta = self._delta(request, [token], None if logprobs is None else [logprobs])

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmgen.cache.block_pool import chain_hash
+
 from lmgen.params import SamplingParams
 
 
@@ -39,6 +41,8 @@ class Request:
     stop_token_ids: frozenset[int] = field(init=False)  # EOS unless ignored, plus the caller's stop ids
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of the full blocks so far
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None
@@ -70,6 +74,14 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def full_block_hashes(self, block_size: int, num_tokens: int) -> list[bytes]:
+        """Prefix hashes of the full blocks among the first `num_tokens` tokens (computed once each)."""
+        for index in range(len(self.block_hashes), min(num_tokens, self.num_tokens) // block_size):
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            self.block_hashes.append(
+                chain_hash(parent, self.all_token_ids[index * block_size:(index + 1) * block_size]))
+        return self.block_hashes[: num_tokens // block_size]
 
     def append_token(self, token_id: int, max_model_len: int) -> None:
         """Add a sampled token and finish the request if it hit a token or length limit."""

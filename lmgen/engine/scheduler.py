@@ -21,6 +21,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # requests in one batch
     max_num_batched_tokens: int = 512  # tokens in one step (the prefill chunk size, too)
     block_size: int = 16
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.num_prefix_hit_tokens = 0  # of which found there
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -74,8 +77,11 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_computed_tokens == 0 and self.config.enable_prefix_caching:
+                self._reuse_cached_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._allocate(request, request.num_computed_tokens + n):
+                self._release(request)
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -83,6 +89,32 @@ class Scheduler:
             batch.requests.append(request)
             batch.num_new_tokens.append(n)
             budget -= n
+
+    def _reuse_cached_prefix(self, request: Request) -> None:
+        """Start the request after the longest cached prefix of its tokens.
+
+        The last token is never taken from the cache: its logits are needed to sample.
+        """
+        bs = self.config.block_size
+        hits = self.pool.lookup(request.full_block_hashes(bs, request.num_tokens - 1))
+        self.pool.take(hits)
+        request.block_ids = hits
+        request.num_cached_blocks = len(hits)
+        request.num_computed_tokens = len(hits) * bs
+        self.num_prefix_query_tokens += request.num_tokens
+        self.num_prefix_hit_tokens += request.num_computed_tokens
+
+    def commit(self, batch: ScheduledBatch) -> None:
+        """After the model ran: advance each request and cache the blocks it filled."""
+        bs = self.config.block_size
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            request.num_computed_tokens += n
+            if not self.config.enable_prefix_caching:
+                continue
+            hashes = request.full_block_hashes(bs, request.num_computed_tokens)
+            for index in range(request.num_cached_blocks, len(hashes)):
+                self.pool.cache(request.block_ids[index], hashes[index])
+            request.num_cached_blocks = len(hashes)
 
     def _make_room(self, request: Request, n: int, batch: ScheduledBatch) -> bool:
         """Allocate blocks for `n` more tokens, preempting from the back; False if `request` was preempted."""
@@ -107,13 +139,13 @@ class Scheduler:
         self.running.remove(request)
         self._release(request)
         request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
     def _release(self, request: Request) -> None:
         self.pool.free(request.block_ids)
         request.block_ids = []
+        request.num_computed_tokens = request.num_cached_blocks = 0
 
     def finish(self, request: Request) -> None:
         """Drop a finished request (any reason) and free its blocks."""

@@ -1,6 +1,6 @@
 import pytest
 
-from lmgen.cache.block_pool import BlockPool, OutOfBlocksError
+from lmgen.cache.block_pool import BlockPool, OutOfBlocksError, chain_hash
 
 
 def test_allocate_and_free_round_trip():
@@ -31,3 +31,38 @@ def test_double_free_is_an_error():
 def test_pool_needs_a_block():
     with pytest.raises(ValueError):
         BlockPool(0)
+
+
+def test_cached_blocks_are_found_by_prefix_and_shared():
+    pool = BlockPool(4)
+    first = pool.allocate(2)
+    h1 = chain_hash(None, [1, 2])
+    h2 = chain_hash(h1, [3, 4])
+    pool.cache(first[0], h1)
+    pool.cache(first[1], h2)
+    assert pool.lookup([h1, h2, chain_hash(h2, [5, 6])]) == first  # the longest cached prefix
+    assert pool.lookup([chain_hash(None, [9, 9])]) == []
+    pool.take(first)
+    assert pool.ref_count(first[0]) == 2
+    pool.free(first)
+    pool.free(first)
+    assert pool.num_free_blocks == 4 and pool.num_cached_blocks == 2  # free, but still cached
+    pool.take(pool.lookup([h1]))  # revived from the free queue
+    assert pool.num_free_blocks == 3
+
+
+def test_eviction_takes_the_least_recently_freed_and_tails_first():
+    pool = BlockPool(3)
+    a = pool.allocate(3)
+    hashes = [chain_hash(None, [i]) for i in range(3)]
+    for block, h in zip(a, hashes):
+        pool.cache(block, h)
+    pool.free(a)  # freed tail first: a[2], a[1], a[0]
+    [evicted] = pool.allocate(1)
+    assert evicted == a[2]
+    assert pool.lookup(hashes) == a[:2]
+
+
+def test_chain_hash_depends_on_the_whole_prefix():
+    assert chain_hash(chain_hash(None, [1]), [2]) != chain_hash(chain_hash(None, [3]), [2])
+    assert chain_hash(None, [12, 3]) != chain_hash(None, [1, 23])

@@ -16,8 +16,8 @@ def make_request(name: str, prompt_len: int, max_tokens: int = 8) -> Request:
 def run_step(scheduler: Scheduler, sample_token: int = 7):
     """What the engine does after the model ran: advance counters, append a token where one was sampled."""
     batch = scheduler.schedule()
-    for request, n in zip(batch.requests, batch.num_new_tokens):
-        request.num_computed_tokens += n
+    scheduler.commit(batch)
+    for request in batch.requests:
         if request.num_computed_tokens == request.num_tokens:
             request.append_token(sample_token, max_model_len=10_000)
             if request.finished:
@@ -92,3 +92,29 @@ def test_max_num_seqs_limits_admission():
         scheduler.add(make_request(f"r{i}", 2))
     batch = run_step(scheduler)
     assert len(batch) == 2 and len(scheduler.waiting) == 1
+
+
+def test_prefix_cache_hit_skips_computed_blocks_but_never_the_last_token():
+    pool = BlockPool(16)
+    scheduler = Scheduler(SchedulerConfig(block_size=4), pool)
+    first = make_request("first", 10, max_tokens=1)
+    scheduler.add(first)
+    run_step(scheduler)  # computes 10 tokens: blocks 0 and 1 full and cached, then finishes
+    assert first.finished and pool.num_cached_blocks == 2
+    same_prefix = make_request("second", 10, max_tokens=1)
+    scheduler.add(same_prefix)
+    batch = run_step(scheduler)
+    assert batch.num_new_tokens == [2]  # 8 tokens from the cache, 2 computed
+    exact = make_request("third", 8, max_tokens=1)  # all 8 tokens cached: the last block is recomputed
+    scheduler.add(exact)
+    assert run_step(scheduler).num_new_tokens == [4]
+    assert scheduler.num_prefix_hit_tokens == 8 + 4
+
+
+def test_prefix_caching_can_be_turned_off():
+    pool = BlockPool(16)
+    scheduler = Scheduler(SchedulerConfig(block_size=4, enable_prefix_caching=False), pool)
+    for name in ("a", "b"):
+        scheduler.add(make_request(name, 10, max_tokens=1))
+        assert run_step(scheduler).num_new_tokens == [10]
+    assert pool.num_cached_blocks == 0
