@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from lmgen.errors import InvalidArgumentError
+from lmgen.layers.precision import compute_dtype
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -76,7 +77,10 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def torch_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
-        """The dtype to run in: the caller's, else the checkpoint's, else float32."""
-        name = checkpoint_dtype if self.dtype == "auto" else self.dtype
-        return DTYPES.get(str(name), torch.float32)
+    def torch_dtype(self, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+        """The dtype to run in: the caller's; for "auto" the checkpoint's (float32 if it names none),
+        except that half precision becomes float32 on a CPU without units for it, where it is slower."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        dtype = DTYPES.get(str(checkpoint_dtype), torch.float32)
+        return compute_dtype(dtype, device)

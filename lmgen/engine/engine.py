@@ -51,7 +51,7 @@ class Engine:
         self.generation_config = read_json(self.model_path, "generation_config.json")
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
         self.device = config.torch_device()
-        self.dtype = config.torch_dtype(self.hf_config.get("dtype") or self.hf_config.get("torch_dtype"))
+        self.dtype = config.torch_dtype(self.hf_config.get("dtype") or self.hf_config.get("torch_dtype"), self.device)
         self.max_model_len = config.max_model_len or context_length(self.hf_config)
         self.model = self._load_model()
         self.kv_cache = self._allocate_kv_cache()

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lmgen.layers.precision import compute_dtype
+
 
 @dataclass
 class AttentionMetadata:
@@ -65,11 +67,13 @@ def paged_attention(
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
-    batch = meta.block_tables.shape[0]
+    batch, dtype = meta.block_tables.shape[0], q.dtype
+    cdtype = compute_dtype(dtype, q.device)
     # index_select on the flat table: indexing with the 2-D table directly is ~1000x slower on CPU
     blocks = meta.block_tables.flatten()
-    keys = k_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, KVH, S, D]
-    values = v_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    keys = k_cache.index_select(0, blocks).to(cdtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, blocks).to(cdtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    q = q.to(cdtype)  # keys/values: [B, KVH, S, D]
     if meta.decode_only:
         queries = q.unsqueeze(2)  # [B, H, 1, D]: one token per request, already in order
     else:
@@ -80,5 +84,5 @@ def paged_attention(
         queries, keys, values, attn_mask=meta.mask(window), scale=scale,
         enable_gqa=q.shape[1] != num_kv_heads)
     if meta.decode_only:
-        return out.squeeze(2)
-    return out.transpose(1, 2)[meta.token_request, meta.token_offset]
+        return out.squeeze(2).to(dtype)
+    return out.transpose(1, 2)[meta.token_request, meta.token_offset].to(dtype)

@@ -11,21 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmgen.layers.precision import compute_dtype
 
-# Half-precision GEMM kernels are ~6x slower than float32 on CPUs without native
-# bf16/fp16 units (AVX2 machines): there, products of several rows are computed in
-# float32 and rounded back, which is also what the native kernels do internally.
-_UPCAST_ON_CPU = {
-    torch.bfloat16: not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-    torch.float16: not torch.ops.mkldnn._is_mkldnn_fp16_supported(),
-}
-_UPCAST_MIN_ROWS = 4  # one row (batch-1 decode) is memory-bound: reading half precision wins
+
+# With few rows (batch-1 decode) a product is memory-bound and reading half-precision
+# weights wins even with a slow kernel; from this many rows on, upcasting wins.
+_UPCAST_MIN_ROWS = 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear that picks the fastest exact-enough path for half precision on a CPU."""
-    if x.device.type == "cpu" and _UPCAST_ON_CPU.get(weight.dtype) and x.numel() >= _UPCAST_MIN_ROWS * x.shape[-1]:
-        out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    """F.linear, computed in float32 for several rows where half precision has no fast kernel."""
+    target = compute_dtype(weight.dtype, weight.device)
+    if target != weight.dtype and x.numel() >= _UPCAST_MIN_ROWS * x.shape[-1]:
+        out = F.linear(x.to(target), weight.to(target), None if bias is None else bias.to(target))
         return out.to(x.dtype)
     return F.linear(x, weight, bias)
 
