@@ -92,10 +92,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        # q and k heads sit side by side: rotate them in one go
+        qk = qkv[:, : self.split_sizes[0] + self.split_sizes[1]].view(num_tokens, -1, self.head_dim)
+        qk = apply_rotary(qk, cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, self.split_sizes[0] + self.split_sizes[1]:].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)
         return self.o_proj(out.reshape(num_tokens, -1))
 
@@ -157,8 +159,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_seq_lens: torch.Tensor,
                 meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
         """input_ids, positions, token_seq_lens: [T]. Returns the final hidden states [T, hidden]."""
-        cos, sin = self.rotary(positions, token_seq_lens)
         x = self.model.embed_tokens(input_ids)
+        cos, sin = (t.to(x.dtype)[:, None, :] for t in self.rotary(positions, token_seq_lens))
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, cos, sin, meta, kv_cache)
         return self.model.norm(x)
