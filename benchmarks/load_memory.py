@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import argparse
 
-from common import rss_bytes
 from models import create
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory (VmRSS) or its peak so far (VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main() -> None:

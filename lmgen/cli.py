@@ -108,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, how long in-flight requests may finish before they are aborted (default: 30)")
     add_engine_args(serve)
     serve.set_defaults(run=run_serve)
+
+    bench = commands.add_parser(
+        "bench", help="measure latency or throughput (optionally beside transformers)",
+        description="Measure lmgen on synthetic prompts; --compare transformers runs the same workload "
+                    "through transformers' generate in the same run and prints the ratio.")
+    bench.add_argument("mode", choices=["latency", "throughput"],
+                       help="latency: TTFT and decode tokens/s per batch size; throughput: N prompts at once")
+    bench.add_argument("--sizes", type=int, nargs="+", default=None,
+                       help="batch sizes (latency, default 1) or prompt counts (throughput, default 1 4 16 64)")
+    bench.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    bench.add_argument("--new-tokens", type=int, default=128, help="generated tokens per prompt (default 128)")
+    bench.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
+    bench.add_argument("--compare", choices=["transformers"], default=None, help="run a peer side by side")
+    bench.add_argument("--json", default=None, help="also write the figures to this file")
+    add_engine_args(bench)
+    bench.set_defaults(run=run_bench)
     return parser
 
 
@@ -177,6 +193,18 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("LMGEN_API_KEY"),
                               max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout)
     return serve(config, settings, host=args.host, port=args.port)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from lmgen import bench
+
+    sizes = args.sizes or ([1] if args.mode == "latency" else [1, 4, 16, 64])
+    llm = _load(args)
+    print(f"{llm.engine.model_path.name} {llm.engine.dtype}, prompt {args.prompt_len}, {args.new_tokens} new "
+          f"tokens, median of {args.repeats}; {bench.machine()}")
+    bench.report(bench.run_bench(llm, args.mode, sizes, args.prompt_len, args.new_tokens, args.repeats,
+                                 args.compare), args.json)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,3 +55,15 @@ def test_errors_are_one_line_without_traceback(llama_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_compares_with_transformers_and_writes_json(llama_path, tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    result = lmgen("bench", "throughput", "--model", str(llama_path), "--sizes", "2", "--prompt-len", "8",
+                   "--new-tokens", "4", "--repeats", "1", "--compare", "transformers", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["system"] for r in rows] == ["lmgen", "transformers"]
+    assert all(r["total_tok_s"] > 0 for r in rows) and rows[1]["ratio"] == 1.0

@@ -1,0 +1,233 @@
+"""Serving under load: N concurrent HTTP clients against `lmgen serve`, beside transformers.
+
+    python benchmarks/serve_load.py                     # bench-125m; 1, 4, 16, 64 clients
+    python benchmarks/serve_load.py --quick             # 1 and 4 clients, short prompts, one request each
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --skip-transformers
+
+Each client sends --requests-per-client streaming completions one after another:
+a --prompt-len token prompt (distinct per request, so no prefix is shared) and exactly
+--new-tokens generated tokens (EOS ignored, greedy). Reported per concurrency level:
+requests/s, output tokens/s, time to first token and inter-token latency (median, p90)
+as the client sees them. The same requests then run through transformers' generate in
+static batches of N (the k-th request of every client in one batch), with TTFT and ITL
+taken from per-step timestamps; the ratio compares output tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+from common import machine
+from models import create
+
+
+@dataclass
+class RequestTiming:
+    start: float
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.start
+
+    @property
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+def prompt_ids(request_index: int, length: int) -> list[int]:
+    return [(7 * i + 13 * request_index + 11) % 3000 + 3 for i in range(length)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def summary(system: str, clients: int, timings: list[RequestTiming], new_tokens: int, seconds: float) -> dict:
+    ttfts = [t.ttft for t in timings]
+    gaps = [g for t in timings for g in t.gaps]
+    return {"system": system, "clients": clients, "requests": len(timings),
+            "req_per_s": round(len(timings) / seconds, 3),
+            "output_tok_per_s": round(len(timings) * new_tokens / seconds, 2),
+            "ttft_median_s": round(statistics.median(ttfts), 4), "ttft_p90_s": round(percentile(ttfts, 0.9), 4),
+            "itl_median_s": round(statistics.median(gaps), 4) if gaps else None,
+            "itl_p90_s": round(percentile(gaps, 0.9), 4) if gaps else None}
+
+
+# ---- lmgen over HTTP -----------------------------------------------------------------------
+async def stream_one(client: httpx.AsyncClient, url: str, prompt: list[int], new_tokens: int) -> RequestTiming:
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    timing = RequestTiming(time.perf_counter())
+    usage = None
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk["choices"]:  # the server sends one chunk per generated token
+                timing.token_times.append(time.perf_counter())
+    if usage is None or usage["completion_tokens"] != new_tokens or len(timing.token_times) != new_tokens:
+        raise RuntimeError(f"expected {new_tokens} tokens, got {len(timing.token_times)} chunks and usage {usage}")
+    return timing
+
+
+async def run_clients(url: str, clients: int, requests_per_client: int, prompt_len: int,
+                      new_tokens: int) -> tuple[list[RequestTiming], float]:
+    limits = httpx.Limits(max_connections=clients + 1)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        await stream_one(client, url, prompt_ids(10**6, prompt_len), 2)  # warm-up
+
+        async def client_loop(index: int) -> list[RequestTiming]:
+            return [await stream_one(client, url, prompt_ids(index * requests_per_client + k, prompt_len), new_tokens)
+                    for k in range(requests_per_client)]
+
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(client_loop(i) for i in range(clients)))
+        return [t for timings in per_client for t in timings], time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def lmgen_server(path: Path, dtype: str, max_num_seqs: int) -> Iterator[str]:
+    """`lmgen serve` on a free port for the duration of the block."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tempfile.TemporaryFile()
+    command = [sys.executable, "-m", "lmgen", "serve", "--model", str(path), "--port", str(port), "--dtype", dtype,
+               "--max-num-seqs", str(max_num_seqs)]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"lmgen serve did not start:\n{log.read().decode(errors='replace')}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(60)
+        log.close()
+
+
+# ---- transformers in static batches -------------------------------------------------------
+def run_transformers(model, clients: int, requests_per_client: int, prompt_len: int,
+                     new_tokens: int) -> tuple[list[RequestTiming], float]:
+    import transformers
+
+    class StepClock(transformers.StoppingCriteria):
+        """Timestamps each generated token of the batch (called once per step)."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    warm = torch.tensor([prompt_ids(10**6, prompt_len)])
+    with torch.inference_mode():
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False)
+    timings: list[RequestTiming] = []
+    start = time.perf_counter()
+    for k in range(requests_per_client):
+        ids = torch.tensor([prompt_ids(i * requests_per_client + k, prompt_len) for i in range(clients)])
+        clock = StepClock()
+        batch_start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False,
+                           stopping_criteria=transformers.StoppingCriteriaList([clock]))
+        timings += [RequestTiming(batch_start, list(clock.times)) for _ in range(clients)]
+    return timings, time.perf_counter() - start
+
+
+# ---- report --------------------------------------------------------------------------------
+def print_row(row: dict) -> None:
+    def ms(value):
+        return f"{value * 1000:>10.1f}" if value is not None else f"{'-':>10}"
+
+    print(f"{row['system']:<14}{row['clients']:>8}{row['requests']:>9}{row['req_per_s']:>9.2f}"
+          f"{row['output_tok_per_s']:>11.1f}{ms(row['ttft_median_s'])}{ms(row['ttft_p90_s'])}"
+          f"{ms(row['itl_median_s'])}{ms(row['itl_p90_s'])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench-125m", help="benchmark shape to create (benchmarks/models.py)")
+    parser.add_argument("--url", default=None, help="an lmgen (or other OpenAI-compatible) server already running")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--clients", type=int, action="append", help="concurrency levels (default: 1 4 16 64)")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="1 and 4 clients, 32-token prompts, 16 new tokens, "
+                                                              "one request per client")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients = args.clients or [1, 4]
+        args.prompt_len, args.new_tokens, args.requests_per_client = 32, 16, 1
+    levels = args.clients or [1, 4, 16, 64]
+    path = create(args.model)
+
+    print(f"{args.model} {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"{args.requests_per_client} request(s) per client; {machine()}")
+    print(f"{'system':<14}{'clients':>8}{'requests':>9}{'req/s':>9}{'out tok/s':>11}"
+          f"{'TTFT p50':>10}{'TTFT p90':>10}{'ITL p50':>10}{'ITL p90':>10}   (latencies in ms)")
+    rows: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        url = args.url or stack.enter_context(lmgen_server(path, args.dtype, max(levels)))
+        for clients in levels:
+            timings, seconds = asyncio.run(run_clients(url, clients, args.requests_per_client, args.prompt_len,
+                                                       args.new_tokens))
+            rows.append(summary("lmgen serve", clients, timings, args.new_tokens, seconds))
+            print_row(rows[-1])
+    if not args.skip_transformers:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+        for clients in levels:
+            timings, seconds = run_transformers(model, clients, args.requests_per_client, args.prompt_len,
+                                                args.new_tokens)
+            row = summary("transformers", clients, timings, args.new_tokens, seconds)
+            ours = next(r for r in rows if r["system"] == "lmgen serve" and r["clients"] == clients)
+            ours["ratio_vs_transformers"] = round(ours["output_tok_per_s"] / row["output_tok_per_s"], 2)
+            rows.append(row)
+            print_row(row)
+        print("output tokens/s, lmgen serve over transformers' static batches: " + ", ".join(
+            f"{r['clients']} clients {r['ratio_vs_transformers']:.2f}x" for r in rows if "ratio_vs_transformers" in r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "args": vars(args), "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

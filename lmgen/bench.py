@@ -1,0 +1,130 @@
+"""`lmgen bench`: latency and throughput, optionally beside transformers in the same run.
+
+latency    : TTFT, decode tokens/s and prefill tokens/s of a batch of equal prompts.
+throughput : N prompts at once (one continuous batch), generated tokens/s overall.
+With ``--compare transformers`` the same workload runs through transformers'
+``generate`` (static batches, the same weights and dtype) and the ratio is printed.
+Every figure is the median of ``--repeats`` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lmgen.llm import LLM
+from lmgen.params import SamplingParams
+
+
+@dataclass
+class Figures:
+    system: str
+    ttft_s: float | None = None  # time to first token (whole batch prefilled)
+    decode_tok_s: float | None = None  # generated tokens/s after the first, whole batch
+    prefill_tok_s: float | None = None  # prompt tokens/s during the first step
+    total_tok_s: float | None = None  # generated tokens over the whole run
+
+
+def synthetic_prompts(count: int, length: int, vocab_size: int) -> list[list[int]]:
+    """Deterministic, distinct token-id prompts (no shared prefix, so no cache hits)."""
+    top = max(4, min(vocab_size, 32000) - 1)
+    return [[(7 * i + 13 * j + 11) % (top - 3) + 3 for i in range(length)] for j in range(count)]
+
+
+def _median(runs: list[Figures], system: str) -> Figures:
+    def med(name: str) -> float | None:
+        values = [getattr(r, name) for r in runs if getattr(r, name) is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    return Figures(system, med("ttft_s"), med("decode_tok_s"), med("prefill_tok_s"), med("total_tok_s"))
+
+
+def lmgen_run(llm: LLM, prompts: list[list[int]], new_tokens: int) -> Figures:
+    """Stream the batch, timing the first token of every request and the end."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    first_token: dict[str, float] = {}
+    for delta in llm.stream(prompts, params):
+        first_token.setdefault(delta.request_id, time.perf_counter())
+    end = time.perf_counter()
+    ttft = max(first_token.values()) - start
+    generated = len(prompts) * new_tokens
+    return Figures("lmgen", ttft, len(prompts) * (new_tokens - 1) / max(end - start - ttft, 1e-9),
+                   len(prompts) * len(prompts[0]) / ttft, generated / (end - start))
+
+
+def transformers_run(model, prompts: list[list[int]], new_tokens: int) -> Figures:
+    """One static batch through transformers' generate: TTFT from a 1-token run, then the whole run."""
+    ids = torch.tensor(prompts)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **kwargs)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        total = time.perf_counter() - start
+    generated = len(prompts) * new_tokens
+    return Figures("transformers", ttft, len(prompts) * (new_tokens - 1) / max(total - ttft, 1e-9),
+                   len(prompts) * len(prompts[0]) / ttft, generated / total)
+
+
+def load_transformers(path: str, dtype: torch.dtype):
+    try:
+        import transformers
+    except ImportError as exc:
+        raise SystemExit("--compare transformers needs transformers: pip install 'lmgen[bench]'") from exc
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def measure(run: Callable[[list[list[int]], int], Figures], system: str, prompts: list[list[int]],
+            new_tokens: int, repeats: int) -> Figures:
+    run(prompts[:1], 4)  # warm-up
+    return _median([run(prompts, new_tokens) for _ in range(repeats)], system)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def report(rows: list[dict], json_path: str | None) -> None:
+    columns = ["workload", "system", "ttft_s", "prefill_tok_s", "decode_tok_s", "total_tok_s", "ratio"]
+    print(" ".join(f"{c:>14}" for c in columns))
+    for row in rows:
+        print(" ".join(f"{_fmt(row.get(c)):>14}" for c in columns), flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"machine": machine(), "results": rows}, f, indent=2)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
+def run_bench(llm: LLM, mode: str, sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
+              compare: str | None) -> list[dict]:
+    """Measure each batch size (latency) or prompt count (throughput); rows for report()."""
+    hf = load_transformers(str(llm.engine.model_path), llm.engine.dtype) if compare == "transformers" else None
+    rows = []
+    for size in sizes:
+        prompts = synthetic_prompts(size, prompt_len, llm.engine.model.args.vocab_size)
+        ours = measure(lambda p, n: lmgen_run(llm, p, n), "lmgen", prompts, new_tokens, repeats)
+        pair = [ours]
+        if hf is not None:
+            pair.append(measure(lambda p, n: transformers_run(hf, p, n), "transformers", prompts, new_tokens,
+                                repeats))
+        key = "decode_tok_s" if mode == "latency" else "total_tok_s"
+        for figures in pair:
+            row = {"workload": f"{mode} n={size}", **asdict(figures)}
+            if hf is not None:
+                row["ratio"] = round(getattr(figures, key) / getattr(pair[1], key), 2)
+            rows.append(row)
+    return rows
