@@ -29,6 +29,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=512,
                        help="most tokens in one step; long prompts are prefilled in chunks of this size")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    group.add_argument("--quantize", dest="quantization", choices=["int8"], default=None,
+                       help="weight-only quantization of the linear layers (int8: per output channel)")
     group.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                        help="recompute shared prompt beginnings instead of reusing their KV blocks")
     group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
@@ -38,7 +40,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                enable_prefix_caching=args.enable_prefix_caching,
+                enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
                 seed=args.engine_seed, revision=args.revision)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from lmgen.errors import InvalidArgumentError
 from lmgen.layers.precision import compute_dtype
+from lmgen.layers.quant import check_method
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -56,6 +57,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     block_size: int = 16
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared beginnings
+    quantization: str | None = None  # "int8": weight-only, per output channel
     seed: int | None = None  # seeds the requests that bring no seed of their own
     revision: str | None = None  # hub revision
 
@@ -67,6 +69,7 @@ class EngineConfig:
             raise InvalidArgumentError(f"device {self.device!r} is not supported; use auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidArgumentError(f"device {self.device!r} was asked for but no CUDA GPU is available; use cpu")
+        check_method(self.quantization)
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             _positive(name, getattr(self, name))
         if self.kv_cache_memory is not None and parse_size(self.kv_cache_memory) <= 0:

@@ -23,6 +23,7 @@ from lmgen.engine.request import Request
 from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from lmgen.errors import InvalidArgumentError
+from lmgen.layers.quant import quantize_model
 from lmgen.layers.rotary import context_length
 from lmgen.loader.checkpoint import DEMO_MODEL_PATH, iter_tensors, load_weights, read_json, resolve_model_path
 from lmgen.loader.tokenizer import Tokenizer
@@ -74,6 +75,8 @@ class Engine:
         with build_context(self.device, self.dtype):
             model = model_class(self.hf_config).from_config(self.hf_config, self.max_model_len)
         load_weights(model, iter_tensors(self.model_path))
+        if self.config.quantization:
+            quantize_model(model, self.config.quantization)
         return model.eval()
 
     def _allocate_kv_cache(self) -> KVCache:
