@@ -1,0 +1,230 @@
+"""The transformers-shaped front end: AutoTokenizer, AutoModelForCausalLM, set_seed.
+
+Code written for transformers runs with one changed import line. ``generate`` turns
+each row of ``input_ids`` (the attention mask says where its prompt is, so right
+padding works too) into an engine request and lays the results out as transformers
+does: prompt plus new tokens, finished rows padded with ``pad_token_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmgen.errors import InvalidArgumentError
+from lmgen.generation_config import GenerationConfig
+from lmgen.llm import LLM
+from lmgen.loader.checkpoint import resolve_model_path
+from lmgen.loader.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+RIGHT_PADDING_WARNING = (
+    "A decoder-only architecture is being used, but right-padding was detected! For correct generation results, "
+    "please set `padding_side='left'` when initializing the tokenizer. (lmgen reads the prompt from the attention "
+    "mask, so its output is correct either way.)")
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch, as transformers.set_seed does; generate draws request seeds from torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class BatchEncoding(dict):
+    """A dict of tensors or lists with attribute access (``inputs.input_ids``) and ``.to(device)``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+    def to(self, device: Any) -> "BatchEncoding":
+        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+
+
+class AutoTokenizer:
+    """transformers-style tokenizer over lmgen's Tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer, padding_side: str = "left") -> None:
+        self.tokenizer = tokenizer
+        self.padding_side = padding_side
+        self.pad_token = tokenizer.pad_token
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, padding_side: str = "left", **_: Any) -> "AutoTokenizer":
+        if padding_side not in ("left", "right"):
+            raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        return cls(Tokenizer.from_pretrained(resolve_model_path(name_or_path)), padding_side)
+
+    def __getattr__(self, name: str) -> Any:  # bos_token, eos_token_id, chat_template, ...
+        return getattr(self.tokenizer, name)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None if self.pad_token is None else self.tokenizer.token_to_id(self.pad_token)
+
+    def __len__(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def __call__(self, text: str | list[str], padding: bool | str = False, truncation: bool = False,
+                 max_length: int | None = None, return_tensors: str | None = None, add_special_tokens: bool = True,
+                 return_attention_mask: bool = True, **_: Any) -> BatchEncoding:
+        single = isinstance(text, str)
+        rows = self.tokenizer.encode_batch([text] if single else list(text), add_special_tokens=add_special_tokens)
+        if truncation and max_length is not None:
+            rows = [r[:max_length] for r in rows]
+        return self._pack(rows, padding, max_length, return_tensors, return_attention_mask, single)
+
+    def _pack(self, rows: list[list[int]], padding: bool | str, max_length: int | None, return_tensors: str | None,
+              return_attention_mask: bool, single: bool) -> BatchEncoding:
+        masks = [[1] * len(r) for r in rows]
+        if padding:
+            width = max_length if padding == "max_length" and max_length else max(map(len, rows))
+            if self.pad_token_id is None:
+                raise InvalidArgumentError("Asking to pad but the tokenizer does not have a padding token: set "
+                                           "`tokenizer.pad_token = tokenizer.eos_token`")
+            for i, row in enumerate(rows):
+                fill = width - len(row)
+                pad, zeros = [self.pad_token_id] * fill, [0] * fill
+                rows[i], masks[i] = (pad + row, zeros + masks[i]) if self.padding_side == "left" else \
+                    (row + pad, masks[i] + zeros)
+        if return_tensors == "pt":
+            out = {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(masks)}
+        else:
+            out = {"input_ids": rows[0] if single else rows, "attention_mask": masks[0] if single else masks}
+        if not return_attention_mask:
+            del out["attention_mask"]
+        return BatchEncoding(out)
+
+    def encode(self, text: str, add_special_tokens: bool = True, return_tensors: str | None = None) -> Any:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+    def decode(self, token_ids: Any, skip_special_tokens: bool = False, **_: Any) -> str:
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.tolist()
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+        return [self.decode(row, skip_special_tokens=skip_special_tokens, **kwargs) for row in sequences]
+
+    def apply_chat_template(self, conversation: list[dict], tokenize: bool = True, add_generation_prompt: bool = False,
+                            return_tensors: str | None = None, return_dict: bool = False, **kwargs: Any) -> Any:
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, **kwargs)
+        if not tokenize:
+            return text
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if return_dict:
+            return self._pack([ids], False, None, return_tensors, True, return_tensors != "pt")
+        return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+
+class AutoModelForCausalLM:
+    """A causal LM with transformers' ``generate`` and ``__call__`` over lmgen's engine."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        engine = llm.engine
+        self.config = SimpleNamespace(**engine.hf_config)
+        self.generation_config = GenerationConfig.from_pretrained(engine.model_path)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # transformers fills these from config.json
+            if getattr(self.generation_config, name) is None:
+                setattr(self.generation_config, name, engine.hf_config.get(name))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, dtype: Any = "auto", torch_dtype: Any = None,
+                        device_map: Any = None, revision: str | None = None, **engine_args: Any) -> "AutoModelForCausalLM":
+        dtype = torch_dtype if torch_dtype is not None else dtype
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        device = "auto" if device_map in (None, "auto") else str(device_map)
+        return cls(LLM(name_or_path, dtype=dtype, device=device, revision=revision, **engine_args))
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.engine.dtype
+
+    def eval(self) -> "AutoModelForCausalLM":
+        return self
+
+    def to(self, *_: Any, **__: Any) -> "AutoModelForCausalLM":
+        return self
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> SimpleNamespace:
+        """Logits [batch, seq, vocab] (float32); padded positions are zero."""
+        rows = _prompt_rows(input_ids, attention_mask)
+        logits = torch.zeros(*input_ids.shape, self.llm.engine.model.args.vocab_size)
+        for i, ((_, positions), scores) in enumerate(zip(rows, self.llm.engine.score([p for p, _ in rows]))):
+            logits[i, positions] = scores.cpu()
+        return SimpleNamespace(logits=logits)
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 generation_config: GenerationConfig | None = None, streamer: Any = None,
+                 tokenizer: Any = None, **kwargs: Any) -> torch.Tensor:
+        """transformers' generate: returns prompt + new tokens per row (num_return_sequences rows per prompt)."""
+        if input_ids is None:
+            raise InvalidArgumentError("generate needs input_ids (e.g. tokenizer(text, return_tensors='pt'))")
+        config = (generation_config or GenerationConfig()).resolved(self.generation_config, **kwargs)
+        if config.max_new_tokens is None and config.uses_default_length:
+            warnings.warn("Using the model-agnostic default `max_length` (=20) to control the generation length. "
+                          "We recommend setting `max_new_tokens` to control the maximum length of the generation.",
+                          UserWarning, stacklevel=2)
+        config.validate()
+        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+            logger.warning(RIGHT_PADDING_WARNING)
+        if streamer is not None and input_ids.shape[0] > 1:
+            raise InvalidArgumentError("`streamer` cannot be used with batch sizes > 1 (as in transformers)")
+        rows = _prompt_rows(input_ids, attention_mask)
+        params = [config.to_sampling_params(len(prompt), int(torch.randint(0, 2**62, ()))) for prompt, _ in rows]
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        outputs = self._run([p for p, _ in rows], params, streamer)
+        if streamer is not None:
+            streamer.end()
+        pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_ids() or [0])[0]
+        new = [o for out in outputs for o in out.outputs]
+        width = max(len(o.token_ids) for o in new)
+        prompts = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+        tail = torch.full((len(new), width), pad, dtype=input_ids.dtype)
+        for i, completion in enumerate(new):
+            tail[i, : len(completion.token_ids)] = torch.tensor(completion.token_ids)
+        return torch.cat([prompts.cpu(), tail], dim=1)
+
+    def _run(self, prompts: list[list[int]], params: list, streamer: Any) -> list:
+        final = {}
+        ids = self.llm._add(prompts, params)
+        for delta in self.llm._run(ids):
+            if streamer is not None and delta.outputs[0].token_ids:
+                streamer.put(torch.tensor(delta.outputs[0].token_ids))
+            if delta.request_id in final:
+                final[delta.request_id].merge(delta)
+            else:
+                final[delta.request_id] = delta
+        return [final[i] for i in ids]
+
+
+def _prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[list[int], torch.Tensor]]:
+    """Each row's prompt tokens (where the mask is 1) and their positions in the row."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    rows = []
+    for ids, keep in zip(input_ids.cpu(), mask.cpu().bool()):
+        positions = keep.nonzero().flatten()
+        if len(positions) == 0:
+            raise InvalidArgumentError("a row of attention_mask is all zeros: every prompt needs a token")
+        rows.append((ids[positions].tolist(), positions))
+    return rows
