@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,11 @@ from pathlib import Path
 import httpx
 import torch
 
-from common import machine
+from lmgen.bench import load_transformers, machine, synthetic_prompts
 from models import create
+
+
+VOCAB_SIZE = 32000  # bench-125m's; prompts stay below it
 
 
 @dataclass
@@ -50,8 +54,11 @@ class RequestTiming:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
 
-def prompt_ids(request_index: int, length: int) -> list[int]:
-    return [(7 * i + 13 * request_index + 11) % 3000 + 3 for i in range(length)]
+def workload(clients: int, requests_per_client: int, prompt_len: int) -> list[list[list[int]]]:
+    """Each client's prompts, all distinct (no prefix-cache hits); one extra list holds the warm-up prompt."""
+    prompts = synthetic_prompts(clients * requests_per_client + 1, prompt_len, VOCAB_SIZE)
+    per_client = [prompts[i * requests_per_client:(i + 1) * requests_per_client] for i in range(clients)]
+    return per_client + [prompts[-1:]]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -91,32 +98,30 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt: list[int], new
     return timing
 
 
-async def run_clients(url: str, clients: int, requests_per_client: int, prompt_len: int,
-                      new_tokens: int) -> tuple[list[RequestTiming], float]:
-    limits = httpx.Limits(max_connections=clients + 1)
+async def run_clients(url: str, prompts: list[list[list[int]]], new_tokens: int) -> tuple[list[RequestTiming], float]:
+    """Each client (all but the last list of `prompts`) sends its prompts one after another."""
+    *per_client, [warm_up] = prompts
+    limits = httpx.Limits(max_connections=len(per_client) + 1)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        await stream_one(client, url, prompt_ids(10**6, prompt_len), 2)  # warm-up
+        await stream_one(client, url, warm_up, 2)
 
-        async def client_loop(index: int) -> list[RequestTiming]:
-            return [await stream_one(client, url, prompt_ids(index * requests_per_client + k, prompt_len), new_tokens)
-                    for k in range(requests_per_client)]
+        async def client_loop(own: list[list[int]]) -> list[RequestTiming]:
+            return [await stream_one(client, url, prompt, new_tokens) for prompt in own]
 
         start = time.perf_counter()
-        per_client = await asyncio.gather(*(client_loop(i) for i in range(clients)))
-        return [t for timings in per_client for t in timings], time.perf_counter() - start
+        timings = await asyncio.gather(*(client_loop(own) for own in per_client))
+        return [t for client_timings in timings for t in client_timings], time.perf_counter() - start
 
 
 @contextlib.contextmanager
-def lmgen_server(path: Path, dtype: str, max_num_seqs: int) -> Iterator[str]:
+def lmgen_server(path: Path, dtype: str, max_num_seqs: int, max_num_batched_tokens: int) -> Iterator[str]:
     """`lmgen serve` on a free port for the duration of the block."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = tempfile.TemporaryFile()
     command = [sys.executable, "-m", "lmgen", "serve", "--model", str(path), "--port", str(port), "--dtype", dtype,
-               "--max-num-seqs", str(max_num_seqs)]
+               "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens)]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -137,8 +142,8 @@ def lmgen_server(path: Path, dtype: str, max_num_seqs: int) -> Iterator[str]:
 
 
 # ---- transformers in static batches -------------------------------------------------------
-def run_transformers(model, clients: int, requests_per_client: int, prompt_len: int,
-                     new_tokens: int) -> tuple[list[RequestTiming], float]:
+def run_transformers(model, prompts: list[list[list[int]]], new_tokens: int) -> tuple[list[RequestTiming], float]:
+    """The same requests in static batches: the k-th request of every client together."""
     import transformers
 
     class StepClock(transformers.StoppingCriteria):
@@ -151,20 +156,21 @@ def run_transformers(model, clients: int, requests_per_client: int, prompt_len: 
             self.times.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    warm = torch.tensor([prompt_ids(10**6, prompt_len)])
+    *per_client, [warm_up] = prompts
+    warm = torch.tensor([warm_up])
     with torch.inference_mode():
         model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False)
     timings: list[RequestTiming] = []
     start = time.perf_counter()
-    for k in range(requests_per_client):
-        ids = torch.tensor([prompt_ids(i * requests_per_client + k, prompt_len) for i in range(clients)])
+    for batch in zip(*per_client):
+        ids = torch.tensor(batch)  # equal lengths: no padding needed
         clock = StepClock()
         batch_start = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False,
                            stopping_criteria=transformers.StoppingCriteriaList([clock]))
-        timings += [RequestTiming(batch_start, list(clock.times)) for _ in range(clients)]
+        timings += [RequestTiming(batch_start, list(clock.times)) for _ in batch]
     return timings, time.perf_counter() - start
 
 
@@ -185,6 +191,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--clients", type=int, action="append", help="concurrency levels (default: 1 4 16 64)")
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the server's per-step budget")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="1 and 4 clients, 32-token prompts, 16 new tokens, "
@@ -204,19 +211,18 @@ def main() -> None:
           f"{'TTFT p50':>10}{'TTFT p90':>10}{'ITL p50':>10}{'ITL p90':>10}   (latencies in ms)")
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(lmgen_server(path, args.dtype, max(levels)))
+        url = args.url or stack.enter_context(
+            lmgen_server(path, args.dtype, max(levels), args.max_num_batched_tokens))
         for clients in levels:
-            timings, seconds = asyncio.run(run_clients(url, clients, args.requests_per_client, args.prompt_len,
-                                                       args.new_tokens))
+            prompts = workload(clients, args.requests_per_client, args.prompt_len)
+            timings, seconds = asyncio.run(run_clients(url, prompts, args.new_tokens))
             rows.append(summary("lmgen serve", clients, timings, args.new_tokens, seconds))
             print_row(rows[-1])
     if not args.skip_transformers:
-        import transformers
-
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+        model = load_transformers(str(path), getattr(torch, args.dtype))
         for clients in levels:
-            timings, seconds = run_transformers(model, clients, args.requests_per_client, args.prompt_len,
-                                                args.new_tokens)
+            prompts = workload(clients, args.requests_per_client, args.prompt_len)
+            timings, seconds = run_transformers(model, prompts, args.new_tokens)
             row = summary("transformers", clients, timings, args.new_tokens, seconds)
             ours = next(r for r in rows if r["system"] == "lmgen serve" and r["clients"] == clients)
             ours["ratio_vs_transformers"] = round(ours["output_tok_per_s"] / row["output_tok_per_s"], 2)

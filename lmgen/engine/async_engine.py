@@ -96,10 +96,6 @@ class RequestStream:
         self._stream = stream
         self._done = False
 
-    @property
-    def finished(self) -> bool:
-        return self._done
-
     def __aiter__(self) -> RequestStream:
         return self
 
@@ -169,7 +165,7 @@ class AsyncEngine:
         input, before any delta exists; :class:`EngineStoppedError` after shutdown.
         """
         if not self.running:
-            raise EngineStoppedError("the engine is shutting down and takes no new requests")
+            raise EngineStoppedError("the engine is not running (shut down, or never started) and takes no requests")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")

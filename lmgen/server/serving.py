@@ -1,0 +1,512 @@
+"""The OpenAI endpoints: request -> (prompt token ids, SamplingParams) -> engine -> response.
+
+No generation logic lives here: fields map one to one onto SamplingParams (over the
+model's generation_config defaults), every prompt becomes one engine request, and the
+engine's deltas are reshaped into OpenAI's JSON or Server-Sent Events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from lmgen.engine.async_engine import AsyncEngine, EngineStepError, EngineStoppedError, RequestStream
+from lmgen.errors import InvalidArgumentError
+from lmgen.outputs import CompletionOutput, Logprob, RequestOutput
+from lmgen.params import SamplingParams
+from lmgen.server.errors import APIError, bad_request, from_invalid_argument, sse_error
+from lmgen.server.metrics import Metrics
+from lmgen.server.protocol import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatLogprobs, ChatMessage, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+    DeltaMessage, SamplingFields, TokenLogprob, TopLogprob, Usage,
+)
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What `lmgen serve` adds on top of the engine's configuration."""
+
+    served_model_names: tuple[str, ...]
+    api_key: str | None = None
+    max_queued_requests: int | None = None  # None: no limit
+    shutdown_timeout: float = 30.0  # seconds in-flight requests may run on after SIGTERM
+
+
+@dataclass
+class _Prompt:
+    text: str | None  # as the client wrote it, when it sent text
+    token_ids: list[int]
+
+
+def sse(payload: BaseModel) -> str:
+    # pydantic writes non-finite floats (a -inf logprob) as null, keeping the JSON valid.
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def json_response(payload: BaseModel) -> Response:
+    return Response(payload.model_dump_json(), media_type="application/json")
+
+
+class OpenAIServing:
+    """Handlers for /v1/completions and /v1/chat/completions over one AsyncEngine."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+
+    # ---- shared checks and conversions ----------------------------------------------------
+    def check_model(self, name: str | None) -> str:
+        """The model name to answer with; 404 for a name this server does not serve."""
+        names = self.settings.served_model_names
+        if name is None:
+            return names[0]
+        if name not in names:
+            raise APIError(404, f"the model {name!r} does not exist: this server serves {', '.join(map(repr, names))}",
+                           param="model", code="model_not_found")
+        return name
+
+    def _sampling_params(self, request: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                         renames: dict[str, str]) -> SamplingParams:
+        bias = None
+        if request.logit_bias is not None:
+            try:
+                bias = {int(token): value for token, value in request.logit_bias.items()}
+            except ValueError:
+                raise bad_request("logit_bias keys must be token ids (integers written as strings)", "logit_bias")
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop
+        fields = dict(
+            n=request.n, max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+            seed=request.seed, stop=tuple(stop) if stop else None, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, logit_bias=bias, top_k=request.top_k, min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty, min_tokens=request.min_tokens,
+            ignore_eos=request.ignore_eos, skip_special_tokens=request.skip_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output, logprobs=logprobs,
+            stop_token_ids=tuple(request.stop_token_ids) if request.stop_token_ids else None)
+        try:
+            # Fields the client left out (None) take the checkpoint's generation_config defaults.
+            return self.engine.engine.default_sampling_params(**fields)
+        except InvalidArgumentError as exc:
+            raise from_invalid_argument(exc, renames)
+
+    def _check_fits(self, prompt: _Prompt, max_tokens: int | None, max_tokens_field: str, prompt_field: str) -> None:
+        num_prompt, limit = len(prompt.token_ids), self.max_model_len
+        if num_prompt >= limit:
+            raise bad_request(f"the prompt has {num_prompt} tokens but the model's context is {limit} tokens "
+                              "(prompt plus output): shorten the prompt", prompt_field, "context_length_exceeded")
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise bad_request(f"the prompt ({num_prompt} tokens) plus {max_tokens_field} ({max_tokens}) is "
+                              f"{num_prompt + max_tokens} tokens, more than the model's context of {limit} tokens: "
+                              f"shorten the prompt or lower {max_tokens_field}", max_tokens_field,
+                              "context_length_exceeded")
+
+    def _check_queue(self, num_sequences: int) -> None:
+        """429 when the queue beyond the running batch is full (--max-queued-requests)."""
+        limit = self.settings.max_queued_requests
+        in_flight = self.engine.num_unfinished_sequences
+        capacity = self.engine.engine.config.max_num_seqs + (limit or 0)
+        # With nothing in flight a request is always taken, so a large n is never refused forever.
+        if limit is None or in_flight == 0 or in_flight + num_sequences <= capacity:
+            return
+        self.metrics.rejected.inc()
+        raise APIError(429, f"the server is busy: {in_flight} sequences are in flight and at most {limit} may wait "
+                            "beyond the running batch; retry shortly", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": "1"})
+
+    async def _start(self, prompts: list[_Prompt], params: SamplingParams, base_id: str,
+                     renames: dict[str, str], prompt_field: str) -> list[RequestStream]:
+        """Queue one engine request per prompt; all or nothing."""
+        self._check_queue(params.n * len(prompts))
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                streams.append(await self.engine.add_request(prompt.token_ids, params, f"{base_id}-{i}"))
+        except BaseException as exc:
+            for stream in streams:
+                stream.abort()
+            if isinstance(exc, InvalidArgumentError):
+                raise from_invalid_argument(exc, renames, prompt_field) from None
+            if isinstance(exc, EngineStoppedError):
+                raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
+            raise
+        return streams
+
+    # ---- /v1/completions ------------------------------------------------------------------
+    def _completion_prompts(self, request: CompletionRequest) -> list[_Prompt]:
+        raw = request.prompt
+        if isinstance(raw, str):
+            items: list[Any] = [raw]
+        elif raw and all(isinstance(t, int) for t in raw):
+            items = [raw]
+        else:
+            items = list(raw)
+        if not items:
+            raise bad_request("prompt is empty: give a string, a list of strings, or token ids", "prompt")
+        prompts = []
+        for item in items:
+            if isinstance(item, str) and not item:
+                raise bad_request("the prompt is empty: give at least one character or token id", "prompt")
+            prompts.append(_Prompt(item, self.tokenizer.encode(item)) if isinstance(item, str)
+                           else _Prompt(None, list(item)))
+        return prompts
+
+    async def completions(self, request: CompletionRequest, raw_request: Request) -> Response:
+        model = self.check_model(request.model)
+        if request.suffix is not None:
+            raise bad_request("suffix is not supported: lmgen completes prompts left to right only", "suffix")
+        if request.best_of is not None and request.best_of != request.n:
+            raise bad_request("best_of is not supported: ask for n completions and choose among them", "best_of")
+        if request.echo and request.logprobs is not None:
+            raise bad_request("echo with logprobs needs the prompt's logprobs, which lmgen does not compute yet: "
+                              "drop one of them", "logprobs")
+        if request.stream_options is not None and not request.stream:
+            raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+        prompts = self._completion_prompts(request)
+        for prompt in prompts:
+            self._check_fits(prompt, request.max_tokens, "max_tokens", "prompt")
+        params = self._sampling_params(request, request.max_tokens, request.logprobs, {})
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = await self._start(prompts, params, request_id, {}, "prompt")
+        return await _respond(_CompletionFormatter(self, request, prompts, request_id, model), streams, raw_request)
+
+    # ---- /v1/chat/completions -------------------------------------------------------------
+    def _chat_prompt(self, request: ChatCompletionRequest) -> _Prompt:
+        messages = [template_message(i, m) for i, m in enumerate(request.messages)]
+        try:
+            ids = self.tokenizer.encode_chat(
+                messages, add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
+                continue_final_message=request.continue_final_message, chat_template=request.chat_template,
+                **(request.chat_template_kwargs or {}))
+        except Exception as exc:  # the template (or its kwargs) rejected the client's conversation
+            raise bad_request(f"the chat template could not render these messages: {exc}", "messages") from None
+        return _Prompt(None, ids)
+
+    async def chat_completions(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
+        model = self.check_model(request.model)
+        _reject_unsupported_chat_fields(request)
+        max_tokens_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        renames = {"logprobs": "top_logprobs", "max_tokens": max_tokens_field}
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        prompt = self._chat_prompt(request)
+        self._check_fits(prompt, max_tokens, max_tokens_field, "messages")
+        params = self._sampling_params(request, max_tokens, logprobs, renames)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self._start([prompt], params, request_id, renames, "messages")
+        return await _respond(_ChatFormatter(self, request, [prompt], request_id, model), streams, raw_request)
+
+
+def template_message(index: int, message: ChatMessage) -> dict[str, Any]:
+    """A chat message as the chat template expects it: role and plain-text content."""
+    if message.tool_calls:
+        raise bad_request("tool calls are not supported yet: remove tool_calls from the messages",
+                          f"messages.{index}.tool_calls")
+    content = message.content
+    if isinstance(content, list):
+        for number, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"content parts of type {part.type!r} are not supported: send text parts "
+                                  "({'type': 'text', 'text': ...}) or a string", f"messages.{index}.content.{number}")
+        content = "\n".join(part.text for part in content)
+    # "developer" is OpenAI's newer name for the system role; chat templates know "system".
+    result = {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
+    if message.name:
+        result["name"] = message.name
+    return result
+
+
+def _reject_unsupported_chat_fields(request: ChatCompletionRequest) -> None:
+    for field in ("tools", "functions"):
+        if getattr(request, field):
+            raise bad_request(f"{field} is not supported yet: tool calling arrives with structured output; "
+                              "remove the field", field)
+    for field in ("tool_choice", "function_call"):
+        if getattr(request, field) not in (None, "none"):
+            raise bad_request(f"{field} is not supported yet: there are no tools to call; remove the field", field)
+    kind = (request.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise bad_request(f"response_format {kind!r} is not supported yet: structured output (JSON, JSON schema) "
+                          "is planned; remove response_format or use type 'text'", "response_format")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+
+
+# ---- running the streams ------------------------------------------------------------------
+async def _merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The deltas of several requests as they come, each tagged with its prompt's index."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for delta in stream:
+                queue.put_nowait((index, delta))
+            queue.put_nowait((index, None))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _wait_for_disconnect(raw_request: Request) -> None:
+    # With the body already read, receive() only returns once the client has gone.
+    while (await raw_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(streams: list[RequestStream], raw_request: Request) -> list[RequestOutput] | None:
+    """Run the requests to the end; None (and the requests aborted) if the client left first."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+
+    async def run() -> None:
+        async for index, delta in _merge(streams):
+            if finals[index] is None:
+                finals[index] = delta
+            else:
+                finals[index].merge(delta)
+
+    work = asyncio.ensure_future(run())
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            return None
+        try:
+            work.result()
+        except (EngineStepError, EngineStoppedError) as exc:
+            raise APIError(500, str(exc), type="server_error", code="generation_failed") from None
+        return finals
+    finally:
+        watcher.cancel()
+        work.cancel()
+        for stream in streams:
+            stream.abort()
+
+
+async def _respond(formatter: _Formatter, streams: list[RequestStream], raw_request: Request) -> Response:
+    """An SSE stream, or the whole JSON response once every request has finished."""
+    request = formatter.request
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return StreamingResponse(_sse_stream(formatter, streams, include_usage), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    finals = await _collect(streams, raw_request)
+    if finals is None:
+        return Response(status_code=499)  # nginx's "client closed request": nobody is left to read it
+    return json_response(formatter.response(finals))
+
+
+async def _sse_stream(formatter: _Formatter, streams: list[RequestStream], include_usage: bool) -> AsyncIterator[str]:
+    """Server-Sent Events: the chunks, a usage chunk if asked, then [DONE]; an error event if generation fails."""
+    try:
+        for chunk in formatter.opening_chunks():
+            yield sse(chunk)
+        async for index, delta in _merge(streams):
+            for output in delta.outputs:
+                chunk = formatter.chunk(index, output)
+                if chunk is not None:
+                    yield sse(chunk)
+        if include_usage:
+            yield sse(formatter.usage_chunk())
+    except (EngineStepError, EngineStoppedError) as exc:
+        yield sse_error(APIError(500, str(exc), type="server_error", code="generation_failed"))
+    finally:
+        # Runs on normal end, on error, and when the client disconnects (the task is cancelled).
+        for stream in streams:
+            stream.abort()
+    yield SSE_DONE
+
+
+# ---- shaping the output -------------------------------------------------------------------
+def _top(entry: dict[int, Logprob], count: int) -> list[tuple[int, Logprob]]:
+    return sorted(((t, lp) for t, lp in entry.items() if lp.rank <= count), key=lambda item: item[1].rank)[:count]
+
+
+class _Formatter:
+    """Turns one API request's engine deltas into OpenAI responses and chunks."""
+
+    def __init__(self, serving: OpenAIServing, request: CompletionRequest | ChatCompletionRequest,
+                 prompts: list[_Prompt], request_id: str, model: str) -> None:
+        self.tokenizer = serving.tokenizer
+        self.request = request
+        self.prompts = prompts
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.num_completion_tokens = 0
+
+    def _token(self, token_id: int, logprob: Logprob | None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode([token_id])
+
+    def usage(self, num_completion_tokens: int) -> Usage:
+        num_prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        return Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
+                     total_tokens=num_prompt_tokens + num_completion_tokens)
+
+    def response(self, finals: list[RequestOutput]) -> BaseModel:
+        """The whole response from each prompt's accumulated output."""
+        raise NotImplementedError
+
+    def opening_chunks(self) -> list[BaseModel]:
+        """Chunks sent before any token (chat: the assistant role; completions: the echoed prompt)."""
+        return []
+
+    def chunk(self, prompt_index: int, output: CompletionOutput) -> BaseModel | None:
+        """The chunk for one delta, or None when it carries nothing."""
+        raise NotImplementedError
+
+    def usage_chunk(self) -> BaseModel:
+        raise NotImplementedError
+
+
+class _CompletionFormatter(_Formatter):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.text_offsets: dict[int, int] = {}  # choice index -> characters sent so far
+
+    def _choice_index(self, prompt_index: int, output: CompletionOutput) -> int:
+        return prompt_index * self.request.n + output.index
+
+    def _echo(self, prompt: _Prompt) -> str:
+        if not self.request.echo:
+            return ""
+        return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+
+    def _logprobs(self, output: CompletionOutput, offset: int) -> CompletionLogprobs | None:
+        if self.request.logprobs is None or output.logprobs is None:
+            return None
+        result = CompletionLogprobs()
+        for token_id, entry in zip(output.token_ids, output.logprobs):
+            chosen = entry.get(token_id)
+            token = self._token(token_id, chosen)
+            result.tokens.append(token)
+            result.token_logprobs.append(chosen.logprob if chosen else None)
+            top: dict[str, float] = {}
+            for t, lp in _top(entry, self.request.logprobs):
+                top.setdefault(self._token(t, lp), lp.logprob)  # two ids may decode alike: keep the likelier
+            result.top_logprobs.append(top)
+            result.text_offset.append(offset)
+            offset += len(token)
+        return result
+
+    def response(self, finals: list[RequestOutput]) -> CompletionResponse:
+        choices = []
+        for prompt_index, (final, prompt) in enumerate(zip(finals, self.prompts)):
+            echo = self._echo(prompt)
+            for output in final.outputs:
+                self.num_completion_tokens += len(output.token_ids)
+                choices.append(CompletionChoice(
+                    index=self._choice_index(prompt_index, output), text=echo + output.text,
+                    logprobs=self._logprobs(output, len(echo)), finish_reason=output.finish_reason,
+                    stop_reason=output.stop_reason))
+        choices.sort(key=lambda c: c.index)
+        return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                  usage=self.usage(self.num_completion_tokens))
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
+        return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                  usage=usage)
+
+    def opening_chunks(self) -> list[BaseModel]:
+        chunks = []
+        for prompt_index, prompt in enumerate(self.prompts):
+            echo = self._echo(prompt)
+            for i in range(self.request.n if echo else 0):
+                index = prompt_index * self.request.n + i
+                self.text_offsets[index] = len(echo)
+                chunks.append(self._chunk([CompletionChoice(index=index, text=echo)]))
+        return chunks
+
+    def chunk(self, prompt_index: int, output: CompletionOutput) -> BaseModel | None:
+        if not (output.text or output.token_ids or output.finish_reason):
+            return None
+        self.num_completion_tokens += len(output.token_ids)
+        index = self._choice_index(prompt_index, output)
+        offset = self.text_offsets.get(index, 0)
+        self.text_offsets[index] = offset + len(output.text)
+        return self._chunk([CompletionChoice(index=index, text=output.text, logprobs=self._logprobs(output, offset),
+                                             finish_reason=output.finish_reason, stop_reason=output.stop_reason)])
+
+    def usage_chunk(self) -> BaseModel:
+        return self._chunk([], self.usage(self.num_completion_tokens))
+
+
+class _ChatFormatter(_Formatter):
+    def _logprobs(self, output: CompletionOutput) -> ChatLogprobs | None:
+        if not self.request.logprobs or output.logprobs is None:
+            return None
+        count = self.request.top_logprobs or 0
+        content = []
+        for token_id, entry in zip(output.token_ids, output.logprobs):
+            chosen = entry.get(token_id)
+            token = self._token(token_id, chosen)
+            top = [TopLogprob(token=(text := self._token(t, lp)), logprob=lp.logprob, bytes=list(text.encode()))
+                   for t, lp in _top(entry, count)]
+            content.append(TokenLogprob(token=token, logprob=chosen.logprob if chosen else float("-inf"),
+                                        bytes=list(token.encode()), top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+    def response(self, finals: list[RequestOutput]) -> ChatCompletionResponse:
+        choices = []
+        for output in finals[0].outputs:
+            self.num_completion_tokens += len(output.token_ids)
+            choices.append(ChatChoice(index=output.index, message=AssistantMessage(content=output.text),
+                                      logprobs=self._logprobs(output), finish_reason=output.finish_reason,
+                                      stop_reason=output.stop_reason))
+        choices.sort(key=lambda c: c.index)
+        return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                      usage=self.usage(self.num_completion_tokens))
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                   usage=usage)
+
+    def opening_chunks(self) -> list[BaseModel]:
+        return [self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                for i in range(self.request.n)]
+
+    def chunk(self, prompt_index: int, output: CompletionOutput) -> BaseModel | None:
+        if not (output.text or output.token_ids or output.finish_reason):
+            return None
+        self.num_completion_tokens += len(output.token_ids)
+        return self._chunk([ChatChunkChoice(index=output.index, delta=DeltaMessage(content=output.text),
+                                            logprobs=self._logprobs(output), finish_reason=output.finish_reason,
+                                            stop_reason=output.stop_reason)])
+
+    def usage_chunk(self) -> BaseModel:
+        return self._chunk([], self.usage(self.num_completion_tokens))
