@@ -1,4 +1,4 @@
-"""The ``lmgen`` command: generate | chat | serve (bench arrives with its issue)."""
+"""The ``lmgen`` command: generate | chat | serve | bench."""
 
 from __future__ import annotations
 
