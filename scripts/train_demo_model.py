@@ -12,7 +12,7 @@ file; ``fortunes`` ships the BSD-licensed fortune-cookie files under
 
 Reproduce the shipped model (one CPU thread, about half an hour):
 
-    nice -n 10 python scripts/train_demo_model.py --steps 1200 --minutes 33
+    nice -n 10 python scripts/train_demo_model.py --steps 1000 --minutes 34
 
 The script
 
@@ -385,6 +385,16 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_len: int, out: Path):
 # ----------------------------------------------------------------------------
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -432,8 +442,8 @@ def stream_nll(model, ids: list[int], seq_len: int) -> tuple[float, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (sets the LR schedule)")
-    p.add_argument("--minutes", type=float, default=33.0, help="hard cap on training wall time")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (sets the LR schedule)")
+    p.add_argument("--minutes", type=float, default=34.0, help="hard cap on training wall time")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
@@ -610,6 +620,7 @@ def main() -> None:
     model.to(torch.bfloat16)
     model.config.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
+    (out / "model.safetensors").chmod(0o644)
     gen_cfg = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=[eos_id, end_id],
@@ -716,9 +727,10 @@ Read from Debian packages installed with
 * **Fortune cookies**, package `fortunes` (files in
   `/usr/share/games/fortunes`), distributed under the BSD license stated in
   `/usr/share/doc/fortunes/copyright`. They are short quotations and jokes by
-  many authors. The files {", ".join(sorted(FORTUNE_EXCLUDE))} are left out (ascii
-  art, code, or stereotype-heavy humour); `%` separators, indentation and hard
-  line wraps are removed, and entries that are mostly symbols are dropped.
+  many authors. Left out: the files {", ".join(sorted(FORTUNE_EXCLUDE))}
+  (ascii art, code, or stereotype-heavy humour). `%` separators, indentation
+  and hard line wraps are removed, and entries that are mostly symbols are
+  dropped.
   {chars['fortunes'] / 1e6:.2f}M characters in {len(fortunes):,} entries.
 
 {args.heldout_frac:.0%} of the documents (picked with a seeded RNG) are held out
@@ -737,7 +749,7 @@ including these special tokens:
 | id | token | use |
 | --- | --- | --- |
 """ + "\n".join(
-        f"| {i} | `{t}` | {u} |"
+        "| " + str(i) + " | `" + t.replace("|", "\\|") + "` | " + u + " |"
         for i, (t, u) in enumerate(
             zip(
                 SPECIAL_TOKENS,
@@ -782,7 +794,7 @@ intermediate size {args.intermediate}, {args.layers} layers, {args.heads} attent
 
 ## Training
 
-Plain PyTorch on one CPU thread ({platform.processor() or platform.machine()}, torch
+Plain PyTorch on one CPU thread ({cpu_name()}, torch
 {torch.__version__}, transformers {transformers.__version__}): AdamW
 (betas 0.9/0.95, weight decay {args.weight_decay} on matrices), peak LR {args.lr:g}
 with {args.warmup} warmup steps and cosine decay to {args.min_lr_ratio:g}x, gradient
