@@ -58,3 +58,20 @@ def test_chunked_prefill_matches_transformers(checkpoint_factory):
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
     outputs = llm.generate(PROMPTS, greedy)
     assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(hf, p) for p in PROMPTS]
+
+
+def test_demo_model_matches_transformers():
+    """The embedded demo model: lmgen and transformers agree on its logits and greedy tokens."""
+    from lmgen.loader.checkpoint import DEMO_MODEL_PATH
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(DEMO_MODEL_PATH, dtype=torch.float32).eval()
+    llm = LLM(dtype="float32")
+    prompts = [llm.tokenizer.encode(text) for text in ("The LORD said", "A wise man", "Once upon a time")]
+    for prompt, logits in zip(prompts, llm.engine.score(prompts)):
+        with torch.no_grad():
+            assert (logits - hf(torch.tensor([prompt])).logits[0]).abs().max().item() <= 1e-4
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    outputs = llm.generate(prompts, greedy)
+    for prompt, output in zip(prompts, outputs):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt):]
+        assert output.outputs[0].token_ids == expected.tolist()
