@@ -30,6 +30,8 @@ def main() -> None:
         lmgen(["bench", "latency", "--dtype", dtype, *common, "--json", str(RESULTS / f"latency-{dtype}.json")])
     lmgen(["bench", "latency", "--dtype", "bfloat16", "--sizes", "1", "--prompt-len", "512", *common,
            "--json", str(RESULTS / "prefill-512-bfloat16.json")])
+    lmgen(["bench", "prefix", "--model", model, "--dtype", "bfloat16", "--prompt-len", "1024", "--repeats", repeats,
+           "--json", str(RESULTS / "prefix-1024-bfloat16.json")])
     lmgen(["bench", "throughput", "--dtype", "bfloat16", "--sizes", "1", "4", "16", "64", *common,
            "--max-num-batched-tokens", "2048", "--json", str(RESULTS / "throughput-bfloat16.json")])
 

@@ -2,6 +2,8 @@
 
 latency    : TTFT, decode tokens/s and prefill tokens/s of a batch of equal prompts.
 throughput : N prompts at once (one continuous batch), generated tokens/s overall.
+prefix     : TTFT of a prompt whose first --prompt-len tokens an earlier request had,
+             with prefix caching on and off.
 With ``--compare transformers`` the same workload runs through transformers'
 ``generate`` (static batches, the same weights and dtype) and the ratio is printed.
 Every figure is the median of ``--repeats`` runs after one warm-up.
@@ -109,9 +111,36 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+def first_token_seconds(llm: LLM, prompt: list[int]) -> float:
+    start = time.perf_counter()
+    next(iter(llm.stream([prompt], SamplingParams(max_tokens=1, temperature=0))))
+    return time.perf_counter() - start
+
+
+def prefix_rows(llm: LLM, prefix_len: int, repeats: int) -> list[dict]:
+    """TTFT of `prefix + new suffix` after `prefix + other suffix` ran, cache on vs off."""
+    engine = llm.engine
+    uncached = LLM(str(engine.model_path), dtype=str(engine.dtype).removeprefix("torch."),
+                   enable_prefix_caching=False, max_num_batched_tokens=engine.config.max_num_batched_tokens)
+    prefix = synthetic_prompts(1, prefix_len, engine.model.args.vocab_size)[0]
+    rows = []
+    for system, model in (("lmgen prefix cache on", llm), ("lmgen prefix cache off", uncached)):
+        times = []
+        for run in range(repeats + 1):
+            first_token_seconds(model, prefix + [5, 6, 7, run])  # an earlier request with the same prefix
+            times.append(first_token_seconds(model, prefix + [9, 8, 7, run]))
+        rows.append({"workload": f"prefix {prefix_len}", "system": system,
+                     "ttft_s": round(statistics.median(times[1:]), 4)})
+    for row in rows:
+        row["ratio"] = round(row["ttft_s"] / rows[1]["ttft_s"], 3)
+    return rows
+
+
 def run_bench(llm: LLM, mode: str, sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
               compare: str | None) -> list[dict]:
     """Measure each batch size (latency) or prompt count (throughput); rows for report()."""
+    if mode == "prefix":
+        return prefix_rows(llm, prompt_len, repeats)
     hf = load_transformers(str(llm.engine.model_path), llm.engine.dtype) if compare == "transformers" else None
     rows = []
     for size in sizes:

@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="measure latency or throughput (optionally beside transformers)",
         description="Measure lmgen on synthetic prompts; --compare transformers runs the same workload "
                     "through transformers' generate in the same run and prints the ratio.")
-    bench.add_argument("mode", choices=["latency", "throughput"],
-                       help="latency: TTFT and decode tokens/s per batch size; throughput: N prompts at once")
+    bench.add_argument("mode", choices=["latency", "throughput", "prefix"],
+                       help="latency: TTFT and decode tokens/s per batch size; throughput: N prompts at once; "
+                            "prefix: TTFT of a repeated --prompt-len prefix with prefix caching on vs off")
     bench.add_argument("--sizes", type=int, nargs="+", default=None,
                        help="batch sizes (latency, default 1) or prompt counts (throughput, default 1 4 16 64)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")

@@ -67,3 +67,9 @@ def test_bench_compares_with_transformers_and_writes_json(llama_path, tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["system"] for r in rows] == ["lmgen", "transformers"]
     assert all(r["total_tok_s"] > 0 for r in rows) and rows[1]["ratio"] == 1.0
+
+
+def test_bench_prefix_reports_cache_on_and_off(llama_path):
+    result = lmgen("bench", "prefix", "--model", str(llama_path), "--prompt-len", "40", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    assert "prefix cache on" in result.stdout and "prefix cache off" in result.stdout
