@@ -44,7 +44,8 @@ def test_bfloat16_checkpoint_runs_in_float32_and_bfloat16(llama_path, tmp_path):
     assert LLM(str(folder), dtype="float32").engine.model.model.norm.weight.dtype == torch.float32
     prompts = ["Hi", "a prompt long enough that its prefill takes the float32 path for many rows at once"]
     for llm in (auto, bf16):  # short decode steps read bf16 weights directly; the long prefill upcasts
-        assert [len(o.outputs[0].token_ids) for o in llm.generate(prompts, SamplingParams(max_tokens=5))] == [5, 5]
+        outputs = llm.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True))
+        assert [len(o.outputs[0].token_ids) for o in outputs] == [5, 5]
 
 
 def test_missing_folder_names_the_path():
