@@ -84,6 +84,9 @@ class Scheduler:
                 self._release(request)
                 break
             self.waiting.popleft()
+            if self.config.enable_prefix_caching:  # counted once admitted, not per attempt
+                self.num_prefix_query_tokens += request.num_tokens
+                self.num_prefix_hit_tokens += request.num_computed_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.requests.append(request)
@@ -101,8 +104,6 @@ class Scheduler:
         request.block_ids = hits
         request.num_cached_blocks = len(hits)
         request.num_computed_tokens = len(hits) * bs
-        self.num_prefix_query_tokens += request.num_tokens
-        self.num_prefix_hit_tokens += request.num_computed_tokens
 
     def commit(self, batch: ScheduledBatch) -> None:
         """After the model ran: advance each request and cache the blocks it filled."""
