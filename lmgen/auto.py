@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import warnings
+from collections.abc import Iterable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch
 
 from lmgen.errors import InvalidArgumentError
 from lmgen.generation_config import GenerationConfig
-from lmgen.llm import LLM
+from lmgen.llm import LLM, collect
+from lmgen.outputs import RequestOutput
 from lmgen.loader.checkpoint import resolve_model_path
 from lmgen.loader.tokenizer import Tokenizer
 
@@ -204,16 +206,16 @@ class AutoModelForCausalLM:
         return torch.cat([prompts.cpu(), tail], dim=1)
 
     def _run(self, prompts: list[list[int]], params: list, streamer: Any) -> list:
-        final = {}
         ids = self.llm._add(prompts, params)
-        for delta in self.llm._run(ids):
-            if streamer is not None and delta.outputs[0].token_ids:
-                streamer.put(torch.tensor(delta.outputs[0].token_ids))
-            if delta.request_id in final:
-                final[delta.request_id].merge(delta)
-            else:
-                final[delta.request_id] = delta
-        return [final[i] for i in ids]
+        return collect(_streamed(self.llm._run(ids), streamer), ids)
+
+
+def _streamed(deltas: Iterable[RequestOutput], streamer: Any) -> Iterator[RequestOutput]:
+    """Pass deltas through, feeding each one's new tokens to a transformers-style streamer."""
+    for delta in deltas:
+        if streamer is not None and delta.outputs[0].token_ids:
+            streamer.put(torch.tensor(delta.outputs[0].token_ids))
+        yield delta
 
 
 def _prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[list[int], torch.Tensor]]:

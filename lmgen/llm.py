@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from lmgen.engine.config import EngineConfig
@@ -24,6 +24,17 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if prompts and all(isinstance(p, int) for p in prompts):
         return [prompts]  # a single prompt given as token ids
     return prompts
+
+
+def collect(deltas: Iterable[RequestOutput], ids: list[str]) -> list[RequestOutput]:
+    """Merge a stream of deltas into one whole RequestOutput per request id, in `ids` order."""
+    final: dict[str, RequestOutput] = {}
+    for delta in deltas:
+        if delta.request_id in final:
+            final[delta.request_id].merge(delta)
+        else:
+            final[delta.request_id] = delta
+    return [final[i] for i in ids]
 
 
 class LLM:
@@ -54,14 +65,8 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for every prompt in one continuous batch; outputs in the prompts' order."""
-        final: dict[str, RequestOutput] = {}
         ids = self._add(prompts, params)
-        for delta in self._run(ids):
-            if delta.request_id in final:
-                final[delta.request_id].merge(delta)
-            else:
-                final[delta.request_id] = delta
-        return [final[i] for i in ids]
+        return collect(self._run(ids), ids)
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[RequestOutput]:
