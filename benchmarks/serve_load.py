@@ -114,14 +114,16 @@ async def run_clients(url: str, prompts: list[list[list[int]]], new_tokens: int)
 
 
 @contextlib.contextmanager
-def lmgen_server(path: Path, dtype: str, max_num_seqs: int, max_num_batched_tokens: int) -> Iterator[str]:
-    """`lmgen serve` on a free port for the duration of the block."""
+def lmgen_server(path: Path, dtype: str, max_num_seqs: int, max_num_batched_tokens: int,
+                 kv_cache_memory: str) -> Iterator[tuple[str, int]]:
+    """`lmgen serve` on a free port for the duration of the block: (its URL, its pid)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = tempfile.TemporaryFile()
     command = [sys.executable, "-m", "lmgen", "serve", "--model", str(path), "--port", str(port), "--dtype", dtype,
-               "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens)]
+               "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens),
+               "--kv-cache-memory", kv_cache_memory]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -134,11 +136,32 @@ def lmgen_server(path: Path, dtype: str, max_num_seqs: int, max_num_batched_toke
                 if httpx.get(url + "/health", timeout=5).status_code == 200:
                     break
             time.sleep(0.5)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         process.wait(60)
         log.close()
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def print_memory_budget(path: Path, kv_cache_memory: str, rows: list[dict]) -> None:
+    """The server's peak beside what it must hold: the weights (file size) plus the KV-cache budget."""
+    from lmgen.engine.config import parse_size
+
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    budget = weights + parse_size(kv_cache_memory)
+    for row in rows:
+        overhead = row["server_peak_rss_mib"] - budget / 2**20
+        print(f"server peak RSS after {row['clients']} clients: {row['server_peak_rss_mib']} MiB = weights "
+              f"{weights / 2**20:.0f} MiB + KV budget {parse_size(kv_cache_memory) / 2**20:.0f} MiB "
+              f"{overhead:+.0f} MiB")
 
 
 # ---- transformers in static batches -------------------------------------------------------
@@ -192,6 +215,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, action="append", help="concurrency levels (default: 1 4 16 64)")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the server's per-step budget")
+    parser.add_argument("--kv-cache-memory", default="1GiB", help="the server's KV-cache budget")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="1 and 4 clients, 32-token prompts, 16 new tokens, "
@@ -211,13 +235,17 @@ def main() -> None:
           f"{'TTFT p50':>10}{'TTFT p90':>10}{'ITL p50':>10}{'ITL p90':>10}   (latencies in ms)")
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(
-            lmgen_server(path, args.dtype, max(levels), args.max_num_batched_tokens))
+        url, pid = (args.url, None) if args.url else stack.enter_context(
+            lmgen_server(path, args.dtype, max(levels), args.max_num_batched_tokens, args.kv_cache_memory))
         for clients in levels:
             prompts = workload(clients, args.requests_per_client, args.prompt_len)
             timings, seconds = asyncio.run(run_clients(url, prompts, args.new_tokens))
             rows.append(summary("lmgen serve", clients, timings, args.new_tokens, seconds))
+            if pid is not None:  # the peak so far: after level N it covers every level up to N
+                rows[-1]["server_peak_rss_mib"] = round(peak_rss_bytes(pid) / 2**20)
             print_row(rows[-1])
+        if pid is not None:
+            print_memory_budget(path, args.kv_cache_memory, rows)
     if not args.skip_transformers:
         model = load_transformers(str(path), getattr(torch, args.dtype))
         for clients in levels:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,8 +20,12 @@ import torch
 
 from lmgen.errors import InvalidArgumentError
 from lmgen.generation_config import GenerationConfig
+from lmgen.generation_outputs import (GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput,
+                                      compute_transition_scores, stack_steps)
 from lmgen.llm import LLM, collect
 from lmgen.outputs import RequestOutput
+from lmgen.params import StructuredOutputs
+from lmgen.quantization_config import quantization_engine_args
 from lmgen.loader.checkpoint import resolve_model_path
 from lmgen.loader.tokenizer import Tokenizer
 
@@ -144,12 +148,17 @@ class AutoModelForCausalLM:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: Any = "auto", torch_dtype: Any = None,
-                        device_map: Any = None, revision: str | None = None, **engine_args: Any) -> "AutoModelForCausalLM":
+                        device_map: Any = None, revision: str | None = None, load_in_4bit: bool = False,
+                        load_in_8bit: bool = False, quantization_config: Any = None,
+                        **engine_args: Any) -> "AutoModelForCausalLM":
+        """transformers' from_pretrained; load_in_4bit / load_in_8bit / quantization_config map onto
+        lmgen's int4 / int8 weights (see lmgen.quantization_config)."""
         dtype = torch_dtype if torch_dtype is not None else dtype
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
         device = "auto" if device_map in (None, "auto") else str(device_map)
-        return cls(LLM(name_or_path, dtype=dtype, device=device, revision=revision, **engine_args))
+        quantization = quantization_engine_args(load_in_4bit, load_in_8bit, quantization_config)
+        return cls(LLM(name_or_path, dtype=dtype, device=device, revision=revision, **engine_args, **quantization))
 
     @property
     def device(self) -> torch.device:
@@ -174,9 +183,21 @@ class AutoModelForCausalLM:
         return SimpleNamespace(logits=logits)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 generation_config: GenerationConfig | None = None, streamer: Any = None,
-                 tokenizer: Any = None, **kwargs: Any) -> torch.Tensor:
-        """transformers' generate: returns prompt + new tokens per row (num_return_sequences rows per prompt)."""
+                 generation_config: GenerationConfig | None = None, streamer: Any = None, tokenizer: Any = None,
+                 logits_processor: Iterable[Callable] | None = None,
+                 stopping_criteria: Iterable[Callable] | None = None,
+                 structured: StructuredOutputs | dict[str, Any] | None = None,
+                 **kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
+        """transformers' generate: returns prompt + new tokens per row (num_return_sequences rows per prompt).
+
+        ``logits_processor`` and ``stopping_criteria`` take transformers' objects or plain
+        callables of (input_ids [1, length], scores [1, vocab] or None); they run per row
+        on its own unpadded ids, the processors after the built-in ones and before the
+        warpers, as in transformers. ``return_dict_in_generate=True`` returns a
+        GenerateDecoderOnlyOutput (with ``scores`` / ``logits`` when asked for).
+        ``structured`` (lmgen's own) constrains every row's output: ``{"json_schema": {...}}``,
+        ``{"regex": ...}``, ``{"choice": [...]}``, ``{"grammar": ...}`` or ``{"json_object": True}``.
+        """
         if input_ids is None:
             raise InvalidArgumentError("generate needs input_ids (e.g. tokenizer(text, return_tensors='pt'))")
         config = (generation_config or GenerationConfig()).resolved(self.generation_config, **kwargs)
@@ -190,20 +211,34 @@ class AutoModelForCausalLM:
         if streamer is not None and input_ids.shape[0] > 1:
             raise InvalidArgumentError("`streamer` cannot be used with batch sizes > 1 (as in transformers)")
         rows = _prompt_rows(input_ids, attention_mask)
-        params = [config.to_sampling_params(len(prompt), int(torch.randint(0, 2**62, ()))) for prompt, _ in rows]
+        hooks = _row_hooks(logits_processor, stopping_criteria, self.device)
+        recorders = [config.score_recorder() for _ in rows]
+        params = [config.to_sampling_params(input_ids.shape[-1], int(torch.randint(0, 2**62, ())),
+                                            score_recorder=recorder, structured=structured, **hooks)
+                  for recorder in recorders]
         if streamer is not None:
             streamer.put(input_ids.cpu())
         outputs = self._run([p for p, _ in rows], params, streamer)
         if streamer is not None:
             streamer.end()
         pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_ids() or [0])[0]
-        new = [o for out in outputs for o in out.outputs]
-        width = max(len(o.token_ids) for o in new)
-        prompts = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
-        tail = torch.full((len(new), width), pad, dtype=input_ids.dtype)
-        for i, completion in enumerate(new):
-            tail[i, : len(completion.token_ids)] = torch.tensor(completion.token_ids)
-        return torch.cat([prompts.cpu(), tail], dim=1)
+        if config.num_beams > 1:  # transformers pads beams with `pad_token_id or eos_token_id[0]`, else -1
+            pad = (config.pad_token_id or config.eos_ids()[0]) if config.eos_ids() else -1
+        n = config.num_return_sequences
+        sequences = _sequences(input_ids, [o for out in outputs for o in out.outputs], n, pad)
+        if not config.return_dict_in_generate:
+            return sequences
+        if config.num_beams > 1:
+            return _beam_output(sequences, outputs, recorders, config, pad)
+        num_steps = sequences.shape[-1] - input_ids.shape[-1]
+        return GenerateDecoderOnlyOutput(sequences, scores=_recorded(recorders, "scores", n, num_steps, pad),
+                                         logits=_recorded(recorders, "logits", n, num_steps, pad))
+
+    def compute_transition_scores(self, sequences: torch.Tensor, scores: tuple[torch.Tensor, ...],
+                                  beam_indices: torch.Tensor | None = None,
+                                  normalize_logits: bool = False) -> torch.Tensor:
+        """transformers' compute_transition_scores: each generated token's score, [batch, steps]."""
+        return compute_transition_scores(sequences, scores, beam_indices, normalize_logits)
 
     def _run(self, prompts: list[list[int]], params: list, streamer: Any) -> list:
         ids = self.llm._add(prompts, params)
@@ -216,6 +251,63 @@ def _streamed(deltas: Iterable[RequestOutput], streamer: Any) -> Iterator[Reques
         if streamer is not None and delta.outputs[0].token_ids:
             streamer.put(torch.tensor(delta.outputs[0].token_ids))
         yield delta
+
+
+def _sequences(input_ids: torch.Tensor, completions: list, n: int, pad: int) -> torch.Tensor:
+    """Each prompt row (n times) followed by its completion's tokens, padded with `pad` to the longest."""
+    width = max(len(c.token_ids) for c in completions)
+    tail = torch.full((len(completions), width), pad, dtype=input_ids.dtype)
+    for i, completion in enumerate(completions):
+        tail[i, : len(completion.token_ids)] = torch.tensor(completion.token_ids)
+    return torch.cat([input_ids.repeat_interleave(n, dim=0).cpu(), tail], dim=1)
+
+
+def _beam_output(sequences: torch.Tensor, outputs: list[RequestOutput], recorders: list, config: GenerationConfig,
+                 pad: int) -> GenerateBeamDecoderOnlyOutput:
+    """transformers' beam-search output: sequences_scores (with output_scores), beam_indices, per-step rows."""
+    completions = [(row, c) for row, out in enumerate(outputs) for c in out.outputs]
+    width = max(len(c.beam_indices) for _, c in completions)
+    beam_indices = torch.full((len(completions), width), -1, dtype=torch.int32)
+    for i, (row, completion) in enumerate(completions):  # rows of scores: prompt row * num_beams + beam
+        beam_indices[i, : len(completion.beam_indices)] = torch.tensor(completion.beam_indices) + row * config.num_beams
+    recorded = recorders[0] is not None
+    num_steps = max(len((r.scores or r.logits)[0]) for r in recorders) if recorded else 0
+    return GenerateBeamDecoderOnlyOutput(
+        sequences,
+        sequences_scores=torch.tensor([c.score for _, c in completions]) if config.output_scores else None,
+        scores=_recorded(recorders, "scores", config.num_beams, num_steps, pad),
+        logits=_recorded(recorders, "logits", config.num_beams, num_steps, pad),
+        beam_indices=beam_indices)
+
+
+def _recorded(recorders: list, kind: str, n: int, num_steps: int, pad: int) -> tuple[torch.Tensor, ...] | None:
+    """The recorded "scores" or "logits" as one [rows, vocab] tensor per step, rows in generate's order."""
+    if recorders[0] is None or not getattr(recorders[0], f"keep_{kind}"):
+        return None
+    rows = [getattr(recorder, kind)[index] for recorder in recorders for index in range(n)]
+    return stack_steps(rows, num_steps, pad, device="cpu")  # beside the sequences
+
+
+def _row_hooks(logits_processor: Iterable[Callable] | None, stopping_criteria: Iterable[Callable] | None,
+               device: torch.device) -> dict[str, tuple[Callable, ...]]:
+    """transformers-style processors and criteria (on [batch, ...] tensors) as SamplingParams' per-row hooks."""
+    return dict(logits_processors=tuple(_row_processor(p) for p in logits_processor or ()),
+                stopping_criteria=tuple(_row_criterion(c, device) for c in stopping_criteria or ()))
+
+
+def _row_processor(processor: Callable) -> Callable[[Sequence[int], torch.Tensor], torch.Tensor]:
+    def process(token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        return processor(torch.tensor([token_ids], device=logits.device), logits[None])[0]
+
+    return process
+
+
+def _row_criterion(criterion: Callable, device: torch.device) -> Callable[[Sequence[int]], bool]:
+    def stop(token_ids: Sequence[int]) -> bool:
+        # transformers passes the scores kept so far, which are None unless output_scores; lmgen passes None
+        return bool(torch.as_tensor(criterion(torch.tensor([token_ids], device=device), None)).any())
+
+    return stop
 
 
 def _prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[list[int], torch.Tensor]]:

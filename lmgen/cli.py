@@ -1,4 +1,4 @@
-"""The ``lmgen`` command: generate | chat | serve | bench."""
+"""The ``lmgen`` command: generate | chat | serve | bench | quantize | perplexity."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from lmgen.errors import InvalidArgumentError, LmgenError
+from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QUANTIZATION_METHODS
 
 logger = logging.getLogger("lmgen")
 
@@ -29,8 +30,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=512,
                        help="most tokens in one step; long prompts are prefilled in chunks of this size")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    group.add_argument("--quantize", dest="quantization", choices=["int8"], default=None,
-                       help="weight-only quantization of the linear layers (int8: per output channel)")
+    group.add_argument("--quantize", dest="quantization", choices=QUANTIZATION_METHODS, default=None,
+                       help="weight-only quantization while loading (int8: per output channel; int4: per group)")
+    add_quantization_args(group)
     group.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                        help="recompute shared prompt beginnings instead of reusing their KV blocks")
     group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
@@ -41,7 +43,15 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
+                quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 seed=args.engine_seed, revision=args.revision)
+
+
+def add_quantization_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--group-size", type=int, default=None,
+                       help=f"int4: input columns sharing a scale, 32, 64, 128 or 256 (default {DEFAULT_GROUP_SIZE})")
+    group.add_argument("--no-quantize-lm-head", dest="quantize_lm_head", action="store_false",
+                       help="keep the LM head and embedding table in full precision (default: int8)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +67,12 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    shape = parser.add_argument_group("structured output (at most one; TEXT may be @FILE)").add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="TEXT", help="the output is JSON that validates against this schema")
+    shape.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    shape.add_argument("--regex", metavar="PATTERN", help="the whole output matches this regular expression")
+    shape.add_argument("--choice", action="append", metavar="TEXT", help="the output is one of these (repeatable)")
+    shape.add_argument("--grammar", metavar="TEXT", help="the output follows this Lark (or GBNF) grammar")
 
 
 def sampling_params(args: argparse.Namespace, llm):
@@ -64,7 +80,27 @@ def sampling_params(args: argparse.Namespace, llm):
     return llm.default_sampling_params(
         max_tokens=args.max_tokens, min_tokens=args.min_tokens, seed=args.seed, stop=tuple(args.stop),
         ignore_eos=args.ignore_eos, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p)
+        min_p=args.min_p, structured=_structured(args))
+
+
+def _structured(args: argparse.Namespace) -> dict | None:
+    """The structured-output flag given, if any, as StructuredOutputs fields; "@path" values are read from files."""
+    for name in ("json_schema", "regex", "grammar"):
+        value = getattr(args, name)
+        if value is not None:
+            return {name: _read_at_file(value, f"--{name.replace('_', '-')}")}
+    if args.json_object:
+        return {"json_object": True}
+    return {"choice": args.choice} if args.choice else None
+
+
+def _read_at_file(value: str, flag: str) -> str:
+    if not value.startswith("@"):
+        return value
+    try:
+        return open(value[1:], encoding="utf-8").read()
+    except OSError as exc:
+        raise InvalidArgumentError(f"{flag}: cannot read {value[1:]!r}: {exc.strerror}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the figures to this file")
     add_engine_args(bench)
     bench.set_defaults(run=run_bench)
+
+    quantize = commands.add_parser(
+        "quantize", help="write an int8 or int4 copy of a checkpoint",
+        description="Quantize a checkpoint once and save it (safetensors, config.json's quantization_config, the "
+                    "tokenizer files): loading the copy reads its integer weights directly.")
+    quantize.add_argument("--model", "-m", default=None, help="checkpoint folder or hub id (default: the demo model)")
+    quantize.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    quantize.add_argument("--method", choices=QUANTIZATION_METHODS, default="int4", help="default int4")
+    add_quantization_args(quantize)
+    quantize.add_argument("--out", "-o", required=True, help="the new model's folder (must be new or empty)")
+    quantize.set_defaults(run=run_quantize)
+
+    ppl = commands.add_parser(
+        "perplexity", help="the model's perplexity on a text file",
+        description="Sliding-window perplexity, as in transformers' 'perplexity of fixed-length models': windows "
+                    "of --context tokens, --stride apart, each scoring the tokens no earlier window scored.")
+    ppl.add_argument("--file", "-f", required=True, help="UTF-8 text file, read as one sequence")
+    ppl.add_argument("--context", type=int, default=None,
+                     help="tokens per window (default: 512, or the model's context if shorter)")
+    ppl.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context / 2)")
+    add_engine_args(ppl)
+    ppl.set_defaults(run=run_perplexity)
     return parser
 
 
@@ -203,10 +261,34 @@ def run_bench(args: argparse.Namespace) -> int:
 
     sizes = args.sizes or ([1] if args.mode == "latency" else [1, 4, 16, 64])
     llm = _load(args)
-    print(f"{llm.engine.model_path.name} {llm.engine.dtype}, prompt {args.prompt_len}, {args.new_tokens} new "
-          f"tokens, median of {args.repeats}; {bench.machine()}")
+    quantized = f" {llm.engine.quantization.method}" if llm.engine.quantization else ""
+    print(f"{llm.engine.model_path.name} {llm.engine.dtype}{quantized}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, median of {args.repeats}; {bench.machine()}")
     bench.report(bench.run_bench(llm, args.mode, sizes, args.prompt_len, args.new_tokens, args.repeats,
                                  args.compare), args.json)
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from lmgen.loader.checkpoint import DEMO_MODEL_PATH
+    from lmgen.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.model or DEMO_MODEL_PATH, args.out, args.method,
+                              args.group_size or DEFAULT_GROUP_SIZE, args.quantize_lm_head, args.revision)
+    print(f"wrote {args.method} checkpoint to {out}")
+    return 0
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    from lmgen.perplexity import perplexity
+
+    try:
+        text = open(args.file, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"cannot read --file {args.file}: {exc}") from None
+    result = perplexity(_load(args), text, args.context, args.stride)
+    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats over {result.num_tokens} tokens; "
+          f"{result.num_windows} windows of {result.context} tokens, stride {result.stride})")
     return 0
 
 

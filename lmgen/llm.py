@@ -10,7 +10,7 @@ from lmgen.engine.engine import Engine
 from lmgen.errors import InvalidArgumentError
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.outputs import RequestOutput
-from lmgen.params import SamplingParams
+from lmgen.params import BeamSearchParams, SamplingParams
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
@@ -67,6 +67,11 @@ class LLM:
         """Generate for every prompt in one continuous batch; outputs in the prompts' order."""
         ids = self._add(prompts, params)
         return collect(self._run(ids), ids)
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams) -> list[RequestOutput]:
+        """Beam search, as vLLM's ``LLM.beam_search``: each output holds all ``beam_width`` beams, best first,
+        with their text, token ids, ``cumulative_logprob`` and ``score`` (ranked by score)."""
+        return self.generate(prompts, params.sampling_params())
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[RequestOutput]:

@@ -29,6 +29,12 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"; None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     logprobs: list[dict[int, Logprob]] | None = None
+    # beam search only: the sum of the chosen tokens' processed log-probabilities, that sum divided by
+    # len ** length_penalty (what the beams are ranked by; transformers' sequences_scores), and the
+    # beam each token was chosen from (transformers' beam_indices, within this prompt's beams)
+    cumulative_logprob: float | None = None
+    score: float | None = None
+    beam_indices: list[int] | None = None
 
     @property
     def finished(self) -> bool:

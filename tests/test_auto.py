@@ -127,7 +127,8 @@ def test_streamers(pair, capsys):
     (dict(max_new_tokens=5, do_smaple=True), "not used by the model.*do_smaple"),
     (dict(max_new_tokens=5, num_return_sequences=2), "num_return_sequences"),
     (dict(max_new_tokens=5, do_sample=True, temperature=0.0), "strictly positive"),
-    (dict(max_new_tokens=5, num_beams=4), "num_beams=4 is not supported by lmgen yet"),
+    (dict(max_new_tokens=5, num_beams=2, num_return_sequences=3), r"has to be smaller or equal to `num_beams`"),
+    (dict(max_new_tokens=5, num_beams=2, early_stopping="sometimes"), "early_stopping"),
 ])
 def test_pitfalls_raise_transformers_errors(pair, kwargs, message):
     (model, tokenizer), _ = pair
@@ -139,3 +140,138 @@ def test_temperature_without_sampling_warns(pair):
     (model, tokenizer), _ = pair
     with pytest.warns(UserWarning, match="do_sample"):
         model.generate(**tokenizer(["Hi"], return_tensors="pt"), max_new_tokens=3, temperature=0.7)
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(typical_p=0.5), "typical_p"), (dict(eta_cutoff=0.01), "eta_cutoff"), (dict(length_penalty=2.0), "num_beams"),
+    (dict(output_scores=True), "return_dict_in_generate"),
+])
+def test_flags_the_mode_ignores_warn(pair, kwargs, flag):
+    (model, tokenizer), _ = pair
+    with pytest.warns(UserWarning, match=flag):
+        model.generate(**tokenizer(["Hi"], return_tensors="pt"), max_new_tokens=2, **kwargs)
+
+
+# ---- user processors and stopping criteria, output scores ---------------------------------------
+
+class BanToken(transformers.LogitsProcessor):
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.token] = -float("inf")
+        return scores
+
+
+class StopOnToken(transformers.StoppingCriteria):
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def padded_batch(pair):
+    """The tutorial's left-padded batch, tokenized on both sides, and lmgen's plain greedy continuation."""
+    (model, tokenizer), (_, hf_tokenizer) = pair
+    tokenizer.pad_token = tokenizer.eos_token
+    hf_tokenizer.pad_token = hf_tokenizer.eos_token
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    plain = model.generate(**inputs, max_new_tokens=10)[:, inputs.input_ids.shape[1]:]
+    return inputs, hf_tokenizer(PROMPTS, return_tensors="pt", padding=True), plain
+
+
+def test_user_logits_processors_match_transformers(pair):
+    (model, _), (hf_model, _) = pair
+    inputs, hf_inputs, plain = padded_batch(pair)
+    demote = int(plain[1, 1])
+    processors = transformers.LogitsProcessorList([
+        BanToken(int(plain[0, 0])),
+        lambda input_ids, scores: scores - 5.0 * (torch.arange(scores.shape[-1]) == demote)])
+    ours = model.generate(**inputs, max_new_tokens=10, logits_processor=processors)
+    assert torch.equal(ours, hf_model.generate(**hf_inputs, max_new_tokens=10, logits_processor=processors))
+    assert not torch.equal(ours[:, inputs.input_ids.shape[1]:], plain)
+
+
+def test_user_processors_run_after_the_built_in_ones_and_before_the_warpers(pair):
+    (model, tokenizer), _ = pair
+    seen = []
+
+    def spy(input_ids, scores):
+        seen.append((input_ids.shape, scores.clone()))
+        return scores
+
+    inputs = tokenizer(["Once upon a time"], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=True, temperature=0.5, top_k=0, suppress_tokens=[7],
+                         logits_processor=[spy], return_dict_in_generate=True, output_scores=True, output_logits=True)
+    for step, (ids_shape, scores) in enumerate(seen):
+        assert ids_shape == (1, inputs.input_ids.shape[1] + step)
+        expected = out.logits[step].clone()
+        expected[:, 7] = float("-inf")
+        torch.testing.assert_close(scores, expected)  # the raw logits through the built-in processors
+        torch.testing.assert_close(out.scores[step], expected / 0.5)  # then temperature
+
+
+def test_user_stopping_criteria_match_transformers(pair):
+    (model, tokenizer), (hf_model, hf_tokenizer) = pair
+    inputs, hf_inputs, plain = padded_batch(pair)
+    criteria = transformers.StoppingCriteriaList([StopOnToken(int(plain[0, 3]))])
+    ours = model.generate(**inputs, max_new_tokens=10, stopping_criteria=criteria)
+    assert torch.equal(ours, hf_model.generate(**hf_inputs, max_new_tokens=10, stopping_criteria=criteria))
+    stopped_at = int((plain[0] == plain[0, 3]).nonzero()[0])
+    assert bool((ours[0, inputs.input_ids.shape[1] + stopped_at + 1:] == model.generation_config.pad_token_id).all())
+    length = lambda input_ids, scores: input_ids.shape[-1] >= 9  # noqa: E731 (a plain callable)
+    single = tokenizer(["Portugal is"], return_tensors="pt")
+    assert torch.equal(model.generate(**single, max_new_tokens=10, stopping_criteria=[length]),
+                       hf_model.generate(**hf_tokenizer(["Portugal is"], return_tensors="pt"), max_new_tokens=10,
+                                         stopping_criteria=transformers.StoppingCriteriaList([length])))
+
+
+def test_max_time_stops_at_the_first_check_after_the_deadline(pair):
+    (model, tokenizer), (hf_model, hf_tokenizer) = pair
+    ours = model.generate(**tokenizer(["Portugal is"], return_tensors="pt"), max_new_tokens=30, max_time=1e-6)
+    theirs = hf_model.generate(**hf_tokenizer(["Portugal is"], return_tensors="pt"), max_new_tokens=30, max_time=1e-6)
+    assert torch.equal(ours, theirs) and ours.shape[1] == theirs.shape[1]
+
+
+def test_output_scores_logits_and_transition_scores_match_transformers(pair):
+    (model, _), (hf_model, _) = pair
+    inputs, hf_inputs, _ = padded_batch(pair)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, repetition_penalty=1.3, return_dict_in_generate=True,
+                  output_scores=True, output_logits=True)
+    ours, theirs = model.generate(**inputs, **kwargs), hf_model.generate(**hf_inputs, **kwargs)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert len(ours.scores) == len(theirs.scores) == len(ours.logits) == 8
+    for mine, reference in zip(ours.scores + ours.logits, theirs.scores + theirs.logits):
+        torch.testing.assert_close(mine, reference, atol=1e-4, rtol=1e-4)
+    for normalize in (False, True):
+        torch.testing.assert_close(
+            model.compute_transition_scores(ours.sequences, ours.scores, normalize_logits=normalize),
+            hf_model.compute_transition_scores(theirs.sequences, theirs.scores, normalize_logits=normalize),
+            atol=1e-4, rtol=1e-4)
+    assert ours["sequences"] is ours.sequences and ours[1] is ours.scores
+    assert list(ours.keys()) == ["sequences", "scores", "logits"]
+
+
+def test_sampled_scores_are_the_warped_ones_and_finished_rows_score_zero(pair):
+    (model, _), (hf_model, _) = pair
+    inputs, _, plain = padded_batch(pair)
+    lmgen.set_seed(0)
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=5, temperature=0.8,
+                         renormalize_logits=True, return_dict_in_generate=True, output_scores=True)
+    assert all(int(step.isfinite().sum(-1).max()) <= 5 for step in out.scores)
+    transition = model.compute_transition_scores(out.sequences, out.scores)
+    torch.testing.assert_close(transition, hf_model.compute_transition_scores(out.sequences, out.scores))
+    assert bool((transition <= 0).all())  # log-probabilities of tokens that were in the warped support
+    early = model.generate(**inputs, max_new_tokens=6, eos_token_id=int(plain[0, 1]), return_dict_in_generate=True,
+                           output_scores=True)
+    assert torch.equal(model.compute_transition_scores(early.sequences, early.scores, normalize_logits=True)[0, 2:],
+                       torch.zeros(len(early.scores) - 2))
+
+
+def test_return_dict_without_outputs_holds_only_the_sequences(pair):
+    (model, tokenizer), _ = pair
+    out = model.generate(**tokenizer(["Hi"], return_tensors="pt"), max_new_tokens=3, return_dict_in_generate=True)
+    assert out.scores is None and out.logits is None and "scores" not in out
+    assert torch.equal(out["sequences"], out.sequences) and out.to_tuple() == (out.sequences,)

@@ -78,6 +78,30 @@ class BlockPool:
     def ref_count(self, block: int) -> int:
         return self._ref_counts[block]
 
+    # ---- sharing (beams, n > 1) ------------------------------------------------------
+    def fork(self, blocks: Sequence[int]) -> list[int]:
+        """A second owner of `blocks` (reference count +1 each): a forked sequence shares its parent's blocks.
+
+        A shared block must not be written: see copy_on_write() for the one a sequence writes next.
+        """
+        for block in blocks:
+            self._ref_counts[block] += 1
+        return list(blocks)
+
+    def copy_on_write(self, blocks: list[int], index: int) -> tuple[int, int] | None:
+        """Make ``blocks[index]`` private before it is written: when it is shared, replace it by a fresh block.
+
+        Returns (source, destination) whose KV contents the caller copies, or None when the
+        block was already private. Raises OutOfBlocksError when no block is free.
+        """
+        source = blocks[index]
+        if self._ref_counts[source] == 1:
+            return None
+        [copy] = self.allocate(1)
+        self._ref_counts[source] -= 1  # still held by the other owners, so never freed here
+        blocks[index] = copy
+        return source, copy
+
     # ---- prefix cache ----------------------------------------------------------------
     def cache(self, block: int, block_hash: bytes) -> None:
         """Register a full, computed block under its prefix hash (first registration wins)."""

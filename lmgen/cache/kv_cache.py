@@ -23,3 +23,12 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy the K/V of each (source, destination) block pair, in every layer (copy on write)."""
+        if not copies:
+            return
+        sources, destinations = (torch.tensor(column, device=self.layers[0][0].device) for column in zip(*copies))
+        for k, v in self.layers:
+            k[destinations] = k[sources]
+            v[destinations] = v[sources]

@@ -9,7 +9,7 @@ import torch
 
 from lmgen.errors import InvalidArgumentError
 from lmgen.layers.precision import compute_dtype
-from lmgen.layers.quant import check_method
+from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QuantConfig
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -57,7 +57,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     block_size: int = 16
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared beginnings
-    quantization: str | None = None  # "int8": weight-only, per output channel
+    quantization: str | None = None  # weight-only: "int8" (per output channel) or "int4" (per group)
+    quantization_group_size: int | None = None  # int4: input columns per scale (32, 64, 128, 256); None: 64
+    quantize_lm_head: bool = True  # with quantization, the LM head and embedding table too (int8)
     seed: int | None = None  # seeds the requests that bring no seed of their own
     revision: str | None = None  # hub revision
 
@@ -69,11 +71,18 @@ class EngineConfig:
             raise InvalidArgumentError(f"device {self.device!r} is not supported; use auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidArgumentError(f"device {self.device!r} was asked for but no CUDA GPU is available; use cpu")
-        check_method(self.quantization)
+        self.quant_config()  # validates the quantization settings
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             _positive(name, getattr(self, name))
         if self.kv_cache_memory is not None and parse_size(self.kv_cache_memory) <= 0:
             raise InvalidArgumentError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+    def quant_config(self) -> QuantConfig | None:
+        """The requested quantization (a quantized checkpoint brings its own: see Engine)."""
+        if self.quantization is None:
+            return None
+        return QuantConfig(self.quantization, self.quantization_group_size or DEFAULT_GROUP_SIZE,
+                           self.quantize_lm_head)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

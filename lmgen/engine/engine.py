@@ -12,18 +12,20 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
 from lmgen.cache.block_pool import BlockPool
 from lmgen.cache.kv_cache import KVCache, bytes_per_block
+from lmgen.engine.beam import BeamGroup
 from lmgen.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig, parse_size
 from lmgen.engine.output import OutputState
 from lmgen.engine.request import Request
 from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from lmgen.errors import InvalidArgumentError
-from lmgen.layers.quant import quantize_model
+from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
 from lmgen.layers.rotary import context_length
 from lmgen.loader.checkpoint import DEMO_MODEL_PATH, iter_tensors, load_weights, read_json, resolve_model_path
 from lmgen.loader.tokenizer import Tokenizer
@@ -31,6 +33,7 @@ from lmgen.models import build_context, model_class
 from lmgen.outputs import RequestOutput
 from lmgen.params import DEFAULT_MAX_TOKENS, SamplingParams
 from lmgen.sampling.processors import build_processors
+from lmgen.sampling.structured import GrammarBackend, LLGuidanceBackend
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,10 @@ class Engine:
         self._rng = random.Random(config.seed)
         self._families: dict[str, list[Request]] = {}  # caller's request id -> its n sequences
         self._outputs: dict[str, OutputState] = {}
-        self._aborted: list[RequestOutput] = []
+        self._beam_groups: dict[str, BeamGroup] = {}  # caller's request id -> its beams (num_beams > 1)
+        self._prompt_forks: dict[Request, list[Request]] = {}  # first of n sequences -> the others, until it prefilled
+        self._ready: list[RequestOutput] = []  # deltas made between steps (aborts), sent by the next step()
+        self._grammar_backend: GrammarBackend | None = None  # built on the first structured request
         logger.info("loaded %s (%s, %s) in %.1f s; KV cache %d blocks of %d tokens (%.0f MiB)",
                     self.model_path, self.dtype, self.device, time.perf_counter() - started,
                     self.kv_cache.num_blocks, config.block_size, self.kv_cache.nbytes / 2**20)
@@ -74,9 +80,16 @@ class Engine:
     def _load_model(self) -> torch.nn.Module:
         with build_context(self.device, self.dtype):
             model = model_class(self.hf_config).from_config(self.hf_config, self.max_model_len)
-        load_weights(model, iter_tensors(self.model_path))
-        if self.config.quantization:
-            quantize_model(model, self.config.quantization)
+        tensors = iter_tensors(self.model_path)
+        saved = QuantConfig.from_hf(self.hf_config)
+        self.quantization = resolve_quantization(self.config.quant_config(), saved,  # the one in effect
+                                                 self.config.quantization_group_size is not None)
+        if self.quantization is not None:
+            prepare_quantized(model, self.quantization)
+            if saved is None:  # quantize each float tensor as it is read
+                tensors = quantize_tensors(tensors, self.quantization)
+        load_weights(model, tensors)
+        pack_quantized(model)
         return model.eval()
 
     def _allocate_kv_cache(self) -> KVCache:
@@ -106,11 +119,11 @@ class Engine:
     def default_sampling_params(self, **overrides) -> SamplingParams:
         """SamplingParams with the checkpoint's generation_config.json sampling defaults, then `overrides`.
 
-        Only settings the file writes down are taken (temperature, top_k, top_p, min_p;
+        Only settings the file writes down are taken (temperature, top_k, top_p, min_p, repetition_penalty;
         ``do_sample: false`` means greedy); the rest keep SamplingParams' defaults.
         """
         config = self.generation_config
-        defaults = {name: config[name] for name in ("temperature", "top_k", "top_p", "min_p")
+        defaults = {name: config[name] for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
                     if config.get(name) is not None}
         if config.get("do_sample") is False:
             defaults["temperature"] = 0.0
@@ -132,6 +145,10 @@ class Engine:
         self._check_logit_bias(params)
         max_tokens = params.max_tokens or self.default_max_tokens
         self._check_fits(len(prompt_ids), max_tokens)
+        if params.num_beams > 1:
+            self._add_beam_group(request_id, prompt_text, prompt_ids, params, max_tokens)
+            return request_id
+        grammar = self.grammar_backend.compile(params.structured) if params.structured else None
         family = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
@@ -139,12 +156,84 @@ class Engine:
                               torch.Generator(self.device).manual_seed(seed), prompt_text, self.eos_token_ids,
                               parent_id=request_id, index=index)
             request.logits_processors = build_processors(params, len(prompt_ids), self.model.args.vocab_size,
-                                                         request.stop_token_ids)
-            self._outputs[request.request_id] = OutputState(request, self.tokenizer)
-            self.scheduler.add(request)
+                                                         request.stop_token_ids, max_tokens)
+            if grammar is not None:
+                request.matcher = self.grammar_backend.new_matcher(grammar)
+                self._append_forced_tokens(request)  # e.g. the '{"' that a JSON schema output must start with
             family.append(request)
         self._families[request_id] = family
+        shares_prompt = params.n > 1 and grammar is None  # the others fork the first one's prompt blocks
+        for request in family:
+            self._outputs[request.request_id] = OutputState(request, self.tokenizer)
+            if request.finished:  # the grammar forced the whole output
+                self._ready.append(self._delta(request, None))
+            elif not (shares_prompt and request.index > 0):
+                self.scheduler.add(request)
+        if shares_prompt:
+            self._prompt_forks[family[0]] = family[1:]
         return request_id
+
+    def _fork_prompts(self, sampled: list) -> None:
+        """Once the first of n sequences has computed the prompt, the others share its KV blocks and compute
+        only the prompt's last token again (for their own first-token logits), in a private block copy."""
+        for request, _, _ in sampled:
+            for sibling in self._prompt_forks.pop(request, ()):
+                if sibling.finished:  # aborted meanwhile
+                    continue
+                sibling.block_ids = self.pool.fork(request.block_ids)
+                sibling.block_hashes = list(request.block_hashes)
+                sibling.num_cached_blocks = request.num_cached_blocks
+                sibling.num_computed_tokens = request.num_computed_tokens - 1
+                self.scheduler.add(sibling, front=True)
+
+    def _add_beam_group(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
+                        params: SamplingParams, max_tokens: int) -> None:
+        """Queue a beam search: num_beams slots, of which only the first computes the prompt (the rest fork)."""
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        generator = torch.Generator(self.device).manual_seed(seed)  # beam-sample draws from the group's own
+        slots = [Request(f"{request_id}#beam{i}", prompt_ids, params, max_tokens, generator, prompt_text,
+                         self.eos_token_ids, parent_id=request_id, index=i) for i in range(params.num_beams)]
+        new_processors = partial(build_processors, params, len(prompt_ids), self.model.args.vocab_size,
+                                 slots[0].stop_token_ids, max_tokens)
+        slots[0].logits_processors = new_processors()  # the others get theirs when they fork
+        group = BeamGroup(slots, self.pool, new_processors, self.max_model_len, generator)
+        for slot in slots:
+            slot.beam = group
+        self._families[request_id] = slots
+        self._beam_groups[request_id] = group
+        self.scheduler.add(slots[0])
+
+    def _advance_beams(self) -> list[RequestOutput]:
+        """Run the selection step of each beam group whose round is complete; returns the finished groups' outputs."""
+        outputs = []
+        for request_id, group in list(self._beam_groups.items()):
+            if not group.round_complete:
+                continue
+            for joined in group.select():
+                self.scheduler.add(joined, front=True)
+            if group.done:
+                outputs.append(self._finish_beams(request_id))
+        return outputs
+
+    def _finish_beams(self, request_id: str, reason: str | None = None) -> RequestOutput:
+        """Free a beam group's slots; its one output holds the n best hypotheses (`reason` overrides theirs)."""
+        group = self._beam_groups.pop(request_id)
+        del self._families[request_id]
+        for slot in group.slots:
+            slot.finish(reason or "stop")
+            self.scheduler.finish(slot)
+        leader = group.leader
+        decode = partial(self.tokenizer.decode, skip_special_tokens=leader.params.skip_special_tokens)
+        return RequestOutput(request_id, leader.prompt, leader.prompt_token_ids, group.completions(decode, reason),
+                             finished=True)
+
+    @property
+    def grammar_backend(self) -> GrammarBackend:
+        """The structured-output engine (llguidance), set up for this tokenizer on first use."""
+        if self._grammar_backend is None:
+            self._grammar_backend = LLGuidanceBackend(self.tokenizer, self.model.args.vocab_size,
+                                                      self.eos_token_ids)
+        return self._grammar_backend
 
     def _check_logit_bias(self, params: SamplingParams) -> None:
         vocab = self.model.args.vocab_size
@@ -183,22 +272,26 @@ class Engine:
         family = self._families.get(request_id)
         if family is None:
             return
+        if request_id in self._beam_groups:
+            self._ready.append(self._finish_beams(request_id, "abort"))
+            return
+        self._prompt_forks.pop(family[0], None)
         for request in family:
             if not request.finished:
                 request.finish("abort")
                 self.scheduler.finish(request)
-                self._aborted.append(self._delta(request, [], None))
+                self._ready.append(self._delta(request, None))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._families) or bool(self._aborted)
+        return bool(self._families) or bool(self._ready)
 
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._families)
 
-    def _delta(self, request: Request, token_ids: list[int], logprobs: list | None) -> RequestOutput:
-        """The request's completion delta, wrapped in its parent's RequestOutput; forgets finished families."""
-        completion = self._outputs[request.request_id].update(request, token_ids, logprobs)
+    def _delta(self, request: Request, logprobs: list | None) -> RequestOutput:
+        """The request's new tokens as a completion delta in its parent's RequestOutput; forgets finished families."""
+        completion = self._outputs[request.request_id].update(request, logprobs)
         family = self._families[request.parent_id]
         done = all(r.finished for r in family)
         if request.finished:
@@ -233,16 +326,47 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Advance every scheduled request by one step; returns the deltas it produced."""
-        outputs, self._aborted = self._aborted, []
+        outputs, self._ready = self._ready, []
         batch = self.scheduler.schedule()
         if not batch.requests:
             return outputs
-        sampled = self.runner.execute(batch)
+        sampled = self.runner.execute(batch, self._grammar_backend)
         self.scheduler.commit(batch)
+        if self._prompt_forks:
+            self._fork_prompts(sampled)
+        if self._beam_groups:
+            outputs.extend(self._advance_beams())
         for request, token, logprobs in sampled:
             request.append_token(token, self.max_model_len)
-            delta = self._delta(request, [token], None if logprobs is None else [logprobs])
+            if request.matcher is not None:
+                self._advance_grammar(request, token)
+            delta = self._delta(request, None if logprobs is None else [logprobs])
             if request.finished:
                 self.scheduler.finish(request)
             outputs.append(delta)
         return outputs
+
+    def _advance_grammar(self, request: Request, token: int) -> None:
+        """Feed the sampled token to the request's matcher, then append what the grammar forces next."""
+        if not request.matcher.consume_token(token):
+            logger.error("request %s: grammar rejected token %d: %s", request.request_id, token,
+                         request.matcher.get_error())
+            request.finish("abort")
+        if not request.finished:
+            self._append_forced_tokens(request)
+
+    def _append_forced_tokens(self, request: Request) -> None:
+        """Append the tokens the grammar leaves no choice about; finish the request when the grammar is complete.
+
+        Forced tokens cost no model step of their own: the next step computes them with
+        the request's next token, like a prompt chunk. They are skipped when logprobs are
+        requested, since a forced token has no distribution to report.
+        """
+        matcher = request.matcher
+        forced = matcher.compute_ff_tokens() if request.params.logprobs is None else []
+        for token in forced:
+            if request.finished or not matcher.consume_token(token):
+                break
+            request.append_token(token, self.max_model_len)
+        if matcher.is_stopped() and not request.finished:
+            request.finish("stop")

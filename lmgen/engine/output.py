@@ -23,9 +23,12 @@ class OutputState:
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.text = ""
         self.num_sent_chars = 0
+        self.num_sent_tokens = 0
 
-    def update(self, request: Request, new_token_ids: list[int],
-               new_logprobs: list[dict[int, Logprob]] | None) -> CompletionOutput:
+    def update(self, request: Request, new_logprobs: list[dict[int, Logprob]] | None) -> CompletionOutput:
+        """The delta since the last update: the request's output tokens not yet reported, and their text."""
+        new_token_ids = request.all_token_ids[request.num_prompt_tokens + self.num_sent_tokens:]
+        self.num_sent_tokens += len(new_token_ids)
         new_text = self.detokenizer.add_tokens(new_token_ids)
         if request.finished:
             new_text += self.detokenizer.flush()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmgen.cache.block_pool import chain_hash
-
 from lmgen.params import SamplingParams
+from lmgen.sampling.structured import Matcher
+
+if TYPE_CHECKING:
+    from lmgen.engine.beam import BeamGroup
 
 
 class RequestStatus(enum.Enum):
@@ -48,6 +52,8 @@ class Request:
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     logits_processors: list = field(default_factory=list)  # see lmgen.sampling.processors
+    matcher: Matcher | None = None  # the grammar state of a structured-output request
+    beam: BeamGroup | None = None  # the beam-search group this request is a beam of
 
     def __post_init__(self) -> None:
         self.parent_id = self.parent_id or self.request_id
@@ -88,8 +94,14 @@ class Request:
         self.all_token_ids.append(token_id)
         if token_id in self.stop_token_ids:  # min_tokens is enforced by masking these before sampling
             self.finish("stop", token_id if token_id in self.params.stop_token_ids else None)
-        elif self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+        elif self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len or self._out_of_time():
             self.finish("length")
+        elif any(stop(self.all_token_ids) for stop in self.params.stopping_criteria):
+            self.finish("stop")
+
+    def _out_of_time(self) -> bool:
+        """params.max_time (seconds since arrival) has passed."""
+        return self.params.max_time is not None and time.monotonic() - self.arrival_time > self.params.max_time
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = RequestStatus.FINISHED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ from lmgen.engine.scheduler import ScheduledBatch
 from lmgen.layers.attention import AttentionMetadata
 from lmgen.outputs import Logprob
 from lmgen.sampling.sampler import SamplingBatch, sample
+from lmgen.sampling.structured import GrammarBackend, allocate_bitmask, apply_bitmask
 
 
 @dataclass
@@ -31,6 +33,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
+        self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="lmgen-grammar")
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size
@@ -77,18 +80,54 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int, dict[int, Logprob] | None]]:
-        """Run one step; returns (request, sampled token, logprobs) for each request that sampled."""
+    def execute(self, batch: ScheduledBatch, grammar: GrammarBackend | None = None,
+                ) -> list[tuple[Request, int, dict[int, Logprob] | None]]:
+        """Run one step; returns (request, sampled token, logprobs) for each request that sampled.
+
+        Requests with a grammar matcher get their logits masked by `grammar` first.
+        """
+        self.kv_cache.copy_blocks(batch.block_copies)  # forked sequences' shared blocks about to be written
         inputs = self.prepare(batch)
+        constrained = [row for row, r in enumerate(inputs.sampled_requests) if r.matcher is not None]
+        if constrained:  # the grammar engine fills the masks off the GIL while the model runs
+            bitmask = allocate_bitmask(len(constrained), self.model.args.vocab_size)
+            masks_done = self._mask_worker.submit(grammar.fill_bitmask,
+                                                  [inputs.sampled_requests[row].matcher for row in constrained],
+                                                  bitmask)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta,
                             self.kv_cache.layers)
         if not inputs.sampled_requests:
             return []
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        for row, request in enumerate(inputs.sampled_requests):
+        requests = inputs.sampled_requests
+        recording = any(r.params.score_recorder is not None for r in requests)
+        raw = logits.clone() if recording else None  # masks and processors below change logits in place
+        if constrained:
+            masks_done.result()
+            apply_bitmask(logits, constrained, bitmask)
+        for row, request in enumerate(requests):
+            if request.beam is not None:  # transformers' beam search runs the processors on log-probabilities
+                logits[row] = logits[row].log_softmax(dim=-1)
             for process in request.logits_processors:
                 logits[row] = process(request.all_token_ids, logits[row])
-        params = SamplingBatch.build([r.params for r in inputs.sampled_requests],
-                                     [r.generator for r in inputs.sampled_requests], self.device)
-        tokens, logprobs = sample(logits, params)
-        return list(zip(inputs.sampled_requests, tokens.tolist(), logprobs))
+        beam_rows = [row for row, r in enumerate(requests) if r.beam is not None]
+        if beam_rows:
+            logits, raw, requests = _hand_to_beams(logits, raw, requests, beam_rows)
+            if not requests:
+                return []
+        recorded = [(row, r) for row, r in enumerate(requests) if r.params.score_recorder is not None]
+        params = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device)
+        tokens, logprobs, scores = sample(logits, params)
+        for row, request in recorded:
+            request.params.score_recorder.add(request.index, raw[row], scores[row])
+        return list(zip(requests, tokens.tolist(), logprobs))
+
+
+def _hand_to_beams(logits: torch.Tensor, raw: torch.Tensor | None, requests: list[Request], beam_rows: list[int],
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, list[Request]]:
+    """Give each beam's processed log-probabilities to its group (which chooses its tokens); the other rows
+    go on to the sampler."""
+    for row in beam_rows:
+        requests[row].beam.receive(requests[row], logits[row], None if raw is None else raw[row])
+    rest = [row for row, r in enumerate(requests) if r.beam is None]
+    return logits[rest], None if raw is None else raw[rest], [requests[row] for row in rest]

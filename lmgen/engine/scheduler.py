@@ -31,6 +31,7 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination): copy before the step
 
     @property
     def total_tokens(self) -> int:
@@ -50,8 +51,12 @@ class Scheduler:
         self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_prefix_hit_tokens = 0  # of which found there
 
-    def add(self, request: Request) -> None:
-        self.waiting.append(request)
+    def add(self, request: Request, front: bool = False) -> None:
+        """Queue a request; `front` for work already under way (a beam forked from a running one)."""
+        if front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -65,6 +70,8 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop to make room
             n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if n == 0:
+                continue  # a beam that has its next-token scores and waits for the rest of its group
             if not self._make_room(request, n, batch):
                 continue
             batch.requests.append(request)
@@ -75,13 +82,17 @@ class Scheduler:
         return batch
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs and not self._preempt_idle(batch):
+                break
             request = self.waiting[0]
             if request.num_computed_tokens == 0 and self.config.enable_prefix_caching:
                 self._reuse_cached_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate(request, request.num_computed_tokens + n):
+            if not self._allocate(request, request.num_computed_tokens + n, batch):
                 self._release(request)
+                if self._preempt_idle(batch) or self._release_waiting_blocks():
+                    continue
                 break
             self.waiting.popleft()
             if self.config.enable_prefix_caching:  # counted once admitted, not per attempt
@@ -118,8 +129,13 @@ class Scheduler:
             request.num_cached_blocks = len(hashes)
 
     def _make_room(self, request: Request, n: int, batch: ScheduledBatch) -> bool:
-        """Allocate blocks for `n` more tokens, preempting from the back; False if `request` was preempted."""
-        while not self._allocate(request, request.num_computed_tokens + n):
+        """Allocate blocks for `n` more tokens, preempting from the back; False if `request` was preempted.
+
+        Blocks nobody is computing with go first: those of idle beams and of queued forks.
+        """
+        while not self._allocate(request, request.num_computed_tokens + n, batch):
+            if self._preempt_idle(batch) or self._release_waiting_blocks():
+                continue
             victim = self.running[-1]
             self._preempt(victim)
             batch.preempted.append(victim)
@@ -127,14 +143,43 @@ class Scheduler:
                 return False
         return True
 
-    def _allocate(self, request: Request, num_tokens: int) -> bool:
-        needed = -(-num_tokens // self.config.block_size) - len(request.block_ids)
-        if needed <= 0:
-            return True
-        if needed > self.pool.num_free_blocks:
+    def _allocate(self, request: Request, num_tokens: int, batch: ScheduledBatch) -> bool:
+        """Blocks for the first `num_tokens` tokens, and a private copy of a shared block about to be written."""
+        bs = self.config.block_size
+        needed = -(-num_tokens // bs) - len(request.block_ids)
+        # A forked sequence (beam, n > 1) shares its parent's blocks; the one it writes next is copied first.
+        write = request.num_computed_tokens // bs
+        shared = write < len(request.block_ids) and self.pool.ref_count(request.block_ids[write]) > 1
+        if max(needed, 0) + shared > self.pool.num_free_blocks:
             return False
-        request.block_ids.extend(self.pool.allocate(needed))
+        if shared:
+            batch.block_copies.append(self.pool.copy_on_write(request.block_ids, write))
+        if needed > 0:
+            request.block_ids.extend(self.pool.allocate(needed))
         return True
+
+    def _preempt_idle(self, batch: ScheduledBatch) -> bool:
+        """Preempt the latest running request with nothing to compute; False if there is none.
+
+        Only a beam waiting for the rest of its group is idle. It has handed its scores
+        in, so it goes to the back of the queue: its siblings must not wait for its blocks.
+        """
+        for request in reversed(self.running):
+            if request.num_computed_tokens == request.num_tokens:
+                self._preempt(request)
+                self.waiting.remove(request)
+                self.waiting.append(request)
+                batch.preempted.append(request)
+                return True
+        return False
+
+    def _release_waiting_blocks(self) -> bool:
+        """Free the blocks of the latest queued request that holds some (a beam forked while queued); False if none."""
+        for request in reversed(self.waiting):
+            if request.block_ids:
+                self._release(request)
+                return True
+        return False
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

@@ -44,17 +44,13 @@ class FusedLinear(Linear):
     """One matmul standing for several checkpoint linears stacked on the output dim.
 
     q/k/v and gate/up projections are loaded into row slices of one weight, so a
-    layer runs one GEMM instead of three (or two). ``shard(param, i)`` is the view
-    that checkpoint tensor ``i`` is loaded into.
+    layer runs one GEMM instead of three (or two): checkpoint tensor ``i`` fills rows
+    ``sum(shard_sizes[:i])`` on, of every parameter (see ``loader.checkpoint.load_weights``).
     """
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool) -> None:
         super().__init__(in_features, sum(shard_sizes), bias=bias)
         self.shard_sizes = list(shard_sizes)
-
-    def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
-        start = sum(self.shard_sizes[:index])
-        return param.narrow(0, start, self.shard_sizes[index])
 
 
 class Embedding(nn.Module):
@@ -64,6 +60,10 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] -> logits [T, vocab] (the tied LM head)."""
+        return linear(hidden, self.weight)
 
 
 class SiluAndMul(nn.Module):

@@ -1,65 +1,344 @@
-"""Weight-only quantization of linear layers (int8, one scale per output channel).
+"""Weight-only quantization: int8 per output channel, int4 per group of input columns.
 
-Weights are stored as int8 and read directly by PyTorch's packed-weight kernel, so a
-decode step reads a quarter of the float32 bytes (half of bfloat16's); activations
-stay in floating point. Quantization replaces each Linear after its weights are
-loaded, one layer at a time.
+Weights stay integers in memory and PyTorch's CPU kernels read them directly
+(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); activations stay floating
+point (bfloat16 inside the kernels, their fast path). Other devices dequantize each
+weight for its matmul: correct, not fast.
+
+A quantized weight has a *storage form*, the same on every machine, which checkpoints
+hold and loading fills (for the row ``n`` of a weight [N, K]):
+
+- int8: ``weight`` int8 [N, K], ``scales`` [N]:  w = q * scale[n]
+- int4: ``weight`` uint8 [N, K/2], two columns per byte (column 2j in the low nibble),
+  ``scales`` and ``zeros`` [N, K/group_size]:  w = (q - 8) * scale[n, g] + zero[n, g]
+
+The int4 kernel wants its own layout, which depends on the CPU's vector width, so
+``Int4Linear.pack`` rearranges the storage form once the weights are in. The LM head
+and the embedding table (one tensor when tied) are int8 in both methods: rows of the
+table must be gathered, and the head's quality matters most.
+
+Loading quantizes each tensor as it is read (``quantize_tensors``), so the
+full-precision model never exists in memory.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmgen.errors import InvalidArgumentError
-from lmgen.layers.linear import Linear
+from lmgen.errors import InvalidArgumentError, UnsupportedModelError
+from lmgen.layers.linear import Embedding, Linear
+from lmgen.layers.precision import native_on_cpu
 
-QUANTIZATION_METHODS = ("int8",)
+if TYPE_CHECKING:
+    from lmgen.loader.checkpoint import TensorRef
+
+QUANTIZATION_METHODS = ("int8", "int4")
+#: The group sizes PyTorch's int4 kernel accepts.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 64
+#: ``quantization_config.quant_method`` of the checkpoints lmgen writes.
+CHECKPOINT_QUANT_METHOD = "lmgen"
+CHECKPOINT_FORMAT_VERSION = 1
+
+_HEAD_MODULES = ("embed_tokens", "lm_head")
+_STORAGE_NAMES = {"int8": ("weight", "scales"), "int4": ("weight", "scales", "zeros")}
+_SCALE_DTYPE = torch.bfloat16  # what the kernels take with bfloat16 activations
+_MIN_SCALE = 1e-12  # keeps an all-zero row or group from dividing by zero
+# Quantizing works in float32 on this many weights at a time, so a large embedding
+# table does not need several float32 copies of itself.
+_CHUNK_ELEMENTS = 1 << 22
 
 
-def check_method(method: str | None) -> None:
-    if method is not None and method not in QUANTIZATION_METHODS:
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a model's weights are quantized; saved as config.json's ``quantization_config``."""
+
+    method: str  # "int8" or "int4"
+    group_size: int = DEFAULT_GROUP_SIZE  # int4: input columns sharing one scale and zero
+    lm_head: bool = True  # also the LM head and the embedding table (int8 per row)
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANTIZATION_METHODS:
+            raise InvalidArgumentError(
+                f"quantization {self.method!r} is not supported; use one of: {', '.join(QUANTIZATION_METHODS)}")
+        if self.method == "int4" and self.group_size not in INT4_GROUP_SIZES:
+            raise InvalidArgumentError(f"int4 group size {self.group_size!r} is not supported; use one of: "
+                                       f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+
+    def method_for(self, name: str, ndim: int) -> str | None:
+        """How checkpoint tensor `name` is stored: int8/int4, or None for full precision.
+
+        In the supported families every 2-D ``*.weight`` belongs to a linear layer,
+        except the embedding table.
+        """
+        if ndim != 2 or not name.endswith(".weight"):
+            return None
+        if name.split(".")[-2] in _HEAD_MODULES:
+            return "int8" if self.lm_head else None
+        return self.method
+
+    def to_hf(self) -> dict:
+        return {"quant_method": CHECKPOINT_QUANT_METHOD, "format_version": CHECKPOINT_FORMAT_VERSION,
+                "method": self.method, "group_size": self.group_size, "lm_head": self.lm_head}
+
+    @classmethod
+    def from_hf(cls, hf_config: dict) -> "QuantConfig | None":
+        """The quantization a checkpoint's weights were saved with (None: full precision)."""
+        saved = hf_config.get("quantization_config")
+        if saved is None:
+            return None
+        method = saved.get("quant_method")
+        if method != CHECKPOINT_QUANT_METHOD or saved.get("method") not in QUANTIZATION_METHODS:
+            name = saved.get("method") if method == CHECKPOINT_QUANT_METHOD else method
+            raise UnsupportedModelError(
+                f"the checkpoint is quantized with {name!r}, which lmgen cannot load: it reads its own int8/int4 "
+                "checkpoints (`lmgen quantize`); load the full-precision model with quantization='int8' or 'int4'")
+        if saved.get("format_version", 1) > CHECKPOINT_FORMAT_VERSION:
+            raise UnsupportedModelError(f"the checkpoint's quantized format {saved['format_version']} is newer "
+                                        "than this lmgen reads: upgrade lmgen")
+        return cls(saved["method"], saved.get("group_size", DEFAULT_GROUP_SIZE), saved.get("lm_head", True))
+
+
+def resolve_quantization(requested: QuantConfig | None, saved: QuantConfig | None,
+                         group_size_given: bool) -> QuantConfig | None:
+    """The quantization to load with: a quantized checkpoint's own, which a request may only repeat."""
+    if saved is None or requested is None:
+        return saved or requested
+    other_group_size = group_size_given and saved.method == "int4" and requested.group_size != saved.group_size
+    if requested.method != saved.method or other_group_size:
         raise InvalidArgumentError(
-            f"quantization {method!r} is not supported; use one of: {', '.join(QUANTIZATION_METHODS)}")
+            f"the checkpoint is already quantized ({saved.method}, group size {saved.group_size}) and cannot be "
+            f"requantized: drop the quantization arguments, or quantize the full-precision checkpoint")
+    return saved
+
+
+# ---- quantizing tensors ------------------------------------------------------------------
+def check_group_size(layer: str, in_features: int, group_size: int) -> None:
+    if in_features % group_size:
+        fitting = [str(g) for g in INT4_GROUP_SIZES if in_features % g == 0]
+        fix = (f"use group size {' or '.join(fitting)}" if fitting else "use int8 for this model")
+        raise InvalidArgumentError(
+            f"int4 group size {group_size} does not divide the {in_features} input features of {layer}: {fix}")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: weight ≈ q * scale[:, None], |error| <= scale / 2."""
+    """Symmetric per-row int8: weight ≈ q * scale[:, None], |error| <= scale / 2 (plus the scale's rounding)."""
     w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=_MIN_SCALE).to(_SCALE_DTYPE)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, linear: Linear) -> None:
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `group_size` columns: 16 levels from the group's min to its max.
+
+    Returns (nibbles uint8 [N, K/2], scales [N, K/group_size], zeros [N, K/group_size]).
+    """
+    rows, cols = weight.shape
+    w = weight.float().view(rows, cols // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=_MIN_SCALE).to(_SCALE_DTYPE)
+    zeros = (low + 8 * scales.float()).to(_SCALE_DTYPE)  # the value of level 8
+    levels = (w - zeros.float()[..., None]) / scales.float()[..., None] + 8
+    q = levels.round_().clamp_(0, 15).to(torch.uint8).view(rows, cols)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scales, zeros
+
+
+def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] two levels per byte -> levels uint8 [N, K]."""
+    return torch.stack([nibbles & 0xF, nibbles >> 4], dim=-1).view(nibbles.shape[0], -1)
+
+
+def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] that int4 storage stands for."""
+    levels = unpack_int4(nibbles).float()
+    rows, groups = scales.shape
+    grouped = levels.view(rows, groups, -1) - 8
+    return (grouped * scales.float()[..., None] + zeros.float()[..., None]).view(rows, -1)
+
+
+def quantize_weight(weight: torch.Tensor, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, torch.Tensor]:
+    """The storage-form tensors of one float weight [N, K], by name ("weight", "scales", ...)."""
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // weight.shape[1])
+    chunks = [quantize_int8(part) if method == "int8" else quantize_int4(part, group_size)
+              for part in weight.split(rows_per_chunk)]
+    return {name: torch.cat(parts) for name, parts in zip(_STORAGE_NAMES[method], zip(*chunks))}
+
+
+def quantize_tensors(tensors: Iterable[tuple[str, TensorRef]], config: QuantConfig
+                     ) -> Iterator[tuple[str, TensorRef | torch.Tensor]]:
+    """A checkpoint's tensors with every weight to quantize replaced by its storage form, one at a time."""
+    for name, ref in tensors:
+        method = config.method_for(name, len(ref.shape))
+        if method is None:
+            yield name, ref
+            continue
+        prefix = name.removesuffix("weight")
+        if method == "int4":
+            check_group_size(prefix.rstrip("."), ref.shape[1], config.group_size)
+        for storage_name, tensor in quantize_weight(ref.load(), method, config.group_size).items():
+            yield prefix + storage_name, tensor
+
+
+# ---- quantized modules -------------------------------------------------------------------
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer over quantized weights; loading fills its storage-form parameters.
+
+    Keeps the float layer's bias and ``shard_sizes`` (fused q/k/v, gate/up), so a
+    checkpoint's split tensors load into row slices as they do for float weights.
+    """
+
+    method: str  # the storage form's QUANTIZATION_METHODS entry
+    kernel_max_rows = math.inf  # from this many rows on, dequantizing and a float GEMM are faster
+
+    def __init__(self, linear: Linear | Embedding) -> None:
         super().__init__()
-        q, scale = quantize_int8(linear.weight.data)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(q, requires_grad=False)
-        # The CPU kernel is fast with bfloat16 activations and scales (slow with float32 ones).
-        self.scales = nn.Parameter(scale.to(torch.bfloat16), requires_grad=False)
-        self.bias = linear.bias
+        self.out_features, self.in_features = linear.weight.shape
+        self.bias = getattr(linear, "bias", None)
+        self.shard_sizes = getattr(linear, "shard_sizes", None)
+        self.use_kernel = linear.weight.device.type == "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.device.type == "cpu":
-            out = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
-        else:
-            out = F.linear(rows, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+        if self.use_kernel and rows.shape[0] < self.kernel_max_rows:
+            out = self._kernel(rows.to(torch.bfloat16)).to(x.dtype)
+        else:  # on a CPU in float32, whose GEMM is the fast one there without bf16 units
+            dtype = torch.float32 if rows.device.type == "cpu" else x.dtype
+            out = F.linear(rows.to(dtype), self._dequantized().to(dtype)).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
-    def dequantize(self) -> torch.Tensor:
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dequantized(self) -> torch.Tensor:
+        """The float32 weight [out_features, in_features], from the storage form."""
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight [N, K] with one scale per output row; the storage form is the kernel's."""
+
+    method = "int8"
+    # Without bf16 units the int8 kernel costs about twice float32's GEMM per row from
+    # 96 rows on (prefill; measured on bench-125m's shapes, AVX2), while dequantizing
+    # costs one pass over the weight.
+    kernel_max_rows = math.inf if native_on_cpu(torch.bfloat16) else 96
+
+    def __init__(self, linear: Linear | Embedding) -> None:
+        super().__init__(linear)
+        device = linear.weight.device
+        self.weight = _empty((self.out_features, self.in_features), torch.int8, device)
+        self.scales = _empty((self.out_features,), _SCALE_DTYPE, device)
+
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.weight, self.scales)
+
+    def _dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]
 
 
-def quantize_model(model: nn.Module, method: str) -> None:
-    """Replace every Linear of `model` by its quantized form, freeing the float weights as it goes."""
-    check_method(method)
+class Int8Embedding(Int8Linear):
+    """An int8 embedding table; as a tied LM head (``unembed``) it is an Int8Linear."""
+
+    def __init__(self, embedding: Embedding) -> None:
+        super().__init__(embedding)
+        self.out_dtype = embedding.weight.dtype  # the model's activations
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(self.out_dtype) * self.scales[ids, None].to(self.out_dtype)
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] -> logits [T, vocab] (the tied LM head)."""
+        return Int8Linear.forward(self, hidden)
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weight with a scale and zero per group of input columns (see the module docstring)."""
+
+    method = "int4"
+    # The CPU kernel takes output sizes that are multiples of 16; other layers dequantize.
+    _KERNEL_ROW_MULTIPLE = 16
+
+    def __init__(self, linear: Linear, group_size: int) -> None:
+        super().__init__(linear)
+        self.group_size = group_size
+        rows, device = self.out_features, linear.weight.device
+        self.weight = _empty((rows, self.in_features // 2), torch.uint8, device)
+        self.scales = _empty((rows, self.in_features // group_size), _SCALE_DTYPE, device)
+        self.zeros = _empty((rows, self.in_features // group_size), _SCALE_DTYPE, device)
+        self.use_kernel = self.use_kernel and rows % self._KERNEL_ROW_MULTIPLE == 0
+
+    def pack(self) -> None:
+        """Replace the loaded storage form by the kernel's layout (as many bytes, in a CPU-specific order)."""
+        if not self.use_kernel:
+            return
+        levels = unpack_int4(self.weight.data).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1)  # innerKTiles: unused on CPU
+        self.packed_weight = nn.Parameter(packed, requires_grad=False)
+        # [K/group_size, N, 2]: the kernel's layout of scales and zeros
+        pairs = torch.stack([self.scales.data, self.zeros.data], dim=-1).transpose(0, 1).contiguous()
+        self.scales_and_zeros = nn.Parameter(pairs, requires_grad=False)
+        del self.weight, self.scales, self.zeros
+
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(rows, self.packed_weight, self.group_size, self.scales_and_zeros)
+
+    def _dequantized(self) -> torch.Tensor:
+        return dequantize_int4(self.weight, self.scales, self.zeros)
+
+
+# ---- the model -------------------------------------------------------------------------
+def _quantized_module(name: str, module: Linear | Embedding, method: str, config: QuantConfig) -> nn.Module:
+    if isinstance(module, Embedding):
+        return Int8Embedding(module)
+    if method == "int8":
+        return Int8Linear(module)
+    check_group_size(name, module.in_features, config.group_size)
+    return Int4Linear(module, config.group_size)
+
+
+def prepare_quantized(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
+    """Swap each linear (and the embedding, with ``config.lm_head``) for an empty quantized module.
+
+    Call before loading: the float parameters it drops were never written, so they
+    never took up memory. Loading then fills the storage forms and ``pack_quantized``
+    ends. Returns the (name, float module) pairs it replaced.
+    """
+    replaced = []
     for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, Linear):
-                setattr(module, child_name, Int8Linear(child))
+        if isinstance(module, (Linear, Embedding)):
+            method = config.method_for(f"{name}.weight", 2)
+            if method is not None:
+                model.set_submodule(name, _quantized_module(name, module, method, config))
+                replaced.append((name, module))
+    return replaced
+
+
+def pack_quantized(model: nn.Module) -> None:
+    """Rearrange every loaded int4 layer for its kernel."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.pack()
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> None:
+    """Quantize an already loaded float model in place (loading a checkpoint quantizes on the way in)."""
+    for name, float_module in prepare_quantized(model, config):
+        quantized = model.get_submodule(name)
+        for storage_name, tensor in quantize_weight(float_module.weight.data, quantized.method,
+                                                    config.group_size).items():
+            getattr(quantized, storage_name).data.copy_(tensor)
+    pack_quantized(model)

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +22,13 @@ from lmgen.errors import ModelNotFoundError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-# The files a model needs; a hub download fetches nothing else.
-CHECKPOINT_FILES = [
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+# The files a model needs besides its weights.
+MODEL_FILES = [
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja", "chat_template.json",
 ]
+# All the files a model needs; a hub download fetches nothing else.
+CHECKPOINT_FILES = [*MODEL_FILES, "*.safetensors", "model.safetensors.index.json"]
 
 #: The small model shipped inside the package, used when no model is named.
 DEMO_MODEL_PATH = Path(__file__).resolve().parent.parent / "demo_model"
@@ -158,35 +159,48 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, TensorRef]]:
         yield from _read_header(file)
 
 
-def load_weights(model: nn.Module, tensors: Iterator[tuple[str, TensorRef]]) -> None:
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torch.Tensor]]) -> None:
     """Fill the model's parameters by Hugging Face name, fused modules included.
 
+    Tensors come from a file (TensorRef) or from memory (quantized while loading).
     ``model.packed_modules`` maps a checkpoint module name (``q_proj``) to the fused
-    module and shard that hold it (``("qkv_proj", 0)``).
+    module and shard that hold it (``("qkv_proj", 0)``); shard ``i`` fills rows
+    ``sum(shard_sizes[:i])`` on, of each of the fused module's parameters.
     """
     params = dict(model.named_parameters())
-    packed = getattr(model, "packed_modules", {})
     expected = {name: {0} for name in params}
     loaded: dict[str, set[int]] = {}
-    for name, ref in tensors:
-        if "rotary_emb." in name or (name == "lm_head.weight" and name not in params):
+    for name, source in tensors:
+        if "rotary_emb." in name or (name.startswith("lm_head.") and getattr(model, "lm_head", None) is None):
             continue  # recomputed, or tied to the embedding
-        module_path, _, leaf = name.rpartition(".")
-        parent, _, module_name = module_path.rpartition(".")
-        target, shard = name, None
-        if module_name in packed:
-            fused, shard = packed[module_name]
-            target = f"{parent}.{fused}.{leaf}"
-            expected[target] = set(range(len(model.get_submodule(f"{parent}.{fused}").shard_sizes)))
+        target, shard, shard_sizes = _target(model, name)
         if target not in params:
             logger.warning("ignoring checkpoint tensor %s: the model has no such parameter", name)
             continue
         dest = params[target].data
-        if shard is not None:
-            dest = model.get_submodule(f"{parent}.{packed[module_name][0]}").shard(dest, shard)
-        ref.load_into(dest)
-        loaded.setdefault(target, set()).add(shard or 0)
+        if shard_sizes is not None:
+            expected[target] = set(range(len(shard_sizes)))
+            dest = dest.narrow(0, sum(shard_sizes[:shard]), shard_sizes[shard])
+        if tuple(source.shape) != tuple(dest.shape):
+            raise UnsupportedModelError(f"checkpoint tensor {name} has shape {list(source.shape)}, but the model "
+                                        f"loads it into {list(dest.shape)}")
+        if isinstance(source, TensorRef):
+            source.load_into(dest)
+        else:
+            dest.copy_(source)
+        loaded.setdefault(target, set()).add(shard)
     missing = [n for n, shards in expected.items() if loaded.get(n, set()) != shards]
     if missing:
         raise UnsupportedModelError(
             f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {', '.join(missing[:3])}")
+
+
+def _target(model: nn.Module, name: str) -> tuple[str, int, list[int] | None]:
+    """The parameter a checkpoint tensor loads into, its shard index and the fused module's shard sizes."""
+    module_path, _, leaf = name.rpartition(".")
+    parent, _, module_name = module_path.rpartition(".")
+    packed = getattr(model, "packed_modules", {})
+    if module_name not in packed:
+        return name, 0, None
+    fused, shard = packed[module_name]
+    return f"{parent}.{fused}.{leaf}", shard, model.get_submodule(f"{parent}.{fused}").shard_sizes

@@ -14,7 +14,7 @@ from torch import nn
 
 from lmgen.errors import UnsupportedModelError
 from lmgen.layers.attention import AttentionMetadata, paged_attention
-from lmgen.layers.linear import Embedding, FusedLinear, Linear, SiluAndMul, linear
+from lmgen.layers.linear import Embedding, FusedLinear, Linear, SiluAndMul
 from lmgen.layers.norm import RMSNorm
 from lmgen.layers.rotary import RopeConfig, RotaryEmbedding, apply_rotary
 
@@ -167,8 +167,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        head = self.model.embed_tokens.unembed if self.lm_head is None else self.lm_head
+        return head(hidden).float()
 
 
 MistralForCausalLM = LlamaForCausalLM

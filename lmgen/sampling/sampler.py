@@ -1,81 +1,180 @@
 """The batched sampler: a pure function of logits and per-row settings.
 
-Warpers follow transformers' definitions and order (temperature, top-k, top-p,
-min-p), vectorised over rows that each carry their own values. Every row draws from
-its own ``torch.Generator``, so a seeded request gets the same tokens whatever else
-shares its batch.
+Warpers follow transformers' definitions and order (temperature, top-h, top-k, top-p,
+min-p, typical-p, epsilon, eta), vectorised over rows that each carry their own values;
+a warper that no row of the batch uses costs nothing. Every row draws from its own
+``torch.Generator``, so a seeded request gets the same tokens whatever else shares its
+batch.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from lmgen.outputs import Logprob
+from lmgen.params import SamplingParams
+
+NEG_INF = float("-inf")
 
 
-@dataclass(frozen=True)
-class SamplingBatch:
-    """Per-row settings, as tensors on the logits' device."""
-
-    temperature: torch.Tensor  # [N] float; 0 = greedy
-    top_k: torch.Tensor  # [N] long; 0 = off
-    top_p: torch.Tensor  # [N] float; 1 = off
-    min_p: torch.Tensor  # [N] float; 0 = off
-    generators: list[torch.Generator]
-    num_logprobs: list[int | None]
-
-    @classmethod
-    def build(cls, params: list, generators: list[torch.Generator], device: torch.device) -> "SamplingBatch":
-        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        return cls(
-            temperature=column([p.temperature if not p.greedy else 0.0 for p in params], torch.float32),
-            top_k=column([p.top_k for p in params], torch.long),
-            top_p=column([p.top_p for p in params], torch.float32),
-            min_p=column([p.min_p for p in params], torch.float32),
-            generators=generators,
-            num_logprobs=[p.logprobs for p in params],
-        )
+def apply_top_h(logits: torch.Tensor, top_h: torch.Tensor) -> torch.Tensor:
+    """Keep the most likely tokens (at most 100) while their entropy stays within top_h x the entropy of those 100."""
+    top_logits, top_ids = logits.topk(min(100, logits.shape[-1]), dim=-1)
+    top = torch.distributions.Categorical(logits=top_logits)
+    entropy_terms = -top.probs * top.probs.log()
+    keep_top = entropy_terms.cumsum(dim=-1) <= (top.entropy() * top_h)[:, None]
+    keep_top[:, 0] = True
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_ids, keep_top)
+    return logits.masked_fill(~keep & (top_h > 0)[:, None], NEG_INF)
 
 
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep tokens scoring at least the k-th best score (ties kept, as transformers does)."""
-    active = top_k > 0
-    if not bool(active.any()):
-        return logits
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:
+    """Keep tokens scoring at least the k-th best score (ties kept, as transformers does); max_k = max(top_k)."""
     k = top_k.clamp(min=1, max=logits.shape[-1])
-    sorted_desc = logits.sort(dim=-1, descending=True).values
-    threshold = sorted_desc.gather(-1, (k - 1)[:, None])
-    remove = (logits < threshold) & active[:, None]
-    return logits.masked_fill(remove, float("-inf"))
+    best = logits.topk(min(max_k, logits.shape[-1]), dim=-1).values
+    threshold = best.gather(-1, (k - 1)[:, None])
+    return logits.masked_fill((logits < threshold) & (top_k > 0)[:, None], NEG_INF)
 
 
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Nucleus: drop the least likely tokens whose cumulative probability is <= 1 - top_p."""
-    active = top_p < 1.0
-    if not bool(active.any()):
-        return logits
+def apply_top_p(logits: torch.Tensor, top_p_tail: torch.Tensor) -> torch.Tensor:
+    """Nucleus: drop the least likely tokens whose cumulative probability is <= 1 - top_p (the "tail")."""
     sorted_logits, order = logits.sort(dim=-1, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - top_p)[:, None]
+    remove_sorted = cumulative <= top_p_tail[:, None]
     remove_sorted[:, -1] = False  # always keep the most likely token
-    remove_sorted &= active[:, None]
-    remove = remove_sorted.scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
+    remove_sorted &= (top_p_tail > 0)[:, None]
+    return logits.masked_fill(remove_sorted.scatter(-1, order, remove_sorted), NEG_INF)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Drop tokens less likely than min_p times the most likely one."""
-    active = min_p > 0.0
-    if not bool(active.any()):
-        return logits
     probs = logits.softmax(dim=-1)
-    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-    remove = (probs < threshold) & active[:, None]
-    return logits.masked_fill(remove, float("-inf"))
+    threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill((probs < threshold) & (min_p > 0)[:, None], NEG_INF)
+
+
+def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Typical sampling: keep the tokens whose surprise is closest to the entropy, up to typical_p of the mass."""
+    log_probs = logits.log_softmax(dim=-1)
+    entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)
+    distance, order = (-log_probs - entropy).abs().sort(dim=-1)
+    cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < typical_p[:, None]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
+    remove_sorted = distance > distance.gather(-1, last[:, None])
+    remove_sorted[:, 0] = False  # keep at least the most typical token
+    remove_sorted &= (typical_p < 1)[:, None]
+    return logits.masked_fill(remove_sorted.scatter(-1, order, remove_sorted), NEG_INF)
+
+
+def apply_epsilon(logits: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """Epsilon sampling: drop tokens less likely than epsilon (never the most likely one)."""
+    return _drop_below(logits, logits.softmax(dim=-1), epsilon[:, None], epsilon > 0)
+
+
+def apply_eta(logits: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """Eta sampling: drop tokens less likely than min(eta, sqrt(eta) * exp(-entropy))."""
+    entropy = torch.distributions.Categorical(logits=logits).entropy()
+    cutoff = torch.min(eta, eta.sqrt() * (-entropy).exp())
+    return _drop_below(logits, logits.softmax(dim=-1), cutoff[:, None], eta > 0)
+
+
+def _drop_below(logits: torch.Tensor, probs: torch.Tensor, cutoff: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    remove = (probs < cutoff) & (logits < logits.amax(dim=-1, keepdim=True)) & active[:, None]
+    return logits.masked_fill(remove, NEG_INF)
+
+
+@dataclass(frozen=True)
+class Warpers:
+    """The sampled rows' warper settings as [S] tensors; None where no row uses that warper."""
+
+    temperature: torch.Tensor
+    top_h: torch.Tensor | None = None  # 0 = off
+    top_k: torch.Tensor | None = None  # long; 0 = off
+    max_top_k: int = 0  # known on the host, so top-k needs no device sync
+    top_p_tail: torch.Tensor | None = None  # 1 - top_p, computed in float64 as transformers does; 0 = off
+    min_p: torch.Tensor | None = None  # 0 = off
+    typical_p: torch.Tensor | None = None  # 1 = off
+    epsilon: torch.Tensor | None = None  # 0 = off
+    eta: torch.Tensor | None = None  # 0 = off
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], device: torch.device) -> "Warpers":
+        def column(values: list, off: float, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+            return None if all(v == off for v in values) else torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], device=device),
+            top_h=column([p.top_h or 0.0 for p in params], 0.0),
+            top_k=column([p.top_k for p in params], 0, torch.long),
+            max_top_k=max(p.top_k for p in params),
+            top_p_tail=column([1.0 - p.top_p for p in params], 0.0),
+            min_p=column([p.min_p for p in params], 0.0),
+            typical_p=column([p.typical_p for p in params], 1.0),
+            epsilon=column([p.epsilon_cutoff for p in params], 0.0),
+            eta=column([p.eta_cutoff for p in params], 0.0),
+        )
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [S, vocab] -> warped scores, in transformers' order."""
+        scores = logits / self.temperature[:, None]
+        steps: list[tuple[Callable, torch.Tensor | None]] = [
+            (apply_top_h, self.top_h), (partial(apply_top_k, max_k=self.max_top_k), self.top_k),
+            (apply_top_p, self.top_p_tail), (apply_min_p, self.min_p), (apply_typical_p, self.typical_p),
+            (apply_epsilon, self.epsilon), (apply_eta, self.eta)]
+        for warp, setting in steps:
+            if setting is not None:
+                scores = warp(scores, setting)
+        return scores
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row settings: which rows sample (temperature > 0) and with what; the rest take the argmax."""
+
+    sampled_rows: list[int]
+    warpers: Warpers | None  # settings of the sampled rows, in their order
+    generators: list[torch.Generator]  # of the sampled rows
+    num_logprobs: list[int | None]
+    keep_scores: bool = False  # some row records its processed scores: write the warped rows back
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], generators: list[torch.Generator],
+              device: torch.device) -> "SamplingBatch":
+        rows = [row for row, p in enumerate(params) if p.temperature > 0]
+        return cls(
+            sampled_rows=rows,
+            warpers=Warpers.build([params[r] for r in rows], device) if rows else None,
+            generators=[generators[r] for r in rows],
+            num_logprobs=[p.logprobs for p in params],
+            keep_scores=any(p.score_recorder is not None and p.score_recorder.keep_scores for p in params),
+        )
+
+
+class ScoreRecorder:
+    """Keeps a request's per-step rows for transformers' ``output_scores`` and ``output_logits``.
+
+    ``scores`` are what the token was chosen from (after the processors and, when
+    sampling, the warpers; log-softmaxed with ``renormalize``, transformers' last
+    processor, which changes no choice); ``logits`` are the model's raw logits. One
+    recorder serves all n completions of a request: rows are kept per completion index.
+    """
+
+    def __init__(self, scores: bool = False, logits: bool = False, renormalize: bool = False) -> None:
+        self.keep_scores, self.keep_logits, self.renormalize = scores, logits, renormalize
+        self.scores: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def add(self, index: int, raw: torch.Tensor, processed: torch.Tensor) -> None:
+        """One step of completion `index`: raw and processed rows [vocab] (copied, not kept as views)."""
+        if self.keep_logits:
+            self.logits[index].append(raw.clone())
+        if self.keep_scores:
+            self.scores[index].append(processed.log_softmax(dim=-1) if self.renormalize else processed.clone())
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -105,23 +204,22 @@ def top_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, num: list[int | N
     return results
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, list[dict[int, Logprob] | None]]:
-    """logits [N, vocab] float32 (already processed per request) -> (tokens [N], logprobs per row).
+def sample(logits: torch.Tensor, batch: SamplingBatch,
+           ) -> tuple[torch.Tensor, list[dict[int, Logprob] | None], torch.Tensor]:
+    """logits [N, vocab] float32 (already processed per request) -> (tokens [N], logprobs per row, scores).
 
-    Logprobs are those of the model's distribution (before temperature and warpers).
+    Logprobs are those of the distribution before temperature and warpers. ``scores``
+    is ``logits`` itself; when ``batch.keep_scores``, its sampled rows are overwritten
+    with their warped values, so it holds what each token was chosen from.
     """
     logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in batch.num_logprobs) else None
-    greedy_tokens = logits.argmax(dim=-1)
-    sampled_rows = (batch.temperature > 0).nonzero().flatten().tolist()
-    tokens = greedy_tokens
-    if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=logits.device)
-        warped = logits[rows] / batch.temperature[rows, None]
-        warped = apply_top_k(warped, batch.top_k[rows])
-        warped = apply_top_p(warped, batch.top_p[rows])
-        warped = apply_min_p(warped, batch.min_p[rows])
-        drawn = _draw(warped.softmax(dim=-1), [batch.generators[r] for r in sampled_rows])
-        tokens = greedy_tokens.clone()
-        tokens[rows] = drawn
+    tokens = logits.argmax(dim=-1)
+    if batch.sampled_rows:
+        rows = (slice(None) if len(batch.sampled_rows) == len(logits)  # a view: no gather, no scatter
+                else torch.tensor(batch.sampled_rows, device=logits.device))
+        warped = batch.warpers(logits[rows])
+        tokens[rows] = _draw(warped.softmax(dim=-1), batch.generators)
+        if batch.keep_scores:
+            logits[rows] = warped
     lp = top_logprobs(logprobs, tokens, batch.num_logprobs) if logprobs is not None else [None] * len(tokens)
-    return tokens, lp
+    return tokens, lp, logits

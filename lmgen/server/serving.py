@@ -96,7 +96,8 @@ class OpenAIServing:
             repetition_penalty=request.repetition_penalty, min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos, skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output, logprobs=logprobs,
-            stop_token_ids=tuple(request.stop_token_ids) if request.stop_token_ids else None)
+            stop_token_ids=tuple(request.stop_token_ids) if request.stop_token_ids else None,
+            structured=structured_spec(request))
         try:
             # Fields the client left out (None) take the checkpoint's generation_config defaults.
             return self.engine.engine.default_sampling_params(**fields)
@@ -178,9 +179,10 @@ class OpenAIServing:
         prompts = self._completion_prompts(request)
         for prompt in prompts:
             self._check_fits(prompt, request.max_tokens, "max_tokens", "prompt")
-        params = self._sampling_params(request, request.max_tokens, request.logprobs, {})
+        renames = {"structured": "structured_outputs"}
+        params = self._sampling_params(request, request.max_tokens, request.logprobs, renames)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self._start(prompts, params, request_id, {}, "prompt")
+        streams = await self._start(prompts, params, request_id, renames, "prompt")
         return await _respond(_CompletionFormatter(self, request, prompts, request_id, model), streams, raw_request)
 
     # ---- /v1/chat/completions -------------------------------------------------------------
@@ -200,7 +202,8 @@ class OpenAIServing:
         _reject_unsupported_chat_fields(request)
         max_tokens_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        renames = {"logprobs": "top_logprobs", "max_tokens": max_tokens_field}
+        renames = {"logprobs": "top_logprobs", "max_tokens": max_tokens_field,
+                   "structured": "structured_outputs" if request.structured_outputs else "response_format"}
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         prompt = self._chat_prompt(request)
         self._check_fits(prompt, max_tokens, max_tokens_field, "messages")
@@ -229,18 +232,32 @@ def template_message(index: int, message: ChatMessage) -> dict[str, Any]:
     return result
 
 
+def structured_spec(request: SamplingFields) -> dict[str, Any] | None:
+    """The StructuredOutputs fields asked for by vLLM's `structured_outputs` or OpenAI's `response_format`."""
+    response_format = getattr(request, "response_format", None)  # chat only
+    constrained_format = response_format is not None and response_format.type != "text"
+    if request.structured_outputs is not None:
+        if constrained_format:
+            raise bad_request("set response_format or structured_outputs, not both", "structured_outputs")
+        return request.structured_outputs.model_dump(exclude_none=True)
+    if not constrained_format:
+        return None
+    if response_format.type == "json_object":
+        return {"json_object": True}
+    if response_format.json_schema is None or response_format.json_schema.json_schema is None:
+        raise bad_request("response_format of type json_schema needs json_schema.schema, the JSON schema the reply "
+                          "must follow", "response_format.json_schema")
+    return {"json_schema": response_format.json_schema.json_schema}
+
+
 def _reject_unsupported_chat_fields(request: ChatCompletionRequest) -> None:
     for field in ("tools", "functions"):
         if getattr(request, field):
-            raise bad_request(f"{field} is not supported yet: tool calling arrives with structured output; "
-                              "remove the field", field)
+            raise bad_request(f"{field} is not supported yet: remove the field (for JSON output, use "
+                              "response_format)", field)
     for field in ("tool_choice", "function_call"):
         if getattr(request, field) not in (None, "none"):
             raise bad_request(f"{field} is not supported yet: there are no tools to call; remove the field", field)
-    kind = (request.response_format or {}).get("type", "text")
-    if kind != "text":
-        raise bad_request(f"response_format {kind!r} is not supported yet: structured output (JSON, JSON schema) "
-                          "is planned; remove response_format or use type 'text'", "response_format")
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     if request.stream_options is not None and not request.stream:

@@ -66,3 +66,37 @@ def test_eviction_takes_the_least_recently_freed_and_tails_first():
 def test_chain_hash_depends_on_the_whole_prefix():
     assert chain_hash(chain_hash(None, [1]), [2]) != chain_hash(chain_hash(None, [3]), [2])
     assert chain_hash(None, [12, 3]) != chain_hash(None, [1, 23])
+
+
+def test_fork_shares_blocks_and_free_returns_them_once_every_owner_let_go():
+    pool = BlockPool(4)
+    blocks = pool.allocate(2)
+    child = pool.fork(blocks)
+    assert child == blocks and child is not blocks
+    assert [pool.ref_count(b) for b in blocks] == [2, 2] and pool.num_free_blocks == 2
+    pool.free(blocks)
+    assert pool.num_free_blocks == 2  # the child still holds them
+    pool.free(child)
+    assert pool.num_free_blocks == 4
+
+
+def test_copy_on_write_replaces_only_a_shared_block():
+    pool = BlockPool(4)
+    parent = pool.allocate(2)
+    child = pool.fork(parent)
+    source, copy = pool.copy_on_write(child, 1)
+    assert source == parent[1] and child == [parent[0], copy] and copy not in parent
+    assert pool.ref_count(parent[0]) == 2 and pool.ref_count(parent[1]) == 1 and pool.ref_count(copy) == 1
+    assert pool.copy_on_write(parent, 1) is None  # now private to the parent: written in place
+    pool.free(child)
+    pool.free(parent)
+    assert pool.num_free_blocks == 4
+
+
+def test_copy_on_write_without_a_free_block_raises_and_changes_nothing():
+    pool = BlockPool(1)
+    parent = pool.allocate(1)
+    child = pool.fork(parent)
+    with pytest.raises(OutOfBlocksError):
+        pool.copy_on_write(child, 0)
+    assert child == parent and pool.ref_count(parent[0]) == 2

@@ -10,7 +10,7 @@ from lmgen.cli import main
 from serverutil import free_port
 
 SAMPLING_FLAGS = {"--max-tokens", "--min-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
-                  "--stop", "--ignore-eos"}
+                  "--stop", "--ignore-eos", "--json-schema", "--json-object", "--regex", "--choice", "--grammar"}
 
 
 def help_flags(capsys, command: str) -> tuple[set[str], str]:

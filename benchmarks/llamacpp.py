@@ -1,0 +1,423 @@
+"""llama.cpp beside lmgen: the same model, the same token ids, one process run.
+
+    python benchmarks/llamacpp.py --check          # proves the GGUF conversion (f32 logits, greedy tokens)
+    python benchmarks/llamacpp.py                  # every figure, median of --repeats (default 3)
+    python benchmarks/llamacpp.py --only decode-bf16 prefill-bf16 --repeats 5 --json out.json
+
+Needs llama-cpp-python and gguf (pip install llama-cpp-python gguf; pip builds llama.cpp
+from source). bench-125m (benchmarks/models.py) is converted to GGUF in f32, bf16, q8_0
+and q4_0 with the `gguf` package, following llama.cpp's convert_hf_to_gguf.py for
+LlamaForCausalLM, and cached beside it in benchmarks/models/ (rebuilt when the checkpoint
+is newer, or with --reconvert).
+
+Figures (../shared/BENCHMARKS.md): decode tokens/s at batch 1 (prompt 128, 128 new tokens,
+greedy, no EOS stop) and prefill tokens/s of one 512-token prompt. Both systems get the
+same random token-id prompts (fixed seed) and 2 threads; their runs alternate, so load
+from other processes falls on both alike. The ratio is lmgen / llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))  # run from a checkout without installing lmgen
+
+from lmgen.bench import lmgen_run  # noqa: E402
+from lmgen.llm import LLM  # noqa: E402
+from lmgen.params import SamplingParams  # noqa: E402
+
+if TYPE_CHECKING:
+    import gguf
+    import llama_cpp
+
+MODEL = ROOT / "models" / "bench-125m"
+THREADS = 2
+GGUF_TYPES = ("f32", "bf16", "q8_0", "q4_0")
+
+
+# ---- conversion: HF Llama checkpoint -> GGUF --------------------------------------------------
+
+def gguf_path(model: Path, qtype: str) -> Path:
+    return model.parent / f"{model.name}-{qtype}.gguf"
+
+
+def hf_to_gguf_name(name: str) -> str:
+    """llama.cpp's tensor names for LLAMA (gguf-py constants.py, TENSOR_NAMES)."""
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if name in top:
+        return top[name]
+    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    _, _, bid, rest = name.split(".", 3)  # model.layers.N.<module>.weight
+    module, _, suffix = rest.rpartition(".")
+    return f"blk.{bid}.{layer[module]}.{suffix}"
+
+
+def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's q/k rows rotate halves (i pairs with i + d/2); llama.cpp's LLAMA rope rotates
+    adjacent pairs (2i, 2i+1). Within each head, row j*d/2 + i moves to row 2i + j."""
+    rows, cols = weight.shape
+    return weight.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def hf_tensors(model: Path, config: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """The checkpoint's tensors as float32 numpy arrays, q/k already permuted."""
+    from safetensors import safe_open
+
+    with safe_open(str(model / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            data = f.get_tensor(name).float().numpy()
+            if name.endswith("q_proj.weight"):
+                data = permute_rope(data, config["num_attention_heads"])
+            elif name.endswith("k_proj.weight"):
+                data = permute_rope(data, config["num_key_value_heads"])
+            yield name, data
+
+
+def write_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
+    """The keys convert_hf_to_gguf.py writes for LlamaForCausalLM (TextModel + LlamaModel)."""
+    rope = config.get("rope_parameters") or {}  # transformers 5 moved rope_theta in here
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    writer.add_name("bench-125m")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(head_dim)
+
+
+def write_vocab(writer: gguf.GGUFWriter, model: Path, config: dict) -> None:
+    """A byte-level BPE ("gpt2") vocabulary from tokenizer.json, padded with unused
+    [PADi] tokens up to the model's vocab_size as convert_hf_to_gguf.py does."""
+    import gguf
+
+    tok = json.loads((model / "tokenizer.json").read_text())
+    by_id = {i: t for t, i in tok["model"]["vocab"].items()}
+    special = {a["id"] for a in tok.get("added_tokens", []) if a.get("special")}
+    tokens, types = [], []
+    for i in range(config["vocab_size"]):
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        types.append(gguf.TokenType.UNUSED if i not in by_id
+                     else gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")  # our tokenizer matches none of llama.cpp's known hashes
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+
+
+def convert(model: Path, qtype: str, out: Path) -> None:
+    """Write `model` as GGUF. Norms stay f32 (llama.cpp's converter keeps every 1-D tensor
+    and *_norm in f32); every 2-D weight, the (tied) embedding included, takes `qtype`."""
+    import gguf
+
+    config = json.loads((model / "config.json").read_text())
+    Q = gguf.GGMLQuantizationType
+    qt = {"f32": Q.F32, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[qtype]
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
+    writer = gguf.GGUFWriter(str(out) + ".part", "llama")
+    writer.add_type(gguf.GGUFType.MODEL)
+    write_hparams(writer, config)
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_vocab(writer, model, config)
+    for name, data in hf_tensors(model, config):
+        target = Q.F32 if data.ndim == 1 else qt
+        writer.add_tensor(hf_to_gguf_name(name), gguf.quants.quantize(data, target), raw_dtype=target)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    Path(str(out) + ".part").rename(out)
+
+
+def ensure_gguf(model: Path, qtype: str, reconvert: bool = False) -> Path:
+    """The cached GGUF file, converted again when missing, stale, or asked for."""
+    out = gguf_path(model, qtype)
+    stale = not out.is_file() or out.stat().st_mtime < (model / "model.safetensors").stat().st_mtime
+    if stale or reconvert:
+        print(f"converting {model.name} to {out.name} ...", flush=True)
+        convert(model, qtype, out)
+    return out
+
+
+# ---- running the two systems ------------------------------------------------------------------
+
+@dataclass
+class Run:
+    ttft_s: float  # prompt evaluated and the first token chosen
+    decode_tok_s: float  # tokens/s after the first
+    prompt_len: int
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_len / self.ttft_s
+
+
+def load_llama(path: Path, n_ctx: int, logits_all: bool = False, f32_kv: bool = False,
+               flash_attn: bool = False) -> llama_cpp.Llama:
+    import llama_cpp
+
+    kv = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_kv else {}
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512,
+                           n_ubatch=512, logits_all=logits_all, flash_attn=flash_attn, verbose=False, **kv)
+
+
+def llama_next(llm: llama_cpp.Llama) -> int:
+    """Greedy pick from the last evaluated position's logits (what lmgen's temperature 0 does)."""
+    import llama_cpp
+
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    return int(logits.argmax())
+
+
+def llama_generate(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> tuple[Run, list[int]]:
+    """Prompt evaluation timed apart from the one-token-at-a-time decode loop."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    tokens = [llama_next(llm)]
+    first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval(tokens[-1:])
+        tokens.append(llama_next(llm))
+    end = time.perf_counter()
+    return Run(first - start, (new_tokens - 1) / (end - first), len(prompt)), tokens
+
+
+def load_lmgen(dtype: str, quantization: str | None = None) -> LLM:
+    # a small KV budget: these runs hold one sequence of at most a few hundred tokens
+    return LLM(str(MODEL), dtype=dtype, quantization=quantization, kv_cache_memory="256MiB")
+
+
+def lmgen_generate(llm: LLM, prompt: list[int], new_tokens: int) -> Run:
+    figures = lmgen_run(llm, [prompt], new_tokens)  # lmgen bench latency's own measurement
+    return Run(figures.ttft_s, figures.decode_tok_s, len(prompt))
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def lmgen_weight_bytes(llm: LLM) -> int:
+    """Bytes of the model's tensors, a tied embedding / LM head counted once."""
+    model = llm.engine.model
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    return sum(seen.values())
+
+
+# ---- the check: the conversion is right when llama.cpp f32 computes what lmgen f32 does -------
+
+def check(prompt_len: int = 32, new_tokens: int = 32) -> bool:
+    """Per-position logits of one prompt and greedy tokens, llama.cpp f32 vs lmgen float32.
+    llama.cpp's KV cache is f32 here (its default is f16) so only summation order differs."""
+    prompt = random_prompts(1, prompt_len, seed=1)[0]
+    llama = load_llama(ensure_gguf(MODEL, "f32"), n_ctx=256, logits_all=True, f32_kv=True)
+    ours = load_lmgen("float32")
+    llama.reset()
+    llama.eval(prompt)
+    theirs = torch.from_numpy(np.array(llama.scores[:prompt_len], dtype=np.float32))
+    mine = ours.engine.score([prompt])[0]
+    diff = (theirs - mine).abs().max().item()
+    scale = mine.abs().max().item()
+    same_argmax = (theirs.argmax(-1) == mine.argmax(-1)).float().mean().item()
+    print(f"logits at {prompt_len} positions: max |llama.cpp - lmgen| = {diff:.2e} "
+          f"(largest |logit| {scale:.2f}, relative {diff / scale:.1e}); same argmax at {same_argmax:.0%}")
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    lmgen_tokens = ours.generate([prompt], params)[0].outputs[0].token_ids
+    llama_tokens = llama_generate(llama, prompt, new_tokens)[1]
+    agree = next((i for i, (a, b) in enumerate(zip(lmgen_tokens, llama_tokens)) if a != b), new_tokens)
+    print(f"greedy tokens: {agree}/{new_tokens} identical" + ("" if agree == new_tokens else
+          f"; first difference at {agree}: lmgen {lmgen_tokens[agree]}, llama.cpp {llama_tokens[agree]}"))
+    ok = diff / scale < 1e-3 and same_argmax == 1.0 and agree == new_tokens
+    print("check", "PASSED" if ok else "FAILED")
+    return ok
+
+
+# ---- the figures ----------------------------------------------------------------------------
+
+@dataclass
+class Pair:
+    """One row: a llama.cpp GGUF type against an lmgen setting on the same workload."""
+    name: str
+    gguf: str
+    dtype: str
+    quantization: str | None
+    prompt_len: int
+    new_tokens: int
+    figure: str  # "decode_tok_s" or "prefill_tok_s"
+
+
+PAIRS = [
+    Pair("decode-f32", "f32", "float32", None, 128, 128, "decode_tok_s"),
+    Pair("decode-bf16", "bf16", "bfloat16", None, 128, 128, "decode_tok_s"),
+    Pair("prefill-bf16", "bf16", "bfloat16", None, 512, 2, "prefill_tok_s"),
+    # lmgen's quantized kernels take bfloat16 activations (layers/quant.py)
+    Pair("decode-q8_0", "q8_0", "bfloat16", "int8", 128, 128, "decode_tok_s"),
+    Pair("decode-q4_0", "q4_0", "bfloat16", "int4", 128, 128, "decode_tok_s"),
+]
+
+
+def random_prompts(count: int, length: int, seed: int, vocab: int = 32000) -> list[list[int]]:
+    """Random token ids (3 and up: 0-2 are <unk>, <s>, </s>); distinct prompts, so no
+    prefix-cache hit can shorten lmgen's prefill."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
+
+
+def alternate(runs: dict[str, Callable[[list[int]], Run]], prompts: list[list[int]]) -> dict[str, list[Run]]:
+    """Each prompt through every system, the order flipped every repeat so that a burst of
+    load from other processes does not always hit the same system."""
+    results: dict[str, list[Run]] = {name: [] for name in runs}
+    for i, prompt in enumerate(prompts):
+        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            results[name].append(runs[name](prompt))
+    return results
+
+
+def measure_pair(pair: Pair, repeats: int, flash_attn: bool) -> dict:
+    """Both systems loaded side by side, warmed up, then `repeats` alternating runs each."""
+    path = ensure_gguf(MODEL, pair.gguf)
+    row: dict = {"name": pair.name, "figure": pair.figure, "prompt_len": pair.prompt_len,
+                 "new_tokens": pair.new_tokens}
+    try:
+        ours = load_lmgen(pair.dtype, pair.quantization)
+    except Exception as exc:  # e.g. a quantization method lmgen does not have yet
+        row["note"] = f"lmgen {pair.dtype} {pair.quantization}: {type(exc).__name__}: {exc}"
+        ours = None
+    llama = load_llama(path, n_ctx=1024, flash_attn=flash_attn)
+    runs: dict[str, Callable[[list[int]], Run]] = {
+        "llama.cpp": lambda p: llama_generate(llama, p, pair.new_tokens)[0]}
+    if ours is not None:
+        runs["lmgen"] = lambda p: lmgen_generate(ours, p, pair.new_tokens)
+    alternate(runs, random_prompts(1, 16, seed=99))  # warm-up: first-call allocations, page faults
+    results = alternate(runs, random_prompts(repeats, pair.prompt_len, seed=0))
+    setting = {"llama.cpp": pair.gguf, "lmgen": pair.dtype + (f" {pair.quantization}" if pair.quantization else "")}
+    for system, system_runs in results.items():
+        values = [getattr(r, pair.figure) for r in system_runs]
+        row[system] = {"setting": setting[system], "median": round(statistics.median(values), 2),
+                       "best": round(max(values), 2),  # the run the other processes disturbed least
+                       "runs": [round(v, 2) for v in values],
+                       "weight_bytes": gguf_weight_bytes(path) if system == "llama.cpp" else lmgen_weight_bytes(ours)}
+    row["load_average"] = round(os.getloadavg()[0], 2)  # > 2 here: other processes shared the 2 cores
+    if "lmgen" in row:
+        row["ratio"] = round(row["lmgen"]["median"] / row["llama.cpp"]["median"], 2)
+        row["ratio_best"] = round(row["lmgen"]["best"] / row["llama.cpp"]["best"], 2)
+    return row
+
+
+def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """GB/s of summing a float32 array far larger than the caches with THREADS threads: the
+    DRAM read rate a memory-bound batch-1 decode can reach at best."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    data.sum()  # fault the pages in
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        seconds.append(time.perf_counter() - start)
+    return round(data.numel() * 4 / min(seconds) / 1e9, 1)  # the fastest: the least disturbed
+
+
+def _cells(fig: dict | None, figure: str) -> list[str]:
+    if fig is None:
+        return ["-", "-", "-"]
+    rate = f"{fig['median'] * fig['weight_bytes'] / 1e9:.1f}" if figure == "decode_tok_s" else "-"
+    return [f"{fig['setting']} ({fig['weight_bytes'] / 2**20:.0f} MiB)", f"{fig['median']:.1f} ({fig['best']:.1f})",
+            rate]
+
+
+def print_table(rows: list[dict]) -> None:
+    """Markdown, ready for docs/performance.md: tok/s as median (best run). GB/s = median
+    decode tok/s x weight bytes, the read rate a system sustains if it reads every weight
+    once per token."""
+    print("\n| figure | llama.cpp | tok/s | GB/s | lmgen | tok/s | GB/s | lmgen / llama.cpp | same, best runs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        ratios = [f"{row['ratio']:.2f}×", f"{row['ratio_best']:.2f}×"] if "ratio" in row else ["-", "-"]
+        cells = [row["name"], *_cells(row.get("llama.cpp"), row["figure"]), *_cells(row.get("lmgen"), row["figure"]),
+                 *ratios]
+        print("| " + " | ".join(cells) + " |")
+    for row in rows:
+        if "note" in row:
+            print(f"note: {row['name']}: {row['note']}")
+
+
+def machine() -> dict:
+    import llama_cpp
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    return {"platform": platform.platform(), "cpu_flags": sorted(f for f in flags if f.startswith("avx")),
+            "threads": THREADS, "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
+            "system_info": llama_cpp.llama_print_system_info().decode()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="check the conversion against lmgen, then stop")
+    parser.add_argument("--only", nargs="+", choices=[p.name for p in PAIRS], help="measure these rows only")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per system and row (median)")
+    parser.add_argument("--json", help="write the figures and every run here")
+    parser.add_argument("--reconvert", action="store_true", help="convert to GGUF again even if cached")
+    parser.add_argument("--flash-attn", action="store_true", help="llama.cpp with flash attention")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    missing = [name for name in ("llama_cpp", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} missing: pip install llama-cpp-python gguf")
+    torch.set_num_threads(THREADS)
+    if not (MODEL / "model.safetensors").is_file():
+        raise SystemExit(f"{MODEL} is missing: python benchmarks/models.py")
+    pairs = [p for p in PAIRS if args.only is None or p.name in args.only]
+    if args.reconvert:
+        for qtype in dict.fromkeys(["f32"] if args.check else [p.gguf for p in pairs]):
+            ensure_gguf(MODEL, qtype, reconvert=True)
+    if args.check:
+        raise SystemExit(0 if check() else 1)
+    bandwidth = read_bandwidth()
+    print(f"DRAM read bandwidth, {THREADS} threads: {bandwidth} GB/s", flush=True)
+    rows = []
+    for pair in pairs:
+        rows.append(measure_pair(pair, args.repeats, args.flash_attn))
+        print(json.dumps(rows[-1]), flush=True)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine(),
+                                               "read_bandwidth_gb_s": bandwidth,
+                                               "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Quantize a checkpoint once and save it (``lmgen quantize``).
+
+The output folder is a complete model: the quantized weights in their storage form
+(see ``lmgen.layers.quant``) in model.safetensors, config.json with a
+``quantization_config``, and the tokenizer and generation files copied over.
+Loading it reads the integer weights directly, with no float detour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lmgen.errors import InvalidArgumentError
+from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QuantConfig, quantize_tensors
+from lmgen.loader.checkpoint import MODEL_FILES, iter_tensors, read_json, resolve_model_path
+from lmgen.models import model_class
+
+
+def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, method: str = "int4",
+                        group_size: int = DEFAULT_GROUP_SIZE, lm_head: bool = True,
+                        revision: str | None = None) -> Path:
+    """Write `model` (folder or hub id), quantized with `method`, into the folder `out`; returns it.
+
+    >>> quantize_checkpoint("path/to/model", "model-int4", method="int4", group_size=64)
+    >>> LLM("model-int4")   # loads the int4 weights as they are
+    """
+    config = QuantConfig(method, group_size, lm_head)
+    source = resolve_model_path(model, revision)
+    hf_config = read_json(source, "config.json", required=True)
+    if QuantConfig.from_hf(hf_config) is not None:
+        raise InvalidArgumentError(f"{source} is already quantized: quantize its full-precision checkpoint")
+    model_class(hf_config)  # an architecture lmgen cannot run fails here, before any work
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):  # old weight shards there would load beside the new ones
+        raise InvalidArgumentError(f"the output folder {out} is not empty: choose a new one")
+    # Everything is quantized before anything is written, so a bad layer leaves no half-written folder.
+    tensors = {name: tensor if isinstance(tensor, torch.Tensor) else tensor.load()
+               for name, tensor in quantize_tensors(iter_tensors(source), config)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    for name in MODEL_FILES:
+        if (source / name).is_file() and name != "config.json":
+            shutil.copyfile(source / name, out / name)
+    quantized_config = {**hf_config, "quantization_config": config.to_hf()}
+    (out / "config.json").write_text(json.dumps(quantized_config, indent=2) + "\n", encoding="utf-8")
+    return out

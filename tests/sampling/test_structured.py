@@ -1,0 +1,218 @@
+"""Structured output: every sampled output conforms, on random weights (which want to emit anything) and the demo model."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+import jsonschema
+import pytest
+
+from lmgen import LLM, SamplingParams
+from lmgen.errors import InvalidArgumentError
+from lmgen.params import StructuredOutputs
+
+NAME = {"type": "string", "minLength": 1, "maxLength": 8}
+SCHEMAS = [
+    {"type": "object", "properties": {"name": NAME, "age": {"type": "integer"}}, "required": ["name", "age"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {"id": {"type": "integer"}, "tags": {
+        "type": "array", "items": NAME, "maxItems": 2}}, "required": ["id", "tags"], "additionalProperties": False}},
+     "required": ["user"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 4},
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 3, "maxItems": 3},
+    {"enum": ["red", "green", "blue", 7, None]},
+    {"const": {"kind": "fixed", "version": 2}},
+    {"type": "string", "pattern": "^[A-Z][a-z]{2,5}$"},
+    {"type": "string", "minLength": 3, "maxLength": 5},
+    {"type": "integer", "minimum": -5, "maximum": 5},
+    {"type": "integer", "exclusiveMinimum": 100, "maximum": 120},
+    {"type": "number", "minimum": 0.5, "maximum": 2.5},
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": NAME, "c": {"type": "boolean"}}, "required": ["a"],
+     "additionalProperties": False},
+    {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                         "required": ["x", "y"], "additionalProperties": False}},
+     "type": "object", "properties": {"start": {"$ref": "#/$defs/point"}, "end": {"$ref": "#/$defs/point"}},
+     "required": ["start", "end"], "additionalProperties": False},
+    {"anyOf": [{"type": "integer"}, {"type": "object", "properties": {"error": NAME}, "required": ["error"],
+                                     "additionalProperties": False}]},
+    {"type": "array", "items": {"enum": ["x", "y"]}, "minItems": 1, "maxItems": 3},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "code": {"type": "integer", "minimum": 200,
+                                                                          "maximum": 599}},
+     "required": ["ok", "code"], "additionalProperties": False},
+    {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
+        "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"}, "qty": {"type": "integer", "minimum": 1,
+                                                                            "maximum": 9}},
+        "required": ["sku", "qty"], "additionalProperties": False}, "minItems": 1, "maxItems": 2}},
+     "required": ["items"], "additionalProperties": False},
+    {"type": ["string", "null"], "maxLength": 4},
+    {"type": "object", "properties": {"when": {"type": "string", "format": "date"}}, "required": ["when"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"tuple": {"type": "array", "prefixItems": [{"type": "integer"}, NAME],
+                                                "items": False}},
+     "required": ["tuple"], "additionalProperties": False},
+    {"type": "object", "properties": {"nested": {"type": "array", "items": {"type": "array", "items": {
+        "type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 2}, "maxItems": 2}}, "required": ["nested"],
+     "additionalProperties": False},
+]
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def random_llm(llama_path):
+    return LLM(llama_path, seed=0)
+
+
+@pytest.fixture(scope="module")
+def demo_llm():
+    return LLM(seed=0)
+
+
+def _sample(llm: LLM, spec: dict, seeds=SEEDS, **kwargs) -> list:
+    """One completion per seed, all in one batch; each must end because the grammar finished."""
+    params = [SamplingParams(structured=spec, seed=seed, max_tokens=kwargs.pop("max_tokens", 256), **kwargs)
+              for seed in seeds]
+    outputs = llm.generate(["Answer:"] * len(seeds), params)
+    completions = [o.outputs[0] for o in outputs]
+    assert all(c.finish_reason == "stop" for c in completions), [(c.text, c.finish_reason) for c in completions]
+    return [c.text for c in completions]
+
+
+@pytest.mark.parametrize("llm_name", ["random_llm", "demo_llm"])
+def test_json_schema_outputs_validate(llm_name, request):
+    llm = request.getfixturevalue(llm_name)
+    params = [SamplingParams(structured={"json_schema": schema}, seed=seed, max_tokens=256)
+              for schema in SCHEMAS for seed in SEEDS]
+    outputs = llm.generate(["Answer:"] * len(params), params)
+    for index, output in enumerate(outputs):
+        schema, completion = SCHEMAS[index // len(SEEDS)], output.outputs[0]
+        assert completion.finish_reason == "stop", (schema, completion.text)
+        jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_json_object_and_schema_as_text(random_llm):
+    # Any object may hold unbounded strings, which random weights ramble through: outputs that
+    # finish must parse; those cut by max_tokens have no chance to.
+    params = [SamplingParams(structured={"json_object": True}, seed=seed, max_tokens=256) for seed in range(6)]
+    finished = [o.outputs[0].text for o in random_llm.generate(["Answer:"] * 6, params)
+                if o.outputs[0].finish_reason == "stop"]
+    assert finished and all(isinstance(json.loads(text), dict) for text in finished)
+    schema = SCHEMAS[0]
+    for text in _sample(random_llm, {"json_schema": json.dumps(schema)}):
+        jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("pattern", [r"[0-9]{3}-[a-z]{2,4}", r"(yes|no), because [a-z ]{5,20}\.",
+                                     r"[0-9]+(\.[0-9]{1,2})? (EUR|USD)", r"[A-Z][a-z]+( [A-Z][a-z]+){0,2}"])
+@pytest.mark.parametrize("llm_name", ["random_llm", "demo_llm"])
+def test_regex_outputs_fullmatch(pattern, llm_name, request):
+    for text in _sample(request.getfixturevalue(llm_name), {"regex": pattern}):
+        assert re.fullmatch(pattern, text), text
+
+
+@pytest.mark.parametrize("llm_name", ["random_llm", "demo_llm"])
+def test_choice_outputs_are_choices(llm_name, request):
+    choices = ["positive", "negative", "neutral", "it depends"]
+    texts = _sample(request.getfixturevalue(llm_name), {"choice": choices}, seeds=range(8))
+    assert set(texts) <= set(choices)
+
+
+ARITHMETIC = r"""
+start: expr
+expr: term (("+" | "-") term)*
+term: factor (("*" | "/") factor)*
+factor: NUMBER | "(" expr ")"
+NUMBER: /[1-9][0-9]{0,2}/
+"""
+
+
+@pytest.mark.parametrize("llm_name", ["random_llm", "demo_llm"])
+def test_lark_arithmetic_grammar(llm_name, request):
+    for text in _sample(request.getfixturevalue(llm_name), {"grammar": ARITHMETIC}, max_tokens=512):
+        tree = ast.parse(text, mode="eval")  # a syntax error would raise here
+        allowed = (ast.Expression, ast.BinOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.Div)
+        assert all(isinstance(node, allowed) for node in ast.walk(tree)), text
+
+
+def test_gbnf_grammar_is_accepted(random_llm):
+    gbnf = 'root ::= "The answer is " ("yes" | "no") "."'
+    assert set(_sample(random_llm, {"grammar": gbnf})) <= {"The answer is yes.", "The answer is no."}
+
+
+def test_forced_tokens_need_no_model_step(random_llm, monkeypatch):
+    """What the grammar leaves no choice about is appended without running the model."""
+    steps = []
+    execute = random_llm.engine.runner.execute
+    monkeypatch.setattr(random_llm.engine.runner, "execute", lambda *args: steps.append(1) or execute(*args))
+    [output] = random_llm.generate("Answer:", SamplingParams(structured={"choice": ["the only answer"]}))
+    assert (output.outputs[0].text, output.outputs[0].finish_reason, len(steps)) == ("the only answer", "stop", 0)
+    schema = {"type": "object", "properties": {"constant_key_one": {"const": "a fixed value"}, "flag": {
+        "type": "boolean"}}, "required": ["constant_key_one", "flag"], "additionalProperties": False}
+    [output] = random_llm.generate("Answer:", SamplingParams(structured={"json_schema": schema}, seed=0))
+    assert json.loads(output.outputs[0].text)["constant_key_one"] == "a fixed value"
+    assert len(steps) + 6 <= len(output.outputs[0].token_ids)  # the key and the constant came for free
+
+
+def test_constrained_and_free_requests_share_a_batch(random_llm):
+    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    [alone] = random_llm.generate("Portugal is", free)
+    constrained = SamplingParams(structured={"json_schema": SCHEMAS[0]}, seed=3, max_tokens=128)
+    outputs = random_llm.generate(["Answer:", "Portugal is", "Answer:"], [constrained, free, constrained])
+    assert outputs[1].outputs[0].token_ids == alone.outputs[0].token_ids
+    assert outputs[0].outputs[0].text == outputs[2].outputs[0].text  # same seed, same output
+    jsonschema.validate(json.loads(outputs[0].outputs[0].text), SCHEMAS[0])
+
+
+def test_n_streaming_logprobs_and_stop_strings_compose(random_llm):
+    schema = SCHEMAS[1]
+    params = SamplingParams(n=3, structured={"json_schema": schema}, seed=5, max_tokens=256, logprobs=2)
+    [output] = random_llm.generate("Answer:", params)
+    for completion in output.outputs:
+        jsonschema.validate(json.loads(completion.text), schema)
+        assert len(completion.logprobs) == len(completion.token_ids)  # no forced tokens without logprobs
+    streamed = {}
+    for delta in random_llm.stream("Answer:", SamplingParams(n=2, structured={"json_schema": schema}, seed=5)):
+        for completion in delta.outputs:
+            streamed[completion.index] = streamed.get(completion.index, "") + completion.text
+    for text in streamed.values():
+        jsonschema.validate(json.loads(text), schema)
+    [stopped] = random_llm.generate("Answer:", SamplingParams(structured={"regex": "[a-z]{3} [a-z]{3} [a-z]{3}"},
+                                                               stop=[" "], seed=1))
+    assert re.fullmatch("[a-z]{3}", stopped.outputs[0].text)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"json_schema": {"type": "strin"}}, "invalid json_schema"),
+    ({"json_schema": {"type": "array", "uniqueItems": True}}, "uniqueItems"),  # cannot be enforced: an error
+    ({"json_schema": "{not json"}, "not valid JSON"),
+    ({"regex": "[a-"}, "invalid regex"),
+    ({"grammar": 'start: "a" | b'}, "invalid grammar"),
+    ({"choice": []}, "non-empty list"),
+    ({"regex": "a", "choice": ["a"]}, "exactly one"),
+    ({"schema": {}}, "unknown structured output field"),
+])
+def test_invalid_specs_are_rejected_before_generation(random_llm, spec, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        random_llm.generate("Answer:", SamplingParams(structured=spec))
+    assert not random_llm.engine.has_unfinished_requests()
+    [output] = random_llm.generate("Answer:", SamplingParams(structured={"choice": ["ok"]}))  # still serving
+    assert output.outputs[0].text == "ok"
+
+
+def test_structured_outputs_is_a_value_error():
+    with pytest.raises(ValueError):
+        StructuredOutputs()
+
+
+def test_drop_in_generate_takes_structured(llama_path):
+    from lmgen import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    model = AutoModelForCausalLM.from_pretrained(llama_path)
+    tokenizer = AutoTokenizer.from_pretrained(llama_path, padding_side="left")
+    inputs = tokenizer(["Answer:", "A longer prompt here:"], return_tensors="pt", padding=True)
+    bounded = SCHEMAS[15]  # every field bounded, so 128 tokens always complete it, whatever the weights want
+    set_seed(0)
+    ids = model.generate(**inputs, max_new_tokens=128, do_sample=True, structured={"json_schema": bounded})
+    for text in tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True):
+        jsonschema.validate(json.loads(text), bounded)
