@@ -85,10 +85,12 @@ def load_transformers(path: str, dtype: torch.dtype):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
-def measure(run: Callable[[list[list[int]], int], Figures], system: str, prompts: list[list[int]],
-            new_tokens: int, repeats: int) -> Figures:
-    run(prompts[:1], 4)  # warm-up
-    return _median([run(prompts, new_tokens) for _ in range(repeats)], system)
+def measure(run: Callable[[list[list[int]], int], Figures], system: str, batches: list[list[list[int]]],
+            new_tokens: int) -> Figures:
+    """Warm up on part of the first batch, then the median over the others. Every batch has prompts of its
+    own: a repeated prompt would be a prefix-cache hit and time no prefill at all."""
+    run(batches[0][:1], 4)
+    return _median([run(batch, new_tokens) for batch in batches[1:]], system)
 
 
 def machine() -> str:
@@ -144,12 +146,11 @@ def run_bench(llm: LLM, mode: str, sizes: list[int], prompt_len: int, new_tokens
     hf = load_transformers(str(llm.engine.model_path), llm.engine.dtype) if compare == "transformers" else None
     rows = []
     for size in sizes:
-        prompts = synthetic_prompts(size, prompt_len, llm.engine.model.args.vocab_size)
-        ours = measure(lambda p, n: lmgen_run(llm, p, n), "lmgen", prompts, new_tokens, repeats)
-        pair = [ours]
+        prompts = synthetic_prompts(size * (repeats + 1), prompt_len, llm.engine.model.args.vocab_size)
+        batches = [prompts[run * size:(run + 1) * size] for run in range(repeats + 1)]
+        pair = [measure(lambda p, n: lmgen_run(llm, p, n), "lmgen", batches, new_tokens)]
         if hf is not None:
-            pair.append(measure(lambda p, n: transformers_run(hf, p, n), "transformers", prompts, new_tokens,
-                                repeats))
+            pair.append(measure(lambda p, n: transformers_run(hf, p, n), "transformers", batches, new_tokens))
         key = "decode_tok_s" if mode == "latency" else "total_tok_s"
         for figures in pair:
             row = {"workload": f"{mode} n={size}", **asdict(figures)}

@@ -73,3 +73,13 @@ def test_bench_prefix_reports_cache_on_and_off(llama_path):
     result = lmgen("bench", "prefix", "--model", str(llama_path), "--prompt-len", "40", "--repeats", "1")
     assert result.returncode == 0, result.stderr
     assert "prefix cache on" in result.stdout and "prefix cache off" in result.stdout
+
+
+def test_bench_latency_times_prefill_of_prompts_the_cache_has_not_seen(llama_path):
+    from lmgen import LLM
+    from lmgen.bench import run_bench
+
+    llm = LLM(str(llama_path), block_size=4)
+    rows = run_bench(llm, "latency", [2], prompt_len=16, new_tokens=2, repeats=2, compare=None)
+    assert rows[0]["prefill_tok_s"] > 0
+    assert llm.engine.scheduler.num_prefix_hit_tokens == 0  # a hit would time no prefill at all
