@@ -212,9 +212,9 @@ def llama_generate(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> 
     return Run(first - start, (new_tokens - 1) / (end - first), len(prompt)), tokens
 
 
-def load_lmgen(dtype: str, quantization: str | None = None) -> LLM:
+def load_lmgen(dtype: str, quantization: str | None = None, compile: bool = False) -> LLM:
     # a small KV budget: these runs hold one sequence of at most a few hundred tokens
-    return LLM(str(MODEL), dtype=dtype, quantization=quantization, kv_cache_memory="256MiB")
+    return LLM(str(MODEL), dtype=dtype, quantization=quantization, kv_cache_memory="256MiB", compile=compile)
 
 
 def lmgen_generate(llm: LLM, prompt: list[int], new_tokens: int) -> Run:
@@ -305,13 +305,15 @@ def alternate(runs: dict[str, Callable[[list[int]], Run]], prompts: list[list[in
     return results
 
 
-def measure_pair(pair: Pair, repeats: int, flash_attn: bool) -> dict:
-    """Both systems loaded side by side, warmed up, then `repeats` alternating runs each."""
+def measure_pair(pair: Pair, repeats: int, flash_attn: bool, compile: bool = False) -> dict:
+    """Both systems loaded side by side, warmed up, then `repeats` alternating runs each. With
+    `compile`, lmgen runs its compiled decode step, and its eager path runs beside as a third system."""
     path = ensure_gguf(MODEL, pair.gguf)
     row: dict = {"name": pair.name, "figure": pair.figure, "prompt_len": pair.prompt_len,
                  "new_tokens": pair.new_tokens}
     try:
-        ours = load_lmgen(pair.dtype, pair.quantization)
+        ours = load_lmgen(pair.dtype, pair.quantization, compile)
+        eager = load_lmgen(pair.dtype, pair.quantization) if compile else None
     except Exception as exc:  # e.g. a quantization method lmgen does not have yet
         row["note"] = f"lmgen {pair.dtype} {pair.quantization}: {type(exc).__name__}: {exc}"
         ours = None
@@ -320,9 +322,13 @@ def measure_pair(pair: Pair, repeats: int, flash_attn: bool) -> dict:
         "llama.cpp": lambda p: llama_generate(llama, p, pair.new_tokens)[0]}
     if ours is not None:
         runs["lmgen"] = lambda p: lmgen_generate(ours, p, pair.new_tokens)
+    if compile and ours is not None:
+        runs["lmgen eager"] = lambda p: lmgen_generate(eager, p, pair.new_tokens)
     alternate(runs, random_prompts(1, 16, seed=99))  # warm-up: first-call allocations, page faults
     results = alternate(runs, random_prompts(repeats, pair.prompt_len, seed=0))
-    setting = {"llama.cpp": pair.gguf, "lmgen": pair.dtype + (f" {pair.quantization}" if pair.quantization else "")}
+    lmgen_setting = pair.dtype + (f" {pair.quantization}" if pair.quantization else "")
+    setting = {"llama.cpp": pair.gguf, "lmgen": lmgen_setting + (" compiled" if compile else ""),
+               "lmgen eager": lmgen_setting}
     for system, system_runs in results.items():
         values = [getattr(r, pair.figure) for r in system_runs]
         row[system] = {"setting": setting[system], "median": round(statistics.median(values), 2),
@@ -333,6 +339,8 @@ def measure_pair(pair: Pair, repeats: int, flash_attn: bool) -> dict:
     if "lmgen" in row:
         row["ratio"] = round(row["lmgen"]["median"] / row["llama.cpp"]["median"], 2)
         row["ratio_best"] = round(row["lmgen"]["best"] / row["llama.cpp"]["best"], 2)
+    if "lmgen eager" in row:
+        row["compiled_vs_eager"] = round(row["lmgen"]["median"] / row["lmgen eager"]["median"], 2)
     return row
 
 
@@ -369,6 +377,10 @@ def print_table(rows: list[dict]) -> None:
                  *ratios]
         print("| " + " | ".join(cells) + " |")
     for row in rows:
+        if "compiled_vs_eager" in row:
+            print(f"{row['name']}: lmgen compiled {row['lmgen']['median']:.1f} vs eager "
+                  f"{row['lmgen eager']['median']:.1f} tok/s ({row['compiled_vs_eager']:.2f}×)")
+    for row in rows:
         if "note" in row:
             print(f"note: {row['name']}: {row['note']}")
 
@@ -391,6 +403,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures and every run here")
     parser.add_argument("--reconvert", action="store_true", help="convert to GGUF again even if cached")
     parser.add_argument("--flash-attn", action="store_true", help="llama.cpp with flash attention")
+    parser.add_argument("--compile", action="store_true",
+                        help="lmgen with its compiled decode step, and its eager path beside it")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -410,7 +424,7 @@ def main() -> None:
     print(f"DRAM read bandwidth, {THREADS} threads: {bandwidth} GB/s", flush=True)
     rows = []
     for pair in pairs:
-        rows.append(measure_pair(pair, args.repeats, args.flash_attn))
+        rows.append(measure_pair(pair, args.repeats, args.flash_attn, args.compile))
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
     if args.json:

@@ -60,6 +60,7 @@ class EngineConfig:
     quantization: str | None = None  # weight-only: "int8" (per output channel) or "int4" (per group)
     quantization_group_size: int | None = None  # int4: input columns per scale (32, 64, 128, 256); None: 64
     quantize_lm_head: bool = True  # with quantization, the LM head and embedding table too (int8)
+    compile: bool = False  # torch.compile the decode step: faster decode after a slower first start
     seed: int | None = None  # seeds the requests that bring no seed of their own
     revision: str | None = None  # hub revision
 

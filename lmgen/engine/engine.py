@@ -62,7 +62,7 @@ class Engine:
         self.pool = BlockPool(self.kv_cache.num_blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.block_size, config.enable_prefix_caching), self.pool)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, config.compile)
         self.eos_token_ids = self._eos_token_ids()
         self.default_max_tokens = int(self.generation_config.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
         self._rng = random.Random(config.seed)

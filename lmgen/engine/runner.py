@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from lmgen.cache.kv_cache import KVCache
+from lmgen.engine.compiled import CompiledDecode
 from lmgen.engine.request import Request
 from lmgen.engine.scheduler import ScheduledBatch
 from lmgen.layers.attention import AttentionMetadata
@@ -28,11 +29,14 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device,
+                 compile_decode: bool = False) -> None:
         self.model = model
+        self._decode = CompiledDecode(model, device) if compile_decode else None
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
+        self._windows = set(model.args.layer_windows)
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="lmgen-grammar")
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
@@ -65,6 +69,7 @@ class ModelRunner:
             query_starts=flat(query_starts), seq_lens=flat(request_lens),
             token_request=flat(np.concatenate(token_request)), token_offset=flat(np.concatenate(token_offset)),
             max_query_len=max(batch.num_new_tokens), block_size=bs)
+        meta.build_masks(self._windows)
         return StepInputs(flat(ids), flat(np.concatenate(positions)), flat(np.concatenate(seq_lens)), meta,
                           flat(sample_indices), sampled)
 
@@ -94,8 +99,8 @@ class ModelRunner:
             masks_done = self._mask_worker.submit(grammar.fill_bitmask,
                                                   [inputs.sampled_requests[row].matcher for row in constrained],
                                                   bitmask)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta,
-                            self.kv_cache.layers)
+        forward = self._decode if self._decode is not None and inputs.meta.decode_only else self.model
+        hidden = forward(inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta, self.kv_cache.layers)
         if not inputs.sampled_requests:
             return []
         logits = self.model.compute_logits(hidden[inputs.sample_indices])

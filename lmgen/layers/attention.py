@@ -31,25 +31,24 @@ class AttentionMetadata:
     token_offset: torch.Tensor  # [T] index of each token among its request's new tokens
     max_query_len: int
     block_size: int
-    _masks: dict = field(default_factory=dict)
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # see build_masks
 
     @property
     def decode_only(self) -> bool:
         return self.max_query_len == 1
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, max_q, S] bool: causal over the context, within `window` if set."""
-        if window not in self._masks:
-            device = self.block_tables.device
-            offsets = torch.arange(self.max_query_len, device=device)
-            # Padded query rows are clamped to the last real position so no row is empty (NaN).
-            q_pos = torch.minimum(self.query_starts[:, None] + offsets[None, :], self.seq_lens[:, None] - 1)
-            k_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=device)
-            allowed = k_pos[None, None, :] <= q_pos[:, :, None]
-            if window is not None:
-                allowed &= k_pos[None, None, :] > q_pos[:, :, None] - window
-            self._masks[window] = allowed[:, None]
-        return self._masks[window]
+    def build_masks(self, windows: set[int | None]) -> None:
+        """One [B, 1, max_q, S] bool mask per window (None: full causal), made before the forward so
+        the layers only look masks up (a compiled forward traces no cache-filling branch)."""
+        device = self.block_tables.device
+        offsets = torch.arange(self.max_query_len, device=device)
+        # Padded query rows are clamped to the last real position so no row is empty (NaN).
+        q_pos = torch.minimum(self.query_starts[:, None] + offsets[None, :], self.seq_lens[:, None] - 1)
+        k_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=device)
+        causal = k_pos[None, None, :] <= q_pos[:, :, None]
+        for window in windows:
+            allowed = causal if window is None else causal & (k_pos[None, None, :] > q_pos[:, :, None] - window)
+            self.masks[window] = allowed[:, None]
 
 
 def paged_attention(
@@ -81,7 +80,7 @@ def paged_attention(
         queries[meta.token_request, meta.token_offset] = q
         queries = queries.transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=meta.mask(window), scale=scale,
+        queries, keys, values, attn_mask=meta.masks[window], scale=scale,
         enable_gqa=q.shape[1] != num_kv_heads)
     if meta.decode_only:
         return out.squeeze(2).to(dtype)

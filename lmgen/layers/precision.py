@@ -8,19 +8,17 @@ back, which is also what native half-precision kernels do inside (fp32 accumulat
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+# Asked once, at import: the answers never change, and a compiled forward must not call
+# these queries (they are opaque to torch.compile and would split its graph).
+_NATIVE_ON_CPU = {torch.bfloat16: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                  torch.float16: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())}
 
-@functools.cache
+
 def native_on_cpu(dtype: torch.dtype) -> bool:
     """Whether this CPU has fast kernels for `dtype`."""
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return True
+    return _NATIVE_ON_CPU.get(dtype, True)
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -216,3 +216,9 @@ def test_drop_in_generate_takes_structured(llama_path):
     ids = model.generate(**inputs, max_new_tokens=128, do_sample=True, structured={"json_schema": bounded})
     for text in tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True):
         jsonschema.validate(json.loads(text), bounded)
+
+
+def test_chat_takes_structured(demo_llm):
+    messages = [{"role": "user", "content": "Which colour is the sky?"}]
+    output = demo_llm.chat(messages, SamplingParams(structured={"choice": ["blue", "grey", "black"]}, seed=0))
+    assert output.outputs[0].text in ("blue", "grey", "black")
