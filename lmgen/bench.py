@@ -6,7 +6,8 @@ prefix     : TTFT of a prompt whose first --prompt-len tokens an earlier request
              with prefix caching on and off.
 With ``--compare transformers`` the same workload runs through transformers'
 ``generate`` (static batches, the same weights and dtype) and the ratio is printed.
-Every figure is the median of ``--repeats`` runs after one warm-up.
+Every figure is the median of ``--repeats`` runs after one warm-up; ``--plot`` draws
+each mode's headline figure (HEADLINE) as bars per workload and system.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lmgen.errors import InvalidArgumentError
 from lmgen.llm import LLM
 from lmgen.params import SamplingParams
+
+#: mode -> (the figure its ratio and plot are about, its label)
+HEADLINE = {"latency": ("decode_tok_s", "decode tokens/s"), "throughput": ("total_tok_s", "generated tokens/s"),
+            "prefix": ("ttft_s", "time to first token (s)")}
 
 
 @dataclass
@@ -151,10 +157,43 @@ def run_bench(llm: LLM, mode: str, sizes: list[int], prompt_len: int, new_tokens
         pair = [measure(lambda p, n: lmgen_run(llm, p, n), "lmgen", batches, new_tokens)]
         if hf is not None:
             pair.append(measure(lambda p, n: transformers_run(hf, p, n), "transformers", batches, new_tokens))
-        key = "decode_tok_s" if mode == "latency" else "total_tok_s"
+        key = HEADLINE[mode][0]
         for figures in pair:
             row = {"workload": f"{mode} n={size}", **asdict(figures)}
             if hf is not None:
                 row["ratio"] = round(getattr(figures, key) / getattr(pair[1], key), 2)
             rows.append(row)
     return rows
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only; a clear error when the optional extra is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise InvalidArgumentError("--plot needs matplotlib: pip install 'lmgen[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
+def plot(rows: list[dict], mode: str, path: str) -> None:
+    """Grouped bars of the mode's headline figure: one group per workload, one bar per system."""
+    plt = pyplot()
+    key, label = HEADLINE[mode]
+    workloads = list(dict.fromkeys(row["workload"] for row in rows))
+    systems = list(dict.fromkeys(row["system"] for row in rows))
+    width = 0.8 / len(systems)
+    figure, axes = plt.subplots(figsize=(max(4.0, 1.6 * len(workloads)), 3.5))
+    for i, system in enumerate(systems):
+        values = {row["workload"]: row.get(key) or 0.0 for row in rows if row["system"] == system}
+        axes.bar([x + i * width for x in range(len(workloads))], [values.get(w, 0.0) for w in workloads], width,
+                 label=system)
+    axes.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(workloads))], workloads)
+    axes.set_ylabel(label)
+    axes.set_title(f"lmgen bench {mode}")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
     bench.add_argument("--compare", choices=["transformers"], default=None, help="run a peer side by side")
     bench.add_argument("--json", default=None, help="also write the figures to this file")
+    bench.add_argument("--plot", default=None, metavar="OUT.png",
+                       help="also draw the figures into this image (needs matplotlib: pip install 'lmgen[plot]')")
     add_engine_args(bench)
     bench.set_defaults(run=run_bench)
 
@@ -264,12 +266,16 @@ def run_bench(args: argparse.Namespace) -> int:
     from lmgen import bench
 
     sizes = args.sizes or ([1] if args.mode == "latency" else [1, 4, 16, 64])
+    if args.plot:
+        bench.pyplot()  # a missing matplotlib fails now, not after the run
     llm = _load(args)
     quantized = f" {llm.engine.quantization.method}" if llm.engine.quantization else ""
     print(f"{llm.engine.model_path.name} {llm.engine.dtype}{quantized}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, median of {args.repeats}; {bench.machine()}")
-    bench.report(bench.run_bench(llm, args.mode, sizes, args.prompt_len, args.new_tokens, args.repeats,
-                                 args.compare), args.json)
+    rows = bench.run_bench(llm, args.mode, sizes, args.prompt_len, args.new_tokens, args.repeats, args.compare)
+    bench.report(rows, args.json)
+    if args.plot:
+        bench.plot(rows, args.mode, args.plot)
     return 0
 
 

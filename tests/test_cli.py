@@ -60,13 +60,24 @@ def test_errors_are_one_line_without_traceback(llama_path, args, message):
 def test_bench_compares_with_transformers_and_writes_json(llama_path, tmp_path):
     import json
 
-    out = tmp_path / "bench.json"
+    out, image = tmp_path / "bench.json", tmp_path / "bench.png"
     result = lmgen("bench", "throughput", "--model", str(llama_path), "--sizes", "2", "--prompt-len", "8",
-                   "--new-tokens", "4", "--repeats", "1", "--compare", "transformers", "--json", str(out))
+                   "--new-tokens", "4", "--repeats", "1", "--compare", "transformers", "--json", str(out),
+                   "--plot", str(image))
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["results"]
     assert [r["system"] for r in rows] == ["lmgen", "transformers"]
     assert all(r["total_tok_s"] > 0 for r in rows) and rows[1]["ratio"] == 1.0
+    assert image.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_plot_without_matplotlib_fails_before_loading(monkeypatch, capsys):
+    from lmgen.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises
+    assert main(["bench", "latency", "--model", "./missing-model", "--plot", "out.png"]) == 2
+    error = capsys.readouterr().err
+    assert "pip install 'lmgen[plot]'" in error and "missing-model" not in error
 
 
 def test_bench_prefix_reports_cache_on_and_off(llama_path):
