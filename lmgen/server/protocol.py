@@ -72,6 +72,9 @@ class SamplingFields(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     structured_outputs: StructuredOutputsField | None = None
+    use_beam_search: bool = False  # the n best of n beams (temperature defaults to 0: plain beam search)
+    length_penalty: float | None = None  # beams: rank by sum of logprobs / length ** length_penalty
+    early_stopping: bool | Literal["never"] | None = None  # beams: transformers' meaning
 
 
 class CompletionRequest(SamplingFields):

@@ -98,6 +98,7 @@ class OpenAIServing:
             include_stop_str_in_output=request.include_stop_str_in_output, logprobs=logprobs,
             stop_token_ids=tuple(request.stop_token_ids) if request.stop_token_ids else None,
             structured=structured_spec(request))
+        fields.update(beam_fields(request))
         try:
             # Fields the client left out (None) take the checkpoint's generation_config defaults.
             return self.engine.engine.default_sampling_params(**fields)
@@ -230,6 +231,19 @@ def template_message(index: int, message: ChatMessage) -> dict[str, Any]:
     if message.name:
         result["name"] = message.name
     return result
+
+
+def beam_fields(request: SamplingFields) -> dict[str, Any]:
+    """vLLM's `use_beam_search`: n beams, all returned; the beam settings only count with it."""
+    if not request.use_beam_search:
+        for field in ("length_penalty", "early_stopping"):
+            if getattr(request, field) is not None:
+                raise bad_request(f"{field} applies to beam search only: set use_beam_search, or drop {field}", field)
+        return {}
+    fields = dict(num_beams=request.n, length_penalty=request.length_penalty, early_stopping=request.early_stopping)
+    if request.temperature is None:  # not the checkpoint's sampling temperature: beam search, not beam-sample
+        fields["temperature"] = 0.0
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def structured_spec(request: SamplingFields) -> dict[str, Any] | None:

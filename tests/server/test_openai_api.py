@@ -181,6 +181,17 @@ def test_several_prompts_token_ids_and_echo(client, llm):
     assert response.usage.prompt_tokens == len(ids) + len(llm.tokenizer.encode("Lisbon"))
 
 
+def test_beam_search_equals_llm_generate(client, llm):
+    beams = SamplingParams(n=2, num_beams=2, temperature=0, max_tokens=8, length_penalty=0.5, early_stopping=True)
+    expected = [c.text for c in llm.generate(PROMPT, beams)[0].outputs]
+    completion = client.completions.create(model="tiny", prompt=PROMPT, n=2, max_tokens=8, extra_body={
+        "use_beam_search": True, "length_penalty": 0.5, "early_stopping": True})
+    assert [c.text for c in sorted(completion.choices, key=lambda c: c.index)] == expected
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, max_tokens=8,
+                                          extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2 and chat.choices[0].message.content != chat.choices[1].message.content
+
+
 def test_extras_and_penalties_are_accepted(client):
     response = client.completions.create(
         model="tiny", prompt=PROMPT, max_tokens=6, temperature=0.7, top_p=0.9, presence_penalty=0.5,

@@ -90,6 +90,9 @@ COMPLETION_ERRORS = [
     ({"best_of": 3}, "best_of"),
     ({"echo": True, "logprobs": 1}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"length_penalty": 2.0}, "length_penalty"),  # without use_beam_search
+    ({"use_beam_search": True, "n": 2, "stop": ["x"]}, "stop"),
+    ({"use_beam_search": True, "n": 2, "logprobs": 1}, "logprobs"),
 ]
 
 
@@ -123,6 +126,9 @@ CHAT_ERRORS = [
     ({"chat_template": "{{ raise_exception('no such conversation') }}"}, "messages"),
     ({"chat_template_kwargs": {"add_generation_prompt": 3, "messages": []}}, "messages"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"length_penalty": 2.0}, "length_penalty"),  # without use_beam_search
+    ({"use_beam_search": True, "n": 2, "stop": ["x"]}, "stop"),
+    ({"use_beam_search": True, "n": 2, "logprobs": True}, "top_logprobs"),  # chat's name for it
 ]
 
 
