@@ -21,37 +21,22 @@ import contextlib
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import torch
 
 from lmgen.bench import load_transformers, machine, synthetic_prompts
+from lmgen.bench_serve import RequestTiming, run_clients, summary
 from models import create
 
 
 VOCAB_SIZE = 32000  # bench-125m's; prompts stay below it
-
-
-@dataclass
-class RequestTiming:
-    start: float
-    token_times: list[float] = field(default_factory=list)
-
-    @property
-    def ttft(self) -> float:
-        return self.token_times[0] - self.start
-
-    @property
-    def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
 
 def workload(clients: int, requests_per_client: int, prompt_len: int) -> list[list[list[int]]]:
@@ -59,58 +44,6 @@ def workload(clients: int, requests_per_client: int, prompt_len: int) -> list[li
     prompts = synthetic_prompts(clients * requests_per_client + 1, prompt_len, VOCAB_SIZE)
     per_client = [prompts[i * requests_per_client:(i + 1) * requests_per_client] for i in range(clients)]
     return per_client + [prompts[-1:]]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def summary(system: str, clients: int, timings: list[RequestTiming], new_tokens: int, seconds: float) -> dict:
-    ttfts = [t.ttft for t in timings]
-    gaps = [g for t in timings for g in t.gaps]
-    return {"system": system, "clients": clients, "requests": len(timings),
-            "req_per_s": round(len(timings) / seconds, 3),
-            "output_tok_per_s": round(len(timings) * new_tokens / seconds, 2),
-            "ttft_median_s": round(statistics.median(ttfts), 4), "ttft_p90_s": round(percentile(ttfts, 0.9), 4),
-            "itl_median_s": round(statistics.median(gaps), 4) if gaps else None,
-            "itl_p90_s": round(percentile(gaps, 0.9), 4) if gaps else None}
-
-
-# ---- lmgen over HTTP -----------------------------------------------------------------------
-async def stream_one(client: httpx.AsyncClient, url: str, prompt: list[int], new_tokens: int) -> RequestTiming:
-    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    timing = RequestTiming(time.perf_counter())
-    usage = None
-    async with client.stream("POST", url + "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            if chunk["choices"]:  # the server sends one chunk per generated token
-                timing.token_times.append(time.perf_counter())
-    if usage is None or usage["completion_tokens"] != new_tokens or len(timing.token_times) != new_tokens:
-        raise RuntimeError(f"expected {new_tokens} tokens, got {len(timing.token_times)} chunks and usage {usage}")
-    return timing
-
-
-async def run_clients(url: str, prompts: list[list[list[int]]], new_tokens: int) -> tuple[list[RequestTiming], float]:
-    """Each client (all but the last list of `prompts`) sends its prompts one after another."""
-    *per_client, [warm_up] = prompts
-    limits = httpx.Limits(max_connections=len(per_client) + 1)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        await stream_one(client, url, warm_up, 2)
-
-        async def client_loop(own: list[list[int]]) -> list[RequestTiming]:
-            return [await stream_one(client, url, prompt, new_tokens) for prompt in own]
-
-        start = time.perf_counter()
-        timings = await asyncio.gather(*(client_loop(own) for own in per_client))
-        return [t for client_timings in timings for t in client_timings], time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -203,8 +136,8 @@ def print_row(row: dict) -> None:
         return f"{value * 1000:>10.1f}" if value is not None else f"{'-':>10}"
 
     print(f"{row['system']:<14}{row['clients']:>8}{row['requests']:>9}{row['req_per_s']:>9.2f}"
-          f"{row['output_tok_per_s']:>11.1f}{ms(row['ttft_median_s'])}{ms(row['ttft_p90_s'])}"
-          f"{ms(row['itl_median_s'])}{ms(row['itl_p90_s'])}")
+          f"{row['total_tok_s']:>11.1f}{ms(row['ttft_s'])}{ms(row['ttft_p90_s'])}"
+          f"{ms(row['itl_s'])}{ms(row['itl_p90_s'])}")
 
 
 def main() -> None:
@@ -253,7 +186,7 @@ def main() -> None:
             timings, seconds = run_transformers(model, prompts, args.new_tokens)
             row = summary("transformers", clients, timings, args.new_tokens, seconds)
             ours = next(r for r in rows if r["system"] == "lmgen serve" and r["clients"] == clients)
-            ours["ratio_vs_transformers"] = round(ours["output_tok_per_s"] / row["output_tok_per_s"], 2)
+            ours["ratio_vs_transformers"] = round(ours["total_tok_s"] / row["total_tok_s"], 2)
             rows.append(row)
             print_row(row)
         print("output tokens/s, lmgen serve over transformers' static batches: " + ", ".join(

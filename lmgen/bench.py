@@ -4,6 +4,7 @@ latency    : TTFT, decode tokens/s and prefill tokens/s of a batch of equal prom
 throughput : N prompts at once (one continuous batch), generated tokens/s overall.
 prefix     : TTFT of a prompt whose first --prompt-len tokens an earlier request had,
              with prefix caching on and off.
+serve      : N concurrent streaming clients against a running server (lmgen.bench_serve).
 With ``--compare transformers`` the same workload runs through transformers'
 ``generate`` (static batches, the same weights and dtype) and the ratio is printed.
 Every figure is the median of ``--repeats`` runs after one warm-up; ``--plot`` draws
@@ -27,7 +28,7 @@ from lmgen.params import SamplingParams
 
 #: mode -> (the figure its ratio and plot are about, its label)
 HEADLINE = {"latency": ("decode_tok_s", "decode tokens/s"), "throughput": ("total_tok_s", "generated tokens/s"),
-            "prefix": ("ttft_s", "time to first token (s)")}
+            "prefix": ("ttft_s", "time to first token (s)"), "serve": ("total_tok_s", "output tokens/s")}
 
 
 @dataclass
@@ -105,6 +106,8 @@ def machine() -> str:
 
 def report(rows: list[dict], json_path: str | None) -> None:
     columns = ["workload", "system", "ttft_s", "prefill_tok_s", "decode_tok_s", "total_tok_s", "ratio"]
+    if rows and "itl_s" in rows[0]:  # serve: latencies as the clients see them
+        columns = ["workload", "system", "req_per_s", "total_tok_s", "ttft_s", "ttft_p90_s", "itl_s", "itl_p90_s"]
     print(" ".join(f"{c:>14}" for c in columns))
     for row in rows:
         print(" ".join(f"{_fmt(row.get(c)):>14}" for c in columns), flush=True)

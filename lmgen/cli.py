@@ -154,15 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="measure latency or throughput (optionally beside transformers)",
         description="Measure lmgen on synthetic prompts; --compare transformers runs the same workload "
-                    "through transformers' generate in the same run and prints the ratio.")
-    bench.add_argument("mode", choices=["latency", "throughput", "prefix"],
+                    "through transformers' generate in the same run and prints the ratio. `serve` measures "
+                    "a running server (--url) instead of loading a model.")
+    bench.add_argument("mode", choices=["latency", "throughput", "prefix", "serve"],
                        help="latency: TTFT and decode tokens/s per batch size; throughput: N prompts at once; "
-                            "prefix: TTFT of a repeated --prompt-len prefix with prefix caching on vs off")
+                            "prefix: TTFT of a repeated --prompt-len prefix with prefix caching on vs off; "
+                            "serve: N concurrent streaming clients against --url")
     bench.add_argument("--sizes", type=int, nargs="+", default=None,
-                       help="batch sizes (latency, default 1) or prompt counts (throughput, default 1 4 16 64)")
+                       help="batch sizes (latency, default 1), prompt counts (throughput, default 1 4 16 64) "
+                            "or concurrent clients (serve, default 1 4 16)")
+    bench.add_argument("--url", default=None,
+                       help="serve: the OpenAI-compatible server to load, e.g. http://127.0.0.1:8000 "
+                            "($LMGEN_API_KEY is sent when set)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     bench.add_argument("--new-tokens", type=int, default=128, help="generated tokens per prompt (default 128)")
-    bench.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="runs per figure, the median reported (serve: requests per client)")
     bench.add_argument("--compare", choices=["transformers"], default=None, help="run a peer side by side")
     bench.add_argument("--json", default=None, help="also write the figures to this file")
     bench.add_argument("--plot", default=None, metavar="OUT.png",
@@ -265,14 +272,21 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from lmgen import bench
 
-    sizes = args.sizes or ([1] if args.mode == "latency" else [1, 4, 16, 64])
+    sizes = args.sizes or {"latency": [1], "serve": [1, 4, 16]}.get(args.mode, [1, 4, 16, 64])
     if args.plot:
         bench.pyplot()  # a missing matplotlib fails now, not after the run
-    llm = _load(args)
-    quantized = f" {llm.engine.quantization.method}" if llm.engine.quantization else ""
-    print(f"{llm.engine.model_path.name} {llm.engine.dtype}{quantized}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}; {bench.machine()}")
-    rows = bench.run_bench(llm, args.mode, sizes, args.prompt_len, args.new_tokens, args.repeats, args.compare)
+    if args.mode == "serve":
+        from lmgen.bench_serve import serve_rows
+
+        print(f"{args.url}: prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.repeats} request(s) "
+              f"per client; {bench.machine()}")
+        rows = serve_rows(args.url, sizes, args.prompt_len, args.new_tokens, args.repeats)
+    else:
+        llm = _load(args)
+        quantized = f" {llm.engine.quantization.method}" if llm.engine.quantization else ""
+        print(f"{llm.engine.model_path.name} {llm.engine.dtype}{quantized}, prompt {args.prompt_len}, "
+              f"{args.new_tokens} new tokens, median of {args.repeats}; {bench.machine()}")
+        rows = bench.run_bench(llm, args.mode, sizes, args.prompt_len, args.new_tokens, args.repeats, args.compare)
     bench.report(rows, args.json)
     if args.plot:
         bench.plot(rows, args.mode, args.plot)
