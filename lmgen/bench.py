@@ -104,9 +104,9 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def report(rows: list[dict], json_path: str | None) -> None:
+def report(rows: list[dict], json_path: str | None, mode: str) -> None:
     columns = ["workload", "system", "ttft_s", "prefill_tok_s", "decode_tok_s", "total_tok_s", "ratio"]
-    if rows and "itl_s" in rows[0]:  # serve: latencies as the clients see them
+    if mode == "serve":  # latencies as the clients see them
         columns = ["workload", "system", "req_per_s", "total_tok_s", "ttft_s", "ttft_p90_s", "itl_s", "itl_p90_s"]
     print(" ".join(f"{c:>14}" for c in columns))
     for row in rows:

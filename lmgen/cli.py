@@ -287,7 +287,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{llm.engine.model_path.name} {llm.engine.dtype}{quantized}, prompt {args.prompt_len}, "
               f"{args.new_tokens} new tokens, median of {args.repeats}; {bench.machine()}")
         rows = bench.run_bench(llm, args.mode, sizes, args.prompt_len, args.new_tokens, args.repeats, args.compare)
-    bench.report(rows, args.json)
+    bench.report(rows, args.json, args.mode)
     if args.plot:
         bench.plot(rows, args.mode, args.plot)
     return 0
