@@ -4,7 +4,7 @@
 
 Random weights of bench-125m's shapes (30 layers of q/k/v, o, gate/up and down, and the
 32000-row tied head), each multiplied by one activation row, in float32 and bfloat16,
-several ways. GB/s = weight bytes / time for one pass over all of them: a pass is what a
+several ways (lmgen's own kernel first). GB/s = weight bytes / time for one pass over all of them: a pass is what a
 decode step must read, so this is the ceiling of any decode step built on that product.
 Compare with the machine's DRAM read rate (benchmarks/llamacpp.py measures it).
 """
@@ -17,6 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmgen import kernels
+
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(32000, 576)]
 
 
@@ -25,6 +27,7 @@ def multiply_and_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 WAYS = {
+    "lmgen's kernel (lmgen.kernels)": (lambda x, w: torch.ops.lmgen.gemv(x.float(), w), lambda w: w),
     "F.linear": (lambda x, w: F.linear(x, w), lambda w: w),
     "torch.mv": (lambda x, w: torch.mv(w, x[0]), lambda w: w),
     "x @ w, w stored [in, out]": (lambda x, w: x @ w, lambda w: w.t().contiguous()),
@@ -46,6 +49,8 @@ def gigabytes_per_s(product, prepare, dtype: torch.dtype, repeats: int = 10) -> 
 
 
 def main() -> None:
+    if not kernels.load():
+        del WAYS["lmgen's kernel (lmgen.kernels)"]
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for dtype in (torch.float32, torch.bfloat16):
         for name, (product, prepare) in WAYS.items():

@@ -1,6 +1,11 @@
 import pytest
 
 from checkpoints import VARIANTS, build_checkpoint
+from lmgen import kernels
+
+# Loaded once for the session (engines load them too): which kernels a layer uses must not
+# depend on whether an earlier test happened to load a model.
+kernels.load()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from functools import partial
 
 import torch
 
+from lmgen import kernels
 from lmgen.cache.block_pool import BlockPool
 from lmgen.cache.kv_cache import KVCache, bytes_per_block
 from lmgen.engine.beam import BeamGroup
@@ -89,6 +90,8 @@ class Engine:
             if saved is None:  # quantize each float tensor as it is read
                 tensors = quantize_tensors(tensors, self.quantization)
         load_weights(model, tensors)
+        if self.device.type == "cpu":
+            kernels.load()  # before packing: with lmgen's kernels int4 keeps its storage form
         pack_quantized(model)
         return model.eval()
 

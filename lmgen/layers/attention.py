@@ -74,14 +74,25 @@ def paged_attention(
     values = v_cache.index_select(0, blocks).to(cdtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     q = q.to(cdtype)  # keys/values: [B, KVH, S, D]
     if meta.decode_only:
-        queries = q.unsqueeze(2)  # [B, H, 1, D]: one token per request, already in order
-    else:
-        queries = q.new_zeros(batch, meta.max_query_len, q.shape[1], head_dim)
-        queries[meta.token_request, meta.token_offset] = q
-        queries = queries.transpose(1, 2)
+        return _decode_attention(q, keys, values, meta.masks[window], scale).to(dtype)
+    queries = q.new_zeros(batch, meta.max_query_len, q.shape[1], head_dim)
+    queries[meta.token_request, meta.token_offset] = q
     out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=meta.masks[window], scale=scale,
+        queries.transpose(1, 2), keys, values, attn_mask=meta.masks[window], scale=scale,
         enable_gqa=q.shape[1] != num_kv_heads)
-    if meta.decode_only:
-        return out.squeeze(2).to(dtype)
     return out.transpose(1, 2)[meta.token_request, meta.token_offset].to(dtype)
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """One query per request, q: [B, H, D], mask [B, 1, 1, S] -> [B, H, D].
+
+    Two batched products and a softmax: with a single query row, scaled_dot_product_attention's
+    CPU kernel spends ~80 us per call setting up its blocks, more than the whole computation.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = keys.shape[1]
+    queries = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # heads sharing a KV head
+    scores = torch.matmul(queries, keys.transpose(2, 3)) * scale  # [B, KVH, group, S]
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
+    return torch.matmul(weights.to(values.dtype), values).view(batch, num_heads, head_dim)

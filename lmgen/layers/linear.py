@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmgen import kernels
 from lmgen.layers.precision import compute_dtype
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # With few rows (small-batch decode) reading half-precision weights wins even with a slow
 # kernel, since upcasting rewrites every weight each step; from about 16 rows on (measured
@@ -21,7 +23,12 @@ _UPCAST_MIN_ROWS = 16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, computed in float32 for several rows where half precision has no fast kernel."""
+    """F.linear: lmgen's kernels for a few rows, float32 for many where half precision has no fast kernel."""
+    rows = x.numel() // x.shape[-1]
+    if kernels.fits(rows, weight.shape[1], weight.device) and weight.dtype in _KERNEL_DTYPES:
+        out = torch.ops.lmgen.gemv(x.reshape(rows, -1).float().contiguous(), weight)
+        out = out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        return out if bias is None else out + bias
     target = compute_dtype(weight.dtype, weight.device)
     if target != weight.dtype and x.numel() >= _UPCAST_MIN_ROWS * x.shape[-1]:
         out = F.linear(x.to(target), weight.to(target), None if bias is None else bias.to(target))

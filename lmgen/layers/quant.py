@@ -1,8 +1,9 @@
 """Weight-only quantization: int8 per output channel, int4 per group of input columns.
 
-Weights stay integers in memory and PyTorch's CPU kernels read them directly
-(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); activations stay floating
-point (bfloat16 inside the kernels, their fast path). Other devices dequantize each
+Weights stay integers in memory and CPU kernels read them directly: lmgen's own for
+products of a few rows (``lmgen.kernels``: decode), else PyTorch's
+(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, bfloat16 activations, their
+fast path) where that beats dequantizing for a float GEMM. Other devices dequantize each
 weight for its matmul: correct, not fast.
 
 A quantized weight has a *storage form*, the same on every machine, which checkpoints
@@ -12,7 +13,8 @@ hold and loading fills (for the row ``n`` of a weight [N, K]):
 - int4: ``weight`` uint8 [N, K/2], two columns per byte (column 2j in the low nibble),
   ``scales`` and ``zeros`` [N, K/group_size]:  w = (q - 8) * scale[n, g] + zero[n, g]
 
-The int4 kernel wants its own layout, which depends on the CPU's vector width, so
+lmgen's kernels read the storage form as it is. PyTorch's int4 kernel wants its own
+layout, which depends on the CPU's vector width, so without lmgen's kernels
 ``Int4Linear.pack`` rearranges the storage form once the weights are in. The LM head
 and the embedding table (one tensor when tied) are int8 in both methods: rows of the
 table must be gathered, and the head's quality matters most.
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmgen import kernels
 from lmgen.errors import InvalidArgumentError, UnsupportedModelError
 from lmgen.layers.linear import Embedding, Linear
 from lmgen.layers.precision import native_on_cpu
@@ -201,6 +204,7 @@ class QuantizedLinear(nn.Module):
 
     method: str  # the storage form's QUANTIZATION_METHODS entry
     kernel_max_rows = math.inf  # from this many rows on, dequantizing and a float GEMM are faster
+    has_storage_form = True  # False once packed for PyTorch's kernel (lmgen's read the storage form)
 
     def __init__(self, linear: Linear | Embedding) -> None:
         super().__init__()
@@ -211,7 +215,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.use_kernel and rows.shape[0] < self.kernel_max_rows:
+        if self.has_storage_form and kernels.fits(rows.shape[0], self.in_features, rows.device):
+            out = self._lmgen_kernel(rows.float().contiguous()).to(x.dtype)
+        elif self.use_kernel and rows.shape[0] < self.kernel_max_rows:
             out = self._kernel(rows.to(torch.bfloat16)).to(x.dtype)
         else:  # on a CPU in float32, whose GEMM is the fast one there without bf16 units
             dtype = torch.float32 if rows.device.type == "cpu" else x.dtype
@@ -220,7 +226,12 @@ class QuantizedLinear(nn.Module):
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
+    def _lmgen_kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 rows [M, K] -> [M, N] on lmgen's kernel for the storage form."""
+        raise NotImplementedError
+
     def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        """bfloat16 rows [M, K] -> [M, N] on PyTorch's kernel."""
         raise NotImplementedError
 
     def _dequantized(self) -> torch.Tensor:
@@ -242,6 +253,9 @@ class Int8Linear(QuantizedLinear):
         device = linear.weight.device
         self.weight = _empty((self.out_features, self.in_features), torch.int8, device)
         self.scales = _empty((self.out_features,), _SCALE_DTYPE, device)
+
+    def _lmgen_kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lmgen.gemv_int8(rows, self.weight, self.scales)
 
     def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(rows, self.weight, self.scales)
@@ -282,7 +296,13 @@ class Int4Linear(QuantizedLinear):
         self.use_kernel = self.use_kernel and rows % self._KERNEL_ROW_MULTIPLE == 0
 
     def pack(self) -> None:
-        """Replace the loaded storage form by the kernel's layout (as many bytes, in a CPU-specific order)."""
+        """For PyTorch's kernel, replace the storage form by its layout (as many bytes, in a CPU-specific order).
+
+        With lmgen's kernels loaded nothing changes: they read the storage form, and
+        products of more rows than they take dequantize, about as fast as PyTorch's kernel.
+        """
+        if kernels.loaded:
+            self.use_kernel = False
         if not self.use_kernel:
             return
         levels = unpack_int4(self.weight.data).to(torch.int32)
@@ -292,6 +312,10 @@ class Int4Linear(QuantizedLinear):
         pairs = torch.stack([self.scales.data, self.zeros.data], dim=-1).transpose(0, 1).contiguous()
         self.scales_and_zeros = nn.Parameter(pairs, requires_grad=False)
         del self.weight, self.scales, self.zeros
+        self.has_storage_form = False
+
+    def _lmgen_kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lmgen.gemv_int4(rows, self.weight, self.scales, self.zeros)
 
     def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(rows, self.packed_weight, self.group_size, self.scales_and_zeros)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmgen import LLM, InvalidArgumentError, QuantConfig, SamplingParams, UnsupportedModelError
+from lmgen import LLM, InvalidArgumentError, QuantConfig, SamplingParams, UnsupportedModelError, kernels
 from lmgen.layers.linear import Embedding, Linear
 from lmgen.layers.quant import (Int4Linear, Int8Embedding, Int8Linear, dequantize_int4, quantize_int4, quantize_int8,
                                 quantize_model, quantize_weight, unpack_int4)
@@ -60,19 +60,23 @@ def _quantized_linear(in_features: int, out_features: int, config: QuantConfig) 
     return container.proj, dequantized
 
 
+@pytest.mark.parametrize("lmgen_kernels", [True, False], ids=["lmgen-kernels", "pytorch-kernels"])
 @pytest.mark.parametrize("config", [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64)],
                          ids=["int8", "int4-g32", "int4-g64"])
-@pytest.mark.parametrize("rows", [1, 3, 17, 100])  # 100: past int8's kernel_max_rows on AVX2
-def test_quantized_linear_equals_the_dequantized_float_linear(config, rows):
+@pytest.mark.parametrize("rows", [1, 3, 17, 100])  # 100: past lmgen's MAX_ROWS and int8's kernel_max_rows on AVX2
+def test_quantized_linear_equals_the_dequantized_float_linear(config, rows, lmgen_kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "loaded", kernels.loaded and lmgen_kernels)
     layer, dequantized = _quantized_linear(128, 48, config)
-    assert isinstance(layer, Int4Linear if config.method == "int4" else Int8Linear) and layer.use_kernel
+    assert isinstance(layer, Int4Linear if config.method == "int4" else Int8Linear)
+    assert layer.has_storage_form == (kernels.loaded or config.method == "int8")
     x = torch.randn(rows, 128)
     expected = F.linear(x, dequantized, layer.bias)
-    # activations pass through bfloat16 in the kernels: compare at that precision
+    # activations pass through bfloat16 in PyTorch's kernels: compare at that precision
     assert torch.allclose(layer(x), expected, rtol=2e-2, atol=0.15)
 
 
-def test_int4_layer_the_kernel_cannot_take_dequantizes_instead():
+def test_int4_layer_the_kernel_cannot_take_dequantizes_instead(monkeypatch):
+    monkeypatch.setattr(kernels, "loaded", False)  # PyTorch's kernel: it takes multiples of 16 rows
     layer, dequantized = _quantized_linear(64, 40, QuantConfig("int4", 32))  # 40 rows: not a multiple of 16
     assert not layer.use_kernel
     x = torch.randn(2, 64)

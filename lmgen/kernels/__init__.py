@@ -1,0 +1,120 @@
+"""lmgen's own CPU kernels: products of a few rows that read weights at DRAM speed (gemv.cpp).
+
+Batch-1 decode reads every weight once per token, and PyTorch's one-row CPU products
+read them at about half the rate memory allows (``benchmarks/gemv.py``). The kernels are
+C++ (AVX2), compiled with the machine's C++ compiler the first time a model loads on a
+CPU and cached per machine, like torch.compile's own C++; without a compiler, on another
+CPU or with ``LMGEN_CPU_KERNELS=0``, PyTorch's kernels run instead, with the same results
+up to float rounding. They register as PyTorch operators (``torch.ops.lmgen.*``), so a
+compiled decode step calls them too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("gemv.cpp")
+_FLAGS = ["-O3", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared",
+          f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+#: Products with more rows than this go to PyTorch's kernels, whose blocked GEMM reuses
+#: each weight load across many rows (on bench-125m's shapes, AVX2, these kernels are
+#: faster than PyTorch's up to 32 rows in every dtype, and up to 64 in all but float32).
+MAX_ROWS = 32
+#: in_features must be a multiple of this (the kernels' unrolled step; every model's is).
+COLUMN_MULTIPLE = 32
+
+_lock = threading.Lock()
+_tried = False
+loaded = False  # read by the layers on every product, so a plain attribute
+
+
+def load() -> bool:
+    """Build (once per machine) and load the kernels; whether they are in use."""
+    global _tried, loaded
+    with _lock:
+        if not _tried:
+            _tried = True
+            loaded = _supported() and _load_library()
+    return loaded
+
+
+def fits(rows: int, in_features: int, device: torch.device) -> bool:
+    """Whether a product of `rows` activation rows with a weight of `in_features` columns runs here."""
+    return loaded and rows <= MAX_ROWS and device.type == "cpu" and in_features % COLUMN_MULTIPLE == 0
+
+
+def _supported() -> bool:
+    if os.environ.get("LMGEN_CPU_KERNELS", "1") == "0":
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        logger.info("lmgen's CPU kernels need an x86 CPU with AVX2; PyTorch's kernels run instead")
+        return False
+    if _compiler() is None:
+        logger.warning("no C++ compiler found (set CXX or install g++): lmgen's fast CPU decode kernels are off, "
+                       "PyTorch's run instead (about half as fast at batch 1)")
+        return False
+    return True
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+def _load_library() -> bool:
+    try:
+        torch.ops.load_library(str(_built_library()))
+    except (OSError, subprocess.CalledProcessError) as error:
+        details = getattr(error, "stderr", "") or error
+        logger.warning("building lmgen's CPU kernels failed, PyTorch's kernels run instead:\n%s", details)
+        return False
+    _register_shapes()
+    return True
+
+
+def _built_library() -> Path:
+    """The compiled kernels, built now if this machine has not built this source yet."""
+    compiler = _compiler()
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), compiler.encode(),
+                                     " ".join(_FLAGS).encode(), sys.version.encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("LMGEN_CACHE", Path.home() / ".cache" / "lmgen")) / "kernels"
+    library = cache / f"gemv-{key}.so"
+    if library.exists():
+        return library
+    cache.mkdir(parents=True, exist_ok=True)
+    torch_lib = Path(torch.__file__).parent / "lib"
+    includes = [f"-I{path}" for path in torch.utils.cpp_extension.include_paths()]
+    started = time.perf_counter()
+    logger.info("building lmgen's CPU kernels (once per machine, under a minute)")
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:  # then a rename: concurrent builds stay whole
+        partial = Path(scratch) / library.name
+        subprocess.run([compiler, *_FLAGS, *includes, str(_SOURCE), "-o", str(partial), f"-L{torch_lib}",
+                        f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"],
+                       check=True, capture_output=True, text=True)
+        partial.replace(library)
+    logger.info("built lmgen's CPU kernels in %.0f s", time.perf_counter() - started)
+    return library
+
+
+def _register_shapes() -> None:
+    """Output shapes for torch.compile, which traces the operators without running them."""
+    def rows_by_outputs(x: torch.Tensor, w: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    for name in ("gemv", "gemv_int8", "gemv_int4"):
+        torch.library.register_fake(f"lmgen::{name}")(rows_by_outputs)

@@ -1,0 +1,276 @@
+// Products of a few activation rows with a weight matrix, reading the weight at DRAM speed.
+//
+// Batch-1 decode is one pass over every weight per token, so its speed is the speed at
+// which these products stream weights from memory. PyTorch's CPU kernels for one row
+// interleave several weight rows, which splits the read into many short streams that
+// the hardware prefetcher follows poorly (11-14 GB/s on a 2-core AVX2 machine whose
+// DRAM gives 25-30). Here each thread takes one contiguous range of output rows and
+// walks it front to back: a single sequential stream per thread. Each weight row is
+// read once and multiplied with every activation row while it sits in L1.
+//
+// x: float32 [M, K] (the caller converts); y: float32 [M, N]; K a multiple of 32.
+// Weights: float32, bfloat16 or float16 [N, K]; int8 [N, K] with a scale per row;
+// int4 [N, K/2] two columns per byte (column 2j in the low nibble) with a scale and a
+// zero per group: w = (q - 8) * scale + zero.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRowsPerBlock = 4;  // activation rows multiplied per pass over a weight row
+constexpr int64_t kMinRowsPerThread = 64;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline __m256 load8(const int8_t* p) {
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float scalar(float v) { return v; }
+inline float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float scalar(c10::Half v) { return static_cast<float>(v); }
+
+// Calls body(T{}) with T the C++ type of a float32, bfloat16 or float16 tensor's elements.
+template <typename F>
+void with_float_type(at::ScalarType type, const char* op, F&& body) {
+  switch (type) {
+    case at::kFloat: return body(float{});
+    case at::kBFloat16: return body(c10::BFloat16{});
+    case at::kHalf: return body(c10::Half{});
+    default: TORCH_CHECK(false, op, ": float32, bfloat16 or float16 expected, got ", type);
+  }
+}
+
+// Splits the N output rows into one contiguous range per thread.
+template <typename F>
+void for_each_output_range(int64_t n, F&& body) {
+  at::parallel_for(0, n, kMinRowsPerThread, body);
+}
+
+// y[m, n] = row_scale(n) * sum_k x[m, k] * w[n, k] for R activation rows starting at x.
+template <int R, typename W, typename Scale>
+void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N,
+              Scale row_scale) {
+  constexpr int C = R == 1 ? 4 : 2;  // independent sums per row: together they hide the FMA latency
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* row = w + n * K;
+    __m256 acc[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8 * C) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k) + 1024, _MM_HINT_T0);
+      for (int c = 0; c < C; ++c) {
+        const __m256 wc = load8(row + k + 8 * c);
+        for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * K + k + 8 * c), acc[r][c]);
+      }
+    }
+    const float scale = row_scale(n);
+    for (int r = 0; r < R; ++r) {
+      for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
+      y[r * N + n] = scale * horizontal_sum(acc[r][0]);
+    }
+  }
+}
+
+// Calls rows(std::integral_constant<int, R>{}, m) for blocks of R <= kRowsPerBlock activation
+// rows starting at row m, so kernels unrolled over R cover any M.
+template <typename F>
+void by_row_blocks(int64_t M, F&& rows) {
+  int64_t m = 0;
+  for (; m + kRowsPerBlock <= M; m += kRowsPerBlock) rows(std::integral_constant<int, kRowsPerBlock>{}, m);
+  switch (M - m) {
+    case 3: rows(std::integral_constant<int, 3>{}, m); break;
+    case 2: rows(std::integral_constant<int, 2>{}, m); break;
+    case 1: rows(std::integral_constant<int, 1>{}, m); break;
+  }
+}
+
+template <typename W, typename Scale>
+void dot_all_rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, float* y,
+                  int64_t N, Scale row_scale) {
+  by_row_blocks(M, [&](auto block, int64_t m) {
+    dot_rows<decltype(block)::value>(x + m * K, K, w, n0, n1, y + m * N, N, row_scale);
+  });
+}
+
+void check_rows(const at::Tensor& x, int64_t in_features, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
+              ": x must be a contiguous float32 matrix");
+  TORCH_CHECK(x.size(1) == in_features, op, ": x has ", x.size(1), " columns, the weight ", in_features);
+  TORCH_CHECK(in_features % 32 == 0, op, ": in_features must be a multiple of 32, got ", in_features);
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "gemv: the weight must be a contiguous matrix");
+  check_rows(x, w.size(1), "gemv");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  auto unit = [](int64_t) { return 1.0f; };
+  with_float_type(w.scalar_type(), "gemv", [&](auto type) {
+    const auto* wp = w.data_ptr<decltype(type)>();
+    for_each_output_range(N, [&](int64_t n0, int64_t n1) { dot_all_rows(xp, M, K, wp, n0, n1, yp, N, unit); });
+  });
+  return y;
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "gemv_int8: the weight must be a contiguous int8 matrix");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0) && scales.is_contiguous(),
+              "gemv_int8: one scale per weight row");
+  check_rows(x, w.size(1), "gemv_int8");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  with_float_type(scales.scalar_type(), "gemv_int8", [&](auto type) {
+    const auto* sp = scales.data_ptr<decltype(type)>();
+    auto row_scale = [sp](int64_t n) { return scalar(sp[n]); };
+    for_each_output_range(N, [&](int64_t n0, int64_t n1) { dot_all_rows(xp, M, K, wp, n0, n1, yp, N, row_scale); });
+  });
+  return y;
+}
+
+// int4 multiplies integers: each group of G columns of x is rounded to int16 with its own
+// scale (x ~ dx * xq, error <= 1/65534 of the group's largest value, finer than bfloat16),
+// so 32 products take two vpmaddwd instead of four int-to-float conversions and FMAs,
+// whose cost made int4 slower than int8. With levels q in 0..15 the sum splits into
+//   sum_k w_k x_k = scale * dx * sum_k (q_k - 8) xq_k + zero * sum_k x_k
+// where the first term is centred (rounding x does not bias it) and the second exact.
+// A byte holds columns 2j (low nibble) and 2j+1 (high); the kernel splits 16 bytes into
+// the even columns 0, 2, ..., 30, then the odd ones, so x is reordered the same way once
+// per call instead of the weights per row.
+struct QuantizedRows {
+  std::vector<int16_t> values;  // [M, K], reordered
+  std::vector<float> scales;   // [M, groups]: dx
+  std::vector<float> sums;     // [M, groups]: sum of x over the group
+  std::vector<float> rounded_sums;  // [M, groups]: dx * sum of xq over the group
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
+  const int64_t groups = M * K / G;
+  QuantizedRows q{std::vector<int16_t>(M * K), std::vector<float>(groups), std::vector<float>(groups),
+                  std::vector<float>(groups)};
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* group = x + g * G;
+    float largest = 0.0f, sum = 0.0f;
+    for (int64_t i = 0; i < G; ++i) largest = std::max(largest, std::abs(group[i])), sum += group[i];
+    const float inverse = largest > 0.0f ? 32767.0f / largest : 0.0f;
+    int32_t rounded_sum = 0;
+    for (int64_t i = 0; i < G; ++i) {
+      const int64_t block = i & ~int64_t{31}, column = i & 31;
+      const int64_t position = block + (column % 2 ? 16 : 0) + column / 2;
+      q.values[g * G + position] = static_cast<int16_t>(std::lrintf(group[i] * inverse));
+      rounded_sum += q.values[g * G + position];
+    }
+    q.scales[g] = largest / 32767.0f;
+    q.sums[g] = sum;
+    q.rounded_sums[g] = q.scales[g] * static_cast<float>(rounded_sum);
+  }
+  return q;
+}
+
+template <int R, typename S>
+void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, int64_t G, const uint8_t* w,
+                   const S* scales, const S* zeros, int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t groups = K / G;
+  const int16_t* xq = x.values.data() + m0 * K;
+  const float *dx = x.scales.data() + m0 * groups, *sums = x.sums.data() + m0 * groups,
+              *rounded_sums = x.rounded_sums.data() + m0 * groups;
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * (K / 2);
+    __m256 total[R][2];  // even and odd groups: two FMA chains
+    float offset[R] = {};
+    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+      for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + 512, _MM_HINT_T0);
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+        const __m256i even = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low_nibbles));
+        const __m256i odd = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
+        for (int r = 0; r < R; ++r) {
+          const __m256i* xr = reinterpret_cast<const __m256i*>(xq + r * K + k);
+          acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(even, _mm256_loadu_si256(xr)));
+          acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(odd, _mm256_loadu_si256(xr + 1)));
+        }
+      }
+      const float scale = scalar(scales[n * groups + g]), zero = scalar(zeros[n * groups + g]);
+      for (int r = 0; r < R; ++r) {
+        const __m256 weight = _mm256_set1_ps(scale * dx[r * groups + g]);
+        total[r][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), weight, total[r][g & 1]);
+        offset[r] += zero * sums[r * groups + g] - 8.0f * scale * rounded_sums[r * groups + g];
+      }
+    }
+    for (int r = 0; r < R; ++r) y[r * N + n] = horizontal_sum(_mm256_add_ps(total[r][0], total[r][1])) + offset[r];
+  }
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "gemv_int4: the weight must be a contiguous uint8 matrix (two columns per byte)");
+  TORCH_CHECK(scales.dim() == 2 && scales.sizes() == zeros.sizes() && scales.size(0) == w.size(0) &&
+                  scales.is_contiguous() && zeros.is_contiguous() && scales.scalar_type() == zeros.scalar_type(),
+              "gemv_int4: scales and zeros must be [N, groups] matrices of one dtype");
+  const int64_t K = w.size(1) * 2, groups = scales.size(1);
+  check_rows(x, K, "gemv_int4");
+  TORCH_CHECK(K % groups == 0 && (K / groups) % 32 == 0, "gemv_int4: the group size must be a multiple of 32");
+  const int64_t M = x.size(0), N = w.size(0), G = K / groups;
+  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K, G);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  with_float_type(scales.scalar_type(), "gemv_int4", [&](auto type) {
+    const auto *sp = scales.data_ptr<decltype(type)>(), *zp = zeros.data_ptr<decltype(type)>();
+    for_each_output_range(N, [&](int64_t n0, int64_t n1) {
+      by_row_blocks(M, [&](auto block, int64_t m) {
+        dot_rows_int4<decltype(block)::value>(xq, m, K, G, wp, sp, zp, n0, n1, yp + m * N, N);
+      });
+    });
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lmgen, m) {
+  m.def("gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lmgen, CPU, m) {
+  m.impl("gemv", &gemv);
+  m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_int4", &gemv_int4);
+}
