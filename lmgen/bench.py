@@ -94,9 +94,10 @@ def load_transformers(path: str, dtype: torch.dtype):
 
 def measure(run: Callable[[list[list[int]], int], Figures], system: str, batches: list[list[list[int]]],
             new_tokens: int) -> Figures:
-    """Warm up on part of the first batch, then the median over the others. Every batch has prompts of its
-    own: a repeated prompt would be a prefix-cache hit and time no prefill at all."""
-    run(batches[0][:1], 4)
+    """Warm up on the first batch (at its size, so a compiled step has its graph), then the median over the
+    others. Every batch has prompts of its own: a repeated prompt would be a prefix-cache hit and time no
+    prefill at all."""
+    run(batches[0], 4)
     return _median([run(batch, new_tokens) for batch in batches[1:]], system)
 
 

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
@@ -208,9 +209,9 @@ void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, int64_t G, con
   const __m128i low_nibbles = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * (K / 2);
-    __m256 total[R][2];  // even and odd groups: two FMA chains
+    __m256 total[R];
     float offset[R] = {};
-    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       __m256i acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
@@ -228,11 +229,11 @@ void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, int64_t G, con
       const float scale = scalar(scales[n * groups + g]), zero = scalar(zeros[n * groups + g]);
       for (int r = 0; r < R; ++r) {
         const __m256 weight = _mm256_set1_ps(scale * dx[r * groups + g]);
-        total[r][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), weight, total[r][g & 1]);
+        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), weight, total[r]);
         offset[r] += zero * sums[r * groups + g] - 8.0f * scale * rounded_sums[r * groups + g];
       }
     }
-    for (int r = 0; r < R; ++r) y[r * N + n] = horizontal_sum(_mm256_add_ps(total[r][0], total[r][1])) + offset[r];
+    for (int r = 0; r < R; ++r) y[r * N + n] = horizontal_sum(total[r]) + offset[r];
   }
 }
 
@@ -261,16 +262,124 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
+// exp of 8 floats <= 0 to float32 precision: exp(x) = 2^n exp(r) with n = round(x / ln 2) and
+// |r| <= ln(2) / 2, where exp(r)'s Taylor polynomial of degree 6 is within 2e-7. std::exp,
+// one value at a time, cost more than the rest of decode attention.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // exp(-87) ~ 2e-38, the smallest normal float's range
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln 2, with ln 2 in two parts so that n ln 2 is exact enough
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n));
+}
+
+void softmax(float* p, int64_t length) {
+  const float largest = *std::max_element(p, p + length);
+  float total = 0.0f;
+  int64_t s = 0;
+  for (; s + 8 <= length; s += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), _mm256_set1_ps(largest)));
+    _mm256_storeu_ps(p + s, e);
+    total += horizontal_sum(e);
+  }
+  for (; s < length; ++s) total += (p[s] = std::exp(p[s] - largest));
+  const float inverse = 1.0f / total;
+  for (s = 0; s < length; ++s) p[s] *= inverse;
+}
+
+// Decode attention straight from the paged KV cache: one query row per request, whose keys
+// and values are read where they lie (block table), in the cache's dtype, with no gathered
+// or upcast copy of the context. q: float32 [B, H, D]; caches [blocks, block_size, KVH, D];
+// block_tables [B, max_blocks] and seq_lens [B] int64; window 0 = full attention, else the
+// query (position seq_len - 1) sees the last `window` keys. Returns float32 [B, H, D].
+template <typename T>
+void attend_one(const float* q, const T* k_cache, const T* v_cache, const int64_t* blocks, int64_t first,
+                int64_t length, int64_t block_size, int64_t kv_heads, int64_t kv_head, int64_t group, int64_t D,
+                float scale, float* out, std::vector<float>& scores, std::vector<int64_t>& rows) {
+  rows.resize(length);  // element offset of each position's key/value row in the caches
+  for (int64_t s = 0; s < length; ++s) {
+    const int64_t position = first + s;
+    rows[s] = ((blocks[position / block_size] * block_size + position % block_size) * kv_heads + kv_head) * D;
+  }
+  scores.resize(group * length);
+  for (int64_t h = 0; h < group; ++h) {
+    const float* qh = q + h * D;
+    for (int64_t s = 0; s < length; ++s) {
+      const T* key = k_cache + rows[s];
+      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  // two FMA chains
+      for (int64_t d = 0; d < D; d += 16) {
+        even = _mm256_fmadd_ps(load8(key + d), _mm256_loadu_ps(qh + d), even);
+        odd = _mm256_fmadd_ps(load8(key + d + 8), _mm256_loadu_ps(qh + d + 8), odd);
+      }
+      scores[h * length + s] = scale * horizontal_sum(_mm256_add_ps(even, odd));
+    }
+    softmax(scores.data() + h * length, length);
+  }
+  std::fill(out, out + group * D, 0.0f);
+  for (int64_t s = 0; s < length; ++s) {
+    const T* value = v_cache + rows[s];
+    for (int64_t h = 0; h < group; ++h) {
+      const __m256 weight = _mm256_set1_ps(scores[h * length + s]);
+      for (int64_t d = 0; d < D; d += 8)
+        _mm256_storeu_ps(out + h * D + d, _mm256_fmadd_ps(weight, load8(value + d), _mm256_loadu_ps(out + h * D + d)));
+    }
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "decode_attention: q must be a contiguous float32 [B, H, D] tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "decode_attention: caches must be contiguous [blocks, block_size, KVH, D] tensors of one dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous() && seq_lens.is_contiguous(),
+              "decode_attention: block_tables and seq_lens must be contiguous int64 tensors");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), block_size = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && H % KVH == 0,
+              "decode_attention: head sizes must match and be multiples of 16");
+  const int64_t group = H / KVH, max_blocks = block_tables.size(1);
+  at::Tensor out = at::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t *tables = block_tables.data_ptr<int64_t>(), *lens = seq_lens.data_ptr<int64_t>();
+  with_float_type(k_cache.scalar_type(), "decode_attention", [&](auto type) {
+    using T = decltype(type);
+    const T *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
+    at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      std::vector<int64_t> rows;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / KVH, kv_head = i % KVH, length = lens[b];
+        const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
+        const int64_t offset = (b * H + kv_head * group) * D;  // the group's heads are adjacent
+        attend_one(qp + offset, kp, vp, tables + b * max_blocks, first, length - first, block_size, KVH, kv_head,
+                   group, D, static_cast<float>(scale), op + offset, scores, rows);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmgen, m) {
   m.def("gemv(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "float scale, int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmgen, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
+  m.impl("decode_attention", &decode_attention);
 }

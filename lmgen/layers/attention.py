@@ -1,9 +1,12 @@
-"""Attention over the paged KV cache, in plain PyTorch (the reference path).
+"""Attention over the paged KV cache.
 
 A step's tokens arrive flat ([T, ...], request after request). Each request's new
 keys/values are written into its cache slots; then its queries attend over its
 whole cached context, gathered from its block table and padded to a rectangle so
-one scaled_dot_product_attention call serves the batch.
+one scaled_dot_product_attention call serves the batch (the reference path). A
+decode-only step on a CPU with lmgen's kernels reads each request's keys and values
+where they lie instead (``torch.ops.lmgen.decode_attention``): no gathered, padded or
+upcast copy of every context, which at batch 16 cost more than the layer's products.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lmgen import kernels
 from lmgen.layers.precision import compute_dtype
 
 
@@ -66,6 +70,10 @@ def paged_attention(
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
+    if meta.decode_only and kernels.loaded and q.device.type == "cpu" and head_dim % 16 == 0:
+        out = torch.ops.lmgen.decode_attention(q.float().contiguous(), k_cache, v_cache, meta.block_tables,
+                                               meta.seq_lens, scale, window or 0)
+        return out.to(q.dtype)
     batch, dtype = meta.block_tables.shape[0], q.dtype
     cdtype = compute_dtype(dtype, q.device)
     # index_select on the flat table: indexing with the 2-D table directly is ~1000x slower on CPU
@@ -74,25 +82,14 @@ def paged_attention(
     values = v_cache.index_select(0, blocks).to(cdtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     q = q.to(cdtype)  # keys/values: [B, KVH, S, D]
     if meta.decode_only:
-        return _decode_attention(q, keys, values, meta.masks[window], scale).to(dtype)
-    queries = q.new_zeros(batch, meta.max_query_len, q.shape[1], head_dim)
-    queries[meta.token_request, meta.token_offset] = q
+        queries = q.unsqueeze(2)  # [B, H, 1, D]: one token per request, already in order
+    else:
+        queries = q.new_zeros(batch, meta.max_query_len, q.shape[1], head_dim)
+        queries[meta.token_request, meta.token_offset] = q
+        queries = queries.transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys, values, attn_mask=meta.masks[window], scale=scale,
+        queries, keys, values, attn_mask=meta.masks[window], scale=scale,
         enable_gqa=q.shape[1] != num_kv_heads)
+    if meta.decode_only:
+        return out.squeeze(2).to(dtype)
     return out.transpose(1, 2)[meta.token_request, meta.token_offset].to(dtype)
-
-
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """One query per request, q: [B, H, D], mask [B, 1, 1, S] -> [B, H, D].
-
-    Two batched products and a softmax: with a single query row, scaled_dot_product_attention's
-    CPU kernel spends ~80 us per call setting up its blocks, more than the whole computation.
-    """
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = keys.shape[1]
-    queries = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # heads sharing a KV head
-    scores = torch.matmul(queries, keys.transpose(2, 3)) * scale  # [B, KVH, group, S]
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
-    return torch.matmul(weights.to(values.dtype), values).view(batch, num_heads, head_dim)

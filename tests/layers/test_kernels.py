@@ -49,6 +49,26 @@ def test_gemv_int4_equals_the_dequantized_linear(group_size, rows):
     assert torch.allclose(torch.ops.lmgen.gemv_int4(x, nibbles, scales, zeros), expected, rtol=1e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 20])
+def test_decode_attention_reads_the_paged_cache_like_sdpa_over_the_gathered_context(dtype, window):
+    torch.manual_seed(0)
+    num_blocks, block_size, kv_heads, heads, head_dim = 40, 16, 3, 9, 64
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype) for _ in range(2))
+    seq_lens = torch.tensor([1, 17, 40, 128, 100])
+    block_tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in seq_lens])
+    q = torch.randn(len(seq_lens), heads, head_dim)
+    out = torch.ops.lmgen.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.125, window)
+    for b, length in enumerate(seq_lens.tolist()):
+        slots = (block_tables[b][:, None] * block_size + torch.arange(block_size)).flatten()[:length]
+        first = max(0, length - window) if window else 0
+        keys, values = (cache.view(-1, kv_heads, head_dim)[slots][first:].float().transpose(0, 1)[None]
+                        for cache in (k_cache, v_cache))
+        expected = F.scaled_dot_product_attention(q[b].view(1, heads, 1, head_dim), keys, values, scale=0.125,
+                                                  enable_gqa=True)
+        assert torch.allclose(out[b], expected[0, :, 0], atol=1e-5)
+
+
 def test_the_layers_take_the_kernels_for_few_rows_and_pytorch_for_many(monkeypatch):
     calls = []
     gemv = torch.ops.lmgen.gemv
