@@ -199,9 +199,9 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   return q;
 }
 
-template <int R, typename S>
-void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, int64_t G, const uint8_t* w,
-                   const S* scales, const S* zeros, int64_t n0, int64_t n1, float* y, int64_t N) {
+template <int R, int64_t G, typename S>  // G a constant, so each group's loop unrolls whole
+void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t* w, const S* scales,
+                   const S* zeros, int64_t n0, int64_t n1, float* y, int64_t N) {
   const int64_t groups = K / G;
   const int16_t* xq = x.values.data() + m0 * K;
   const float *dx = x.scales.data() + m0 * groups, *sums = x.sums.data() + m0 * groups,
@@ -215,9 +215,11 @@ void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, int64_t G, con
     for (int64_t g = 0; g < groups; ++g) {
       __m256i acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-      for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + 512, _MM_HINT_T0);
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+      for (int64_t j = 0; j < G; j += 32) {
+        const int64_t k = g * G + j;
+        const uint8_t* packed = row + k / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(packed) + 512, _MM_HINT_T0);
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
         const __m256i even = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low_nibbles));
         const __m256i odd = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
         for (int r = 0; r < R; ++r) {
@@ -237,6 +239,18 @@ void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, int64_t G, con
   }
 }
 
+// Calls body(std::integral_constant<int64_t, G>{}) for the group sizes lmgen quantizes with.
+template <typename F>
+void with_group_size(int64_t G, F&& body) {
+  switch (G) {
+    case 32: return body(std::integral_constant<int64_t, 32>{});
+    case 64: return body(std::integral_constant<int64_t, 64>{});
+    case 128: return body(std::integral_constant<int64_t, 128>{});
+    case 256: return body(std::integral_constant<int64_t, 256>{});
+    default: TORCH_CHECK(false, "gemv_int4: group size 32, 64, 128 or 256 expected, got ", G);
+  }
+}
+
 at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "gemv_int4: the weight must be a contiguous uint8 matrix (two columns per byte)");
@@ -245,7 +259,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
               "gemv_int4: scales and zeros must be [N, groups] matrices of one dtype");
   const int64_t K = w.size(1) * 2, groups = scales.size(1);
   check_rows(x, K, "gemv_int4");
-  TORCH_CHECK(K % groups == 0 && (K / groups) % 32 == 0, "gemv_int4: the group size must be a multiple of 32");
+  TORCH_CHECK(K % groups == 0, "gemv_int4: the groups must divide the columns");
   const int64_t M = x.size(0), N = w.size(0), G = K / groups;
   const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K, G);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -254,8 +268,10 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   with_float_type(scales.scalar_type(), "gemv_int4", [&](auto type) {
     const auto *sp = scales.data_ptr<decltype(type)>(), *zp = zeros.data_ptr<decltype(type)>();
     for_each_output_range(N, [&](int64_t n0, int64_t n1) {
-      by_row_blocks(M, [&](auto block, int64_t m) {
-        dot_rows_int4<decltype(block)::value>(xq, m, K, G, wp, sp, zp, n0, n1, yp + m * N, N);
+      with_group_size(G, [&](auto group) {
+        by_row_blocks(M, [&](auto block, int64_t m) {
+          dot_rows_int4<decltype(block)::value, decltype(group)::value>(xq, m, K, wp, sp, zp, n0, n1, yp + m * N, N);
+        });
       });
     });
   });
