@@ -30,7 +30,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
     target = compute_dtype(weight.dtype, weight.device)
-    if target != weight.dtype and x.numel() >= _UPCAST_MIN_ROWS * x.shape[-1]:
+    if target != weight.dtype and rows >= _UPCAST_MIN_ROWS:
         out = F.linear(x.to(target), weight.to(target), None if bias is None else bias.to(target))
         return out.to(x.dtype)
     return F.linear(x, weight, bias)
