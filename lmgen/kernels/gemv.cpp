@@ -32,6 +32,9 @@ namespace {
 
 constexpr int64_t kRowsPerBlock = 4;  // activation rows multiplied per pass over a weight row
 constexpr int64_t kMinRowsPerThread = 64;
+// How far ahead of its reads a thread asks for its row's cache lines: one prefetch per line
+// (a float32 loop step covers two lines, of which only the first used to be asked for).
+constexpr int64_t kPrefetchBytes = 1024;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::Half* p) {
@@ -84,8 +87,9 @@ void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, flo
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8 * C) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + k) + 1024, _MM_HINT_T0);
       for (int c = 0; c < C; ++c) {
+        if ((8 * c * sizeof(W)) % 64 == 0)  // a new cache line
+          _mm_prefetch(reinterpret_cast<const char*>(row + k + 8 * c) + kPrefetchBytes, _MM_HINT_T0);
         const __m256 wc = load8(row + k + 8 * c);
         for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * K + k + 8 * c), acc[r][c]);
       }

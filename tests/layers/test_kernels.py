@@ -51,9 +51,10 @@ def test_gemv_int4_equals_the_dequantized_linear(group_size, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 20])
-def test_decode_attention_reads_the_paged_cache_like_sdpa_over_the_gathered_context(dtype, window):
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_decode_attention_reads_the_paged_cache_like_sdpa_over_the_gathered_context(dtype, window, head_dim):
     torch.manual_seed(0)
-    num_blocks, block_size, kv_heads, heads, head_dim = 40, 16, 3, 9, 64
+    num_blocks, block_size, kv_heads, heads = 40, 16, 3, 9
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype) for _ in range(2))
     seq_lens = torch.tensor([1, 17, 40, 128, 100])
     block_tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in seq_lens])
