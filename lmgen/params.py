@@ -224,8 +224,8 @@ class SamplingParams:
             return
         _check(self.n <= self.num_beams, f"`num_return_sequences` ({self.n}) has to be smaller or equal to "
                                          f"`num_beams` ({self.num_beams}).")
-        for field, used in (("structured", self.structured is not None), ("logprobs", self.logprobs is not None),
-                            ("stop", bool(self.stop))):  # messages start with the field, so the server names it
+        for field, used in (("structured", self.structured is not None), ("logprobs", self.logprobs is not None)):
+            # messages start with the field, so the server names it
             _check(not used, f"{field} cannot be combined with beam search (num_beams > 1) yet: drop one of them")
 
     @property

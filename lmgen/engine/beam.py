@@ -7,7 +7,8 @@ once the whole round is in, :meth:`BeamGroup.select` does what transformers'
 vectorised ``_beam_search`` does for one batch item: the top ``K = max(2, 1 + #eos) *
 num_beams`` candidates over slots x vocabulary of running score + processed
 log-probability (sampled without replacement for beam-sample), finished hypotheses
-(candidates ending in EOS or at the length limit, scored ``sum / length ** length_penalty``)
+(candidates ending in EOS, a stop string or a stopping criterion, or at the length or
+time limit, scored ``sum / length ** length_penalty``)
 kept when they are among the top ``num_beams``, the next running beams, and the
 ``early_stopping`` rules.
 
@@ -59,7 +60,7 @@ class BeamGroup:
     """One prompt's beams. The engine owns it; the runner hands it each beam's scores."""
 
     def __init__(self, slots: list[Request], pool: BlockPool, new_processors: Callable[[], list],
-                 max_model_len: int, generator: torch.Generator) -> None:
+                 max_model_len: int, generator: torch.Generator, decode: Callable[[list[int]], str]) -> None:
         self.slots = slots
         self.leader = slots[0]
         self.params = self.leader.params
@@ -67,6 +68,7 @@ class BeamGroup:
         self.pool = pool
         self.new_processors = new_processors
         self.generator = generator
+        self.decode = decode  # output token ids -> text, for stop strings and the results
         # no more new tokens than the context allows (transformers' max_length)
         self.max_tokens = min(self.leader.max_tokens, max_model_len - self.leader.num_prompt_tokens)
         self.stop_ids = self.leader.stop_token_ids
@@ -147,9 +149,21 @@ class BeamGroup:
         return torch.topk(accumulated, k=self.num_candidates)
 
     def _hits_stop(self, source: int, token: int) -> bool:
-        """Whether beam `source` + `token` is finished: EOS / stop token, the length limit, a stopping criterion."""
-        return (token in self.stop_ids or self.round + 1 >= self.max_tokens
-                or any(stop(self.slots[source].all_token_ids + [token]) for stop in self.params.stopping_criteria))
+        """Whether beam `source` + `token` is finished: EOS / stop token, a stop string, the length or time limit,
+        a stopping criterion (transformers' StopStringCriteria and MaxTimeCriteria end candidates the same way)."""
+        beam = self.slots[source]
+        return (token in self.stop_ids or self.round + 1 >= self.max_tokens or self.leader.out_of_time()
+                or self._stop_string(beam.output_token_ids + [token]) is not None
+                or any(stop(beam.all_token_ids + [token]) for stop in self.params.stopping_criteria))
+
+    def _stop_string(self, output_ids: list[int]) -> tuple[int, str] | None:
+        """(where, which) of the earliest stop string the last of `output_ids` completes, if any (the text seen
+        before that token cannot end one: that candidate would have finished then)."""
+        if not self.params.stop or len(output_ids) < max(1, self.params.min_tokens):
+            return None
+        before, text = self.decode(output_ids[:-1]), self.decode(output_ids)
+        found = [(i, stop) for stop in self.params.stop if (i := text.find(stop, max(0, len(before) - len(stop) + 1))) >= 0]
+        return min(found) if found else None
 
     def _update_finished(self, scores: torch.Tensor, sources: list[int], tokens: list[int],
                          hits: torch.Tensor) -> None:
@@ -225,15 +239,20 @@ class BeamGroup:
                    for r, s, hist in zip(self.slots, self.running_scores, self.histories)]
         return (found + running)[: self.params.n]
 
-    def completions(self, decode: Callable[[list[int]], str], reason: str | None = None) -> list[CompletionOutput]:
+    def completions(self, reason: str | None = None) -> list[CompletionOutput]:
         """The results as CompletionOutputs (with cumulative_logprob, score and beam_indices)."""
         outputs = []
         for index, hypothesis in enumerate(self.best()):
-            ids = hypothesis.token_ids
+            ids, text = hypothesis.token_ids, self.decode(hypothesis.token_ids)
+            stop_string = self._stop_string(ids) if ids else None
             ends_in_stop = bool(ids) and ids[-1] in self.stop_ids
-            finish = reason or ("stop" if ends_in_stop else "length")
-            stop_reason = ids[-1] if ends_in_stop and ids[-1] in self.params.stop_token_ids else None
-            outputs.append(CompletionOutput(index, decode(ids), list(ids), finish, stop_reason,
+            if stop_string is not None:  # cut where the stop string ends (or starts), as without beams
+                where, stop_reason = stop_string
+                text = text[: where + (len(stop_reason) if self.params.include_stop_str_in_output else 0)]
+            else:
+                stop_reason = ids[-1] if ends_in_stop and ids[-1] in self.params.stop_token_ids else None
+            finish = reason or ("stop" if ends_in_stop or stop_string is not None else "length")
+            outputs.append(CompletionOutput(index, text, list(ids), finish, stop_reason,
                                             cumulative_logprob=hypothesis.cumulative_logprob,
                                             score=hypothesis.score, beam_indices=list(hypothesis.beam_indices)))
         return outputs

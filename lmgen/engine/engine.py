@@ -199,7 +199,8 @@ class Engine:
         new_processors = partial(build_processors, params, len(prompt_ids), self.model.args.vocab_size,
                                  slots[0].stop_token_ids, max_tokens)
         slots[0].logits_processors = new_processors()  # the others get theirs when they fork
-        group = BeamGroup(slots, self.pool, new_processors, self.max_model_len, generator)
+        decode = partial(self.tokenizer.decode, skip_special_tokens=params.skip_special_tokens)
+        group = BeamGroup(slots, self.pool, new_processors, self.max_model_len, generator, decode)
         for slot in slots:
             slot.beam = group
         self._families[request_id] = slots
@@ -226,8 +227,7 @@ class Engine:
             slot.finish(reason or "stop")
             self.scheduler.finish(slot)
         leader = group.leader
-        decode = partial(self.tokenizer.decode, skip_special_tokens=leader.params.skip_special_tokens)
-        return RequestOutput(request_id, leader.prompt, leader.prompt_token_ids, group.completions(decode, reason),
+        return RequestOutput(request_id, leader.prompt, leader.prompt_token_ids, group.completions(reason),
                              finished=True)
 
     @property

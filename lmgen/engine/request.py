@@ -94,12 +94,12 @@ class Request:
         self.all_token_ids.append(token_id)
         if token_id in self.stop_token_ids:  # min_tokens is enforced by masking these before sampling
             self.finish("stop", token_id if token_id in self.params.stop_token_ids else None)
-        elif self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len or self._out_of_time():
+        elif self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len or self.out_of_time():
             self.finish("length")
         elif any(stop(self.all_token_ids) for stop in self.params.stopping_criteria):
             self.finish("stop")
 
-    def _out_of_time(self) -> bool:
+    def out_of_time(self) -> bool:
         """params.max_time (seconds since arrival) has passed."""
         return self.params.max_time is not None and time.monotonic() - self.arrival_time > self.params.max_time
 

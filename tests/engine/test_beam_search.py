@@ -99,6 +99,44 @@ def test_beam_sample_through_generate(models):
     assert out.shape == (4, INPUT_IDS.shape[1] + 5)
 
 
+@pytest.mark.parametrize("setting", [(3, 2, 1.0, False, 510, 12), (4, 4, 0.5, True, 510, 12),
+                                     (2, 1, 2.0, "never", 510, 10)])
+def test_stop_strings_end_beams_as_in_transformers(models, llama_path, setting):
+    ours, theirs = models
+    kwargs = beam_kwargs(*setting)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_path)
+    unstopped = theirs.generate(INPUT_IDS, **kwargs).sequences
+    text = tokenizer.decode(unstopped[-1, INPUT_IDS.shape[1]:])
+    # two letters from the second half of the second prompt's last hypothesis, and a string no beam makes
+    start = next(i for i in range(len(text) // 2, len(text) - 1) if text[i: i + 2].isalpha())
+    stop_strings = [text[start: start + 2], "never made"]
+    expected = theirs.generate(INPUT_IDS, stop_strings=stop_strings, tokenizer=tokenizer, **kwargs)
+    got = ours.generate(INPUT_IDS, stop_strings=stop_strings, tokenizer=tokenizer, **kwargs)
+    assert not torch.equal(expected.sequences, unstopped)  # the stop string did end hypotheses
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_a_beam_that_completes_a_stop_string_finishes_with_it_cut_from_the_text(llama_path):
+    llm = LLM(str(llama_path), dtype="float32", device="cpu")
+    prompt = INPUT_IDS[1, 3:].tolist()
+    free = llm.generate([prompt], SamplingParams(n=3, num_beams=3, max_tokens=12, temperature=0, ignore_eos=True))
+    best = free[0].outputs[0].text
+    stop = best[len(best) // 2: len(best) // 2 + 2]  # two characters from the middle of the best beam
+    [result] = llm.generate([prompt], SamplingParams(n=3, num_beams=3, max_tokens=12, temperature=0,
+                                                     ignore_eos=True, stop=[stop]))
+    stopped = [c for c in result.outputs if c.finish_reason == "stop"]
+    assert stopped and all(c.stop_reason == stop and stop not in c.text for c in stopped)
+    assert all(llm.tokenizer.decode(c.token_ids).startswith(c.text) for c in stopped)
+
+
+def test_max_time_ends_every_beam(llama_path):
+    llm = LLM(str(llama_path), dtype="float32", device="cpu")
+    [result] = llm.generate([[1, 33, 44]], SamplingParams(n=2, num_beams=2, max_tokens=50, temperature=0,
+                                                          ignore_eos=True, max_time=1e-6))
+    assert [len(c.token_ids) for c in result.outputs] == [1, 1]  # the first round already ran out of time
+
+
 def test_llm_beam_search_returns_every_beam_best_first(llama_path):
     llm = LLM(str(llama_path), dtype="float32", device="cpu")
     [result] = llm.beam_search([[1, 33, 44]], BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5))

@@ -190,6 +190,11 @@ def test_beam_search_equals_llm_generate(client, llm):
     chat = client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, max_tokens=8,
                                           extra_body={"use_beam_search": True})
     assert len(chat.choices) == 2 and chat.choices[0].message.content != chat.choices[1].message.content
+    stop = expected[0][2:4]
+    stopped = client.completions.create(model="tiny", prompt=PROMPT, n=2, max_tokens=8, stop=[stop],
+                                        extra_body={"use_beam_search": True})
+    assert any(c.finish_reason == "stop" for c in stopped.choices)
+    assert all(stop not in c.text for c in stopped.choices)
 
 
 def test_extras_and_penalties_are_accepted(client):
