@@ -131,8 +131,7 @@ class GenerationConfig:
         """A recorder for output_scores / output_logits, when they are asked for (with return_dict_in_generate)."""
         if not self.return_dict_in_generate or not (self.output_scores or self.output_logits):
             return None
-        return ScoreRecorder(scores=bool(self.output_scores), logits=bool(self.output_logits),
-                             renormalize=bool(self.renormalize_logits))
+        return ScoreRecorder(scores=bool(self.output_scores), logits=bool(self.output_logits))
 
     def eos_ids(self) -> list[int]:
         eos = self.eos_token_id
@@ -189,4 +188,4 @@ class GenerationConfig:
             forced_bos_token_id=self.forced_bos_token_id if input_length == 1 else None,
             forced_eos_token_id=self.forced_eos_token_id if self.forced_eos_token_id is not None else (),
             exponential_decay_length_penalty=self.exponential_decay_length_penalty,
-            remove_invalid_values=bool(self.remove_invalid_values))
+            remove_invalid_values=bool(self.remove_invalid_values), renormalize_logits=bool(self.renormalize_logits))

@@ -120,6 +120,9 @@ class SamplingParams:
     forced_eos_token_id: tuple[int, ...] = ()  # forced as the last token max_tokens allows
     exponential_decay_length_penalty: tuple[int, float] | None = None  # (start, factor): EOS likelier past start
     remove_invalid_values: bool = False  # NaN -> 0, +-inf -> the largest finite values
+    # log-softmax after every processor and warper (transformers' LogitNormalization): sampling
+    # is unchanged, but recorded scores and beam search's running scores are normalized rows
+    renormalize_logits: bool = False
     max_time: float | None = None  # seconds after arrival; then the request finishes ("length")
     # Beam search (num_beams > 1): the n best of num_beams beams come back; temperature > 0 is beam-sample.
     num_beams: int = 1

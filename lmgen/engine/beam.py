@@ -131,6 +131,8 @@ class BeamGroup:
             raw = None if rows[0][1] is None else torch.stack([r for _, r in rows])
         if self.params.temperature > 0:  # beam-sample: transformers runs the warpers on the log-probabilities
             processed = Warpers.build([self.params] * self.num_beams, processed.device)(processed)
+        if self.params.renormalize_logits:  # after the processors had their say, rows sum to 1 again
+            processed = processed.log_softmax(dim=-1)
         return processed, raw
 
     def _record(self, log_probs: torch.Tensor, raw: torch.Tensor | None) -> None:

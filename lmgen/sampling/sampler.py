@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -141,6 +141,7 @@ class SamplingBatch:
     generators: list[torch.Generator]  # of the sampled rows
     num_logprobs: list[int | None]
     keep_scores: bool = False  # some row records its processed scores: write the warped rows back
+    renormalized_rows: list[int] = field(default_factory=list)  # recorded rows that renormalize_logits
 
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator],
@@ -152,6 +153,7 @@ class SamplingBatch:
             generators=[generators[r] for r in rows],
             num_logprobs=[p.logprobs for p in params],
             keep_scores=any(p.score_recorder is not None and p.score_recorder.keep_scores for p in params),
+            renormalized_rows=[row for row, p in enumerate(params) if p.renormalize_logits and p.score_recorder],
         )
 
 
@@ -159,13 +161,13 @@ class ScoreRecorder:
     """Keeps a request's per-step rows for transformers' ``output_scores`` and ``output_logits``.
 
     ``scores`` are what the token was chosen from (after the processors and, when
-    sampling, the warpers; log-softmaxed with ``renormalize``, transformers' last
-    processor, which changes no choice); ``logits`` are the model's raw logits. One
+    sampling, the warpers; log-softmaxed with ``renormalize_logits``, transformers'
+    last processor); ``logits`` are the model's raw logits. One
     recorder serves all n completions of a request: rows are kept per completion index.
     """
 
-    def __init__(self, scores: bool = False, logits: bool = False, renormalize: bool = False) -> None:
-        self.keep_scores, self.keep_logits, self.renormalize = scores, logits, renormalize
+    def __init__(self, scores: bool = False, logits: bool = False) -> None:
+        self.keep_scores, self.keep_logits = scores, logits
         self.scores: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)
 
@@ -174,7 +176,7 @@ class ScoreRecorder:
         if self.keep_logits:
             self.logits[index].append(raw.clone())
         if self.keep_scores:
-            self.scores[index].append(processed.log_softmax(dim=-1) if self.renormalize else processed.clone())
+            self.scores[index].append(processed.clone())
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -210,7 +212,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
 
     Logprobs are those of the distribution before temperature and warpers. ``scores``
     is ``logits`` itself; when ``batch.keep_scores``, its sampled rows are overwritten
-    with their warped values, so it holds what each token was chosen from.
+    with their warped values, so it holds what each token was chosen from (log-softmaxed
+    for rows with ``renormalize_logits``, which changes no choice).
     """
     logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in batch.num_logprobs) else None
     tokens = logits.argmax(dim=-1)
@@ -221,5 +224,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
         tokens[rows] = _draw(warped.softmax(dim=-1), batch.generators)
         if batch.keep_scores:
             logits[rows] = warped
+    for row in batch.renormalized_rows:
+        logits[row] = logits[row].log_softmax(dim=-1)
     lp = top_logprobs(logprobs, tokens, batch.num_logprobs) if logprobs is not None else [None] * len(tokens)
     return tokens, lp, logits

@@ -117,6 +117,20 @@ def test_stop_strings_end_beams_as_in_transformers(models, llama_path, setting):
     torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-5)
 
 
+def test_renormalized_beam_scores_match_transformers(models):
+    ours, theirs = models
+    kwargs = dict(beam_kwargs(3, 2, 1.0, False, 510, 10), renormalize_logits=True, repetition_penalty=1.5)
+    expected = theirs.generate(INPUT_IDS, **kwargs)
+    got = ours.generate(INPUT_IDS, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.compute_transition_scores(got.sequences, got.scores, got.beam_indices),
+                               theirs.compute_transition_scores(expected.sequences, expected.scores,
+                                                                expected.beam_indices), rtol=1e-4, atol=1e-5)
+    unnormalized = theirs.generate(INPUT_IDS, **dict(kwargs, renormalize_logits=False))
+    assert not torch.allclose(unnormalized.sequences_scores, expected.sequences_scores)  # renormalizing mattered
+
+
 def test_a_beam_that_completes_a_stop_string_finishes_with_it_cut_from_the_text(llama_path):
     llm = LLM(str(llama_path), dtype="float32", device="cpu")
     prompt = INPUT_IDS[1, 3:].tolist()
