@@ -227,9 +227,9 @@ class SamplingParams:
             return
         _check(self.n <= self.num_beams, f"`num_return_sequences` ({self.n}) has to be smaller or equal to "
                                          f"`num_beams` ({self.num_beams}).")
-        for field, used in (("structured", self.structured is not None), ("logprobs", self.logprobs is not None)):
-            # messages start with the field, so the server names it
-            _check(not used, f"{field} cannot be combined with beam search (num_beams > 1) yet: drop one of them")
+        # the message starts with the field, so the server names it
+        _check(self.structured is None, "structured cannot be combined with beam search (num_beams > 1) yet: "
+                                        "drop one of them")
 
     @property
     def greedy(self) -> bool:

@@ -21,7 +21,7 @@ from lmgen.cache.block_pool import BlockPool
 from lmgen.cache.kv_cache import KVCache, bytes_per_block
 from lmgen.engine.beam import BeamGroup
 from lmgen.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig, parse_size
-from lmgen.engine.output import OutputState
+from lmgen.engine.output import OutputState, with_token_text
 from lmgen.engine.request import Request
 from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -227,8 +227,11 @@ class Engine:
             slot.finish(reason or "stop")
             self.scheduler.finish(slot)
         leader = group.leader
-        return RequestOutput(request_id, leader.prompt, leader.prompt_token_ids, group.completions(reason),
-                             finished=True)
+        completions = group.completions(reason)
+        for completion in completions:
+            if completion.logprobs is not None:
+                completion.logprobs = with_token_text(completion.logprobs, self.tokenizer)
+        return RequestOutput(request_id, leader.prompt, leader.prompt_token_ids, completions, finished=True)
 
     @property
     def grammar_backend(self) -> GrammarBackend:

@@ -40,7 +40,7 @@ class OutputState:
         delta = self.text[self.num_sent_chars:end]
         self.num_sent_chars = end
         if new_logprobs is not None:
-            new_logprobs = [self._decoded(entry) for entry in new_logprobs]
+            new_logprobs = with_token_text(new_logprobs, self.tokenizer)
         return CompletionOutput(request.index, delta, new_token_ids, request.finish_reason, request.stop_reason,
                                 new_logprobs)
 
@@ -52,5 +52,8 @@ class OutputState:
         self.text = self.text[: index + (len(stop) if request.params.include_stop_str_in_output else 0)]
         request.finish("stop", stop)
 
-    def _decoded(self, entry: dict[int, Logprob]) -> dict[int, Logprob]:
-        return {tid: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([tid])) for tid, lp in entry.items()}
+
+def with_token_text(entries: list[dict[int, Logprob]], tokenizer: Tokenizer) -> list[dict[int, Logprob]]:
+    """Logprob entries (one per generated token) with each token's text filled in."""
+    return [{tid: Logprob(lp.logprob, lp.rank, tokenizer.decode([tid])) for tid, lp in entry.items()}
+            for entry in entries]

@@ -144,6 +144,19 @@ def test_a_beam_that_completes_a_stop_string_finishes_with_it_cut_from_the_text(
     assert all(llm.tokenizer.decode(c.token_ids).startswith(c.text) for c in stopped)
 
 
+def test_beams_report_the_logprobs_their_scores_sum(llama_path):
+    llm = LLM(str(llama_path), dtype="float32", device="cpu")
+    [result] = llm.generate([[1, 33, 44]], SamplingParams(n=3, num_beams=3, max_tokens=8, temperature=0,
+                                                          ignore_eos=True, logprobs=2, repetition_penalty=1.3))
+    for beam in result.outputs:
+        assert len(beam.logprobs) == len(beam.token_ids)
+        chosen = [entry[token] for entry, token in zip(beam.logprobs, beam.token_ids)]
+        assert sum(lp.logprob for lp in chosen) == pytest.approx(beam.cumulative_logprob, abs=1e-4)
+        for entry in beam.logprobs:
+            assert 2 <= len(entry) <= 3 and {lp.rank for lp in entry.values()} >= {1, 2}
+            assert all(lp.decoded_token == llm.tokenizer.decode([tid]) for tid, lp in entry.items())
+
+
 def test_max_time_ends_every_beam(llama_path):
     llm = LLM(str(llama_path), dtype="float32", device="cpu")
     [result] = llm.generate([[1, 33, 44]], SamplingParams(n=2, num_beams=2, max_tokens=50, temperature=0,

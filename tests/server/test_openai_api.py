@@ -195,6 +195,9 @@ def test_beam_search_equals_llm_generate(client, llm):
                                         extra_body={"use_beam_search": True})
     assert any(c.finish_reason == "stop" for c in stopped.choices)
     assert all(stop not in c.text for c in stopped.choices)
+    scored = client.completions.create(model="tiny", prompt=PROMPT, n=2, max_tokens=8, logprobs=2,
+                                       extra_body={"use_beam_search": True})
+    assert all(len(c.logprobs.token_logprobs) == len(c.logprobs.tokens) > 0 for c in scored.choices)
 
 
 def test_extras_and_penalties_are_accepted(client):

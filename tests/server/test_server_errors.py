@@ -91,7 +91,6 @@ COMPLETION_ERRORS = [
     ({"echo": True, "logprobs": 1}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"length_penalty": 2.0}, "length_penalty"),  # without use_beam_search
-    ({"use_beam_search": True, "n": 2, "logprobs": 1}, "logprobs"),
 ]
 
 
@@ -126,7 +125,6 @@ CHAT_ERRORS = [
     ({"chat_template_kwargs": {"add_generation_prompt": 3, "messages": []}}, "messages"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"length_penalty": 2.0}, "length_penalty"),  # without use_beam_search
-    ({"use_beam_search": True, "n": 2, "logprobs": True}, "top_logprobs"),  # chat's name for it
 ]
 
 
