@@ -12,7 +12,7 @@ from lmgen.cache.kv_cache import KVCache
 from lmgen.engine.compiled import CompiledDecode
 from lmgen.engine.request import Request
 from lmgen.engine.scheduler import ScheduledBatch
-from lmgen.layers.attention import AttentionMetadata
+from lmgen.layers.attention import AttentionMetadata, reads_cache_in_place
 from lmgen.outputs import Logprob
 from lmgen.sampling.sampler import SamplingBatch, sample
 from lmgen.sampling.structured import GrammarBackend, allocate_bitmask, apply_bitmask
@@ -69,7 +69,8 @@ class ModelRunner:
             query_starts=flat(query_starts), seq_lens=flat(request_lens),
             token_request=flat(np.concatenate(token_request)), token_offset=flat(np.concatenate(token_offset)),
             max_query_len=max(batch.num_new_tokens), block_size=bs)
-        meta.build_masks(self._windows)
+        if not reads_cache_in_place(meta, self.model.args.head_dim, self.device):
+            meta.build_masks(self._windows)
         return StepInputs(flat(ids), flat(np.concatenate(positions)), flat(np.concatenate(seq_lens)), meta,
                           flat(sample_indices), sampled)
 

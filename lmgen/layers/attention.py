@@ -35,7 +35,7 @@ class AttentionMetadata:
     token_offset: torch.Tensor  # [T] index of each token among its request's new tokens
     max_query_len: int
     block_size: int
-    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # see build_masks
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # see build_masks; none for the kernel
 
     @property
     def decode_only(self) -> bool:
@@ -55,6 +55,12 @@ class AttentionMetadata:
             self.masks[window] = allowed[:, None]
 
 
+def reads_cache_in_place(meta: AttentionMetadata, head_dim: int, device: torch.device) -> bool:
+    """Whether the step's attention is lmgen's decode kernel, which reads the paged cache where it
+    lies and needs no masks."""
+    return meta.decode_only and kernels.loaded and device.type == "cpu" and head_dim % 16 == 0
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -70,7 +76,7 @@ def paged_attention(
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
-    if meta.decode_only and kernels.loaded and q.device.type == "cpu" and head_dim % 16 == 0:
+    if reads_cache_in_place(meta, head_dim, q.device):
         out = torch.ops.lmgen.decode_attention(q.float().contiguous(), k_cache, v_cache, meta.block_tables,
                                                meta.seq_lens, scale, window or 0)
         return out.to(q.dtype)
