@@ -174,7 +174,8 @@ class BeamGroup:
         if not self.params.stop or len(output_ids) < max(1, self.params.min_tokens):
             return None
         before, text = self.decode(output_ids[:-1]), self.decode(output_ids)
-        found = [(i, stop) for stop in self.params.stop if (i := text.find(stop, max(0, len(before) - len(stop) + 1))) >= 0]
+        found = [(i, stop) for stop in self.params.stop
+                 if (i := text.find(stop, max(0, len(before) - len(stop) + 1))) >= 0]
         return min(found) if found else None
 
     def _update_finished(self, scores: torch.Tensor, sources: list[int], tokens: list[int],
