@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
 
 from lmgen.outputs import Logprob
@@ -42,13 +43,27 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.
 
 
 def apply_top_p(logits: torch.Tensor, top_p_tail: torch.Tensor) -> torch.Tensor:
-    """Nucleus: drop the least likely tokens whose cumulative probability is <= 1 - top_p (the "tail")."""
-    sorted_logits, order = logits.sort(dim=-1, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= top_p_tail[:, None]
-    remove_sorted[:, -1] = False  # always keep the most likely token
-    remove_sorted &= (top_p_tail > 0)[:, None]
-    return logits.masked_fill(remove_sorted.scatter(-1, order, remove_sorted), NEG_INF)
+    """Nucleus: drop the least likely tokens whose cumulative probability is <= 1 - top_p (the "tail").
+
+    transformers' computation (softmax and cumsum of the ascending sorted logits), but only
+    the sorted values are needed: tokens below the smallest kept value go, so no sort
+    order is kept or scattered back. Tokens tied with that value all stay, where
+    transformers keeps whichever its unstable sort put last.
+    """
+    ascending = _sorted_values(logits)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)  # non-decreasing: the removed ones lead
+    removed = (cumulative <= top_p_tail[:, None]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)  # keep the best
+    removed = torch.where(top_p_tail > 0, removed, 0)
+    smallest_kept = ascending.gather(-1, removed[:, None])
+    return logits.masked_fill(logits < smallest_kept, NEG_INF)
+
+
+def _sorted_values(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's values in ascending order. On a CPU numpy's SIMD sort takes 0.4 ms for a
+    49k-token row where torch.sort, which also sorts indices, takes 4.5 ms."""
+    if logits.device.type == "cpu":
+        return torch.from_numpy(np.sort(logits.numpy(), axis=-1))
+    return logits.sort(dim=-1).values
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

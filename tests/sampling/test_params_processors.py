@@ -44,6 +44,13 @@ def test_settings_nobody_uses_cost_nothing():
                ("top_h", "top_k", "top_p_tail", "min_p", "typical_p", "epsilon", "eta"))
 
 
+def test_top_p_leaves_rows_without_it_alone_and_keeps_the_best_token():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 9.0], [-1e4, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 50.0]])
+    warpers = Warpers.build([SamplingParams(temperature=1.0, top_p=p) for p in (0.5, 1.0, 0.01)], torch.device("cpu"))
+    kept = warpers(logits).isfinite()
+    assert kept.tolist() == [[False, False, False, True], [True] * 4, [False, False, False, True]]
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_up_front(llm):
     with pytest.raises(InvalidArgumentError, match="vocabulary size is 512"):
         llm.generate("Portugal is", SamplingParams(max_tokens=3, bad_words_ids=[[5, 600]]))
