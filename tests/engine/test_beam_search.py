@@ -35,6 +35,11 @@ def models(llama_path):
     return ours, transformers.AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32)
 
 
+@pytest.fixture(scope="module")
+def llm(llama_path):
+    return LLM(str(llama_path), dtype="float32", device="cpu")
+
+
 def beam_kwargs(num_beams, n, length_penalty, early_stopping, eos, max_new_tokens):
     return dict(attention_mask=(INPUT_IDS != 0).long(), num_beams=num_beams, num_return_sequences=n,
                 length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos,
@@ -131,8 +136,7 @@ def test_renormalized_beam_scores_match_transformers(models):
     assert not torch.allclose(unnormalized.sequences_scores, expected.sequences_scores)  # renormalizing mattered
 
 
-def test_a_beam_that_completes_a_stop_string_finishes_with_it_cut_from_the_text(llama_path):
-    llm = LLM(str(llama_path), dtype="float32", device="cpu")
+def test_a_beam_that_completes_a_stop_string_finishes_with_it_cut_from_the_text(llm):
     prompt = INPUT_IDS[1, 3:].tolist()
     free = llm.generate([prompt], SamplingParams(n=3, num_beams=3, max_tokens=12, temperature=0, ignore_eos=True))
     best = free[0].outputs[0].text
@@ -144,8 +148,7 @@ def test_a_beam_that_completes_a_stop_string_finishes_with_it_cut_from_the_text(
     assert all(llm.tokenizer.decode(c.token_ids).startswith(c.text) for c in stopped)
 
 
-def test_beams_report_the_logprobs_their_scores_sum(llama_path):
-    llm = LLM(str(llama_path), dtype="float32", device="cpu")
+def test_beams_report_the_logprobs_their_scores_sum(llm):
     [result] = llm.generate([[1, 33, 44]], SamplingParams(n=3, num_beams=3, max_tokens=8, temperature=0,
                                                           ignore_eos=True, logprobs=2, repetition_penalty=1.3))
     for beam in result.outputs:
@@ -157,15 +160,13 @@ def test_beams_report_the_logprobs_their_scores_sum(llama_path):
             assert all(lp.decoded_token == llm.tokenizer.decode([tid]) for tid, lp in entry.items())
 
 
-def test_max_time_ends_every_beam(llama_path):
-    llm = LLM(str(llama_path), dtype="float32", device="cpu")
+def test_max_time_ends_every_beam(llm):
     [result] = llm.generate([[1, 33, 44]], SamplingParams(n=2, num_beams=2, max_tokens=50, temperature=0,
                                                           ignore_eos=True, max_time=1e-6))
     assert [len(c.token_ids) for c in result.outputs] == [1, 1]  # the first round already ran out of time
 
 
-def test_llm_beam_search_returns_every_beam_best_first(llama_path):
-    llm = LLM(str(llama_path), dtype="float32", device="cpu")
+def test_llm_beam_search_returns_every_beam_best_first(llm):
     [result] = llm.beam_search([[1, 33, 44]], BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5))
     assert len(result.outputs) == 3 and result.finished
     for beam in result.outputs:
