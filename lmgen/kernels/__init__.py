@@ -1,7 +1,10 @@
-"""lmgen's own CPU kernels: products of a few rows that read weights at DRAM speed (gemv.cpp).
+"""lmgen's own CPU kernels (cpu.cpp): products of a few rows that read weights at DRAM speed,
+decode attention over the paged cache, and the layers' small elementwise steps.
 
 Batch-1 decode reads every weight once per token, and PyTorch's one-row CPU products
-read them at about half the rate memory allows (``benchmarks/gemv.py``). The kernels are
+read them at about half the rate memory allows (``benchmarks/gemv.py``); around them, an
+eager step's hundreds of small operator calls (norms, rotary, SiLU, dtype copies) cost
+as much again in dispatch, so each of those is one call here. The kernels are
 C++ (AVX2), compiled with the machine's C++ compiler the first time a model loads on a
 CPU and cached per machine, like torch.compile's own C++; without a compiler, on another
 CPU or with ``LMGEN_CPU_KERNELS=0``, PyTorch's kernels run instead, with the same results
@@ -28,9 +31,11 @@ import torch.utils.cpp_extension
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("gemv.cpp")
-_FLAGS = ["-O3", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared",
-          f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+_SOURCE = Path(__file__).with_name("cpu.cpp")
+# -ffp-contract=off: a * b + c rounds the product as written (as PyTorch's elementwise ops
+# do), never fused into one FMA behind the source's back; the kernels ask for FMAs explicitly.
+_FLAGS = ["-O3", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC",
+          "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 #: Products with more rows than this go to PyTorch's kernels, whose blocked GEMM reuses
 #: each weight load across many rows (on bench-125m's shapes, AVX2, these kernels are
 #: faster than PyTorch's up to 64 rows in every dtype: 1.1x in float32, 1.2-1.6x for the
@@ -94,7 +99,7 @@ def _built_library() -> Path:
     key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), compiler.encode(),
                                      " ".join(_FLAGS).encode(), sys.version.encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("LMGEN_CACHE", Path.home() / ".cache" / "lmgen")) / "kernels"
-    library = cache / f"gemv-{key}.so"
+    library = cache / f"cpu-{key}.so"
     if library.exists():
         return library
     cache.mkdir(parents=True, exist_ok=True)
@@ -120,4 +125,6 @@ def _register_shapes() -> None:
 
     for name in ("gemv", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"lmgen::{name}")(rows_by_outputs)
-    torch.library.register_fake("lmgen::decode_attention")(lambda q, *_: torch.empty_like(q))
+    for name in ("decode_attention", "rms_norm", "rotary"):
+        torch.library.register_fake(f"lmgen::{name}")(lambda x, *_: x.new_empty(x.shape))
+    torch.library.register_fake("lmgen::silu_and_mul")(lambda x: x.new_empty(*x.shape[:-1], x.shape[-1] // 2))

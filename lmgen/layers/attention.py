@@ -77,9 +77,8 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
     if reads_cache_in_place(meta, head_dim, q.device):
-        out = torch.ops.lmgen.decode_attention(q.float().contiguous(), k_cache, v_cache, meta.block_tables,
-                                               meta.seq_lens, scale, window or 0)
-        return out.to(q.dtype)
+        return torch.ops.lmgen.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                                window or 0)
     batch, dtype = meta.block_tables.shape[0], q.dtype
     cdtype = compute_dtype(dtype, q.device)
     # index_select on the flat table: indexing with the 2-D table directly is ~1000x slower on CPU

@@ -216,7 +216,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.has_storage_form and kernels.fits(rows.shape[0], self.in_features, rows.device):
-            out = self._lmgen_kernel(rows.float().contiguous()).to(x.dtype)
+            out = self._lmgen_kernel(rows)
         elif self.use_kernel and rows.shape[0] < self.kernel_max_rows:
             out = self._kernel(rows.to(torch.bfloat16)).to(x.dtype)
         else:  # on a CPU in float32, whose GEMM is the fast one there without bf16 units
@@ -227,7 +227,7 @@ class QuantizedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def _lmgen_kernel(self, rows: torch.Tensor) -> torch.Tensor:
-        """float32 rows [M, K] -> [M, N] on lmgen's kernel for the storage form."""
+        """Rows [M, K] -> [M, N] in their dtype, on lmgen's kernel for the storage form."""
         raise NotImplementedError
 
     def _kernel(self, rows: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from lmgen import kernels
-from lmgen.layers.linear import linear
+from lmgen.layers.linear import SiluAndMul, linear
+from lmgen.layers.norm import RMSNorm
 from lmgen.layers.quant import dequantize_int4, quantize_int4, quantize_int8
+from lmgen.layers.rotary import apply_rotary
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="lmgen's CPU kernels need an AVX2 CPU and a C++ compiler")
 
@@ -96,3 +98,77 @@ def test_lmgen_cpu_kernels_0_turns_them_off():
     result = subprocess.run([sys.executable, "-c", code], env={"LMGEN_CPU_KERNELS": "0", "PATH": ""},
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_products_take_and_give_half_precision_rows_rounded_once(dtype, rows):
+    x, weight = _inputs(rows, in_features=256)
+    x = x.to(dtype)
+    q, scales = quantize_int8(weight)
+    nibbles, group_scales, zeros = quantize_int4(weight, 64)
+    for product, args in ((torch.ops.lmgen.gemv, (weight.to(dtype),)), (torch.ops.lmgen.gemv_int8, (q, scales)),
+                          (torch.ops.lmgen.gemv_int4, (nibbles, group_scales, zeros))):
+        out = product(x, *args)
+        assert out.dtype == dtype
+        assert torch.equal(out, product(x.float(), *args).to(dtype))
+
+
+def test_decode_attention_gives_half_precision_queries_their_dtype():
+    torch.manual_seed(0)
+    k_cache, v_cache = (torch.randn(8, 16, 2, 64).to(torch.bfloat16) for _ in range(2))
+    q = torch.randn(3, 4, 64).to(torch.bfloat16)
+    args = (k_cache, v_cache, torch.randperm(8)[:6].view(3, 2), torch.tensor([5, 32, 17]), 0.125, 0)
+    out = torch.ops.lmgen.decode_attention(q, *args)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.ops.lmgen.decode_attention(q.float(), *args).to(torch.bfloat16))
+
+
+def _assert_within_a_few_ulps(fast: torch.Tensor, reference: torch.Tensor) -> None:
+    """float32: within 4 ulps; half precision: within one rounding step, and mostly equal."""
+    assert fast.dtype == reference.dtype
+    ulps = 4 if fast.dtype == torch.float32 else 2
+    assert torch.allclose(fast.float(), reference.float(), rtol=ulps * torch.finfo(fast.dtype).eps, atol=1e-30)
+    if fast.dtype != torch.float32:
+        assert (fast == reference).float().mean() > 0.97
+
+
+def _with_and_without_kernels(monkeypatch, layer, *inputs):
+    """The layer's output on lmgen's kernel and on its PyTorch path."""
+    fast = layer(*inputs)
+    monkeypatch.setattr(kernels, "loaded", False)
+    return fast, layer(*inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [576, 37])  # 37: columns past the last full vector
+def test_rms_norm_kernel_equals_the_pytorch_path(monkeypatch, dtype, hidden):
+    torch.manual_seed(hidden)
+    norm = RMSNorm(hidden, eps=1e-5)
+    norm.weight.data = (torch.rand(hidden) + 0.5).to(dtype)
+    x = (torch.randn(5, hidden) * torch.linspace(0.1, 10, 5)[:, None]).to(dtype)
+    fast, reference = _with_and_without_kernels(monkeypatch, norm, x)
+    # the sum of squares is added in another order: a float32 ulp, which rounding to bfloat16 mostly hides
+    _assert_within_a_few_ulps(fast, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [1536, 13])  # 13: values past the last full vector
+def test_silu_and_mul_kernel_equals_the_pytorch_path(monkeypatch, dtype, width):
+    torch.manual_seed(width)
+    gate_up = (torch.randn(3, 2 * width) * 4).to(dtype)
+    fast, reference = _with_and_without_kernels(monkeypatch, SiluAndMul(), gate_up)
+    assert fast.shape == (3, width)
+    _assert_within_a_few_ulps(fast, reference)  # exp is lmgen's polynomial, PyTorch's is Sleef's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotary_kernel_rounds_exactly_as_the_pytorch_path(monkeypatch, dtype):
+    torch.manual_seed(0)
+    tokens, heads, head_dim = 4, 5, 64
+    qkv = torch.randn(tokens, (heads + 2) * head_dim).to(dtype)
+    x = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)  # strided rows, as in the model
+    angles = torch.rand(tokens, 1, head_dim // 2) * 6
+    cos, sin = (torch.cat((f, f), dim=-1).to(dtype) for f in (angles.cos(), angles.sin()))
+    fast, reference = _with_and_without_kernels(monkeypatch, apply_rotary, x, cos, sin)
+    assert torch.equal(fast, reference)

@@ -1,6 +1,9 @@
-// Products of a few activation rows with a weight matrix, reading the weight at DRAM speed.
+// lmgen's CPU kernels: products of a few activation rows with a weight matrix, reading the
+// weight at DRAM speed; decode attention over the paged KV cache; and the layers' small
+// elementwise steps (RMS norm, SiLU * up, rotary), one call each instead of a handful of
+// PyTorch operator calls whose dispatch, at batch 1, costs more than their arithmetic.
 //
-// Batch-1 decode is one pass over every weight per token, so its speed is the speed at
+// Products. Batch-1 decode is one pass over every weight per token, so its speed is the speed at
 // which these products stream weights from memory. PyTorch's CPU kernels for one row
 // interleave several weight rows, which splits the read into many short streams that
 // the hardware prefetcher follows poorly (11-14 GB/s on a 2-core AVX2 machine whose
@@ -8,7 +11,8 @@
 // walks it front to back: a single sequential stream per thread. Each weight row is
 // read once and multiplied with every activation row while it sits in L1.
 //
-// x: float32 [M, K] (the caller converts); y: float32 [M, N]; K a multiple of 32.
+// x: [M, K] float32, bfloat16 or float16, K a multiple of 32; y: [M, N] in x's dtype,
+// computed in float32 and rounded once (as PyTorch's half-precision products round).
 // Weights: float32, bfloat16 or float16 [N, K]; int8 [N, K] with a scale per row;
 // int4 [N, K/2] two columns per byte (column 2j in the low nibble) with a scale and a
 // zero per group: w = (q - 8) * scale + zero.
@@ -77,8 +81,8 @@ void for_each_output_range(int64_t n, F&& body) {
 }
 
 // y[m, n] = row_scale(n) * sum_k x[m, k] * w[n, k] for R activation rows starting at x.
-template <int R, typename W, typename Scale>
-void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N,
+template <int R, typename W, typename Y, typename Scale>
+void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, Y* y, int64_t N,
               Scale row_scale) {
   constexpr int C = R == 1 ? 4 : 2;  // independent sums per row: together they hide the FMA latency
   for (int64_t n = n0; n < n1; ++n) {
@@ -97,7 +101,7 @@ void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, flo
     const float scale = row_scale(n);
     for (int r = 0; r < R; ++r) {
       for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
-      y[r * N + n] = scale * horizontal_sum(acc[r][0]);
+      y[r * N + n] = static_cast<Y>(scale * horizontal_sum(acc[r][0]));
     }
   }
 }
@@ -115,32 +119,52 @@ void by_row_blocks(int64_t M, F&& rows) {
   }
 }
 
-template <typename W, typename Scale>
-void dot_all_rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, float* y,
+template <typename W, typename Y, typename Scale>
+void dot_all_rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, Y* y,
                   int64_t N, Scale row_scale) {
   by_row_blocks(M, [&](auto block, int64_t m) {
     dot_rows<decltype(block)::value>(x + m * K, K, w, n0, n1, y + m * N, N, row_scale);
   });
 }
 
-void check_rows(const at::Tensor& x, int64_t in_features, const char* op) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
-              ": x must be a contiguous float32 matrix");
+bool is_float_type(at::ScalarType type) {
+  return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
+}
+
+// The activation rows as contiguous float32, the kernels' arithmetic, converted in one loop:
+// two dtype copies per product, called from Python or even from C++, cost more at batch 1.
+std::vector<float> float_rows(const at::Tensor& x, int64_t in_features, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && is_float_type(x.scalar_type()), op,
+              ": x must be a float32, bfloat16 or float16 matrix");
   TORCH_CHECK(x.size(1) == in_features, op, ": x has ", x.size(1), " columns, the weight ", in_features);
   TORCH_CHECK(in_features % 32 == 0, op, ": in_features must be a multiple of 32, got ", in_features);
+  const at::Tensor rows = x.contiguous();
+  std::vector<float> values(rows.numel());
+  with_float_type(rows.scalar_type(), op, [&](auto type) {
+    const auto* p = rows.data_ptr<decltype(type)>();
+    for (size_t i = 0; i < values.size(); ++i) values[i] = scalar(p[i]);
+  });
+  return values;
+}
+
+// Calls body(pointer to y's elements), typed by y's dtype: products are summed in float32
+// and rounded once into y, as PyTorch's half-precision products are.
+template <typename F>
+void with_output(at::Tensor& y, const char* op, F&& body) {
+  with_float_type(y.scalar_type(), op, [&](auto type) { body(y.data_ptr<decltype(type)>()); });
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "gemv: the weight must be a contiguous matrix");
-  check_rows(x, w.size(1), "gemv");
+  const std::vector<float> xf = float_rows(x, w.size(1), "gemv");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   auto unit = [](int64_t) { return 1.0f; };
   with_float_type(w.scalar_type(), "gemv", [&](auto type) {
     const auto* wp = w.data_ptr<decltype(type)>();
-    for_each_output_range(N, [&](int64_t n0, int64_t n1) { dot_all_rows(xp, M, K, wp, n0, n1, yp, N, unit); });
+    with_output(y, "gemv", [&](auto* yp) {
+      for_each_output_range(N, [&](int64_t n0, int64_t n1) { dot_all_rows(xf.data(), M, K, wp, n0, n1, yp, N, unit); });
+    });
   });
   return y;
 }
@@ -150,16 +174,18 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
               "gemv_int8: the weight must be a contiguous int8 matrix");
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0) && scales.is_contiguous(),
               "gemv_int8: one scale per weight row");
-  check_rows(x, w.size(1), "gemv_int8");
+  const std::vector<float> xf = float_rows(x, w.size(1), "gemv_int8");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
   with_float_type(scales.scalar_type(), "gemv_int8", [&](auto type) {
     const auto* sp = scales.data_ptr<decltype(type)>();
     auto row_scale = [sp](int64_t n) { return scalar(sp[n]); };
-    for_each_output_range(N, [&](int64_t n0, int64_t n1) { dot_all_rows(xp, M, K, wp, n0, n1, yp, N, row_scale); });
+    with_output(y, "gemv_int8", [&](auto* yp) {
+      for_each_output_range(N, [&](int64_t n0, int64_t n1) {
+        dot_all_rows(xf.data(), M, K, wp, n0, n1, yp, N, row_scale);
+      });
+    });
   });
   return y;
 }
@@ -203,9 +229,9 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   return q;
 }
 
-template <int R, int64_t G, typename S>  // G a constant, so each group's loop unrolls whole
+template <int R, int64_t G, typename S, typename Y>  // G a constant, so each group's loop unrolls whole
 void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t* w, const S* scales,
-                   const S* zeros, int64_t n0, int64_t n1, float* y, int64_t N) {
+                   const S* zeros, int64_t n0, int64_t n1, Y* y, int64_t N) {
   const int64_t groups = K / G;
   const int16_t* xq = x.values.data() + m0 * K;
   const float *dx = x.scales.data() + m0 * groups, *sums = x.sums.data() + m0 * groups,
@@ -239,7 +265,7 @@ void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t*
         offset[r] += zero * sums[r * groups + g] - 8.0f * scale * rounded_sums[r * groups + g];
       }
     }
-    for (int r = 0; r < R; ++r) y[r * N + n] = horizontal_sum(total[r]) + offset[r];
+    for (int r = 0; r < R; ++r) y[r * N + n] = static_cast<Y>(horizontal_sum(total[r]) + offset[r]);
   }
 }
 
@@ -262,19 +288,20 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                   scales.is_contiguous() && zeros.is_contiguous() && scales.scalar_type() == zeros.scalar_type(),
               "gemv_int4: scales and zeros must be [N, groups] matrices of one dtype");
   const int64_t K = w.size(1) * 2, groups = scales.size(1);
-  check_rows(x, K, "gemv_int4");
+  const std::vector<float> xf = float_rows(x, K, "gemv_int4");
   TORCH_CHECK(K % groups == 0, "gemv_int4: the groups must divide the columns");
   const int64_t M = x.size(0), N = w.size(0), G = K / groups;
-  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K, G);
+  const QuantizedRows xq = quantize_rows(xf.data(), M, K, G);
   at::Tensor y = at::empty({M, N}, x.options());
-  float* yp = y.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   with_float_type(scales.scalar_type(), "gemv_int4", [&](auto type) {
     const auto *sp = scales.data_ptr<decltype(type)>(), *zp = zeros.data_ptr<decltype(type)>();
-    for_each_output_range(N, [&](int64_t n0, int64_t n1) {
-      with_group_size(G, [&](auto group) {
-        by_row_blocks(M, [&](auto block, int64_t m) {
-          dot_rows_int4<decltype(block)::value, decltype(group)::value>(xq, m, K, wp, sp, zp, n0, n1, yp + m * N, N);
+    with_output(y, "gemv_int4", [&](auto* yp) {
+      for_each_output_range(N, [&](int64_t n0, int64_t n1) {
+        with_group_size(G, [&](auto group) {
+          by_row_blocks(M, [&](auto block, int64_t m) {
+            dot_rows_int4<decltype(block)::value, decltype(group)::value>(xq, m, K, wp, sp, zp, n0, n1, yp + m * N, N);
+          });
         });
       });
     });
@@ -282,11 +309,12 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
-// exp of 8 floats <= 0 to float32 precision: exp(x) = 2^n exp(r) with n = round(x / ln 2) and
+// exp of 8 floats to float32 precision: exp(x) = 2^n exp(r) with n = round(x / ln 2) and
 // |r| <= ln(2) / 2, where exp(r)'s Taylor polynomial of degree 6 is within 2e-7. std::exp,
 // one value at a time, cost more than the rest of decode attention.
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // exp(-87) ~ 2e-38, the smallest normal float's range
+inline __m256 exp8(__m256 x) {
+  // exp(-87) ~ 2e-38 and exp(88) ~ 2e38: the normal floats' range
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // r = x - n ln 2, with ln 2 in two parts so that n ln 2 is exact enough
@@ -303,7 +331,7 @@ void softmax(float* p, int64_t length) {
   float total = 0.0f;
   int64_t s = 0;
   for (; s + 8 <= length; s += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), _mm256_set1_ps(largest)));
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), _mm256_set1_ps(largest)));
     _mm256_storeu_ps(p + s, e);
     total += horizontal_sum(e);
   }
@@ -312,15 +340,147 @@ void softmax(float* p, int64_t length) {
   for (s = 0; s < length; ++s) p[s] *= inverse;
 }
 
+// RMS normalisation of each row of x [M, H], in transformers' order: the row is normalised
+// in float32, rounded to x's dtype, then multiplied by the weight [H] (same dtype, which
+// rounds again). In eager PyTorch this is eight operator calls (F.rms_norm is composite
+// on a CPU) plus two dtype copies, 60 us per call, twice per layer.
+template <typename T>
+void normalise_rows(const T* x, const T* weight, T* y, int64_t M, int64_t H, float eps) {
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* row = x + m * H;
+      __m256 squares = _mm256_setzero_ps();
+      int64_t d = 0;
+      for (; d + 8 <= H; d += 8) {
+        const __m256 v = load8(row + d);
+        squares = _mm256_fmadd_ps(v, v, squares);
+      }
+      float total = horizontal_sum(squares);
+      for (; d < H; ++d) total += scalar(row[d]) * scalar(row[d]);
+      const float inverse = 1.0f / std::sqrt(total / static_cast<float>(H) + eps);
+      for (d = 0; d < H; ++d) {
+        const T normalised = static_cast<T>(scalar(row[d]) * inverse);
+        y[m * H + d] = static_cast<T>(scalar(weight[d]) * scalar(normalised));
+      }
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(is_float_type(x.scalar_type()) && weight.scalar_type() == x.scalar_type() && weight.dim() == 1 &&
+                  x.size(-1) == weight.size(0),
+              "rms_norm: x [..., H] and weight [H] must be float32, bfloat16 or float16 tensors of one dtype");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t H = weight.size(0);
+  with_float_type(x.scalar_type(), "rms_norm", [&](auto type) {
+    using T = decltype(type);
+    normalise_rows(xc.data_ptr<T>(), wc.data_ptr<T>(), y.data_ptr<T>(), H ? xc.numel() / H : 0, H,
+                   static_cast<float>(eps));
+  });
+  return y;
+}
+
+// silu(gate) * up on a fused gate/up projection x [M, 2I]: silu computed in float32 as
+// PyTorch computes it (x / (1 + exp(-x))), rounded to x's dtype, then multiplied by up and
+// rounded again. Three operator calls and a split in eager PyTorch.
+template <typename T>
+void silu_and_mul_rows(const T* x, T* y, int64_t M, int64_t I) {
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    alignas(32) float silu[8];
+    for (int64_t m = m0; m < m1; ++m) {
+      const T *gate = x + m * 2 * I, *up = gate + I;
+      T* out = y + m * I;
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 g = load8(gate + i);
+        const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+        _mm256_store_ps(silu, _mm256_div_ps(g, denominator));
+        for (int j = 0; j < 8; ++j) out[i + j] = static_cast<T>(scalar(static_cast<T>(silu[j])) * scalar(up[i + j]));
+      }
+      for (; i < I; ++i) {
+        const float g = scalar(gate[i]);
+        out[i] = static_cast<T>(scalar(static_cast<T>(g / (1.0f + std::exp(-g)))) * scalar(up[i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(is_float_type(x.scalar_type()) && x.dim() >= 1 && x.size(-1) % 2 == 0,
+              "silu_and_mul: x must be a float32, bfloat16 or float16 [..., 2I] tensor");
+  const at::Tensor xc = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  const int64_t I = shape.back() / 2;
+  shape.back() = I;
+  at::Tensor y = at::empty(shape, xc.options());
+  with_float_type(x.scalar_type(), "silu_and_mul", [&](auto type) {
+    using T = decltype(type);
+    silu_and_mul_rows(xc.data_ptr<T>(), y.data_ptr<T>(), I ? y.numel() / I : 0, I);
+  });
+  return y;
+}
+
+// Rotary position embedding of heads x [T, heads, D], whose token rows may be strided (q and
+// k are a slice of the fused q/k/v projection), with cos and sin [T, D] in x's dtype:
+// x * cos + rotate_half(x) * sin with each product and the sum rounded to x's dtype, as
+// transformers computes it in that dtype. Eight operator calls per layer in eager PyTorch.
+template <typename T>
+void rotate_rows(const T* x, int64_t row_stride, const T* cos, const T* sin, T* y, int64_t tokens, int64_t heads,
+                 int64_t D) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* in = x + t * row_stride + h * D;
+        T* out = y + (t * heads + h) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const float rotated = d < half ? -scalar(in[d + half]) : scalar(in[d - half]);
+          const T straight = static_cast<T>(scalar(in[d]) * scalar(cos[t * D + d]));
+          const T turned = static_cast<T>(rotated * scalar(sin[t * D + d]));
+          out[d] = static_cast<T>(scalar(straight) + scalar(turned));
+        }
+      }
+    }
+  });
+}
+
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && is_float_type(x.scalar_type()) && x.size(2) % 2 == 0, "rotary: x must be a float32, ",
+              "bfloat16 or float16 [T, heads, D] tensor with D even");
+  const int64_t T = x.size(0), heads = x.size(1), D = x.size(2);
+  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == D, "rotary: each token's heads must be contiguous");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() &&
+                  cos.numel() == T * D && sin.numel() == T * D,
+              "rotary: cos and sin must be [T, D] tensors in x's dtype");
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  at::Tensor y = at::empty({T, heads, D}, x.options());
+  with_float_type(x.scalar_type(), "rotary", [&](auto type) {
+    using E = decltype(type);
+    rotate_rows(x.data_ptr<E>(), x.stride(0), c.data_ptr<E>(), s.data_ptr<E>(), y.data_ptr<E>(), T, heads, D);
+  });
+  return y;
+}
+
 // Decode attention straight from the paged KV cache: one query row per request, whose keys
 // and values are read where they lie (block table), in the cache's dtype, with no gathered
-// or upcast copy of the context. q: float32 [B, H, D]; caches [blocks, block_size, KVH, D];
-// block_tables [B, max_blocks] and seq_lens [B] int64; window 0 = full attention, else the
-// query (position seq_len - 1) sees the last `window` keys. Returns float32 [B, H, D].
-template <typename T>
-void attend_one(const float* q, const T* k_cache, const T* v_cache, const int64_t* blocks, int64_t first,
+// or upcast copy of the context. q: [B, H, D] float32, bfloat16 or float16; caches
+// [blocks, block_size, KVH, D]; block_tables [B, max_blocks] and seq_lens [B] int64; window
+// 0 = full attention, else the query (position seq_len - 1) sees the last `window` keys.
+// Returns [B, H, D] in q's dtype, computed in float32.
+struct Scratch {  // one thread's working memory, reused from request to request
+  std::vector<float> query, scores, sums;
+  std::vector<int64_t> rows;
+};
+
+template <typename T, typename Q>
+void attend_one(const Q* q, const T* k_cache, const T* v_cache, const int64_t* blocks, int64_t first,
                 int64_t length, int64_t block_size, int64_t kv_heads, int64_t kv_head, int64_t group, int64_t D,
-                float scale, float* out, std::vector<float>& scores, std::vector<int64_t>& rows) {
+                float scale, Q* out, Scratch& scratch) {
+  std::vector<float>&scores = scratch.scores, &sums = scratch.sums, &query = scratch.query;
+  std::vector<int64_t>& rows = scratch.rows;
+  query.resize(group * D);  // the group's queries in float32, converted once rather than per key
+  for (int64_t i = 0; i < group * D; ++i) query[i] = scalar(q[i]);
   rows.resize(length);  // element offset of each position's key/value row in the caches
   for (int64_t s = 0; s < length; ++s) {
     const int64_t position = first + s;
@@ -328,7 +488,7 @@ void attend_one(const float* q, const T* k_cache, const T* v_cache, const int64_
   }
   scores.resize(group * length);
   for (int64_t h = 0; h < group; ++h) {
-    const float* qh = q + h * D;
+    const float* qh = query.data() + h * D;
     for (int64_t s = 0; s < length; ++s) {
       const T* key = k_cache + rows[s];
       __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  // two FMA chains
@@ -340,21 +500,23 @@ void attend_one(const float* q, const T* k_cache, const T* v_cache, const int64_
     }
     softmax(scores.data() + h * length, length);
   }
-  std::fill(out, out + group * D, 0.0f);
+  sums.assign(group * D, 0.0f);
   for (int64_t s = 0; s < length; ++s) {
     const T* value = v_cache + rows[s];
     for (int64_t h = 0; h < group; ++h) {
       const __m256 weight = _mm256_set1_ps(scores[h * length + s]);
+      float* sum = sums.data() + h * D;
       for (int64_t d = 0; d < D; d += 8)
-        _mm256_storeu_ps(out + h * D + d, _mm256_fmadd_ps(weight, load8(value + d), _mm256_loadu_ps(out + h * D + d)));
+        _mm256_storeu_ps(sum + d, _mm256_fmadd_ps(weight, load8(value + d), _mm256_loadu_ps(sum + d)));
     }
   }
+  for (int64_t i = 0; i < group * D; ++i) out[i] = static_cast<Q>(sums[i]);
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
-              "decode_attention: q must be a contiguous float32 [B, H, D] tensor");
+  TORCH_CHECK(q.dim() == 3 && is_float_type(q.scalar_type()),
+              "decode_attention: q must be a float32, bfloat16 or float16 [B, H, D] tensor");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
               "decode_attention: caches must be contiguous [blocks, block_size, KVH, D] tensors of one dtype");
@@ -365,23 +527,26 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && H % KVH == 0,
               "decode_attention: head sizes must match and be multiples of 16");
   const int64_t group = H / KVH, max_blocks = block_tables.size(1);
-  at::Tensor out = at::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  const at::Tensor queries = q.contiguous();
+  at::Tensor out = at::empty_like(queries);
   const int64_t *tables = block_tables.data_ptr<int64_t>(), *lens = seq_lens.data_ptr<int64_t>();
   with_float_type(k_cache.scalar_type(), "decode_attention", [&](auto type) {
     using T = decltype(type);
     const T *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
-    at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
-      std::vector<int64_t> rows;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / KVH, kv_head = i % KVH, length = lens[b];
-        const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
-        const int64_t offset = (b * H + kv_head * group) * D;  // the group's heads are adjacent
-        attend_one(qp + offset, kp, vp, tables + b * max_blocks, first, length - first, block_size, KVH, kv_head,
-                   group, D, static_cast<float>(scale), op + offset, scores, rows);
-      }
+    with_float_type(q.scalar_type(), "decode_attention", [&](auto query_type) {
+      using Q = decltype(query_type);
+      const Q* qp = queries.data_ptr<Q>();
+      Q* op = out.data_ptr<Q>();
+      at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+        Scratch scratch;
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / KVH, kv_head = i % KVH, length = lens[b];
+          const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
+          const int64_t offset = (b * H + kv_head * group) * D;  // the group's heads are adjacent
+          attend_one(qp + offset, kp, vp, tables + b * max_blocks, first, length - first, block_size, KVH,
+                     kv_head, group, D, static_cast<float>(scale), op + offset, scratch);
+        }
+      });
     });
   });
   return out;
@@ -395,6 +560,9 @@ TORCH_LIBRARY(lmgen, m) {
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, int window) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmgen, CPU, m) {
@@ -402,4 +570,7 @@ TORCH_LIBRARY_IMPL(lmgen, CPU, m) {
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
   m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rotary", &rotary);
 }
