@@ -195,11 +195,20 @@ class ScoreRecorder:
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row: argmax(p / E) with E ~ Exp(1) is an exact sample from p."""
-    noise = torch.empty_like(probs)
-    for row, generator in enumerate(generators):
-        noise[row].exponential_(generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    """One token per row by inverse transform: the first token whose cumulative probability
+    exceeds u times the row's total, u ~ U[0, 1) from the row's own generator.
+
+    One random number per row: an exponential per token (argmax(p / E), the other exact
+    way) cost 1.2-2 ms per 49k-token row on a CPU, ~90 ms a step at batch 64; this costs
+    0.1 and 2. PyTorch's CPU cumsum adds in float64 and rounds each sum once, so the
+    boundaries are exact to float32 precision; u's largest value (1 - 2^-24) times the
+    total stays below the total, and a token of zero probability has an empty interval,
+    so the search always lands on a token that has probability.
+    """
+    cumulative = probs.cumsum(dim=-1)
+    uniform = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(cumulative)
+    targets = uniform[:, None] * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, targets, right=True).squeeze(-1)
 
 
 def top_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, num: list[int | None]) -> list[dict[int, Logprob] | None]:
