@@ -343,12 +343,19 @@ void softmax(float* p, int64_t length) {
 // RMS normalisation of each row of x [M, H], in transformers' order: the row is normalised
 // in float32, rounded to x's dtype, then multiplied by the weight [H] (same dtype, which
 // rounds again). In eager PyTorch this is eight operator calls (F.rms_norm is composite
-// on a CPU) plus two dtype copies, 60 us per call, twice per layer.
+// on a CPU) plus two dtype copies, 60 us per call, twice per layer. With a residual, the
+// row normalised is x + residual (rounded to the dtype, as the layer's residual add is),
+// also written to `summed`: the residual stream the next sublayer adds to.
 template <typename T>
-void normalise_rows(const T* x, const T* weight, T* y, int64_t M, int64_t H, float eps) {
+void normalise_rows(const T* x, const T* residual, T* summed, const T* weight, T* y, int64_t M, int64_t H,
+                    float eps) {
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* row = x + m * H;
+      if (residual != nullptr) {
+        for (int64_t d = 0; d < H; ++d) summed[m * H + d] = static_cast<T>(scalar(row[d]) + scalar(residual[m * H + d]));
+        row = summed + m * H;
+      }
       __m256 squares = _mm256_setzero_ps();
       int64_t d = 0;
       for (; d + 8 <= H; d += 8) {
@@ -366,19 +373,41 @@ void normalise_rows(const T* x, const T* weight, T* y, int64_t M, int64_t H, flo
   });
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+void check_norm(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(is_float_type(x.scalar_type()) && weight.scalar_type() == x.scalar_type() && weight.dim() == 1 &&
                   x.size(-1) == weight.size(0),
               "rms_norm: x [..., H] and weight [H] must be float32, bfloat16 or float16 tensors of one dtype");
+}
+
+// y = norm(x); summed (given a residual) = x + residual, the row normalised.
+void normalise(const at::Tensor& x, const at::Tensor* residual, at::Tensor* summed, const at::Tensor& weight,
+               double eps, at::Tensor& y) {
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  at::Tensor y = at::empty_like(xc);
+  const at::Tensor rc = residual != nullptr ? residual->contiguous() : at::Tensor();
   const int64_t H = weight.size(0);
   with_float_type(x.scalar_type(), "rms_norm", [&](auto type) {
     using T = decltype(type);
-    normalise_rows(xc.data_ptr<T>(), wc.data_ptr<T>(), y.data_ptr<T>(), H ? xc.numel() / H : 0, H,
-                   static_cast<float>(eps));
+    normalise_rows(xc.data_ptr<T>(), residual != nullptr ? rc.data_ptr<T>() : nullptr,
+                   summed != nullptr ? summed->data_ptr<T>() : nullptr, wc.data_ptr<T>(), y.data_ptr<T>(),
+                   H ? xc.numel() / H : 0, H, static_cast<float>(eps));
   });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_norm(x, weight);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  normalise(x, nullptr, nullptr, weight, eps, y);
   return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  check_norm(x, weight);
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
+              "add_rms_norm: the residual must have x's shape and dtype");
+  at::Tensor y = at::empty(x.sizes(), x.options()), summed = at::empty(x.sizes(), x.options());
+  normalise(x, &residual, &summed, weight, eps, y);
+  return {y, summed};
 }
 
 // silu(gate) * up on a fused gate/up projection x [M, 2I]: silu computed in float32 as
@@ -561,6 +590,7 @@ TORCH_LIBRARY(lmgen, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, int window) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
@@ -571,6 +601,7 @@ TORCH_LIBRARY_IMPL(lmgen, CPU, m) {
   m.impl("gemv_int4", &gemv_int4);
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary", &rotary);
 }

@@ -122,10 +122,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous sublayer's output, residual: the stream it adds to (None before the
+        first layer). Each residual add happens inside the next norm (one call for both)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin, meta, kv_cache), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -161,9 +167,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions, token_seq_lens: [T]. Returns the final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = (t.to(x.dtype)[:, None, :] for t in self.rotary(positions, token_seq_lens))
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, meta, kv_cache)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, meta, kv_cache)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""

@@ -142,14 +142,18 @@ def _with_and_without_kernels(monkeypatch, layer, *inputs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [576, 37])  # 37: columns past the last full vector
-def test_rms_norm_kernel_equals_the_pytorch_path(monkeypatch, dtype, hidden):
+def test_rms_norm_kernel_with_and_without_a_residual_equals_the_pytorch_path(monkeypatch, dtype, hidden):
     torch.manual_seed(hidden)
     norm = RMSNorm(hidden, eps=1e-5)
     norm.weight.data = (torch.rand(hidden) + 0.5).to(dtype)
     x = (torch.randn(5, hidden) * torch.linspace(0.1, 10, 5)[:, None]).to(dtype)
-    fast, reference = _with_and_without_kernels(monkeypatch, norm, x)
+    residual = torch.randn(5, hidden).to(dtype)
+    (fast, (fast_added, fast_sum)), (reference, (added, total)) = _with_and_without_kernels(
+        monkeypatch, lambda *inputs: (norm(inputs[0]), norm(*inputs)), x, residual)
     # the sum of squares is added in another order: a float32 ulp, which rounding to bfloat16 mostly hides
     _assert_within_a_few_ulps(fast, reference)
+    _assert_within_a_few_ulps(fast_added, added)
+    assert torch.equal(fast_sum, total) and torch.equal(total, x + residual)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
