@@ -100,7 +100,10 @@ class ModelRunner:
             masks_done = self._mask_worker.submit(grammar.fill_bitmask,
                                                   [inputs.sampled_requests[row].matcher for row in constrained],
                                                   bitmask)
-        forward = self._decode if self._decode is not None and inputs.meta.decode_only else self.model
+        # A decode step whose layers run in one kernel call is faster eager than compiled
+        compiled = (self._decode is not None and inputs.meta.decode_only
+                    and self.model.one_call_operands(inputs.meta) is None)
+        forward = self._decode if compiled else self.model
         hidden = forward(inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta, self.kv_cache.layers)
         if not inputs.sampled_requests:
             return []

@@ -128,4 +128,5 @@ def _register_shapes() -> None:
     for name in ("decode_attention", "rms_norm", "rotary"):
         torch.library.register_fake(f"lmgen::{name}")(lambda x, *_: x.new_empty(x.shape))
     torch.library.register_fake("lmgen::add_rms_norm")(lambda x, *_: (x.new_empty(x.shape), x.new_empty(x.shape)))
+    torch.library.register_fake("lmgen::decode_layers")(lambda x, *_: (x.new_empty(x.shape), x.new_empty(x.shape)))
     torch.library.register_fake("lmgen::silu_and_mul")(lambda x: x.new_empty(*x.shape[:-1], x.shape[-1] // 2))

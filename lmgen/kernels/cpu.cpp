@@ -353,8 +353,9 @@ void normalise_rows(const T* x, const T* residual, T* summed, const T* weight, T
     for (int64_t m = m0; m < m1; ++m) {
       const T* row = x + m * H;
       if (residual != nullptr) {
-        for (int64_t d = 0; d < H; ++d) summed[m * H + d] = static_cast<T>(scalar(row[d]) + scalar(residual[m * H + d]));
-        row = summed + m * H;
+        T* total = summed + m * H;
+        for (int64_t d = 0; d < H; ++d) total[d] = static_cast<T>(scalar(row[d]) + scalar(residual[m * H + d]));
+        row = total;
       }
       __m256 squares = _mm256_setzero_ps();
       int64_t d = 0;
@@ -581,6 +582,69 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
+
+// A whole decode step's decoder layers in one call (Llama's layer: norm, q/k/v, rotary, the
+// KV cache write, attention, o, add + norm, gate/up, SiLU * up, down), for a few rows. Each
+// piece is the kernel the layer's modules call one by one, so the result is the same to
+// the bit; what goes is ~20 operator calls per layer from Python and the Python around
+// them, a third of an eager batch-1 step.
+//
+// tensors: per layer, the two norms' weights, then (weight, scales, zeros, bias) of each of
+// q/k/v, o, gate/up and down, absent entries None: float weights have no scales, int8 has
+// scales, int4 scales and zeros (their storage forms). windows: per layer, 0 = full.
+constexpr int64_t kTensorsPerLinear = 4;
+constexpr int64_t kTensorsPerLayer = 2 + 4 * kTensorsPerLinear;
+
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+at::Tensor product(const at::Tensor& x, const OptionalTensors& tensors, int64_t first) {
+  const at::Tensor weight = *tensors.get(first);
+  const std::optional<at::Tensor> scales = tensors.get(first + 1), zeros = tensors.get(first + 2),
+                                  bias = tensors.get(first + 3);
+  at::Tensor y = zeros ? gemv_int4(x, weight, *scales, *zeros) : scales ? gemv_int8(x, weight, *scales)
+                                                                        : gemv(x, weight);
+  return bias ? y.add(*bias) : y;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_layers(
+    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const OptionalTensors& tensors,
+    at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+    const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, double scale, at::IntArrayRef windows,
+    double eps) {
+  const int64_t layers = static_cast<int64_t>(k_caches.size()), T = x.size(0), D = k_caches[0].size(3);
+  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == layers * kTensorsPerLayer && v_caches.size() == k_caches.size() &&
+                  static_cast<int64_t>(windows.size()) == layers,
+              "decode_layers: ", kTensorsPerLayer, " tensors, a K and a V cache and a window per layer expected");
+  const int64_t q_width = num_heads * D, kv_width = num_kv_heads * D;
+  at::Tensor hidden = x, residual;
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t base = l * kTensorsPerLayer, linears = base + 2;
+    at::Tensor normed = at::empty(x.sizes(), x.options());
+    if (l == 0) {
+      residual = hidden;
+      normalise(hidden, nullptr, nullptr, *tensors.get(base), eps, normed);
+    } else {
+      at::Tensor summed = at::empty(x.sizes(), x.options());
+      normalise(hidden, &residual, &summed, *tensors.get(base), eps, normed);
+      residual = summed;
+    }
+    const at::Tensor qkv = product(normed, tensors, linears);
+    const at::Tensor qk = rotary(qkv.narrow(1, 0, q_width + kv_width).view({T, num_heads + num_kv_heads, D}), cos, sin);
+    const at::Tensor v = qkv.narrow(1, q_width + kv_width, kv_width).view({T, num_kv_heads, D});
+    k_caches[l].view({-1, num_kv_heads, D}).index_copy_(0, slot_mapping, qk.narrow(1, num_heads, num_kv_heads));
+    v_caches[l].view({-1, num_kv_heads, D}).index_copy_(0, slot_mapping, v);
+    const at::Tensor attended = decode_attention(qk.narrow(1, 0, num_heads), k_caches[l], v_caches[l], block_tables,
+                                                 seq_lens, scale, windows[l]);
+    const at::Tensor out = product(attended.view({T, q_width}), tensors, linears + kTensorsPerLinear);
+    at::Tensor summed = at::empty(x.sizes(), x.options());
+    normalise(out, &residual, &summed, *tensors.get(base + 1), eps, normed);
+    residual = summed;
+    const at::Tensor gate_up = product(normed, tensors, linears + 2 * kTensorsPerLinear);
+    hidden = product(silu_and_mul(gate_up), tensors, linears + 3 * kTensorsPerLinear);
+  }
+  return {hidden, residual};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmgen, m) {
@@ -592,6 +656,9 @@ TORCH_LIBRARY(lmgen, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor?[] tensors, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, int num_heads, "
+        "int num_kv_heads, float scale, int[] windows, float eps) -> (Tensor, Tensor)");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
@@ -603,5 +670,6 @@ TORCH_LIBRARY_IMPL(lmgen, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("decode_layers", &decode_layers);
   m.impl("rotary", &rotary);
 }

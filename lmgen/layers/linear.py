@@ -16,6 +16,10 @@ from lmgen.layers.precision import compute_dtype
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+#: A linear layer as lmgen's kernels take it: (weight, scales, zeros, bias); float weights have
+#: no scales, int8 has scales, int4 scales and zeros (see torch.ops.lmgen.decode_layers).
+KernelOperands = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
 # With few rows (small-batch decode) reading half-precision weights wins even with a slow
 # kernel, since upcasting rewrites every weight each step; from about 16 rows on (measured
 # on bench-125m, AVX2) the float32 GEMM wins by 3x and more.
@@ -44,6 +48,12 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def kernel_operands(self) -> KernelOperands | None:
+        """(weight, scales, zeros, bias) as lmgen's product kernels read them, or None where they cannot."""
+        if self.weight.dtype not in _KERNEL_DTYPES or self.in_features % kernels.COLUMN_MULTIPLE:
+            return None
+        return self.weight, None, None, self.bias
 
 
 class FusedLinear(Linear):

@@ -36,7 +36,7 @@ from torch import nn
 
 from lmgen import kernels
 from lmgen.errors import InvalidArgumentError, UnsupportedModelError
-from lmgen.layers.linear import Embedding, Linear
+from lmgen.layers.linear import Embedding, KernelOperands, Linear
 from lmgen.layers.precision import native_on_cpu
 
 if TYPE_CHECKING:
@@ -225,6 +225,12 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+    def kernel_operands(self) -> KernelOperands | None:
+        """(weight, scales, zeros, bias) as lmgen's product kernels read them, or None where they cannot."""
+        if not self.has_storage_form or self.in_features % kernels.COLUMN_MULTIPLE:
+            return None
+        return self.weight, self.scales, getattr(self, "zeros", None), self.bias
 
     def _lmgen_kernel(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows [M, K] -> [M, N] in their dtype, on lmgen's kernel for the storage form."""

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmgen import kernels
 from lmgen.errors import UnsupportedModelError
-from lmgen.layers.attention import AttentionMetadata, paged_attention
+from lmgen.layers.attention import AttentionMetadata, paged_attention, reads_cache_in_place
 from lmgen.layers.linear import Embedding, FusedLinear, Linear, SiluAndMul
 from lmgen.layers.norm import RMSNorm
 from lmgen.layers.rotary import RopeConfig, RotaryEmbedding, apply_rotary
@@ -157,6 +158,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(args)
         self.lm_head = None if args.tie_word_embeddings else Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args.rope, max_model_len)
+        self._layer_operands: list[torch.Tensor | None] | None = None  # see one_call_operands
 
     @classmethod
     def from_config(cls, config: dict, max_model_len: int) -> "LlamaForCausalLM":
@@ -167,10 +169,42 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions, token_seq_lens: [T]. Returns the final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = (t.to(x.dtype)[:, None, :] for t in self.rotary(positions, token_seq_lens))
-        residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, meta, kv_cache)
+        operands = self.one_call_operands(meta)
+        if operands is not None and operands[0].dtype == x.dtype:  # the layers' kernels, no Python between
+            args = self.args
+            x, residual = torch.ops.lmgen.decode_layers(
+                x, cos, sin, operands, [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping,
+                meta.block_tables, meta.seq_lens, args.num_heads, args.num_kv_heads, args.head_dim ** -0.5,
+                [window or 0 for window in args.layer_windows], args.rms_norm_eps)
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.model.layers, kv_caches):
+                x, residual = layer(x, residual, cos, sin, meta, kv_cache)
         return self.model.norm(x, residual)[0]
+
+    def one_call_operands(self, meta: AttentionMetadata) -> list[torch.Tensor | None] | None:
+        """The layers' weights for torch.ops.lmgen.decode_layers when this step can run all layers in one
+        call: a decode step of few rows on lmgen's CPU kernels, outside torch.compile. None otherwise."""
+        device = meta.block_tables.device
+        if (not reads_cache_in_place(meta, self.args.head_dim, device) or meta.block_tables.shape[0] > kernels.MAX_ROWS
+                or torch.compiler.is_compiling()):
+            return None
+        if self._layer_operands is None:  # weights never change once loaded: gathered once
+            self._layer_operands = self._gather_layer_operands()
+        return self._layer_operands or None
+
+    def _gather_layer_operands(self) -> list[torch.Tensor | None]:
+        """Per layer: both norms' weights, then (weight, scales, zeros, bias) of q/k/v, o, gate/up and down;
+        empty if some layer's linear cannot run on lmgen's kernels."""
+        operands: list[torch.Tensor | None] = []
+        for layer in self.model.layers:
+            linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            each = [linear.kernel_operands() for linear in linears]
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(o is None for o in each) or norms[0].dtype != norms[1].dtype:
+                return []
+            operands += [*norms, *(tensor for o in each for tensor in o)]
+        return operands
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""

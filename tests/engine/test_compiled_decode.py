@@ -5,6 +5,7 @@ import torch
 
 from conftest import ALL_VARIANTS
 from lmgen import LLM, SamplingParams
+from lmgen.models.llama import LlamaForCausalLM
 
 PROMPTS = [list(range(3 + i, 3 + i + length)) for i, length in enumerate([5, 19, 40, 7, 12, 33, 9, 26] * 2)]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -12,6 +13,13 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+@pytest.fixture(autouse=True)
+def layer_by_layer(monkeypatch):
+    """The compiled graph serves the decode steps whose layers cannot run in one kernel call
+    (no AVX2 kernels, a GPU; see tests/test_decode_layers.py for the others): make every step one of those."""
+    monkeypatch.setattr(LlamaForCausalLM, "one_call_operands", lambda *_: None)
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
