@@ -59,6 +59,29 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// 8 floats rounded to T's precision (to nearest even, as PyTorch's casts round), as floats:
+// what storing them as T and loading them back gives, without leaving the registers.
+inline __m256 round8(__m256 v, float) { return v; }
+inline __m256 round8(__m256 v, c10::BFloat16) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+  const __m256 top = _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(-65536)));
+  return _mm256_blendv_ps(top, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // a NaN stays a NaN
+}
+inline __m256 round8(__m256 v, c10::Half) { return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
+
+// Stores 8 floats already rounded to T's precision (round8), so the conversion is exact.
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i top = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
 inline float scalar(float v) { return v; }
 inline float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float scalar(c10::Half v) { return static_cast<float>(v); }
@@ -354,7 +377,10 @@ void normalise_rows(const T* x, const T* residual, T* summed, const T* weight, T
       const T* row = x + m * H;
       if (residual != nullptr) {
         T* total = summed + m * H;
-        for (int64_t d = 0; d < H; ++d) total[d] = static_cast<T>(scalar(row[d]) + scalar(residual[m * H + d]));
+        const T* other = residual + m * H;
+        int64_t d = 0;
+        for (; d + 8 <= H; d += 8) store8(total + d, round8(_mm256_add_ps(load8(row + d), load8(other + d)), T{}));
+        for (; d < H; ++d) total[d] = static_cast<T>(scalar(row[d]) + scalar(other[d]));
         row = total;
       }
       __m256 squares = _mm256_setzero_ps();
@@ -366,10 +392,12 @@ void normalise_rows(const T* x, const T* residual, T* summed, const T* weight, T
       float total = horizontal_sum(squares);
       for (; d < H; ++d) total += scalar(row[d]) * scalar(row[d]);
       const float inverse = 1.0f / std::sqrt(total / static_cast<float>(H) + eps);
-      for (d = 0; d < H; ++d) {
-        const T normalised = static_cast<T>(scalar(row[d]) * inverse);
-        y[m * H + d] = static_cast<T>(scalar(weight[d]) * scalar(normalised));
+      T* out = y + m * H;
+      for (d = 0; d + 8 <= H; d += 8) {
+        const __m256 normalised = round8(_mm256_mul_ps(load8(row + d), _mm256_set1_ps(inverse)), T{});
+        store8(out + d, round8(_mm256_mul_ps(load8(weight + d), normalised), T{}));
       }
+      for (; d < H; ++d) out[d] = static_cast<T>(scalar(weight[d]) * scalar(static_cast<T>(scalar(row[d]) * inverse)));
     }
   });
 }
@@ -417,7 +445,6 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 template <typename T>
 void silu_and_mul_rows(const T* x, T* y, int64_t M, int64_t I) {
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    alignas(32) float silu[8];
     for (int64_t m = m0; m < m1; ++m) {
       const T *gate = x + m * 2 * I, *up = gate + I;
       T* out = y + m * I;
@@ -425,8 +452,8 @@ void silu_and_mul_rows(const T* x, T* y, int64_t M, int64_t I) {
       for (; i + 8 <= I; i += 8) {
         const __m256 g = load8(gate + i);
         const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
-        _mm256_store_ps(silu, _mm256_div_ps(g, denominator));
-        for (int j = 0; j < 8; ++j) out[i + j] = static_cast<T>(scalar(static_cast<T>(silu[j])) * scalar(up[i + j]));
+        const __m256 silu = round8(_mm256_div_ps(g, denominator), T{});
+        store8(out + i, round8(_mm256_mul_ps(silu, load8(up + i)), T{}));
       }
       for (; i < I; ++i) {
         const float g = scalar(gate[i]);
@@ -464,10 +491,19 @@ void rotate_rows(const T* x, int64_t row_stride, const T* cos, const T* sin, T* 
       for (int64_t h = 0; h < heads; ++h) {
         const T* in = x + t * row_stride + h * D;
         T* out = y + (t * heads + h) * D;
-        for (int64_t d = 0; d < D; ++d) {
+        const T *c = cos + t * D, *s = sin + t * D;
+        int64_t d = 0;
+        for (; half % 8 == 0 && d < D; d += 8) {  // 8 at a time when no vector straddles the halves
+          const __m256 rotated = d < half ? _mm256_xor_ps(load8(in + d + half), _mm256_set1_ps(-0.0f))
+                                          : load8(in + d - half);
+          const __m256 straight = round8(_mm256_mul_ps(load8(in + d), load8(c + d)), T{});
+          const __m256 turned = round8(_mm256_mul_ps(rotated, load8(s + d)), T{});
+          store8(out + d, round8(_mm256_add_ps(straight, turned), T{}));
+        }
+        for (; d < D; ++d) {
           const float rotated = d < half ? -scalar(in[d + half]) : scalar(in[d - half]);
-          const T straight = static_cast<T>(scalar(in[d]) * scalar(cos[t * D + d]));
-          const T turned = static_cast<T>(rotated * scalar(sin[t * D + d]));
+          const T straight = static_cast<T>(scalar(in[d]) * scalar(c[d]));
+          const T turned = static_cast<T>(rotated * scalar(s[d]));
           out[d] = static_cast<T>(scalar(straight) + scalar(turned));
         }
       }

@@ -185,9 +185,10 @@ class LlamaForCausalLM(nn.Module):
     def one_call_operands(self, meta: AttentionMetadata) -> list[torch.Tensor | None] | None:
         """The layers' weights for torch.ops.lmgen.decode_layers when this step can run all layers in one
         call: a decode step of few rows on lmgen's CPU kernels, outside torch.compile. None otherwise."""
+        if torch.compiler.is_compiling():  # first: a traced graph must not depend on the batch size here
+            return None
         device = meta.block_tables.device
-        if (not reads_cache_in_place(meta, self.args.head_dim, device) or meta.block_tables.shape[0] > kernels.MAX_ROWS
-                or torch.compiler.is_compiling()):
+        if not reads_cache_in_place(meta, self.args.head_dim, device) or meta.block_tables.shape[0] > kernels.MAX_ROWS:
             return None
         if self._layer_operands is None:  # weights never change once loaded: gathered once
             self._layer_operands = self._gather_layer_operands()

@@ -167,9 +167,10 @@ def test_silu_and_mul_kernel_equals_the_pytorch_path(monkeypatch, dtype, width):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_rotary_kernel_rounds_exactly_as_the_pytorch_path(monkeypatch, dtype):
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: halves that are not whole vectors
+def test_rotary_kernel_rounds_exactly_as_the_pytorch_path(monkeypatch, dtype, head_dim):
     torch.manual_seed(0)
-    tokens, heads, head_dim = 4, 5, 64
+    tokens, heads = 4, 5
     qkv = torch.randn(tokens, (heads + 2) * head_dim).to(dtype)
     x = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)  # strided rows, as in the model
     angles = torch.rand(tokens, 1, head_dim // 2) * 6
