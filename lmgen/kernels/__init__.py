@@ -107,7 +107,7 @@ def _built_library() -> Path:
     includes = [f"-I{path}" for path in torch.utils.cpp_extension.include_paths()]
     started = time.perf_counter()
     # a warning so that the CLI, quiet by default, says why its first start pauses
-    logger.warning("building lmgen's CPU kernels for this machine (once, about 45 s on 2 cores)")
+    logger.warning("building lmgen's CPU kernels for this machine (once, about 30 s on 2 cores)")
     with tempfile.TemporaryDirectory(dir=cache) as scratch:  # then a rename: concurrent builds stay whole
         partial = Path(scratch) / library.name
         subprocess.run([compiler, *_FLAGS, *includes, str(_SOURCE), "-o", str(partial), f"-L{torch_lib}",

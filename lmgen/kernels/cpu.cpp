@@ -86,6 +86,14 @@ inline float scalar(float v) { return v; }
 inline float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float scalar(c10::Half v) { return static_cast<float>(v); }
 
+// n float32 values rounded into T's.
+template <typename T>
+void round_into(const float* values, T* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(out + i, round8(_mm256_loadu_ps(values + i), T{}));
+  for (; i < n; ++i) out[i] = static_cast<T>(values[i]);
+}
+
 // Calls body(T{}) with T the C++ type of a float32, bfloat16 or float16 tensor's elements.
 template <typename F>
 void with_float_type(at::ScalarType type, const char* op, F&& body) {
@@ -104,8 +112,8 @@ void for_each_output_range(int64_t n, F&& body) {
 }
 
 // y[m, n] = row_scale(n) * sum_k x[m, k] * w[n, k] for R activation rows starting at x.
-template <int R, typename W, typename Y, typename Scale>
-void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, Y* y, int64_t N,
+template <int R, typename W, typename Scale>
+void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N,
               Scale row_scale) {
   constexpr int C = R == 1 ? 4 : 2;  // independent sums per row: together they hide the FMA latency
   for (int64_t n = n0; n < n1; ++n) {
@@ -124,7 +132,7 @@ void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, Y* 
     const float scale = row_scale(n);
     for (int r = 0; r < R; ++r) {
       for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
-      y[r * N + n] = static_cast<Y>(scale * horizontal_sum(acc[r][0]));
+      y[r * N + n] = scale * horizontal_sum(acc[r][0]);
     }
   }
 }
@@ -142,8 +150,8 @@ void by_row_blocks(int64_t M, F&& rows) {
   }
 }
 
-template <typename W, typename Y, typename Scale>
-void dot_all_rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, Y* y,
+template <typename W, typename Scale>
+void dot_all_rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, float* y,
                   int64_t N, Scale row_scale) {
   by_row_blocks(M, [&](auto block, int64_t m) {
     dot_rows<decltype(block)::value>(x + m * K, K, w, n0, n1, y + m * N, N, row_scale);
@@ -170,26 +178,30 @@ std::vector<float> float_rows(const at::Tensor& x, int64_t in_features, const ch
   return values;
 }
 
-// Calls body(pointer to y's elements), typed by y's dtype: products are summed in float32
-// and rounded once into y, as PyTorch's half-precision products are.
-template <typename F>
-void with_output(at::Tensor& y, const char* op, F&& body) {
-  with_float_type(y.scalar_type(), op, [&](auto type) { body(y.data_ptr<decltype(type)>()); });
+// A product's float32 sums [M, N] rounded once into a new tensor of x's dtype, as PyTorch's
+// half-precision products round. (Kernels that wrote each dtype directly made the build
+// take 45 s instead of 28, for no measurable speed.)
+at::Tensor rounded_output(const std::vector<float>& sums, const at::Tensor& x, int64_t N) {
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  with_float_type(y.scalar_type(), "product", [&](auto type) {
+    round_into(sums.data(), y.data_ptr<decltype(type)>(), static_cast<int64_t>(sums.size()));
+  });
+  return y;
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "gemv: the weight must be a contiguous matrix");
   const std::vector<float> xf = float_rows(x, w.size(1), "gemv");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<float> sums(M * N);
   auto unit = [](int64_t) { return 1.0f; };
   with_float_type(w.scalar_type(), "gemv", [&](auto type) {
     const auto* wp = w.data_ptr<decltype(type)>();
-    with_output(y, "gemv", [&](auto* yp) {
-      for_each_output_range(N, [&](int64_t n0, int64_t n1) { dot_all_rows(xf.data(), M, K, wp, n0, n1, yp, N, unit); });
+    for_each_output_range(N, [&](int64_t n0, int64_t n1) {
+      dot_all_rows(xf.data(), M, K, wp, n0, n1, sums.data(), N, unit);
     });
   });
-  return y;
+  return rounded_output(sums, x, N);
 }
 
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
@@ -199,18 +211,16 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
               "gemv_int8: one scale per weight row");
   const std::vector<float> xf = float_rows(x, w.size(1), "gemv_int8");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<float> sums(M * N);
   const int8_t* wp = w.data_ptr<int8_t>();
   with_float_type(scales.scalar_type(), "gemv_int8", [&](auto type) {
     const auto* sp = scales.data_ptr<decltype(type)>();
     auto row_scale = [sp](int64_t n) { return scalar(sp[n]); };
-    with_output(y, "gemv_int8", [&](auto* yp) {
-      for_each_output_range(N, [&](int64_t n0, int64_t n1) {
-        dot_all_rows(xf.data(), M, K, wp, n0, n1, yp, N, row_scale);
-      });
+    for_each_output_range(N, [&](int64_t n0, int64_t n1) {
+      dot_all_rows(xf.data(), M, K, wp, n0, n1, sums.data(), N, row_scale);
     });
   });
-  return y;
+  return rounded_output(sums, x, N);
 }
 
 // int4 multiplies integers: each group of G columns of x is rounded to int16 with its own
@@ -252,9 +262,9 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   return q;
 }
 
-template <int R, int64_t G, typename S, typename Y>  // G a constant, so each group's loop unrolls whole
+template <int R, int64_t G, typename S>  // G a constant, so each group's loop unrolls whole
 void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t* w, const S* scales,
-                   const S* zeros, int64_t n0, int64_t n1, Y* y, int64_t N) {
+                   const S* zeros, int64_t n0, int64_t n1, float* y, int64_t N) {
   const int64_t groups = K / G;
   const int16_t* xq = x.values.data() + m0 * K;
   const float *dx = x.scales.data() + m0 * groups, *sums = x.sums.data() + m0 * groups,
@@ -288,7 +298,7 @@ void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t*
         offset[r] += zero * sums[r * groups + g] - 8.0f * scale * rounded_sums[r * groups + g];
       }
     }
-    for (int r = 0; r < R; ++r) y[r * N + n] = static_cast<Y>(horizontal_sum(total[r]) + offset[r]);
+    for (int r = 0; r < R; ++r) y[r * N + n] = horizontal_sum(total[r]) + offset[r];
   }
 }
 
@@ -315,21 +325,20 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(K % groups == 0, "gemv_int4: the groups must divide the columns");
   const int64_t M = x.size(0), N = w.size(0), G = K / groups;
   const QuantizedRows xq = quantize_rows(xf.data(), M, K, G);
-  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<float> sums(M * N);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   with_float_type(scales.scalar_type(), "gemv_int4", [&](auto type) {
     const auto *sp = scales.data_ptr<decltype(type)>(), *zp = zeros.data_ptr<decltype(type)>();
-    with_output(y, "gemv_int4", [&](auto* yp) {
-      for_each_output_range(N, [&](int64_t n0, int64_t n1) {
-        with_group_size(G, [&](auto group) {
-          by_row_blocks(M, [&](auto block, int64_t m) {
-            dot_rows_int4<decltype(block)::value, decltype(group)::value>(xq, m, K, wp, sp, zp, n0, n1, yp + m * N, N);
-          });
+    for_each_output_range(N, [&](int64_t n0, int64_t n1) {
+      with_group_size(G, [&](auto group) {
+        by_row_blocks(M, [&](auto block, int64_t m) {
+          dot_rows_int4<decltype(block)::value, decltype(group)::value>(xq, m, K, wp, sp, zp, n0, n1,
+                                                                        sums.data() + m * N, N);
         });
       });
     });
   });
-  return y;
+  return rounded_output(sums, x, N);
 }
 
 // exp of 8 floats to float32 precision: exp(x) = 2^n exp(r) with n = round(x / ln 2) and
