@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <cstdint>
 #include <vector>
@@ -656,22 +657,19 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
     const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, double scale, at::IntArrayRef windows,
     double eps) {
-  const int64_t layers = static_cast<int64_t>(k_caches.size()), T = x.size(0), D = k_caches[0].size(3);
-  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == layers * kTensorsPerLayer && v_caches.size() == k_caches.size() &&
-                  static_cast<int64_t>(windows.size()) == layers,
+  const int64_t layers = static_cast<int64_t>(k_caches.size()), T = x.size(0);
+  TORCH_CHECK(layers > 0 && static_cast<int64_t>(tensors.size()) == layers * kTensorsPerLayer &&
+                  v_caches.size() == k_caches.size() && static_cast<int64_t>(windows.size()) == layers,
               "decode_layers: ", kTensorsPerLayer, " tensors, a K and a V cache and a window per layer expected");
-  const int64_t q_width = num_heads * D, kv_width = num_kv_heads * D;
-  at::Tensor hidden = x, residual;
+  const int64_t D = k_caches[0].size(3), q_width = num_heads * D, kv_width = num_kv_heads * D;
+  at::Tensor hidden = x, residual, normed;
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t base = l * kTensorsPerLayer, linears = base + 2;
-    at::Tensor normed = at::empty(x.sizes(), x.options());
     if (l == 0) {
       residual = hidden;
-      normalise(hidden, nullptr, nullptr, *tensors.get(base), eps, normed);
+      normed = rms_norm(hidden, *tensors.get(base), eps);
     } else {
-      at::Tensor summed = at::empty(x.sizes(), x.options());
-      normalise(hidden, &residual, &summed, *tensors.get(base), eps, normed);
-      residual = summed;
+      std::tie(normed, residual) = add_rms_norm(hidden, residual, *tensors.get(base), eps);
     }
     const at::Tensor qkv = product(normed, tensors, linears);
     const at::Tensor qk = rotary(qkv.narrow(1, 0, q_width + kv_width).view({T, num_heads + num_kv_heads, D}), cos, sin);
@@ -681,9 +679,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     const at::Tensor attended = decode_attention(qk.narrow(1, 0, num_heads), k_caches[l], v_caches[l], block_tables,
                                                  seq_lens, scale, windows[l]);
     const at::Tensor out = product(attended.view({T, q_width}), tensors, linears + kTensorsPerLinear);
-    at::Tensor summed = at::empty(x.sizes(), x.options());
-    normalise(out, &residual, &summed, *tensors.get(base + 1), eps, normed);
-    residual = summed;
+    std::tie(normed, residual) = add_rms_norm(out, residual, *tensors.get(base + 1), eps);
     const at::Tensor gate_up = product(normed, tensors, linears + 2 * kTensorsPerLinear);
     hidden = product(silu_and_mul(gate_up), tensors, linears + 3 * kTensorsPerLinear);
   }
