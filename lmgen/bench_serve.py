@@ -44,11 +44,12 @@ def summary(system: str, clients: int, timings: list[RequestTiming], new_tokens:
     """One row of `lmgen bench`'s report: latencies in seconds, throughput in output tokens/s."""
     ttfts = [t.ttft for t in timings]
     gaps = [g for t in timings for g in t.gaps]
+    # latencies to the microsecond: tokens that arrive in one network read are microseconds apart
     return {"workload": f"serve clients={clients}", "system": system, "clients": clients, "requests": len(timings),
             "req_per_s": round(len(timings) / seconds, 3), "total_tok_s": round(len(timings) * new_tokens / seconds, 2),
-            "ttft_s": round(statistics.median(ttfts), 4), "ttft_p90_s": round(percentile(ttfts, 0.9), 4),
-            "itl_s": round(statistics.median(gaps), 4) if gaps else None,
-            "itl_p90_s": round(percentile(gaps, 0.9), 4) if gaps else None}
+            "ttft_s": round(statistics.median(ttfts), 6), "ttft_p90_s": round(percentile(ttfts, 0.9), 6),
+            "itl_s": round(statistics.median(gaps), 6) if gaps else None,
+            "itl_p90_s": round(percentile(gaps, 0.9), 6) if gaps else None}
 
 
 def _client(limit: int):
