@@ -59,9 +59,14 @@ def load() -> bool:
     return loaded
 
 
+def serve(device: torch.device) -> bool:
+    """Whether the kernels run tensors on `device` (they are loaded, and it is the CPU)."""
+    return loaded and device.type == "cpu"
+
+
 def fits(rows: int, in_features: int, device: torch.device) -> bool:
     """Whether a product of `rows` activation rows with a weight of `in_features` columns runs here."""
-    return loaded and rows <= MAX_ROWS and device.type == "cpu" and in_features % COLUMN_MULTIPLE == 0
+    return serve(device) and rows <= MAX_ROWS and in_features % COLUMN_MULTIPLE == 0
 
 
 def _supported() -> bool:
@@ -128,5 +133,4 @@ def _register_shapes() -> None:
     for name in ("decode_attention", "rms_norm", "rotary"):
         torch.library.register_fake(f"lmgen::{name}")(lambda x, *_: x.new_empty(x.shape))
     torch.library.register_fake("lmgen::add_rms_norm")(lambda x, *_: (x.new_empty(x.shape), x.new_empty(x.shape)))
-    torch.library.register_fake("lmgen::decode_layers")(lambda x, *_: (x.new_empty(x.shape), x.new_empty(x.shape)))
     torch.library.register_fake("lmgen::silu_and_mul")(lambda x: x.new_empty(*x.shape[:-1], x.shape[-1] // 2))

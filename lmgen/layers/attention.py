@@ -58,7 +58,7 @@ class AttentionMetadata:
 def reads_cache_in_place(meta: AttentionMetadata, head_dim: int, device: torch.device) -> bool:
     """Whether the step's attention is lmgen's decode kernel, which reads the paged cache where it
     lies and needs no masks."""
-    return meta.decode_only and kernels.loaded and device.type == "cpu" and head_dim % 16 == 0
+    return meta.decode_only and kernels.serve(device) and head_dim % 16 == 0
 
 
 def paged_attention(

@@ -86,7 +86,7 @@ class SiluAndMul(nn.Module):
     """SwiGLU's activation on a fused gate/up projection: silu(gate) * up."""
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if kernels.loaded and gate_up.device.type == "cpu":
+        if kernels.serve(gate_up.device):
             return torch.ops.lmgen.silu_and_mul(gate_up)  # one call instead of four
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -19,7 +19,7 @@ class RMSNorm(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x); with a residual, (norm(x + residual), x + residual): the layer's residual add
         and the next norm in one call, as vLLM fuses them."""
-        if kernels.loaded and x.device.type == "cpu" and x.dtype == self.weight.dtype:
+        if kernels.serve(x.device) and x.dtype == self.weight.dtype:
             if residual is None:
                 return torch.ops.lmgen.rms_norm(x, self.weight, self.eps)  # one call instead of ten
             return torch.ops.lmgen.add_rms_norm(x, residual, self.weight, self.eps)

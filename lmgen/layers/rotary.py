@@ -118,7 +118,7 @@ class RotaryEmbedding:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos/sin: [T, 1, head_dim] in x's dtype (as transformers rotates)."""
-    if kernels.loaded and x.device.type == "cpu":
+    if kernels.serve(x.device):
         return torch.ops.lmgen.rotary(x, cos, sin)  # one call instead of eight
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
