@@ -29,6 +29,7 @@ from lmgen.errors import InvalidArgumentError
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
 from lmgen.layers.rotary import context_length
 from lmgen.loader.checkpoint import DEMO_MODEL_PATH, iter_tensors, load_weights, read_json, resolve_model_path
+from lmgen.loader.huge_pages import place_weights_in_huge_pages
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.models import build_context, model_class
 from lmgen.outputs import RequestOutput
@@ -89,6 +90,8 @@ class Engine:
             prepare_quantized(model, self.quantization)
             if saved is None:  # quantize each float tensor as it is read
                 tensors = quantize_tensors(tensors, self.quantization)
+        if self.device.type == "cpu":
+            place_weights_in_huge_pages(model)
         load_weights(model, tensors)
         if self.device.type == "cpu":
             kernels.load()  # before packing: with lmgen's kernels int4 keeps its storage form

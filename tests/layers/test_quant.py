@@ -71,8 +71,9 @@ def test_quantized_linear_equals_the_dequantized_float_linear(config, rows, lmge
     assert layer.has_storage_form == (kernels.loaded or config.method == "int8")
     x = torch.randn(rows, 128)
     expected = F.linear(x, dequantized, layer.bias)
-    # activations pass through bfloat16 in PyTorch's kernels: compare at that precision
-    assert torch.allclose(layer(x), expected, rtol=2e-2, atol=0.15)
+    # activations pass through bfloat16 in PyTorch's kernels and int8 per group in lmgen's int4 kernel
+    # (up to ~0.8% of the output): compare at that precision
+    assert (layer(x) - expected).norm() < 0.015 * expected.norm()
 
 
 def test_int4_layer_the_kernel_cannot_take_dequantizes_instead(monkeypatch):
