@@ -5,10 +5,13 @@
     python benchmarks/llamacpp.py --only decode-bf16 prefill-bf16 --repeats 5 --json out.json
 
 Needs llama-cpp-python and gguf (pip install llama-cpp-python gguf; pip builds llama.cpp
-from source). bench-125m (benchmarks/models.py) is converted to GGUF in f32, bf16, q8_0
-and q4_0 with the `gguf` package, following llama.cpp's convert_hf_to_gguf.py for
-LlamaForCausalLM, and cached beside it in benchmarks/models/ (rebuilt when the checkpoint
-is newer, or with --reconvert).
+from source). bench-125m (benchmarks/models.py) is converted to GGUF in f32 and bf16 with the `gguf`
+package, following llama.cpp's convert_hf_to_gguf.py for LlamaForCausalLM; q8_0 and q4_0
+are made from the f32 file by llama.cpp's own quantizer (`llama_model_quantize`, what
+`llama-quantize` runs), so they hold its default mix: the tied embedding, which is also
+the LM head, at 6-8 bits (Q6_K in q4_0) as lmgen keeps it at int8. The files are cached
+beside the model in benchmarks/models/ (rebuilt when the checkpoint is newer, or with
+--reconvert).
 
 Figures (../shared/BENCHMARKS.md): decode tokens/s at batch 1 (prompt 128, 128 new tokens,
 greedy, no EOS stop) and prefill tokens/s of one 512-token prompt. Both systems get the
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 MODEL = ROOT / "models" / "bench-125m"
 THREADS = 2
 GGUF_TYPES = ("f32", "bf16", "q8_0", "q4_0")
+LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made by llama.cpp
 
 
 # ---- conversion: HF Llama checkpoint -> GGUF --------------------------------------------------
@@ -133,15 +137,17 @@ def write_vocab(writer: gguf.GGUFWriter, model: Path, config: dict) -> None:
 
 
 def convert(model: Path, qtype: str, out: Path) -> None:
+    if qtype in LLAMA_FTYPES:
+        quantize_with_llama_cpp(ensure_gguf(model, "f32"), qtype, out)
+        return
     """Write `model` as GGUF. Norms stay f32 (llama.cpp's converter keeps every 1-D tensor
     and *_norm in f32); every 2-D weight, the (tied) embedding included, takes `qtype`."""
     import gguf
 
     config = json.loads((model / "config.json").read_text())
     Q = gguf.GGMLQuantizationType
-    qt = {"f32": Q.F32, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[qtype]
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
+    qt = {"f32": Q.F32, "bf16": Q.BF16}[qtype]
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16}[qtype]
     writer = gguf.GGUFWriter(str(out) + ".part", "llama")
     writer.add_type(gguf.GGUFType.MODEL)
     write_hparams(writer, config)
@@ -156,6 +162,18 @@ def convert(model: Path, qtype: str, out: Path) -> None:
     writer.write_tensors_to_file()
     writer.close()
     Path(str(out) + ".part").rename(out)
+
+
+def quantize_with_llama_cpp(source: Path, qtype: str, out: Path) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[qtype])
+    params.nthread = THREADS
+    part = Path(str(out) + ".part")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source.name} to {qtype}")
+    part.rename(out)
 
 
 def ensure_gguf(model: Path, qtype: str, reconvert: bool = False) -> Path:

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <cstdint>
 #include <cstring>
@@ -390,7 +391,8 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n));
 }
 
-void softmax(float* p, int64_t length) {
+// p[s] = exp(p[s] - largest) in place; returns {largest, the sum of the exponentials}.
+std::pair<float, float> exponentiate(float* p, int64_t length) {
   const float largest = *std::max_element(p, p + length);
   float total = 0.0f;
   int64_t s = 0;
@@ -400,8 +402,7 @@ void softmax(float* p, int64_t length) {
     total += horizontal_sum(e);
   }
   for (; s < length; ++s) total += (p[s] = std::exp(p[s] - largest));
-  const float inverse = 1.0f / total;
-  for (s = 0; s < length; ++s) p[s] *= inverse;
+  return {largest, total};
 }
 
 // RMS normalisation of each row of x [M, H], in transformers' order: the row is normalised
@@ -575,10 +576,18 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 // [blocks, block_size, KVH, D]; block_tables [B, max_blocks] and seq_lens [B] int64; window
 // 0 = full attention, else the query (position seq_len - 1) sees the last `window` keys.
 // Returns [B, H, D] in q's dtype, computed in float32.
-struct Scratch {  // one thread's working memory, reused from request to request
-  std::vector<float> query, scores, sums;
-  std::vector<int64_t> rows;
+//
+// The work is cut into pieces of (request, KV head, span of positions), so that fewer
+// requests x KV heads than threads still keep every thread busy (at batch 1, a model with 3
+// KV heads left one of 2 threads idle a third of the time). A piece gives, for each query
+// head of its group, the span's largest score, the sum of exp(score - largest) and the sum
+// of those weights times the values rows; the pieces of a request's head merge exactly
+// (flash-decoding's split).
+struct Piece {
+  int64_t request, kv_head, first, length;  // positions first .. first + length - 1
 };
+
+constexpr int64_t kMinSpan = 64;  // positions: shorter spans cost more to merge than they balance
 
 // How many positions ahead attention asks for the key and value rows. At batch 1 they are cold
 // (the weights streamed through the caches since the last step) and scattered (one head's
@@ -591,18 +600,27 @@ inline void prefetch_row(const T* row, int64_t D) {
     _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
 }
 
+struct Scratch {  // one thread's working memory, reused from piece to piece
+  std::vector<float> query, scores;
+  std::vector<int64_t> rows;
+};
+
+// One piece, for the group's query heads q [group, D]: out [group, 2 + D] = per head the
+// largest score, the sum of the exponentials and the weighted sum of the value rows.
 template <typename T, typename Q>
-void attend_one(const Q* q, const T* k_cache, const T* v_cache, const int64_t* blocks, int64_t first,
-                int64_t length, int64_t block_size, int64_t kv_heads, int64_t kv_head, int64_t group, int64_t D,
-                float scale, Q* out, Scratch& scratch) {
-  std::vector<float>&scores = scratch.scores, &sums = scratch.sums, &query = scratch.query;
+void attend_span(const Q* q, const T* k_cache, const T* v_cache, const int64_t* blocks, const Piece& piece,
+                 int64_t block_size, int64_t kv_heads, int64_t group, int64_t D, float scale, float* out,
+                 Scratch& scratch) {
+  std::vector<float>&scores = scratch.scores, &query = scratch.query;
   std::vector<int64_t>& rows = scratch.rows;
+  const int64_t length = piece.length;
   query.resize(group * D);  // the group's queries in float32, converted once rather than per key
   for (int64_t i = 0; i < group * D; ++i) query[i] = scalar(q[i]);
   rows.resize(length);  // element offset of each position's key/value row in the caches
+  int64_t block = piece.first / block_size, offset = piece.first % block_size;  // no division per position
   for (int64_t s = 0; s < length; ++s) {
-    const int64_t position = first + s;
-    rows[s] = ((blocks[position / block_size] * block_size + position % block_size) * kv_heads + kv_head) * D;
+    rows[s] = ((blocks[block] * block_size + offset) * kv_heads + piece.kv_head) * D;
+    if (++offset == block_size) offset = 0, ++block;
   }
   scores.resize(group * length);
   for (int64_t h = 0; h < group; ++h) {
@@ -620,19 +638,58 @@ void attend_one(const Q* q, const T* k_cache, const T* v_cache, const int64_t* b
       }
       scores[h * length + s] = scale * horizontal_sum(_mm256_add_ps(even, odd));
     }
-    softmax(scores.data() + h * length, length);
+    std::tie(out[h * (2 + D)], out[h * (2 + D) + 1]) = exponentiate(scores.data() + h * length, length);
+    std::fill(out + h * (2 + D) + 2, out + (h + 1) * (2 + D), 0.0f);
   }
-  sums.assign(group * D, 0.0f);
   for (int64_t s = 0; s < length; ++s) {
     const T* value = v_cache + rows[s];
     for (int64_t h = 0; h < group; ++h) {
       const __m256 weight = _mm256_set1_ps(scores[h * length + s]);
-      float* sum = sums.data() + h * D;
+      float* sum = out + h * (2 + D) + 2;
       for (int64_t d = 0; d < D; d += 8)
         _mm256_storeu_ps(sum + d, _mm256_fmadd_ps(weight, load8(value + d), _mm256_loadu_ps(sum + d)));
     }
   }
-  for (int64_t i = 0; i < group * D; ++i) out[i] = static_cast<Q>(sums[i]);
+}
+
+// The `count` pieces of one request's KV head, partials [count, group, 2 + D], merged into
+// the group's output rows out [group, D]: each piece's sums rescaled to the largest score of all.
+template <typename Q>
+void merge_pieces(const float* partials, int64_t count, int64_t group, int64_t D, Q* out) {
+  const int64_t stride = group * (2 + D);
+  std::vector<float> weights(count);
+  for (int64_t h = 0; h < group; ++h) {
+    const float* head = partials + h * (2 + D);
+    float largest = -INFINITY, total = 0.0f;
+    for (int64_t i = 0; i < count; ++i) largest = std::max(largest, head[i * stride]);
+    for (int64_t i = 0; i < count; ++i) total += head[i * stride + 1] * (weights[i] = std::exp(head[i * stride] - largest));
+    for (int64_t d = 0; d < D; ++d) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < count; ++i) sum += weights[i] * head[i * stride + 2 + d];
+      out[h * D + d] = static_cast<Q>(sum / total);
+    }
+  }
+}
+
+// The pieces of a batch: each request's visible positions cut into enough spans (of at least
+// kMinSpan) for about two pieces per thread; first_piece [B * KVH + 1] indexes them by request and head.
+std::vector<Piece> cut_into_pieces(const int64_t* lens, int64_t B, int64_t KVH, int64_t window,
+                                   std::vector<int64_t>& first_piece) {
+  const int64_t spans_wanted = std::max<int64_t>(1, (2 * at::get_num_threads() + B * KVH - 1) / (B * KVH));
+  std::vector<Piece> pieces;
+  first_piece.assign(1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 1, "decode_attention: every request needs at least its query's own position");
+    const int64_t first = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0, length = lens[b] - first;
+    const int64_t spans = std::min(spans_wanted, std::max<int64_t>(1, length / kMinSpan));
+    const int64_t span = (length + spans - 1) / spans;
+    for (int64_t kv_head = 0; kv_head < KVH; ++kv_head) {
+      for (int64_t start = first; start < lens[b]; start += span)
+        pieces.push_back({b, kv_head, start, std::min(span, lens[b] - start)});
+      first_piece.push_back(static_cast<int64_t>(pieces.size()));
+    }
+  }
+  return pieces;
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -652,6 +709,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const at::Tensor queries = q.contiguous();
   at::Tensor out = at::empty_like(queries);
   const int64_t *tables = block_tables.data_ptr<int64_t>(), *lens = seq_lens.data_ptr<int64_t>();
+  std::vector<int64_t> first_piece;
+  const std::vector<Piece> pieces = cut_into_pieces(lens, B, KVH, window, first_piece);
+  const int64_t partial_size = group * (2 + D);
+  std::vector<float> partials(pieces.size() * partial_size);
   with_float_type(k_cache.scalar_type(), "decode_attention", [&](auto type) {
     using T = decltype(type);
     const T *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
@@ -659,15 +720,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       using Q = decltype(query_type);
       const Q* qp = queries.data_ptr<Q>();
       Q* op = out.data_ptr<Q>();
-      at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
         Scratch scratch;
         for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / KVH, kv_head = i % KVH, length = lens[b];
-          const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
-          const int64_t offset = (b * H + kv_head * group) * D;  // the group's heads are adjacent
-          attend_one(qp + offset, kp, vp, tables + b * max_blocks, first, length - first, block_size, KVH,
-                     kv_head, group, D, static_cast<float>(scale), op + offset, scratch);
+          const Piece& piece = pieces[i];
+          const int64_t offset = (piece.request * H + piece.kv_head * group) * D;  // the group's heads are adjacent
+          attend_span(qp + offset, kp, vp, tables + piece.request * max_blocks, piece, block_size, KVH, group, D,
+                      static_cast<float>(scale), partials.data() + i * partial_size, scratch);
         }
+      });
+      at::parallel_for(0, B * KVH, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          merge_pieces(partials.data() + first_piece[i] * partial_size, first_piece[i + 1] - first_piece[i], group,
+                       D, op + i * group * D);  // request i / KVH, KV head i % KVH: its group's rows
       });
     });
   });

@@ -65,14 +65,26 @@ def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(g
     assert (out - exact).norm() < 6 * (as_bfloat16 - exact).norm()
 
 
+@pytest.fixture
+def four_threads():
+    """As many threads as a 4-core machine: the spans decode attention cuts depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 20])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
-def test_decode_attention_reads_the_paged_cache_like_sdpa_over_the_gathered_context(dtype, window, head_dim):
+# one request: its positions are cut into spans whose partial sums merge; several: a piece per request and head
+@pytest.mark.parametrize("lengths", [[1, 17, 40, 128, 100], [128], [128, 3]])
+def test_decode_attention_reads_the_paged_cache_like_sdpa_over_the_gathered_context(dtype, window, head_dim, lengths,
+                                                                                  four_threads):
     torch.manual_seed(0)
     num_blocks, block_size, kv_heads, heads = 40, 16, 3, 9
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype) for _ in range(2))
-    seq_lens = torch.tensor([1, 17, 40, 128, 100])
+    seq_lens = torch.tensor(lengths)
     block_tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in seq_lens])
     q = torch.randn(len(seq_lens), heads, head_dim)
     out = torch.ops.lmgen.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.125, window)
