@@ -13,9 +13,11 @@ hold and loading fills (for the row ``n`` of a weight [N, K]):
 - int4: ``weight`` uint8 [N, K/2], two columns per byte (column 2j in the low nibble),
   ``scales`` and ``zeros`` [N, K/group_size]:  w = (q - 8) * scale[n, g] + zero[n, g]
 
-lmgen's kernels read the storage form as it is. PyTorch's int4 kernel wants its own
-layout, which depends on the CPU's vector width, so without lmgen's kernels
-``Int4Linear.pack`` rearranges the storage form once the weights are in. The LM head
+lmgen's int8 kernel reads the storage form as it is; its int4 kernel wants each 8 rows'
+16-byte blocks interleaved (``interleave_int4``: it works on 8 rows at once, and so reads
+one stream). PyTorch's int4 kernel wants its own layout, which depends on the CPU's vector
+width. ``Int4Linear.pack`` rearranges the storage form for whichever kernel will read it,
+once the weights are in; checkpoints are written from the storage form. The LM head
 and the embedding table (one tensor when tied) are int8 in both methods: rows of the
 table must be gathered, and the head's quality matters most.
 
@@ -46,6 +48,8 @@ QUANTIZATION_METHODS = ("int8", "int4")
 #: The group sizes PyTorch's int4 kernel accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 64
+#: lmgen's int4 kernel works on this many weight rows at once, their blocks interleaved (interleave_int4).
+INT4_KERNEL_ROWS = 8
 #: ``quantization_config.quant_method`` of the checkpoints lmgen writes.
 CHECKPOINT_QUANT_METHOD = "lmgen"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -159,6 +163,21 @@ def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
     return torch.stack([nibbles & 0xF, nibbles >> 4], dim=-1).view(nibbles.shape[0], -1)
 
 
+def interleave_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """Storage form [N, K/2] -> lmgen's int4 kernel layout (same shape, N a multiple of 8): in each group of
+    8 rows, block j (16 bytes, 32 columns) of rows 0-7, then block j + 1 of rows 0-7, and so on."""
+    rows, width = nibbles.shape
+    blocks = nibbles.view(rows // INT4_KERNEL_ROWS, INT4_KERNEL_ROWS, width // 16, 16)
+    return blocks.transpose(1, 2).contiguous().view(rows, width)
+
+
+def deinterleave_int4(interleaved: torch.Tensor) -> torch.Tensor:
+    """lmgen's int4 kernel layout -> the storage form (interleave_int4 undone)."""
+    rows, width = interleaved.shape
+    blocks = interleaved.view(rows // INT4_KERNEL_ROWS, width // 16, INT4_KERNEL_ROWS, 16)
+    return blocks.transpose(1, 2).contiguous().view(rows, width)
+
+
 def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """The float32 weight [N, K] that int4 storage stands for."""
     levels = unpack_int4(nibbles).float()
@@ -204,7 +223,7 @@ class QuantizedLinear(nn.Module):
 
     method: str  # the storage form's QUANTIZATION_METHODS entry
     kernel_max_rows = math.inf  # from this many rows on, dequantizing and a float GEMM are faster
-    has_storage_form = True  # False once packed for PyTorch's kernel (lmgen's read the storage form)
+    lmgen_layout = True  # the weight is laid out as lmgen's kernels read it
 
     def __init__(self, linear: Linear | Embedding) -> None:
         super().__init__()
@@ -215,7 +234,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.has_storage_form and kernels.fits(rows.shape[0], self.in_features, rows.device):
+        if self.lmgen_layout and kernels.fits(rows.shape[0], self.in_features, rows.device):
             out = self._lmgen_kernel(rows)
         elif self.use_kernel and rows.shape[0] < self.kernel_max_rows:
             out = self._kernel(rows.to(torch.bfloat16)).to(x.dtype)
@@ -228,7 +247,7 @@ class QuantizedLinear(nn.Module):
 
     def kernel_operands(self) -> KernelOperands | None:
         """(weight, scales, zeros, bias) as lmgen's product kernels read them, or None where they cannot."""
-        if not self.has_storage_form or self.in_features % kernels.COLUMN_MULTIPLE:
+        if not self.lmgen_layout or self.in_features % kernels.COLUMN_MULTIPLE:
             return None
         return self.weight, self.scales, getattr(self, "zeros", None), self.bias
 
@@ -289,8 +308,10 @@ class Int4Linear(QuantizedLinear):
     """int4 weight with a scale and zero per group of input columns (see the module docstring)."""
 
     method = "int4"
-    # The CPU kernel takes output sizes that are multiples of 16; other layers dequantize.
+    # PyTorch's CPU kernel takes output sizes that are multiples of 16, lmgen's multiples of 8
+    # (INT4_KERNEL_ROWS); other layers dequantize.
     _KERNEL_ROW_MULTIPLE = 16
+    lmgen_layout = False  # until pack() interleaves the storage form
 
     def __init__(self, linear: Linear, group_size: int) -> None:
         super().__init__(linear)
@@ -302,13 +323,17 @@ class Int4Linear(QuantizedLinear):
         self.use_kernel = self.use_kernel and rows % self._KERNEL_ROW_MULTIPLE == 0
 
     def pack(self) -> None:
-        """For PyTorch's kernel, replace the storage form by its layout (as many bytes, in a CPU-specific order).
+        """Lay the storage form out for the kernel that will read it (as many bytes, another order).
 
-        With lmgen's kernels loaded nothing changes: they read the storage form, and
-        products of more rows than they take dequantize, about as fast as PyTorch's kernel.
+        With lmgen's kernels: rows interleaved by 8 (``interleave_int4``), in the weight's own
+        memory; products of more rows than the kernel takes dequantize, about as fast as
+        PyTorch's kernel. Without them: PyTorch's CPU-specific layout.
         """
         if kernels.loaded:
             self.use_kernel = False
+            if kernels.serve(self.weight.device) and self.out_features % INT4_KERNEL_ROWS == 0:
+                self.weight.data.copy_(interleave_int4(self.weight.data))
+                self.lmgen_layout = True
         if not self.use_kernel:
             return
         levels = unpack_int4(self.weight.data).to(torch.int32)
@@ -318,7 +343,6 @@ class Int4Linear(QuantizedLinear):
         pairs = torch.stack([self.scales.data, self.zeros.data], dim=-1).transpose(0, 1).contiguous()
         self.scales_and_zeros = nn.Parameter(pairs, requires_grad=False)
         del self.weight, self.scales, self.zeros
-        self.has_storage_form = False
 
     def _lmgen_kernel(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.lmgen.gemv_int4(rows, self.weight, self.scales, self.zeros)
@@ -327,7 +351,8 @@ class Int4Linear(QuantizedLinear):
         return torch._weight_int4pack_mm_for_cpu(rows, self.packed_weight, self.group_size, self.scales_and_zeros)
 
     def _dequantized(self) -> torch.Tensor:
-        return dequantize_int4(self.weight, self.scales, self.zeros)
+        nibbles = deinterleave_int4(self.weight) if self.lmgen_layout else self.weight
+        return dequantize_int4(nibbles, self.scales, self.zeros)
 
 
 # ---- the model -------------------------------------------------------------------------

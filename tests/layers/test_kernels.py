@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lmgen import kernels
 from lmgen.layers.linear import SiluAndMul, linear
 from lmgen.layers.norm import RMSNorm
-from lmgen.layers.quant import dequantize_int4, quantize_int4, quantize_int8
+from lmgen.layers.quant import deinterleave_int4, dequantize_int4, interleave_int4, quantize_int4, quantize_int8
 from lmgen.layers.rotary import apply_rotary
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="lmgen's CPU kernels need an AVX2 CPU and a C++ compiler")
@@ -57,12 +57,20 @@ def _int4_product(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, 
 def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(group_size, rows):
     x, weight = _inputs(rows, in_features=512)
     nibbles, scales, zeros = quantize_int4(weight, group_size)
-    out = torch.ops.lmgen.gemv_int4(x, nibbles, scales, zeros)
+    out = torch.ops.lmgen.gemv_int4(x, interleave_int4(nibbles), scales, zeros)
     assert torch.allclose(out, _int4_product(x, nibbles, scales, zeros), rtol=1e-5, atol=1e-4)
     # rounding x to int8 costs 3-5x what rounding it to bfloat16 would (the 4-bit weights' own rounding: 45-65x)
     exact = F.linear(x.double(), dequantize_int4(nibbles, scales, zeros).double())
     as_bfloat16 = F.linear(x.bfloat16().double(), dequantize_int4(nibbles, scales, zeros).double())
     assert (out - exact).norm() < 6 * (as_bfloat16 - exact).norm()
+
+
+def test_the_int4_kernel_layout_interleaves_each_8_rows_16_byte_blocks():
+    nibbles = torch.randint(0, 256, (16, 48), dtype=torch.uint8)  # 16 rows of 3 blocks
+    interleaved = interleave_int4(nibbles)
+    assert torch.equal(interleaved[0].view(-1, 16)[1], nibbles[1, :16])  # rows 0-7: block 0 of row 1 second
+    assert torch.equal(interleaved.view(2, 3, 8, 16)[1, 2, 5], nibbles[13, 32:])  # rows 8-15: block 2 of row 13
+    assert torch.equal(deinterleave_int4(interleaved), nibbles)
 
 
 @pytest.fixture
@@ -117,6 +125,9 @@ def test_kernel_errors_name_the_problem():
         torch.ops.lmgen.gemv(torch.randn(1, 64, dtype=torch.float64), torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="columns"):
         torch.ops.lmgen.gemv(torch.randn(1, 64), torch.randn(8, 96))
+    nibbles, scales, zeros = quantize_int4(torch.randn(12, 64), 32)
+    with pytest.raises(RuntimeError, match="groups of 8"):
+        torch.ops.lmgen.gemv_int4(torch.randn(1, 64), nibbles, scales, zeros)
 
 
 def test_lmgen_cpu_kernels_0_turns_them_off():
@@ -134,7 +145,7 @@ def test_products_take_and_give_half_precision_rows_rounded_once(dtype, rows):
     q, scales = quantize_int8(weight)
     nibbles, group_scales, zeros = quantize_int4(weight, 64)
     for product, args in ((torch.ops.lmgen.gemv, (weight.to(dtype),)), (torch.ops.lmgen.gemv_int8, (q, scales)),
-                          (torch.ops.lmgen.gemv_int4, (nibbles, group_scales, zeros))):
+                          (torch.ops.lmgen.gemv_int4, (interleave_int4(nibbles), group_scales, zeros))):
         out = product(x, *args)
         assert out.dtype == dtype
         assert torch.equal(out, product(x.float(), *args).to(dtype))

@@ -68,7 +68,7 @@ def test_quantized_linear_equals_the_dequantized_float_linear(config, rows, lmge
     monkeypatch.setattr(kernels, "loaded", kernels.loaded and lmgen_kernels)
     layer, dequantized = _quantized_linear(128, 48, config)
     assert isinstance(layer, Int4Linear if config.method == "int4" else Int8Linear)
-    assert layer.has_storage_form == (kernels.loaded or config.method == "int8")
+    assert layer.lmgen_layout == (kernels.loaded or config.method == "int8")
     x = torch.randn(rows, 128)
     expected = F.linear(x, dequantized, layer.bias)
     # activations pass through bfloat16 in PyTorch's kernels and int8 per group in lmgen's int4 kernel
