@@ -64,6 +64,13 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// Eight float vectors -> one vector of their eight sums.
+inline __m256 sum_each(const __m256 v[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
 // 8 floats rounded to T's precision (to nearest even, as PyTorch's casts round), as floats:
 // what storing them as T and loading them back gives, without leaving the registers.
 inline __m256 round8(__m256 v, float) { return v; }
@@ -337,14 +344,6 @@ void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t*
   }
 }
 
-// Eight int32 vectors -> one vector of their eight sums.
-inline __m256i sum_each(const __m256i v[8]) {
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-  // a: sums of v0..v3 over the low 128-bit lanes | over the high ones; b: the same for v4..v7
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-
 // One activation row (batch-1 decode) times 8 weight rows n .. n + 7 at once, read as one
 // stream (the layout interleaves their blocks): each block of x is loaded once for all 8, and
 // each group's 8 row sums are scaled as one vector instead of one horizontal sum and scalar
@@ -375,27 +374,27 @@ void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t
         pairs[i] = _mm256_add_epi16(pairs[i], _mm256_maddubs_epi16(levels, xr));
       }
     }
-    for (int i = 0; i < 8; ++i) pairs[i] = _mm256_madd_epi16(pairs[i], ones);
+    __m256 row_sums[8];  // exact: |sums| < 2^24
+    for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i], ones));
     float scale[8], zero[8];
-    for (int i = 0; i < 8; ++i) scale[i] = scalar(scales[(n + i) * groups + g]), zero[i] = scalar(zeros[(n + i) * groups + g]);
+    for (int i = 0; i < 8; ++i) {
+      scale[i] = scalar(scales[(n + i) * groups + g]);
+      zero[i] = scalar(zeros[(n + i) * groups + g]);
+    }
     const __m256 row_scales = _mm256_loadu_ps(scale);
-    total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_each(pairs)), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total);
+    total = _mm256_fmadd_ps(sum_each(row_sums), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total);
     offset = _mm256_fmadd_ps(_mm256_loadu_ps(zero), _mm256_set1_ps(sums[g]), offset);
     offset = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset);
   }
   _mm256_storeu_ps(y + n, _mm256_add_ps(total, offset));
 }
 
-// Calls body(std::integral_constant<int64_t, G>{}) for the group sizes lmgen quantizes with.
-template <typename F>
-void with_group_size(int64_t G, F&& body) {
-  switch (G) {
-    case 32: return body(std::integral_constant<int64_t, 32>{});
-    case 64: return body(std::integral_constant<int64_t, 64>{});
-    case 128: return body(std::integral_constant<int64_t, 128>{});
-    case 256: return body(std::integral_constant<int64_t, 256>{});
-    default: TORCH_CHECK(false, "gemv_int4: group size 32, 64, 128 or 256 expected, got ", G);
-  }
+// Calls body(std::integral_constant<int64_t, V>{}) for the V of Values equal to value, so that
+// kernels get it as a compile-time constant (their loops then unroll whole).
+template <int64_t... Values, typename F>
+void with_constant(int64_t value, const char* error, F&& body) {
+  const bool found = ((value == Values && (body(std::integral_constant<int64_t, Values>{}), true)) || ...);
+  TORCH_CHECK(found, error, value);
 }
 
 at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
@@ -416,7 +415,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     const auto *sp = scales.data_ptr<decltype(type)>(), *zp = zeros.data_ptr<decltype(type)>();
     at::parallel_for(0, N / 8, kMinRowsPerThread / 8, [&](int64_t first_eight, int64_t last_eight) {
       const int64_t n0 = 8 * first_eight, n1 = 8 * last_eight;
-      with_group_size(G, [&](auto group) {
+      with_constant<32, 64, 128, 256>(G, "gemv_int4: group size 32, 64, 128 or 256 expected, got ", [&](auto group) {
         constexpr int64_t kGroup = decltype(group)::value;
         by_row_blocks(M, [&](auto block, int64_t m) {
           constexpr int R = decltype(block)::value;
@@ -663,6 +662,48 @@ struct Scratch {  // one thread's working memory, reused from piece to piece
   std::vector<int64_t> rows;
 };
 
+// scores[s] = scale * q . key(s) for the rows' keys, 8 positions at a time (one vector of
+// 8 sums instead of 8 horizontal sums); asks ahead for the key rows, and the value rows too
+// when given values (the first head's pass).
+template <typename T>
+void key_scores(const float* q, const T* k_cache, const T* v_cache, const int64_t* rows, int64_t length, int64_t D,
+                float scale, float* scores) {
+  auto ask_ahead = [&](int64_t s) {
+    if (s + kPrefetchPositions >= length) return;
+    prefetch_row(k_cache + rows[s + kPrefetchPositions], D);
+    if (v_cache != nullptr) prefetch_row(v_cache + rows[s + kPrefetchPositions], D);
+  };
+  int64_t s = 0;
+  for (; s + 8 <= length; s += 8) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps(), ask_ahead(s + i);
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qd = _mm256_loadu_ps(q + d);
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(load8(k_cache + rows[s + i] + d), qd, acc[i]);
+    }
+    _mm256_storeu_ps(scores + s, _mm256_mul_ps(_mm256_set1_ps(scale), sum_each(acc)));
+  }
+  for (; s < length; ++s) {
+    ask_ahead(s);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load8(k_cache + rows[s] + d), _mm256_loadu_ps(q + d), acc);
+    scores[s] = scale * horizontal_sum(acc);
+  }
+}
+
+// sums[0 .. 8V) = sum_s weights[s] * value(s)[0 .. 8V), the V vectors held in registers.
+template <int64_t V, typename T>
+void weigh_values(const float* weights, const T* v_cache, const int64_t* rows, int64_t length, float* sums) {
+  __m256 acc[V];
+  for (int i = 0; i < V; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < length; ++s) {
+    const __m256 weight = _mm256_set1_ps(weights[s]);
+    for (int i = 0; i < V; ++i) acc[i] = _mm256_fmadd_ps(weight, load8(v_cache + rows[s] + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < V; ++i) _mm256_storeu_ps(sums + 8 * i, acc[i]);
+}
+
+
 // One piece, for the group's query heads q [group, D]: out [group, 2 + D] = per head the
 // largest score, the sum of the exponentials and the weighted sum of the value rows.
 template <typename T, typename Q>
@@ -682,30 +723,16 @@ void attend_span(const Q* q, const T* k_cache, const T* v_cache, const int64_t* 
   }
   scores.resize(group * length);
   for (int64_t h = 0; h < group; ++h) {
-    const float* qh = query.data() + h * D;
-    for (int64_t s = 0; s < length; ++s) {
-      if (h == 0 && s + kPrefetchPositions < length) {
-        prefetch_row(k_cache + rows[s + kPrefetchPositions], D);
-        prefetch_row(v_cache + rows[s + kPrefetchPositions], D);
-      }
-      const T* key = k_cache + rows[s];
-      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  // two FMA chains
-      for (int64_t d = 0; d < D; d += 16) {
-        even = _mm256_fmadd_ps(load8(key + d), _mm256_loadu_ps(qh + d), even);
-        odd = _mm256_fmadd_ps(load8(key + d + 8), _mm256_loadu_ps(qh + d + 8), odd);
-      }
-      scores[h * length + s] = scale * horizontal_sum(_mm256_add_ps(even, odd));
-    }
-    std::tie(out[h * (2 + D)], out[h * (2 + D) + 1]) = exponentiate(scores.data() + h * length, length);
-    std::fill(out + h * (2 + D) + 2, out + (h + 1) * (2 + D), 0.0f);
-  }
-  for (int64_t s = 0; s < length; ++s) {
-    const T* value = v_cache + rows[s];
-    for (int64_t h = 0; h < group; ++h) {
-      const __m256 weight = _mm256_set1_ps(scores[h * length + s]);
-      float* sum = out + h * (2 + D) + 2;
-      for (int64_t d = 0; d < D; d += 8)
-        _mm256_storeu_ps(sum + d, _mm256_fmadd_ps(weight, load8(value + d), _mm256_loadu_ps(sum + d)));
+    key_scores(query.data() + h * D, k_cache, h == 0 ? v_cache : nullptr, rows.data(), length, D, scale,
+               scores.data() + h * length);
+    float* head = out + h * (2 + D);
+    std::tie(head[0], head[1]) = exponentiate(scores.data() + h * length, length);
+    for (int64_t d = 0; d < D; d += 64) {  // the weighted sum of the value rows, 64 columns at a time
+      const int64_t vectors = std::min<int64_t>(64, D - d) / 8;
+      with_constant<2, 4, 6, 8>(vectors, "decode_attention: D a multiple of 16 expected, vectors ", [&](auto v) {
+        weigh_values<decltype(v)::value>(scores.data() + h * length, v_cache + d, rows.data(), length,
+                                         head + 2 + d);
+      });
     }
   }
 }
@@ -720,7 +747,10 @@ void merge_pieces(const float* partials, int64_t count, int64_t group, int64_t D
     const float* head = partials + h * (2 + D);
     float largest = -INFINITY, total = 0.0f;
     for (int64_t i = 0; i < count; ++i) largest = std::max(largest, head[i * stride]);
-    for (int64_t i = 0; i < count; ++i) total += head[i * stride + 1] * (weights[i] = std::exp(head[i * stride] - largest));
+    for (int64_t i = 0; i < count; ++i) {
+      weights[i] = std::exp(head[i * stride] - largest);
+      total += head[i * stride + 1] * weights[i];
+    }
     for (int64_t d = 0; d < D; ++d) {
       float sum = 0.0f;
       for (int64_t i = 0; i < count; ++i) sum += weights[i] * head[i * stride + 2 + d];
