@@ -92,9 +92,8 @@ class Engine:
                 tensors = quantize_tensors(tensors, self.quantization)
         if self.device.type == "cpu":
             place_weights_in_huge_pages(model)
+            kernels.load()  # before packing, which lays int4 weights out for lmgen's kernel if they run
         load_weights(model, tensors)
-        if self.device.type == "cpu":
-            kernels.load()  # before packing: with lmgen's kernels int4 keeps its storage form
         pack_quantized(model)
         return model.eval()
 

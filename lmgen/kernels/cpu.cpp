@@ -304,6 +304,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   return q;
 }
 
+// Blocks of R = 2-4 activation rows, one weight row at a time (one row: dot_8_rows_int4 below).
 template <int R, int64_t G, typename S>  // G a constant, so each group's loop unrolls whole
 void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t* w, const S* scales,
                    const S* zeros, int64_t n0, int64_t n1, float* y, int64_t N) {
