@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lmgen.huge_pages import tensors_in_huge_pages
+
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """K and V of every layer for one block of tokens."""
@@ -17,8 +19,12 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                       for _ in range(num_layers)]
+        # On a CPU in 2 MiB pages: decode attention reads one head's row per position, scattered over
+        # the blocks, and with 4 KiB pages nearly every block it reads misses the TLB.
+        tensors = tensors_in_huge_pages([(shape, dtype)] * 2 * num_layers) if device.type == "cpu" else None
+        if tensors is None:
+            tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * num_layers)]
+        self.layers = list(zip(tensors[0::2], tensors[1::2]))
 
     @property
     def nbytes(self) -> int:

@@ -26,10 +26,10 @@ from lmgen.engine.request import Request
 from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from lmgen.errors import InvalidArgumentError
+from lmgen.huge_pages import place_weights_in_huge_pages
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
 from lmgen.layers.rotary import context_length
 from lmgen.loader.checkpoint import DEMO_MODEL_PATH, iter_tensors, load_weights, read_json, resolve_model_path
-from lmgen.loader.huge_pages import place_weights_in_huge_pages
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.models import build_context, model_class
 from lmgen.outputs import RequestOutput

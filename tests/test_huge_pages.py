@@ -1,4 +1,4 @@
-"""place_weights_in_huge_pages: every CPU weight moves into one 2 MiB-aligned mapping, shapes kept."""
+"""Huge pages: every CPU weight moves into one 2 MiB-aligned mapping, shapes kept; so does the KV cache."""
 
 import mmap
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lmgen import LLM
-from lmgen.loader.huge_pages import HUGE_PAGE, place_weights_in_huge_pages
+from lmgen.huge_pages import HUGE_PAGE, place_weights_in_huge_pages
 
 pytestmark = pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="needs Linux's madvise(MADV_HUGEPAGE)")
 
@@ -26,11 +26,14 @@ def test_weights_move_into_one_aligned_mapping_with_their_shapes_and_dtypes():
     assert ends[-1][1] - ends[0][0] < HUGE_PAGE  # one mapping
 
 
-def test_a_loaded_model_keeps_its_weights_in_the_mapping_and_generates():
+def test_a_loaded_model_keeps_its_weights_and_kv_cache_in_huge_pages_and_generates():
     llm = LLM(dtype="float32")  # the demo model
     params = list(llm.engine.model.parameters())
     start = params[0].data_ptr()
     assert start % HUGE_PAGE == 0
     total = sum(p.nbytes for p in params)
     assert all(start <= p.data_ptr() < start + total + 64 * len(params) for p in params)
+    k_cache, v_cache = llm.engine.kv_cache.layers[0]
+    assert k_cache.data_ptr() % HUGE_PAGE == 0 and v_cache.data_ptr() == k_cache.data_ptr() + k_cache.nbytes
+    assert not k_cache.any()  # zeros, as torch.zeros gave
     assert llm.generate(["Once upon a time"])[0].outputs[0].token_ids
