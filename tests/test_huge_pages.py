@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="need
 
 
 def test_weights_move_into_one_aligned_mapping_with_their_shapes_and_dtypes():
-    model = nn.Sequential(nn.Linear(7, 5), nn.Embedding(3, 9).to(torch.bfloat16), nn.Linear(7, 5, bias=False))  # sizes no multiple of 64 bytes
+    # parameter sizes that are no multiple of 64 bytes
+    model = nn.Sequential(nn.Linear(7, 5), nn.Embedding(3, 9).to(torch.bfloat16), nn.Linear(7, 5, bias=False))
     model[2].weight = model[0].weight  # tied: moved once
     shapes = [(p.shape, p.dtype) for p in model.parameters()]
     place_weights_in_huge_pages(model)

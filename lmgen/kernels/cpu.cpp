@@ -117,10 +117,12 @@ void with_float_type(at::ScalarType type, const char* op, F&& body) {
   }
 }
 
-// Splits the N output rows into one contiguous range per thread.
+// Splits the n output rows into one contiguous range per thread, each starting and ending on a
+// multiple of `unit` (n one too): the int4 kernel works on 8 rows at a time.
 template <typename F>
-void for_each_output_range(int64_t n, F&& body) {
-  at::parallel_for(0, n, kMinRowsPerThread, body);
+void for_each_output_range(int64_t n, int64_t unit, F&& body) {
+  at::parallel_for(0, n / unit, kMinRowsPerThread / unit,
+                   [&](int64_t first, int64_t last) { body(first * unit, last * unit); });
 }
 
 // y[m, n] = row_scale(n) * sum_k x[m, k] * w[n, k] for R activation rows starting at x.
@@ -209,7 +211,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   auto unit = [](int64_t) { return 1.0f; };
   with_float_type(w.scalar_type(), "gemv", [&](auto type) {
     const auto* wp = w.data_ptr<decltype(type)>();
-    for_each_output_range(N, [&](int64_t n0, int64_t n1) {
+    for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
       dot_all_rows(xf.data(), M, K, wp, n0, n1, sums.data(), N, unit);
     });
   });
@@ -228,7 +230,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   with_float_type(scales.scalar_type(), "gemv_int8", [&](auto type) {
     const auto* sp = scales.data_ptr<decltype(type)>();
     auto row_scale = [sp](int64_t n) { return scalar(sp[n]); };
-    for_each_output_range(N, [&](int64_t n0, int64_t n1) {
+    for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
       dot_all_rows(xf.data(), M, K, wp, n0, n1, sums.data(), N, row_scale);
     });
   });
@@ -414,8 +416,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const uint8_t* wp = w.data_ptr<uint8_t>();
   with_float_type(scales.scalar_type(), "gemv_int4", [&](auto type) {
     const auto *sp = scales.data_ptr<decltype(type)>(), *zp = zeros.data_ptr<decltype(type)>();
-    at::parallel_for(0, N / 8, kMinRowsPerThread / 8, [&](int64_t first_eight, int64_t last_eight) {
-      const int64_t n0 = 8 * first_eight, n1 = 8 * last_eight;
+    for_each_output_range(N, 8, [&](int64_t n0, int64_t n1) {
       with_constant<32, 64, 128, 256>(G, "gemv_int4: group size 32, 64, 128 or 256 expected, got ", [&](auto group) {
         constexpr int64_t kGroup = decltype(group)::value;
         by_row_blocks(M, [&](auto block, int64_t m) {
@@ -703,7 +704,6 @@ void weigh_values(const float* weights, const T* v_cache, const int64_t* rows, i
   }
   for (int i = 0; i < V; ++i) _mm256_storeu_ps(sums + 8 * i, acc[i]);
 }
-
 
 // One piece, for the group's query heads q [group, D]: out [group, 2 + D] = per head the
 // largest score, the sum of the exponentials and the weighted sum of the value rows.
