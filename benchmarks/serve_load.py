@@ -180,7 +180,7 @@ def main() -> None:
         if pid is not None:
             print_memory_budget(path, args.kv_cache_memory, rows)
     if not args.skip_transformers:
-        model = load_transformers(str(path), getattr(torch, args.dtype))
+        model = load_transformers(str(path), getattr(torch, args.dtype), torch.device("cpu"))
         for clients in levels:
             prompts = workload(clients, args.requests_per_client, args.prompt_len)
             timings, seconds = run_transformers(model, prompts, args.new_tokens)

@@ -70,26 +70,26 @@ def lmgen_run(llm: LLM, prompts: list[list[int]], new_tokens: int) -> Figures:
 
 def transformers_run(model, prompts: list[list[int]], new_tokens: int) -> Figures:
     """One static batch through transformers' generate: TTFT from a 1-token run, then the whole run."""
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, **kwargs)
+        model.generate(ids, max_new_tokens=1, **kwargs).cpu()  # .cpu(): waits for a GPU to finish
         ttft = time.perf_counter() - start
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs).cpu()
         total = time.perf_counter() - start
     generated = len(prompts) * new_tokens
     return Figures("transformers", ttft, len(prompts) * (new_tokens - 1) / max(total - ttft, 1e-9),
                    len(prompts) * len(prompts[0]) / ttft, generated / total)
 
 
-def load_transformers(path: str, dtype: torch.dtype):
+def load_transformers(path: str, dtype: torch.dtype, device: torch.device):
     try:
         import transformers
     except ImportError as exc:
         raise SystemExit("--compare transformers needs transformers: pip install 'lmgen[bench]'") from exc
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def measure(run: Callable[[list[list[int]], int], Figures], system: str, batches: list[list[list[int]]],
@@ -102,7 +102,8 @@ def measure(run: Callable[[list[list[int]], int], Figures], system: str, batches
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
 
 
 def report(rows: list[dict], json_path: str | None, mode: str) -> None:
@@ -153,7 +154,8 @@ def run_bench(llm: LLM, mode: str, sizes: list[int], prompt_len: int, new_tokens
     """Measure each batch size (latency) or prompt count (throughput); rows for report()."""
     if mode == "prefix":
         return prefix_rows(llm, prompt_len, repeats)
-    hf = load_transformers(str(llm.engine.model_path), llm.engine.dtype) if compare == "transformers" else None
+    engine = llm.engine
+    hf = load_transformers(str(engine.model_path), engine.dtype, engine.device) if compare == "transformers" else None
     rows = []
     for size in sizes:
         prompts = synthetic_prompts(size * (repeats + 1), prompt_len, llm.engine.model.args.vocab_size)

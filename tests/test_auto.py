@@ -188,7 +188,7 @@ def test_user_logits_processors_match_transformers(pair):
     demote = int(plain[1, 1])
     processors = transformers.LogitsProcessorList([
         BanToken(int(plain[0, 0])),
-        lambda input_ids, scores: scores - 5.0 * (torch.arange(scores.shape[-1]) == demote)])
+        lambda input_ids, scores: scores - 5.0 * (torch.arange(scores.shape[-1], device=scores.device) == demote)])
     ours = model.generate(**inputs, max_new_tokens=10, logits_processor=processors)
     assert torch.equal(ours, hf_model.generate(**hf_inputs, max_new_tokens=10, logits_processor=processors))
     assert not torch.equal(ours[:, inputs.input_ids.shape[1]:], plain)
@@ -199,7 +199,7 @@ def test_user_processors_run_after_the_built_in_ones_and_before_the_warpers(pair
     seen = []
 
     def spy(input_ids, scores):
-        seen.append((input_ids.shape, scores.clone()))
+        seen.append((input_ids.shape, scores.to("cpu", copy=True)))
         return scores
 
     inputs = tokenizer(["Once upon a time"], return_tensors="pt")

@@ -224,7 +224,8 @@ def test_repetition_penalty_matches_transformers(llm):
 
     prompt = llm.tokenizer.encode("the quick brown fox")
     logits = llm.engine.score([prompt])[0][-1]
-    expected = transformers.RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt]), logits[None].clone())[0]
+    ids = torch.tensor([prompt], device=logits.device)
+    expected = transformers.RepetitionPenaltyLogitsProcessor(1.7)(ids, logits[None].clone())[0]
     from lmgen.sampling.processors import repetition_penalty_processor
 
     got = repetition_penalty_processor(logits.shape[0], 1.7)(prompt, logits.clone())

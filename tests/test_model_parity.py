@@ -32,7 +32,7 @@ def hf_greedy(hf, prompt: list[int]) -> list[int]:
 
 def test_logits_match_transformers(pair):
     hf, llm = pair
-    scores = llm.engine.score(PROMPTS)  # one batch of prompts of different lengths
+    scores = [logits.cpu() for logits in llm.engine.score(PROMPTS)]  # one batch of prompts of different lengths
     for prompt, logits in zip(PROMPTS, scores):
         with torch.no_grad():
             expected = hf(torch.tensor([prompt])).logits[0].float()
@@ -69,7 +69,7 @@ def test_demo_model_matches_transformers():
     prompts = [llm.tokenizer.encode(text) for text in ("The LORD said", "A wise man", "Once upon a time")]
     for prompt, logits in zip(prompts, llm.engine.score(prompts)):
         with torch.no_grad():
-            assert (logits - hf(torch.tensor([prompt])).logits[0]).abs().max().item() <= 1e-4
+            assert (logits.cpu() - hf(torch.tensor([prompt])).logits[0]).abs().max().item() <= 1e-4
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
     outputs = llm.generate(prompts, greedy)
     for prompt, output in zip(prompts, outputs):

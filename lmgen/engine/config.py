@@ -61,6 +61,7 @@ class EngineConfig:
     quantization_group_size: int | None = None  # int4: input columns per scale (32, 64, 128, 256); None: 64
     quantize_lm_head: bool = True  # with quantization, the LM head and embedding table too (int8)
     compile: bool = False  # torch.compile the decode step: faster decode after a slower first start
+    enforce_eager: bool = False  # on a GPU: no CUDA graphs, each decode step's kernels launched one by one
     seed: int | None = None  # seeds the requests that bring no seed of their own
     revision: str | None = None  # hub revision
 

@@ -21,6 +21,7 @@ from lmgen.cache.block_pool import BlockPool
 from lmgen.cache.kv_cache import KVCache, bytes_per_block
 from lmgen.engine.beam import BeamGroup
 from lmgen.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig, parse_size
+from lmgen.engine.cuda_graphs import RECORDERS, GraphedDecode
 from lmgen.engine.output import OutputState, with_token_text
 from lmgen.engine.request import Request
 from lmgen.engine.runner import ModelRunner
@@ -61,10 +62,11 @@ class Engine:
         self.max_model_len = config.max_model_len or context_length(self.hf_config)
         self.model = self._load_model()
         self.kv_cache = self._allocate_kv_cache()
-        self.pool = BlockPool(self.kv_cache.num_blocks)
+        graphs = self._graphed_decode()  # its padding rows write into the cache's last block, kept from the pool
+        self.pool = BlockPool(self.kv_cache.num_blocks - (graphs is not None))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.block_size, config.enable_prefix_caching), self.pool)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, config.compile)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, config.compile, graphs)
         self.eos_token_ids = self._eos_token_ids()
         self.default_max_tokens = int(self.generation_config.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
         self._rng = random.Random(config.seed)
@@ -113,6 +115,18 @@ class Engine:
                 f"kv_cache_memory {budget} bytes is smaller than one KV block ({per_block} bytes); raise it")
         return KVCache(args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim,
                        self.dtype, self.device)
+
+    def _graphed_decode(self) -> GraphedDecode | None:
+        """Recorded graphs for the decode steps where the device has them (CUDA), unless asked not to or the
+        model's rope frequencies depend on the context length (chosen on the CPU, which a graph cannot replay)."""
+        record = RECORDERS.get(self.device.type)
+        if (record is None or self.config.enforce_eager or self.model.args.rope.rope_type == "dynamic"
+                or self.kv_cache.num_blocks < 2):
+            return None
+        block_size = self.config.block_size
+        return GraphedDecode(set(self.model.args.layer_windows), self.config.max_num_seqs,
+                             -(-self.max_model_len // block_size), self.kv_cache.num_blocks - 1, block_size,
+                             self.device, record(self.device))
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = _as_id_set(self.generation_config.get("eos_token_id"))

@@ -10,6 +10,7 @@ import torch
 
 from lmgen.cache.kv_cache import KVCache
 from lmgen.engine.compiled import CompiledDecode
+from lmgen.engine.cuda_graphs import GraphedDecode
 from lmgen.engine.request import Request
 from lmgen.engine.scheduler import ScheduledBatch
 from lmgen.layers.attention import AttentionMetadata, reads_cache_in_place
@@ -30,16 +31,18 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, graphs: GraphedDecode | None = None) -> None:
         self.model = model
         self._decode = CompiledDecode(model, device) if compile_decode else None
+        self.graphs = graphs  # decode steps replayed from CUDA graphs (on a GPU)
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
         self._windows = set(model.args.layer_windows)
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="lmgen-grammar")
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, masks: bool = True) -> StepInputs:
+        """The step's tensors; with `masks`, attention's masks too where its kernel reads none."""
         bs = self.block_size
         ids, positions, seq_lens, slots, token_request, token_offset = [], [], [], [], [], []
         query_starts, request_lens, sample_indices, sampled = [], [], [], []
@@ -69,7 +72,7 @@ class ModelRunner:
             query_starts=flat(query_starts), seq_lens=flat(request_lens),
             token_request=flat(np.concatenate(token_request)), token_offset=flat(np.concatenate(token_offset)),
             max_query_len=max(batch.num_new_tokens), block_size=bs)
-        if not reads_cache_in_place(meta, self.model.args.head_dim, self.device):
+        if masks and not reads_cache_in_place(meta, self.model.args.head_dim, self.device):
             meta.build_masks(self._windows)
         return StepInputs(flat(ids), flat(np.concatenate(positions)), flat(np.concatenate(seq_lens)), meta,
                           flat(sample_indices), sampled)
@@ -93,7 +96,8 @@ class ModelRunner:
         Requests with a grammar matcher get their logits masked by `grammar` first.
         """
         self.kv_cache.copy_blocks(batch.block_copies)  # forked sequences' shared blocks about to be written
-        inputs = self.prepare(batch)
+        graphed = self.graphs is not None and self.graphs.takes(batch.num_new_tokens)
+        inputs = self.prepare(batch, masks=not graphed)  # a graph builds its masks itself
         constrained = [row for row, r in enumerate(inputs.sampled_requests) if r.matcher is not None]
         if constrained:  # the grammar engine fills the masks off the GIL while the model runs
             bitmask = allocate_bitmask(len(constrained), self.model.args.vocab_size)
@@ -104,7 +108,8 @@ class ModelRunner:
         compiled = (self._decode is not None and inputs.meta.decode_only
                     and self.model.one_call_operands(inputs.meta) is None)
         forward = self._decode if compiled else self.model
-        hidden = forward(inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta, self.kv_cache.layers)
+        step_args = inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta, self.kv_cache.layers
+        hidden = self.graphs(forward, *step_args) if graphed else forward(*step_args)
         if not inputs.sampled_requests:
             return []
         logits = self.model.compute_logits(hidden[inputs.sample_indices])

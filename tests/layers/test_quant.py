@@ -45,7 +45,8 @@ def test_int4_nibbles_hold_two_columns_per_byte_low_first():
     assert nibbles[0, 1] == levels[0, 2] | (levels[0, 3] << 4)
 
 
-def _quantized_linear(in_features: int, out_features: int, config: QuantConfig) -> tuple[nn.Module, torch.Tensor]:
+def _quantized_linear(in_features: int, out_features: int, config: QuantConfig, device: str = "cpu",
+                      ) -> tuple[nn.Module, torch.Tensor]:
     """A quantized linear with a bias, and the float32 weight its storage form stands for."""
     torch.manual_seed(1)
     container = nn.ModuleDict({"proj": Linear(in_features, out_features, bias=True)})
@@ -56,20 +57,27 @@ def _quantized_linear(in_features: int, out_features: int, config: QuantConfig) 
         dequantized = dequantize_int4(storage["weight"], storage["scales"], storage["zeros"])
     else:
         dequantized = storage["weight"].float() * storage["scales"].float()[:, None]
-    quantize_model(container, config)
-    return container.proj, dequantized
+    quantize_model(container.to(device), config)
+    return container.proj, dequantized.to(device)
 
 
-@pytest.mark.parametrize("lmgen_kernels", [True, False], ids=["lmgen-kernels", "pytorch-kernels"])
+KERNELS = ["lmgen", "pytorch", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="PyTorch's CUDA kernels need a GPU (the CPU ones are tested here)"))]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("config", [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64)],
                          ids=["int8", "int4-g32", "int4-g64"])
 @pytest.mark.parametrize("rows", [1, 3, 17, 100])  # 100: past lmgen's MAX_ROWS and int8's kernel_max_rows on AVX2
-def test_quantized_linear_equals_the_dequantized_float_linear(config, rows, lmgen_kernels, monkeypatch):
-    monkeypatch.setattr(kernels, "loaded", kernels.loaded and lmgen_kernels)
-    layer, dequantized = _quantized_linear(128, 48, config)
+def test_quantized_linear_equals_the_dequantized_float_linear(config, rows, kernel, monkeypatch):
+    monkeypatch.setattr(kernels, "loaded", kernels.loaded and kernel == "lmgen")
+    device = "cuda" if kernel == "cuda" else "cpu"
+    layer, dequantized = _quantized_linear(128, 48, config, device)
     assert isinstance(layer, Int4Linear if config.method == "int4" else Int8Linear)
     assert layer.lmgen_layout == (kernels.loaded or config.method == "int8")
-    x = torch.randn(rows, 128)
+    # PyTorch's kernel: int8's on a CPU (on a GPU it is slower than dequantizing), int4's where lmgen's does not run
+    assert layer.use_kernel == (device == "cpu" if config.method == "int8" else not kernels.loaded)
+    x = torch.randn(rows, 128, device=device)
     expected = F.linear(x, dequantized, layer.bias)
     # activations pass through bfloat16 in PyTorch's kernels and int8 per group in lmgen's int4 kernel
     # (up to ~0.8% of the output): compare at that precision
