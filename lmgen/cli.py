@@ -38,7 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile", action="store_true",
                        help="compile the decode step with torch.compile (Inductor): decode runs faster after "
                             "a first start that takes a minute or more (cached on disk for later runs); on a CPU "
-                            "it needs a C++ compiler; on a GPU it measured slower than CUDA graphs alone")
+                            "it needs a C++ compiler; on a GPU it is ignored unless --enforce-eager (CUDA graphs "
+                            "of the eager step replay faster)")
     group.add_argument("--enforce-eager", action="store_true",
                        help="on a GPU, launch each decode step's kernels one by one instead of replaying "
                             "CUDA graphs (slower; for debugging)")
