@@ -87,10 +87,12 @@ def four_threads():
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 # one request: its positions are cut into spans whose partial sums merge; several: a piece per request and head
 @pytest.mark.parametrize("lengths", [[1, 17, 40, 128, 100], [128], [128, 3]])
+# query heads per KV head: 3 (bench-125m), 1 (no grouping), 7 (Qwen2.5-0.5B)
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (14, 2)])
 def test_decode_attention_reads_the_paged_cache_like_sdpa_over_the_gathered_context(dtype, window, head_dim, lengths,
-                                                                                  four_threads):
+                                                                                  heads, kv_heads, four_threads):
     torch.manual_seed(0)
-    num_blocks, block_size, kv_heads, heads = 40, 16, 3, 9
+    num_blocks, block_size = 40, 16
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype) for _ in range(2))
     seq_lens = torch.tensor(lengths)
     block_tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in seq_lens])
