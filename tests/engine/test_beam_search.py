@@ -128,10 +128,11 @@ def test_renormalized_beam_scores_match_transformers(models):
     expected = theirs.generate(INPUT_IDS, **kwargs)
     got = ours.generate(INPUT_IDS, **kwargs)
     assert torch.equal(got.sequences, expected.sequences)
-    torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-5)
+    # sums of up to 10 renormalized log-probabilities: another CPU's summation order moved them by 3.4e-4
+    torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(ours.compute_transition_scores(got.sequences, got.scores, got.beam_indices),
                                theirs.compute_transition_scores(expected.sequences, expected.scores,
-                                                                expected.beam_indices), rtol=1e-4, atol=1e-5)
+                                                                expected.beam_indices), rtol=1e-3, atol=1e-5)
     unnormalized = theirs.generate(INPUT_IDS, **dict(kwargs, renormalize_logits=False))
     assert not torch.allclose(unnormalized.sequences_scores, expected.sequences_scores)  # renormalizing mattered
 
