@@ -17,7 +17,8 @@
 // int4 [N, K/2] two columns per byte (column 2j in the low nibble) with a scale and a
 // zero per group: w = (q - 8) * scale + zero; N a multiple of 8 and the rows in the int4
 // kernel's layout: each 8 rows' 16-byte blocks (32 columns) interleaved, row-block order
-// (block 0 of rows 0-7, block 1 of rows 0-7, ...), so that reading 8 rows at once is one stream.
+// (block 0 of rows 0-7, block 1 of rows 0-7, ...), so that reading 8 rows at once is one stream,
+// and their scales and zeros [N/8, groups, 8] likewise, so that a group's 8 are one vector.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -336,7 +337,8 @@ void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t*
           pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(levels, xr));
         }
       }
-      const float scale = scalar(scales[n * groups + g]), zero = scalar(zeros[n * groups + g]);
+      const int64_t at = (n / 8 * groups + g) * 8 + n % 8;  // the layout above
+      const float scale = scalar(scales[at]), zero = scalar(zeros[at]);
       for (int r = 0; r < R; ++r) {
         const __m256 weight = _mm256_set1_ps(scale * dx[r * groups + g]);
         total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r], ones)), weight, total[r]);
@@ -379,14 +381,9 @@ void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t
     }
     __m256 row_sums[8];  // exact: |sums| < 2^24
     for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i], ones));
-    float scale[8], zero[8];
-    for (int i = 0; i < 8; ++i) {
-      scale[i] = scalar(scales[(n + i) * groups + g]);
-      zero[i] = scalar(zeros[(n + i) * groups + g]);
-    }
-    const __m256 row_scales = _mm256_loadu_ps(scale);
+    const __m256 row_scales = load8(scales + (n / 8 * groups + g) * 8);  // the 8 rows' side by side
     total = _mm256_fmadd_ps(sum_each(row_sums), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total);
-    offset = _mm256_fmadd_ps(_mm256_loadu_ps(zero), _mm256_set1_ps(sums[g]), offset);
+    offset = _mm256_fmadd_ps(load8(zeros + (n / 8 * groups + g) * 8), _mm256_set1_ps(sums[g]), offset);
     offset = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset);
   }
   _mm256_storeu_ps(y + n, _mm256_add_ps(total, offset));

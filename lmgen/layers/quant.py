@@ -16,8 +16,9 @@ hold and loading fills (for the row ``n`` of a weight [N, K]):
   ``scales`` and ``zeros`` [N, K/group_size]:  w = (q - 8) * scale[n, g] + zero[n, g]
 
 lmgen's int8 kernel reads the storage form as it is; its int4 kernel wants each 8 rows'
-16-byte blocks interleaved (``interleave_int4``: it works on 8 rows at once, and so reads
-one stream). PyTorch's int4 kernel wants its own layout, which depends on the CPU's vector
+16-byte blocks interleaved, and their scales and zeros likewise (``interleave_int4``: it
+works on 8 rows at once, and so reads one stream and loads each group's 8 scales as one
+vector). PyTorch's int4 kernel wants its own layout, which depends on the CPU's vector
 width. ``Int4Linear.pack`` rearranges the storage form for whichever kernel will read it,
 once the weights are in; checkpoints are written from the storage form. The LM head
 and the embedding table (one tensor when tied) are int8 in both methods: rows of the
@@ -165,19 +166,30 @@ def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
     return torch.stack([nibbles & 0xF, nibbles >> 4], dim=-1).view(nibbles.shape[0], -1)
 
 
-def interleave_int4(nibbles: torch.Tensor) -> torch.Tensor:
-    """Storage form [N, K/2] -> lmgen's int4 kernel layout (same shape, N a multiple of 8): in each group of
-    8 rows, block j (16 bytes, 32 columns) of rows 0-7, then block j + 1 of rows 0-7, and so on."""
-    rows, width = nibbles.shape
-    blocks = nibbles.view(rows // INT4_KERNEL_ROWS, INT4_KERNEL_ROWS, width // 16, 16)
-    return blocks.transpose(1, 2).contiguous().view(rows, width)
+def interleave_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Storage form -> lmgen's int4 kernel layout (same shapes, N a multiple of 8): in each group of 8 rows,
+    block j (16 bytes, 32 columns) of rows 0-7, then block j + 1 of rows 0-7, and so on; likewise the 8
+    rows' scales (and zeros) of group g side by side, then those of group g + 1."""
+    return _interleave_rows(nibbles, 16), _interleave_rows(scales, 1), _interleave_rows(zeros, 1)
 
 
-def deinterleave_int4(interleaved: torch.Tensor) -> torch.Tensor:
+def deinterleave_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """lmgen's int4 kernel layout -> the storage form (interleave_int4 undone)."""
-    rows, width = interleaved.shape
-    blocks = interleaved.view(rows // INT4_KERNEL_ROWS, width // 16, INT4_KERNEL_ROWS, 16)
-    return blocks.transpose(1, 2).contiguous().view(rows, width)
+    return _deinterleave_rows(nibbles, 16), _deinterleave_rows(scales, 1), _deinterleave_rows(zeros, 1)
+
+
+def _interleave_rows(t: torch.Tensor, unit: int) -> torch.Tensor:
+    rows, width = t.shape
+    units = t.view(rows // INT4_KERNEL_ROWS, INT4_KERNEL_ROWS, width // unit, unit)
+    return units.transpose(1, 2).contiguous().view(rows, width)
+
+
+def _deinterleave_rows(t: torch.Tensor, unit: int) -> torch.Tensor:
+    rows, width = t.shape
+    units = t.view(rows // INT4_KERNEL_ROWS, width // unit, INT4_KERNEL_ROWS, unit)
+    return units.transpose(1, 2).contiguous().view(rows, width)
 
 
 def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -328,7 +340,7 @@ class Int4Linear(QuantizedLinear):
     def pack(self) -> None:
         """Lay the storage form out for the kernel that will read it (as many bytes, another order).
 
-        With lmgen's kernels: rows interleaved by 8 (``interleave_int4``), in the weight's own
+        With lmgen's kernels: rows interleaved by 8 (``interleave_int4``), in the tensors' own
         memory; products of more rows than the kernel takes dequantize, about as fast as
         PyTorch's kernel. Without them: PyTorch's layout for the device (its CPU one depends on
         the vector width; its CUDA one, tinygemm's, on the tiles of K it reads at once).
@@ -336,7 +348,9 @@ class Int4Linear(QuantizedLinear):
         if kernels.serve(self.weight.device):
             self.use_kernel = False
             if self.out_features % INT4_KERNEL_ROWS == 0:
-                self.weight.data.copy_(interleave_int4(self.weight.data))
+                storage = self.weight, self.scales, self.zeros
+                for tensor, interleaved in zip(storage, interleave_int4(*(t.data for t in storage))):
+                    tensor.data.copy_(interleaved)
                 self.lmgen_layout = True
         if not self.use_kernel:
             return
@@ -361,8 +375,8 @@ class Int4Linear(QuantizedLinear):
         return product(rows, self.packed_weight, self.group_size, self.scales_and_zeros)
 
     def _dequantized(self) -> torch.Tensor:
-        nibbles = deinterleave_int4(self.weight) if self.lmgen_layout else self.weight
-        return dequantize_int4(nibbles, self.scales, self.zeros)
+        storage = self.weight, self.scales, self.zeros
+        return dequantize_int4(*(deinterleave_int4(*storage) if self.lmgen_layout else storage))
 
 
 def _inner_k_tiles(in_features: int) -> int:

@@ -57,7 +57,7 @@ def _int4_product(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, 
 def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(group_size, rows):
     x, weight = _inputs(rows, in_features=512)
     nibbles, scales, zeros = quantize_int4(weight, group_size)
-    out = torch.ops.lmgen.gemv_int4(x, interleave_int4(nibbles), scales, zeros)
+    out = torch.ops.lmgen.gemv_int4(x, *interleave_int4(nibbles, scales, zeros))
     assert torch.allclose(out, _int4_product(x, nibbles, scales, zeros), rtol=1e-5, atol=1e-4)
     # rounding x to int8 costs 3-5x what rounding it to bfloat16 would (the 4-bit weights' own rounding: 45-65x)
     exact = F.linear(x.double(), dequantize_int4(nibbles, scales, zeros).double())
@@ -65,12 +65,16 @@ def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(g
     assert (out - exact).norm() < 6 * (as_bfloat16 - exact).norm()
 
 
-def test_the_int4_kernel_layout_interleaves_each_8_rows_16_byte_blocks():
+def test_the_int4_kernel_layout_interleaves_each_8_rows_blocks_and_group_scales():
     nibbles = torch.randint(0, 256, (16, 48), dtype=torch.uint8)  # 16 rows of 3 blocks
-    interleaved = interleave_int4(nibbles)
+    scales, zeros = torch.randn(16, 3), torch.randn(16, 3)  # 3 groups
+    interleaved, scales_il, zeros_il = interleave_int4(nibbles, scales, zeros)
     assert torch.equal(interleaved[0].view(-1, 16)[1], nibbles[1, :16])  # rows 0-7: block 0 of row 1 second
     assert torch.equal(interleaved.view(2, 3, 8, 16)[1, 2, 5], nibbles[13, 32:])  # rows 8-15: block 2 of row 13
-    assert torch.equal(deinterleave_int4(interleaved), nibbles)
+    assert torch.equal(scales_il.view(2, 3, 8)[1, 2], scales[8:, 2])  # rows 8-15: group 2's scales side by side
+    assert torch.equal(zeros_il.view(2, 3, 8)[0, 1], zeros[:8, 1])
+    for restored, original in zip(deinterleave_int4(interleaved, scales_il, zeros_il), (nibbles, scales, zeros)):
+        assert torch.equal(restored, original)
 
 
 @pytest.fixture
@@ -147,7 +151,7 @@ def test_products_take_and_give_half_precision_rows_rounded_once(dtype, rows):
     q, scales = quantize_int8(weight)
     nibbles, group_scales, zeros = quantize_int4(weight, 64)
     for product, args in ((torch.ops.lmgen.gemv, (weight.to(dtype),)), (torch.ops.lmgen.gemv_int8, (q, scales)),
-                          (torch.ops.lmgen.gemv_int4, (interleave_int4(nibbles), group_scales, zeros))):
+                          (torch.ops.lmgen.gemv_int4, interleave_int4(nibbles, group_scales, zeros))):
         out = product(x, *args)
         assert out.dtype == dtype
         assert torch.equal(out, product(x.float(), *args).to(dtype))
