@@ -14,10 +14,11 @@
 // x: [M, K] float32, bfloat16 or float16, K a multiple of 32; y: [M, N] in x's dtype,
 // computed in float32 and rounded once (as PyTorch's half-precision products round).
 // Weights: float32, bfloat16 or float16 [N, K]; int8 [N, K] with a scale per row;
-// int4 [N, K/2] two columns per byte (column 2j in the low nibble) with a scale and a
-// zero per group: w = (q - 8) * scale + zero; N a multiple of 8 and the rows in the int4
-// kernel's layout: each 8 rows' 16-byte blocks (32 columns) interleaved, row-block order
-// (block 0 of rows 0-7, block 1 of rows 0-7, ...), so that reading 8 rows at once is one stream,
+// int4 [N, K/2] two columns per byte with a scale and a zero per group: w = (q - 8) * scale
+// + zero; N a multiple of 8, K of 64, in the int4 kernel's layout: each row's 64-column units
+// are 32 bytes, byte j holding the unit's column j (low nibble) and j + 32 (high), so that one
+// load and two masks give 64 levels in column order; each 8 rows' units interleaved, unit order
+// (unit 0 of rows 0-7, unit 1 of rows 0-7, ...), so that reading 8 rows at once is one stream;
 // and their scales and zeros [N/8, groups, 8] likewise, so that a group's 8 are one vector.
 
 #include <ATen/Parallel.h>
@@ -246,9 +247,6 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 // With levels q in 0..15 the sum splits into
 //   sum_k w_k x_k = scale * dx * sum_k (q_k - 8) xq_k + zero * sum_k x_k
 // where the first term is centred (rounding x does not bias it) and the second exact.
-// A byte holds columns 2j (low nibble) and 2j+1 (high); the kernel splits 16 bytes into
-// the even columns 0, 2, ..., 30, then the odd ones, so x is reordered the same way once
-// per call instead of the weights per row.
 struct QuantizedRows {
   std::vector<int8_t> values;  // [M, K], reordered
   std::vector<float> scales;   // [M, groups]: dx
@@ -262,8 +260,8 @@ inline int32_t horizontal_sum(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
-// 32 floats times `inverse`, rounded to the nearest integer (even on ties, as lrintf) as int8,
-// in the kernel's order: the even columns, then the odd ones. Adds the integers to `sum`.
+// 32 floats times `inverse`, rounded to the nearest integer (even on ties, as lrintf) as int8.
+// Adds the integers to `sum`.
 inline __m256i quantize_block(const float* x, __m256 inverse, __m256i& sum) {
   __m256i v[4];
   for (int i = 0; i < 4; ++i) {
@@ -272,11 +270,15 @@ inline __m256i quantize_block(const float* x, __m256 inverse, __m256i& sum) {
   }
   // the packs interleave 128-bit lanes: columns 0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31
   const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-  const __m256i columns = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  const __m256i split = _mm256_shuffle_epi8(  // each lane's 16 columns: its even ones, then its odd ones
-      columns, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-  return _mm256_permute4x64_epi64(split, 0xD8);  // even 0-14, even 16-30, odd 1-15, odd 17-31
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// The levels of a 64-column unit (32 bytes, see the layout above): columns 0-31 and 32-63.
+inline void unit_levels(const uint8_t* unit, __m256i& low, __m256i& high) {
+  const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  low = _mm256_and_si256(packed, mask);
+  high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
 }
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
@@ -307,42 +309,65 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   return q;
 }
 
+// Groups a step of the int4 kernels covers: a 64-column unit holds two groups of 32 (its low
+// nibbles the even group, its high ones the odd), which are read together.
+template <int64_t G>
+constexpr int64_t kGroupsPerStep = G == 32 ? 2 : 1;
+
+// The 16-bit pair sums of one weight row's levels with R rows of x (row r at xq + r * K) for groups
+// g .. g + kGroupsPerStep<G> - 1, into pairs[r][0 ..): G = 32, one unit; else G / 64 units. Each
+// unit is loaded and split once for all R rows.
+template <int64_t G, int R>
+inline void group_pairs(const uint8_t* row, const int8_t* xq, int64_t K, int64_t g,
+                        __m256i (&pairs)[R][kGroupsPerStep<G>]) {
+  auto x_at = [&](int r, int64_t column) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + column));
+  };
+  __m256i low, high;
+  if constexpr (G == 32) {
+    unit_levels(row + g / 2 * 256, low, high);
+    for (int r = 0; r < R; ++r) {
+      pairs[r][0] = _mm256_maddubs_epi16(low, x_at(r, g * 32));
+      pairs[r][1] = _mm256_maddubs_epi16(high, x_at(r, g * 32 + 32));
+    }
+  } else {
+    for (int r = 0; r < R; ++r) pairs[r][0] = _mm256_setzero_si256();
+    for (int64_t u = g * G / 64; u < (g + 1) * G / 64; ++u) {
+      unit_levels(row + u * 256, low, high);
+      for (int r = 0; r < R; ++r)
+        pairs[r][0] = _mm256_add_epi16(pairs[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(low, x_at(r, u * 64)),
+                                                                     _mm256_maddubs_epi16(high, x_at(r, u * 64 + 32))));
+    }
+  }
+}
+
 // Blocks of R = 2-4 activation rows, one weight row at a time (one row: dot_8_rows_int4 below).
 template <int R, int64_t G, typename S>  // G a constant, so each group's loop unrolls whole
 void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t* w, const S* scales,
                    const S* zeros, int64_t n0, int64_t n1, float* y, int64_t N) {
-  static_assert(G <= 256, "16-bit pair sums of up to 8 blocks: 8 * 2 * 15 * 127 < 32768");
+  static_assert(G <= 256, "16-bit pair sums of up to 8 x 32 columns: 8 * 2 * 15 * 127 < 32768");
   const int64_t groups = K / G;
   const int8_t* xq = x.values.data() + m0 * K;
   const float *dx = x.scales.data() + m0 * groups, *sums = x.sums.data() + m0 * groups,
               *rounded_sums = x.rounded_sums.data() + m0 * groups;
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m256i nibble_shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);  // even columns low, odd high
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + (n / 8) * 4 * K + (n % 8) * 16;  // its block j at row + 128 j: see the layout above
+    const uint8_t* row = w + (n / 8) * 4 * K + (n % 8) * 32;  // its unit u at row + 256 u: see the layout above
+    _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes, _MM_HINT_T0);
     __m256 total[R];
     float offset[R] = {};
     for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256i pairs[R];
-      for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
-      for (int64_t j = 0; j < G; j += 32) {
-        const int64_t k = g * G + j;
-        const uint8_t* packed = row + k * 4;
-        _mm_prefetch(reinterpret_cast<const char*>(packed) + 512, _MM_HINT_T0);
-        const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed)));
-        const __m256i levels = _mm256_and_si256(_mm256_srlv_epi32(both, nibble_shifts), low_nibbles);
+    for (int64_t g0 = 0; g0 < groups; g0 += kGroupsPerStep<G>) {
+      __m256i pairs[R][kGroupsPerStep<G>];
+      group_pairs<G, R>(row, xq, K, g0, pairs);
+      for (int64_t h = 0; h < kGroupsPerStep<G>; ++h) {
+        const int64_t g = g0 + h, at = (n / 8 * groups + g) * 8 + n % 8;  // the layout above
+        const float scale = scalar(scales[at]), zero = scalar(zeros[at]);
         for (int r = 0; r < R; ++r) {
-          const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k));
-          pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(levels, xr));
+          const __m256 weight = _mm256_set1_ps(scale * dx[r * groups + g]);
+          total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r][h], ones)), weight, total[r]);
+          offset[r] += zero * sums[r * groups + g] - 8.0f * scale * rounded_sums[r * groups + g];
         }
-      }
-      const int64_t at = (n / 8 * groups + g) * 8 + n % 8;  // the layout above
-      const float scale = scalar(scales[at]), zero = scalar(zeros[at]);
-      for (int r = 0; r < R; ++r) {
-        const __m256 weight = _mm256_set1_ps(scale * dx[r * groups + g]);
-        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r], ones)), weight, total[r]);
-        offset[r] += zero * sums[r * groups + g] - 8.0f * scale * rounded_sums[r * groups + g];
       }
     }
     for (int r = 0; r < R; ++r) y[r * N + n] = horizontal_sum(total[r]) + offset[r];
@@ -350,9 +375,8 @@ void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t*
 }
 
 // One activation row (batch-1 decode) times 8 weight rows n .. n + 7 at once, read as one
-// stream (the layout interleaves their blocks): each block of x is loaded once for all 8, and
-// each group's 8 row sums are scaled as one vector instead of one horizontal sum and scalar
-// epilogue per row. 1.3-1.6x dot_rows_int4's rate at batch 1 (weights streamed from DRAM).
+// stream (the layout interleaves their units), each group's 8 row sums scaled as one vector
+// instead of one horizontal sum and scalar epilogue per row.
 template <int64_t G, typename S>
 void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t* w, const S* scales,
                      const S* zeros, int64_t n, float* y) {
@@ -360,31 +384,23 @@ void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t
   const int8_t* xq = x.values.data() + m * K;
   const float *dx = x.scales.data() + m * groups, *sums = x.sums.data() + m * groups,
               *rounded_sums = x.rounded_sums.data() + m * groups;
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m256i nibble_shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-  const uint8_t* rows = w + n * K / 2;  // block j of row n + i at rows + 128 j + 16 i
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* rows = w + n * K / 2;  // unit u of row n + i at rows + 256 u + 32 i
   __m256 total = _mm256_setzero_ps(), offset = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i pairs[8];
-    for (int i = 0; i < 8; ++i) pairs[i] = _mm256_setzero_si256();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-      const char* ahead = reinterpret_cast<const char*>(rows + k * 4) + kPrefetchBytes;  // 128 bytes per block
-      _mm_prefetch(ahead, _MM_HINT_T0);
-      _mm_prefetch(ahead + 64, _MM_HINT_T0);
-      const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
-      for (int i = 0; i < 8; ++i) {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + k * 4 + i * 16));
-        const __m256i levels =
-            _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(packed), nibble_shifts), low_nibbles);
-        pairs[i] = _mm256_add_epi16(pairs[i], _mm256_maddubs_epi16(levels, xr));
-      }
+  for (int64_t g0 = 0; g0 < groups; g0 += kGroupsPerStep<G>) {
+    const char* ahead = reinterpret_cast<const char*>(rows + g0 * G * 4) + kPrefetchBytes;  // 128 bytes per 32 columns
+    for (int64_t c = 0; c < kGroupsPerStep<G> * G * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+    __m256i pairs[8][1][kGroupsPerStep<G>];
+    for (int i = 0; i < 8; ++i) group_pairs<G, 1>(rows + i * 32, xq, K, g0, pairs[i]);
+    for (int64_t h = 0; h < kGroupsPerStep<G>; ++h) {
+      const int64_t g = g0 + h;
+      __m256 row_sums[8];  // exact: |sums| < 2^24
+      for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i][0][h], ones));
+      const __m256 row_scales = load8(scales + (n / 8 * groups + g) * 8);  // the 8 rows' side by side
+      total = _mm256_fmadd_ps(sum_each(row_sums), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total);
+      offset = _mm256_fmadd_ps(load8(zeros + (n / 8 * groups + g) * 8), _mm256_set1_ps(sums[g]), offset);
+      offset = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset);
     }
-    __m256 row_sums[8];  // exact: |sums| < 2^24
-    for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i], ones));
-    const __m256 row_scales = load8(scales + (n / 8 * groups + g) * 8);  // the 8 rows' side by side
-    total = _mm256_fmadd_ps(sum_each(row_sums), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total);
-    offset = _mm256_fmadd_ps(load8(zeros + (n / 8 * groups + g) * 8), _mm256_set1_ps(sums[g]), offset);
-    offset = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset);
   }
   _mm256_storeu_ps(y + n, _mm256_add_ps(total, offset));
 }
@@ -407,7 +423,8 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const std::vector<float> xf = float_rows(x, K, "gemv_int4");
   TORCH_CHECK(K % groups == 0, "gemv_int4: the groups must divide the columns");
   const int64_t M = x.size(0), N = w.size(0), G = K / groups;
-  TORCH_CHECK(N % 8 == 0, "gemv_int4: the weight rows come in groups of 8 (the kernel's layout), got ", N);
+  TORCH_CHECK(N % 8 == 0 && K % 64 == 0, "gemv_int4: the kernel's layout takes rows in groups of 8 and "
+              "columns in units of 64, got ", N, " x ", K);
   const QuantizedRows xq = quantize_rows(xf.data(), M, K, G);
   std::vector<float> sums(M * N);
   const uint8_t* wp = w.data_ptr<uint8_t>();

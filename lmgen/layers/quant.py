@@ -15,10 +15,11 @@ hold and loading fills (for the row ``n`` of a weight [N, K]):
 - int4: ``weight`` uint8 [N, K/2], two columns per byte (column 2j in the low nibble),
   ``scales`` and ``zeros`` [N, K/group_size]:  w = (q - 8) * scale[n, g] + zero[n, g]
 
-lmgen's int8 kernel reads the storage form as it is; its int4 kernel wants each 8 rows'
-16-byte blocks interleaved, and their scales and zeros likewise (``interleave_int4``: it
-works on 8 rows at once, and so reads one stream and loads each group's 8 scales as one
-vector). PyTorch's int4 kernel wants its own layout, which depends on the CPU's vector
+lmgen's int8 kernel reads the storage form as it is; its int4 kernel wants each row's
+64-column units with columns j and j + 32 in one byte (one load and two masks give 64
+levels in order) and each 8 rows' units and group scales and zeros interleaved
+(``interleave_int4``: it works on 8 rows at once, and so reads one stream and loads each
+group's 8 scales as one vector). PyTorch's int4 kernel wants its own layout, which depends on the CPU's vector
 width. ``Int4Linear.pack`` rearranges the storage form for whichever kernel will read it,
 once the weights are in; checkpoints are written from the storage form. The LM head
 and the embedding table (one tensor when tied) are int8 in both methods: rows of the
@@ -51,8 +52,9 @@ QUANTIZATION_METHODS = ("int8", "int4")
 #: The group sizes PyTorch's int4 kernel accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 64
-#: lmgen's int4 kernel works on this many weight rows at once, their blocks interleaved (interleave_int4).
-INT4_KERNEL_ROWS = 8
+#: lmgen's int4 kernel works on this many weight rows at once, and reads this many columns of a row at
+#: once (their layout: interleave_int4).
+INT4_KERNEL_ROWS, INT4_KERNEL_COLUMNS = 8, 64
 #: ``quantization_config.quant_method`` of the checkpoints lmgen writes.
 CHECKPOINT_QUANT_METHOD = "lmgen"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -158,7 +160,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     zeros = (low + 8 * scales.float()).to(_SCALE_DTYPE)  # the value of level 8
     levels = (w - zeros.float()[..., None]) / scales.float()[..., None] + 8
     q = levels.round_().clamp_(0, 15).to(torch.uint8).view(rows, cols)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scales, zeros
+    return pack_int4(q), scales, zeros
+
+
+def pack_int4(levels: torch.Tensor) -> torch.Tensor:
+    """levels uint8 [N, K] -> the storage form's uint8 [N, K/2], column 2j in the low nibble of byte j."""
+    return levels[:, 0::2] | (levels[:, 1::2] << 4)
 
 
 def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
@@ -168,16 +175,24 @@ def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
 
 def interleave_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Storage form -> lmgen's int4 kernel layout (same shapes, N a multiple of 8): in each group of 8 rows,
-    block j (16 bytes, 32 columns) of rows 0-7, then block j + 1 of rows 0-7, and so on; likewise the 8
-    rows' scales (and zeros) of group g side by side, then those of group g + 1."""
-    return _interleave_rows(nibbles, 16), _interleave_rows(scales, 1), _interleave_rows(zeros, 1)
+    """Storage form -> lmgen's int4 kernel layout (same shapes; N a multiple of 8, K of 64). Each row's
+    64-column units become 32 bytes, byte j holding the unit's column j (low nibble) and j + 32 (high);
+    in each group of 8 rows, unit u of rows 0-7 comes before unit u + 1; the 8 rows' scales (and zeros) of
+    group g lie side by side likewise."""
+    rows = nibbles.shape[0]
+    halves = unpack_int4(nibbles).view(rows, -1, 2, INT4_KERNEL_COLUMNS // 2)
+    units = (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(rows, -1)
+    return (_interleave_rows(units, INT4_KERNEL_COLUMNS // 2), _interleave_rows(scales, 1),
+            _interleave_rows(zeros, 1))
 
 
 def deinterleave_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """lmgen's int4 kernel layout -> the storage form (interleave_int4 undone)."""
-    return _deinterleave_rows(nibbles, 16), _deinterleave_rows(scales, 1), _deinterleave_rows(zeros, 1)
+    rows = nibbles.shape[0]
+    units = _deinterleave_rows(nibbles, INT4_KERNEL_COLUMNS // 2).view(rows, -1, 1, INT4_KERNEL_COLUMNS // 2)
+    levels = torch.cat([units & 0xF, units >> 4], dim=2).view(rows, -1)
+    return pack_int4(levels), _deinterleave_rows(scales, 1), _deinterleave_rows(zeros, 1)
 
 
 def _interleave_rows(t: torch.Tensor, unit: int) -> torch.Tensor:
@@ -323,7 +338,8 @@ class Int4Linear(QuantizedLinear):
 
     method = "int4"
     # PyTorch's kernels take output sizes that are multiples of 16 (its CUDA one 8, but one rule
-    # serves both), lmgen's multiples of 8 (INT4_KERNEL_ROWS); other layers dequantize.
+    # serves both), lmgen's multiples of 8 with inputs in units of 64 (INT4_KERNEL_ROWS, _COLUMNS);
+    # other layers dequantize.
     _KERNEL_ROW_MULTIPLE = 16
     lmgen_layout = False  # until pack() interleaves the storage form
 
@@ -347,7 +363,7 @@ class Int4Linear(QuantizedLinear):
         """
         if kernels.serve(self.weight.device):
             self.use_kernel = False
-            if self.out_features % INT4_KERNEL_ROWS == 0:
+            if self.out_features % INT4_KERNEL_ROWS == 0 and self.in_features % INT4_KERNEL_COLUMNS == 0:
                 storage = self.weight, self.scales, self.zeros
                 for tensor, interleaved in zip(storage, interleave_int4(*(t.data for t in storage))):
                     tensor.data.copy_(interleaved)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from lmgen import kernels
 from lmgen.layers.linear import SiluAndMul, linear
 from lmgen.layers.norm import RMSNorm
-from lmgen.layers.quant import deinterleave_int4, dequantize_int4, interleave_int4, quantize_int4, quantize_int8
+from lmgen.layers.quant import (deinterleave_int4, dequantize_int4, interleave_int4, quantize_int4, quantize_int8,
+                                unpack_int4)
 from lmgen.layers.rotary import apply_rotary
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="lmgen's CPU kernels need an AVX2 CPU and a C++ compiler")
@@ -65,12 +66,13 @@ def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(g
     assert (out - exact).norm() < 6 * (as_bfloat16 - exact).norm()
 
 
-def test_the_int4_kernel_layout_interleaves_each_8_rows_blocks_and_group_scales():
-    nibbles = torch.randint(0, 256, (16, 48), dtype=torch.uint8)  # 16 rows of 3 blocks
+def test_the_int4_kernel_layout_pairs_columns_j_and_j_plus_32_and_interleaves_8_rows():
+    nibbles = torch.randint(0, 256, (16, 64), dtype=torch.uint8)  # 16 rows of 2 units (128 columns)
     scales, zeros = torch.randn(16, 3), torch.randn(16, 3)  # 3 groups
     interleaved, scales_il, zeros_il = interleave_int4(nibbles, scales, zeros)
-    assert torch.equal(interleaved[0].view(-1, 16)[1], nibbles[1, :16])  # rows 0-7: block 0 of row 1 second
-    assert torch.equal(interleaved.view(2, 3, 8, 16)[1, 2, 5], nibbles[13, 32:])  # rows 8-15: block 2 of row 13
+    levels = unpack_int4(nibbles)
+    unit = interleaved.view(2, 2, 8, 32)[1, 1, 5]  # rows 8-15, unit 1, row 13
+    assert torch.equal(unit & 0xF, levels[13, 64:96]) and torch.equal(unit >> 4, levels[13, 96:])
     assert torch.equal(scales_il.view(2, 3, 8)[1, 2], scales[8:, 2])  # rows 8-15: group 2's scales side by side
     assert torch.equal(zeros_il.view(2, 3, 8)[0, 1], zeros[:8, 1])
     for restored, original in zip(deinterleave_int4(interleaved, scales_il, zeros_il), (nibbles, scales, zeros)):
@@ -131,9 +133,10 @@ def test_kernel_errors_name_the_problem():
         torch.ops.lmgen.gemv(torch.randn(1, 64, dtype=torch.float64), torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="columns"):
         torch.ops.lmgen.gemv(torch.randn(1, 64), torch.randn(8, 96))
-    nibbles, scales, zeros = quantize_int4(torch.randn(12, 64), 32)
-    with pytest.raises(RuntimeError, match="groups of 8"):
-        torch.ops.lmgen.gemv_int4(torch.randn(1, 64), nibbles, scales, zeros)
+    for rows, columns in ((12, 64), (8, 96)):  # rows in groups of 8, columns in units of 64
+        nibbles, scales, zeros = quantize_int4(torch.randn(rows, columns), 32)
+        with pytest.raises(RuntimeError, match="groups of 8 and columns in units of 64"):
+            torch.ops.lmgen.gemv_int4(torch.randn(1, columns), nibbles, scales, zeros)
 
 
 def test_lmgen_cpu_kernels_0_turns_them_off():
