@@ -356,18 +356,18 @@ class Int4Linear(QuantizedLinear):
     def pack(self) -> None:
         """Lay the storage form out for the kernel that will read it (as many bytes, another order).
 
-        With lmgen's kernels: rows interleaved by 8 (``interleave_int4``), in the tensors' own
-        memory; products of more rows than the kernel takes dequantize, about as fast as
-        PyTorch's kernel. Without them: PyTorch's layout for the device (its CPU one depends on
+        With lmgen's kernels, where the shape fits them: ``interleave_int4``'s layout, in the
+        tensors' own memory; products of more rows than the kernel takes dequantize, about as
+        fast as PyTorch's kernel. Else PyTorch's layout for the device (its CPU one depends on
         the vector width; its CUDA one, tinygemm's, on the tiles of K it reads at once).
         """
-        if kernels.serve(self.weight.device):
-            self.use_kernel = False
-            if self.out_features % INT4_KERNEL_ROWS == 0 and self.in_features % INT4_KERNEL_COLUMNS == 0:
-                storage = self.weight, self.scales, self.zeros
-                for tensor, interleaved in zip(storage, interleave_int4(*(t.data for t in storage))):
-                    tensor.data.copy_(interleaved)
-                self.lmgen_layout = True
+        if (kernels.serve(self.weight.device) and self.out_features % INT4_KERNEL_ROWS == 0
+                and self.in_features % INT4_KERNEL_COLUMNS == 0):
+            storage = self.weight, self.scales, self.zeros
+            for tensor, interleaved in zip(storage, interleave_int4(*(t.data for t in storage))):
+                tensor.data.copy_(interleaved)
+            self.lmgen_layout, self.use_kernel = True, False
+            return
         if not self.use_kernel:
             return
         if self.weight.device.type == "cuda":  # tinygemm wants column 2j in the high nibble

@@ -92,6 +92,15 @@ def test_int4_layer_the_kernel_cannot_take_dequantizes_instead(monkeypatch):
     assert torch.allclose(layer(x), F.linear(x, dequantized, layer.bias), atol=1e-4)
 
 
+@pytest.mark.skipif(not kernels.loaded, reason="lmgen's CPU kernels did not build here")
+def test_int4_layer_lmgen_kernel_cannot_take_runs_on_pytorch_kernel():
+    layer, dequantized = _quantized_linear(96, 48, QuantConfig("int4", 32))  # 96 inputs: not units of 64
+    assert not layer.lmgen_layout and layer.use_kernel
+    x = torch.randn(3, 96)
+    expected = F.linear(x, dequantized, layer.bias)
+    assert (layer(x) - expected).norm() < 0.015 * expected.norm()
+
+
 def test_int8_embedding_gathers_rows_and_unembeds_as_the_tied_head():
     torch.manual_seed(2)
     container = nn.ModuleDict({"embed_tokens": Embedding(100, 32)})
