@@ -248,7 +248,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 //   sum_k w_k x_k = scale * dx * sum_k (q_k - 8) xq_k + zero * sum_k x_k
 // where the first term is centred (rounding x does not bias it) and the second exact.
 struct QuantizedRows {
-  std::vector<int8_t> values;  // [M, K], reordered
+  std::vector<int8_t> values;  // [M, K]
   std::vector<float> scales;   // [M, groups]: dx
   std::vector<float> sums;     // [M, groups]: sum of x over the group
   std::vector<float> rounded_sums;  // [M, groups]: dx * sum of xq over the group
