@@ -19,11 +19,11 @@ lmgen's int8 kernel reads the storage form as it is; its int4 kernel wants each 
 64-column units with columns j and j + 32 in one byte (one load and two masks give 64
 levels in order) and each 8 rows' units and group scales and zeros interleaved
 (``interleave_int4``: it works on 8 rows at once, and so reads one stream and loads each
-group's 8 scales as one vector). PyTorch's int4 kernel wants its own layout, which depends on the CPU's vector
-width. ``Int4Linear.pack`` rearranges the storage form for whichever kernel will read it,
-once the weights are in; checkpoints are written from the storage form. The LM head
-and the embedding table (one tensor when tied) are int8 in both methods: rows of the
-table must be gathered, and the head's quality matters most.
+group's 8 scales as one vector). PyTorch's int4 kernel wants its own layout, which
+depends on the CPU's vector width. ``Int4Linear.pack`` rearranges the storage form for
+whichever kernel will read it, once the weights are in; checkpoints are written from the
+storage form. The LM head and the embedding table (one tensor when tied) are int8 in
+both methods: rows of the table must be gathered, and the head's quality matters most.
 
 Loading quantizes each tensor as it is read (``quantize_tensors``), so the
 full-precision model never exists in memory.
@@ -189,10 +189,17 @@ def interleave_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 def deinterleave_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """lmgen's int4 kernel layout -> the storage form (interleave_int4 undone)."""
+    levels, scales, zeros = _kernel_layout_levels(nibbles, scales, zeros)
+    return pack_int4(levels), scales, zeros
+
+
+def _kernel_layout_levels(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lmgen's int4 kernel layout -> levels uint8 [N, K] in column order, scales and zeros [N, groups]."""
     rows = nibbles.shape[0]
     units = _deinterleave_rows(nibbles, INT4_KERNEL_COLUMNS // 2).view(rows, -1, 1, INT4_KERNEL_COLUMNS // 2)
     levels = torch.cat([units & 0xF, units >> 4], dim=2).view(rows, -1)
-    return pack_int4(levels), _deinterleave_rows(scales, 1), _deinterleave_rows(zeros, 1)
+    return levels, _deinterleave_rows(scales, 1), _deinterleave_rows(zeros, 1)
 
 
 def _interleave_rows(t: torch.Tensor, unit: int) -> torch.Tensor:
@@ -209,9 +216,12 @@ def _deinterleave_rows(t: torch.Tensor, unit: int) -> torch.Tensor:
 
 def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """The float32 weight [N, K] that int4 storage stands for."""
-    levels = unpack_int4(nibbles).float()
+    return _dequantize_levels(unpack_int4(nibbles), scales, zeros)
+
+
+def _dequantize_levels(levels: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     rows, groups = scales.shape
-    grouped = levels.view(rows, groups, -1) - 8
+    grouped = levels.float().view(rows, groups, -1) - 8
     return (grouped * scales.float()[..., None] + zeros.float()[..., None]).view(rows, -1)
 
 
@@ -391,8 +401,9 @@ class Int4Linear(QuantizedLinear):
         return product(rows, self.packed_weight, self.group_size, self.scales_and_zeros)
 
     def _dequantized(self) -> torch.Tensor:
-        storage = self.weight, self.scales, self.zeros
-        return dequantize_int4(*(deinterleave_int4(*storage) if self.lmgen_layout else storage))
+        if self.lmgen_layout:  # straight from the kernel layout's levels: no storage form in between
+            return _dequantize_levels(*_kernel_layout_levels(self.weight, self.scales, self.zeros))
+        return dequantize_int4(self.weight, self.scales, self.zeros)
 
 
 def _inner_k_tiles(in_features: int) -> int:
