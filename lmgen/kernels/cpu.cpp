@@ -55,10 +55,6 @@ inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a 
   __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
-inline __m256 load8(const int8_t* p) {
-  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-}
 
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -127,10 +123,9 @@ void for_each_output_range(int64_t n, int64_t unit, F&& body) {
                    [&](int64_t first, int64_t last) { body(first * unit, last * unit); });
 }
 
-// y[m, n] = row_scale(n) * sum_k x[m, k] * w[n, k] for R activation rows starting at x.
-template <int R, typename W, typename Scale>
-void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N,
-              Scale row_scale) {
+// y[m, n] = sum_k x[m, k] * w[n, k] for R activation rows starting at x.
+template <int R, typename W>
+void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
   constexpr int C = R == 1 ? 4 : 2;  // independent sums per row: together they hide the FMA latency
   for (int64_t n = n0; n < n1; ++n) {
     const W* row = w + n * K;
@@ -145,10 +140,9 @@ void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, flo
         for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * K + k + 8 * c), acc[r][c]);
       }
     }
-    const float scale = row_scale(n);
     for (int r = 0; r < R; ++r) {
       for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
-      y[r * N + n] = scale * horizontal_sum(acc[r][0]);
+      y[r * N + n] = horizontal_sum(acc[r][0]);
     }
   }
 }
@@ -164,14 +158,6 @@ void by_row_blocks(int64_t M, F&& rows) {
     case 2: rows(std::integral_constant<int, 2>{}, m); break;
     case 1: rows(std::integral_constant<int, 1>{}, m); break;
   }
-}
-
-template <typename W, typename Scale>
-void dot_all_rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, float* y,
-                  int64_t N, Scale row_scale) {
-  by_row_blocks(M, [&](auto block, int64_t m) {
-    dot_rows<decltype(block)::value>(x + m * K, K, w, n0, n1, y + m * N, N, row_scale);
-  });
 }
 
 bool is_float_type(at::ScalarType type) {
@@ -210,41 +196,26 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   const std::vector<float> xf = float_rows(x, w.size(1), "gemv");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   std::vector<float> sums(M * N);
-  auto unit = [](int64_t) { return 1.0f; };
   with_float_type(w.scalar_type(), "gemv", [&](auto type) {
     const auto* wp = w.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
-      dot_all_rows(xf.data(), M, K, wp, n0, n1, sums.data(), N, unit);
+      by_row_blocks(M, [&](auto block, int64_t m) {
+        dot_rows<decltype(block)::value>(xf.data() + m * K, K, wp, n0, n1, sums.data() + m * N, N);
+      });
     });
   });
   return rounded_output(sums, x, N);
 }
 
-at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
-              "gemv_int8: the weight must be a contiguous int8 matrix");
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0) && scales.is_contiguous(),
-              "gemv_int8: one scale per weight row");
-  const std::vector<float> xf = float_rows(x, w.size(1), "gemv_int8");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  std::vector<float> sums(M * N);
-  const int8_t* wp = w.data_ptr<int8_t>();
-  with_float_type(scales.scalar_type(), "gemv_int8", [&](auto type) {
-    const auto* sp = scales.data_ptr<decltype(type)>();
-    auto row_scale = [sp](int64_t n) { return scalar(sp[n]); };
-    for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
-      dot_all_rows(xf.data(), M, K, wp, n0, n1, sums.data(), N, row_scale);
-    });
-  });
-  return rounded_output(sums, x, N);
-}
-
-// int4 multiplies integers, as llama.cpp's q4_0 does: each group of G columns of x is rounded
-// to int8 with its own scale (x ~ dx * xq, error <= 1/254 of the group's largest value), so 32
-// products are one vpmaddubsw (unsigned 4-bit levels times signed 8-bit x, in pairs) and an add.
-// A product's error from rounding x so is 3-5x what rounding x to bfloat16 would give, and
-// small beside the 4-bit weights' own (45-65x; tests/layers/test_kernels.py measures both).
-// With levels q in 0..15 the sum splits into
+// int8 and int4 weights multiply integers, as llama.cpp's q8_0 and q4_0 do: each group of G
+// columns of x is rounded to int8 with its own scale (x ~ dx * xq, error <= 1/254 of the group's
+// largest value), so 32 products are one vpmaddubsw (unsigned 8-bit times signed 8-bit, in pairs)
+// and an add, where converting int8 weights to float32 took three instructions per 8 before
+// their FMA: that made the int8 kernel compute-bound at about the DRAM rate (24 GB/s with its
+// weights in L2), so it streamed them from DRAM slower than bfloat16's (15-19 vs 23-26 GB/s).
+// A product's error from rounding x so is 3-5x what rounding x to bfloat16 would give: about
+// the int8 weights' own, small beside the 4-bit ones' (45-65x; tests/layers/test_kernels.py).
+// For int4, with levels q in 0..15, the sum splits into
 //   sum_k w_k x_k = scale * dx * sum_k (q_k - 8) xq_k + zero * sum_k x_k
 // where the first term is centred (rounding x does not bias it) and the second exact.
 struct QuantizedRows {
@@ -307,6 +278,68 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
     q.rounded_sums[g] = q.scales[g] * static_cast<float>(horizontal_sum(rounded_sum));
   }
   return q;
+}
+
+// The columns each scale of x covers in the int8 kernel (llama.cpp's q8_0 block).
+constexpr int64_t kInt8Group = 32;
+
+// 32 products of int8 weights and int8 x as 8 int32 sums: |w| (unsigned) times x carrying w's
+// sign, so that vpmaddubsw's pair sums stay within int16 (2 * 128 * 127 < 32768).
+inline __m256i int8_products(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+}
+
+// y[m, n] = scale[n] * sum over the groups g of dx[m, g] * (w[n] . xq[m] over g), R rows of x.
+// Two groups per step into two sums, so that consecutive FMAs do not wait on each other.
+template <int R, typename S>
+void dot_rows_int8(const QuantizedRows& x, int64_t m0, int64_t K, const int8_t* w, const S* scales, int64_t n0,
+                   int64_t n1, float* y, int64_t N) {
+  const int64_t groups = K / kInt8Group;
+  const int8_t* xq = x.values.data() + m0 * K;
+  const float* dx = x.scales.data() + m0 * groups;
+  auto add_group = [&](const int8_t* row, int64_t g, __m256 (&total)[R]) {
+    const __m256i weights = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g * kInt8Group));
+    for (int r = 0; r < R; ++r) {
+      const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + g * kInt8Group));
+      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int8_products(weights, xr)),
+                                 _mm256_broadcast_ss(dx + r * groups + g), total[r]);
+    }
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    __m256 even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {  // one 64-byte cache line per step
+      _mm_prefetch(reinterpret_cast<const char*>(row + g * kInt8Group) + kPrefetchBytes, _MM_HINT_T0);
+      add_group(row, g, even);
+      add_group(row, g + 1, odd);
+    }
+    if (g < groups) add_group(row, g, even);
+    const float scale = scalar(scales[n]);
+    for (int r = 0; r < R; ++r) y[r * N + n] = scale * horizontal_sum(_mm256_add_ps(even[r], odd[r]));
+  }
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "gemv_int8: the weight must be a contiguous int8 matrix");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0) && scales.is_contiguous(),
+              "gemv_int8: one scale per weight row");
+  const std::vector<float> xf = float_rows(x, w.size(1), "gemv_int8");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const QuantizedRows xq = quantize_rows(xf.data(), M, K, kInt8Group);
+  std::vector<float> sums(M * N);
+  const int8_t* wp = w.data_ptr<int8_t>();
+  with_float_type(scales.scalar_type(), "gemv_int8", [&](auto type) {
+    const auto* sp = scales.data_ptr<decltype(type)>();
+    for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
+      by_row_blocks(M, [&](auto block, int64_t m) {
+        dot_rows_int8<decltype(block)::value>(xq, m, K, wp, sp, n0, n1, sums.data() + m * N, N);
+      });
+    });
+  });
+  return rounded_output(sums, x, N);
 }
 
 // Groups a step of the int4 kernels covers: a 64-column unit holds two groups of 32 (its low

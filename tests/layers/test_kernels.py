@@ -34,23 +34,39 @@ def test_gemv_equals_f_linear_on_the_same_weights(dtype, rows):
     assert torch.allclose(torch.ops.lmgen.gemv(x, weight), F.linear(x, weight.float()), rtol=1e-5, atol=1e-4)
 
 
+def _rounded_per_group(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x as the int8 and int4 kernels multiply it: each group of columns rounded to int8 with its own
+    scale (llama.cpp's q8_0 and q4_0 method)."""
+    grouped = x.view(x.shape[0], -1, group_size)
+    top = grouped.abs().amax(-1, keepdim=True)
+    return ((grouped * torch.where(top > 0, 127 / top, 0)).round() * (top / 127)).view_as(x)
+
+
+def _assert_rounding_x_costs_at_most(out, x, weight, times):
+    """The product's error against the exact one is within `times` the error rounding x to bfloat16 gives."""
+    exact = F.linear(x.double(), weight.double())
+    as_bfloat16 = F.linear(x.bfloat16().double(), weight.double())
+    assert (out - exact).norm() < times * (as_bfloat16 - exact).norm()
+
+
+@pytest.mark.parametrize("in_features", [96, 128])  # an odd number of 32-column groups, and an even one
 @pytest.mark.parametrize("rows", ROWS)
-def test_gemv_int8_equals_the_dequantized_linear(rows):
-    x, weight = _inputs(rows)
+def test_gemv_int8_equals_its_definition_and_stays_near_the_dequantized_linear(rows, in_features):
+    x, weight = _inputs(rows, in_features=in_features)
     q, scales = quantize_int8(weight)
-    expected = F.linear(x, q.float() * scales.float()[:, None])
-    assert torch.allclose(torch.ops.lmgen.gemv_int8(x, q, scales), expected, rtol=1e-5, atol=1e-4)
+    dequantized = q.float() * scales.float()[:, None]
+    out = torch.ops.lmgen.gemv_int8(x, q, scales)
+    assert torch.allclose(out, F.linear(_rounded_per_group(x, 32), dequantized), rtol=1e-5, atol=1e-4)
+    _assert_rounding_x_costs_at_most(out, x, dequantized, 6)
 
 
 def _int4_product(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """What the int4 kernel computes, in PyTorch: each group of x rounded to int8 with its own scale
-    (llama.cpp's q4_0 method) multiplies the levels' part of the weight; the zeros' part takes x as it is."""
-    groups = scales.shape[1]
-    grouped = x.view(x.shape[0], groups, -1)
-    top = grouped.abs().amax(-1, keepdim=True)
-    rounded = (grouped * torch.where(top > 0, 127 / top, 0)).round() * (top / 127)
-    zero_part = zeros.float().repeat_interleave(x.shape[1] // groups, dim=1)
-    return F.linear(rounded.view_as(x), dequantize_int4(nibbles, scales, zeros) - zero_part) + F.linear(x, zero_part)
+    """What the int4 kernel computes, in PyTorch: x rounded per group multiplies the levels' part of the
+    weight; the zeros' part takes x as it is."""
+    group_size = x.shape[1] // scales.shape[1]
+    zero_part = zeros.float().repeat_interleave(group_size, dim=1)
+    return (F.linear(_rounded_per_group(x, group_size), dequantize_int4(nibbles, scales, zeros) - zero_part)
+            + F.linear(x, zero_part))
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
@@ -61,9 +77,7 @@ def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(g
     out = torch.ops.lmgen.gemv_int4(x, *interleave_int4(nibbles, scales, zeros))
     assert torch.allclose(out, _int4_product(x, nibbles, scales, zeros), rtol=1e-5, atol=1e-4)
     # rounding x to int8 costs 3-5x what rounding it to bfloat16 would (the 4-bit weights' own rounding: 45-65x)
-    exact = F.linear(x.double(), dequantize_int4(nibbles, scales, zeros).double())
-    as_bfloat16 = F.linear(x.bfloat16().double(), dequantize_int4(nibbles, scales, zeros).double())
-    assert (out - exact).norm() < 6 * (as_bfloat16 - exact).norm()
+    _assert_rounding_x_costs_at_most(out, x, dequantize_int4(nibbles, scales, zeros), 6)
 
 
 def test_the_int4_kernel_layout_pairs_columns_j_and_j_plus_32_and_interleaves_8_rows():
