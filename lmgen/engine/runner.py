@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -45,40 +46,37 @@ class ModelRunner:
         """The step's tensors; with `masks`, attention's masks too where its kernel reads none."""
         bs = self.block_size
         ids, positions, seq_lens, slots, token_request, token_offset = [], [], [], [], [], []
-        query_starts, request_lens, sample_indices, sampled = [], [], [], []
+        tables, query_starts, request_lens, sample_indices, sampled = [], [], [], [], []
         max_blocks = max(len(r.block_ids) for r in batch.requests)
-        block_tables = np.zeros((len(batch), max_blocks), dtype=np.int64)
-        total = 0
+        # Python ints rather than numpy arrays: a decode step has one token per request, and numpy's
+        # cost per call (ten calls per request) was most of this function's
         for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            start, end = request.num_computed_tokens, request.num_computed_tokens + n
-            pos = np.arange(start, end)
-            table = np.asarray(request.block_ids, dtype=np.int64)
-            block_tables[i, : len(table)] = table
-            ids.extend(request.all_token_ids[start:end])
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            seq_lens.append(np.full(n, end))
-            token_request.append(np.full(n, i))
-            token_offset.append(np.arange(n))
+            start, end, blocks = request.num_computed_tokens, request.num_computed_tokens + n, request.block_ids
+            tables += blocks + [0] * (max_blocks - len(blocks))
+            ids += request.all_token_ids[start:end]
+            positions += range(start, end)
+            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+            seq_lens += [end] * n
+            token_request += [i] * n
+            token_offset += range(n)
             query_starts.append(start)
             request_lens.append(end)
-            total += n
             if end == request.num_tokens:  # the whole sequence is in the cache: time for a new token
-                sample_indices.append(total - 1)
+                sample_indices.append(len(ids) - 1)
                 sampled.append(request)
-        flat = self._to_device
+        # all of them in one tensor (one copy to a GPU), cut into views
+        parts = (ids, positions, seq_lens, slots, tables, query_starts, request_lens, token_request, token_offset,
+                 sample_indices)
+        (input_ids, positions, token_seq_lens, slot_mapping, tables, query_starts, request_lens, token_request,
+         token_offset, sample_indices) = torch.from_numpy(np.fromiter(
+            itertools.chain.from_iterable(parts), dtype=np.int64)).to(self.device).split(list(map(len, parts)))
         meta = AttentionMetadata(
-            slot_mapping=flat(np.concatenate(slots)), block_tables=flat(block_tables),
-            query_starts=flat(query_starts), seq_lens=flat(request_lens),
-            token_request=flat(np.concatenate(token_request)), token_offset=flat(np.concatenate(token_offset)),
+            slot_mapping=slot_mapping, block_tables=tables.view(len(batch), max_blocks), query_starts=query_starts,
+            seq_lens=request_lens, token_request=token_request, token_offset=token_offset,
             max_query_len=max(batch.num_new_tokens), block_size=bs)
         if masks and not reads_cache_in_place(meta, self.model.args.head_dim, self.device):
             meta.build_masks(self._windows)
-        return StepInputs(flat(ids), flat(np.concatenate(positions)), flat(np.concatenate(seq_lens)), meta,
-                          flat(sample_indices), sampled)
-
-    def _to_device(self, values) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(self.device)
+        return StepInputs(input_ids, positions, token_seq_lens, meta, sample_indices, sampled)
 
     @torch.inference_mode()
     def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -112,7 +110,9 @@ class ModelRunner:
         hidden = self.graphs(forward, *step_args) if graphed else forward(*step_args)
         if not inputs.sampled_requests:
             return []
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        if len(inputs.sampled_requests) < hidden.shape[0]:  # else every row samples, in order (decode)
+            hidden = hidden[inputs.sample_indices]
+        logits = self.model.compute_logits(hidden)
         requests = inputs.sampled_requests
         recording = any(r.params.score_recorder is not None for r in requests)
         raw = logits.clone() if recording else None  # masks and processors below change logits in place

@@ -85,25 +85,28 @@ def _cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RotaryEmbedding:
-    """Gives cos/sin [T, head_dim] (float32) for a flat batch of token positions."""
+    """Gives cos/sin [T, 1, head_dim] in the activations' dtype for a flat batch of token positions."""
 
     def __init__(self, cfg: RopeConfig, max_len: int) -> None:
         self.cfg = cfg
         self.max_len = max_len
-        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None  # built on first use, on its device
+        # (device, dtype) -> cos/sin of every position, [max_len, 1, head_dim]: built on first use, so
+        # that a step only indexes them (casting after indexing gives the same values, in 4 more calls)
+        self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.tables is None or self.tables[0].device != device:
+    def _table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if (device, dtype) not in self.tables:
             positions = torch.arange(self.max_len, dtype=torch.float32)
             cos, sin = _cos_sin(positions[:, None] * static_inv_freq(self.cfg)[None, :])
-            self.tables = cos.to(device), sin.to(device)
-        return self.tables
+            self.tables[device, dtype] = tuple(t.to(device, dtype)[:, None, :] for t in (cos, sin))
+        return self.tables[device, dtype]
 
-    def __call__(self, positions: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, positions: torch.Tensor, seq_lens: torch.Tensor, dtype: torch.dtype,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] absolute positions; seq_lens: [T] each token's sequence length after this step."""
         if self.cfg.rope_type == "dynamic" and bool((seq_lens > self.cfg.max_position_embeddings).any()):
-            return self._dynamic(positions, seq_lens)
-        cos, sin = self._table(positions.device)
+            return tuple(t.to(dtype)[:, None, :] for t in self._dynamic(positions, seq_lens))
+        cos, sin = self._table(positions.device, dtype)
         return cos[positions], sin[positions]
 
     def _dynamic(self, positions: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

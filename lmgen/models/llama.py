@@ -168,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
         """input_ids, positions, token_seq_lens: [T]. Returns the final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = (t.to(x.dtype)[:, None, :] for t in self.rotary(positions, token_seq_lens))
+        cos, sin = self.rotary(positions, token_seq_lens, x.dtype)
         operands = self.one_call_operands(meta)
         if operands is not None and operands[0].dtype == x.dtype:  # the layers' kernels, no Python between
             args = self.args
