@@ -30,7 +30,7 @@ def test_one_call_for_all_layers_gives_the_modules_bits(checkpoint_factory, monk
                         raising=False)
     one_call = _tokens_and_logprobs(llm)
     assert len(calls) == 9, len(calls)  # every decode step: 10 tokens, the first from the prefill
-    monkeypatch.setattr(LlamaForCausalLM, "one_call_operands", lambda *_: None)
+    monkeypatch.setattr(LlamaForCausalLM, "one_call_layers", lambda *_: None)
     assert _tokens_and_logprobs(llm) == one_call
 
 

@@ -104,7 +104,7 @@ class ModelRunner:
                                                   bitmask)
         # A decode step whose layers run in one kernel call is faster eager than compiled
         compiled = (self._decode is not None and inputs.meta.decode_only
-                    and self.model.one_call_operands(inputs.meta) is None)
+                    and self.model.one_call_layers(inputs.meta, self.kv_cache.layers) is None)
         forward = self._decode if compiled else self.model
         step_args = inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta, self.kv_cache.layers
         hidden = self.graphs(forward, *step_args) if graphed else forward(*step_args)

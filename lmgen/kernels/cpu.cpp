@@ -28,6 +28,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -882,13 +883,33 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 // the bit; what goes is ~20 operator calls per layer from Python and the Python around
 // them, a third of an eager batch-1 step.
 //
-// tensors: per layer, the two norms' weights, then (weight, scales, zeros, bias) of each of
-// q/k/v, o, gate/up and down, absent entries None: float weights have no scales, int8 has
+// What stays the same from step to step is built once into a DecodeLayers object (a TorchScript
+// class, so that a step passes one handle: converting the ~540 tensors from Python took ~110 us
+// a call). tensors: per layer, the two norms' weights, then (weight, scales, zeros, bias) of each
+// of q/k/v, o, gate/up and down, absent entries None: float weights have no scales, int8 has
 // scales, int4 scales and zeros (their storage forms). windows: per layer, 0 = full.
 constexpr int64_t kTensorsPerLinear = 4;
 constexpr int64_t kTensorsPerLayer = 2 + 4 * kTensorsPerLinear;
 
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+struct DecodeLayers : torch::CustomClassHolder {
+  OptionalTensors tensors;
+  std::vector<at::Tensor> k_caches, v_caches;
+  std::vector<int64_t> windows;
+  int64_t num_heads, num_kv_heads;
+  double scale, eps;
+
+  DecodeLayers(OptionalTensors tensors_, std::vector<at::Tensor> k_caches_, std::vector<at::Tensor> v_caches_,
+               std::vector<int64_t> windows_, int64_t num_heads_, int64_t num_kv_heads_, double scale_, double eps_)
+      : tensors(std::move(tensors_)), k_caches(std::move(k_caches_)), v_caches(std::move(v_caches_)),
+        windows(std::move(windows_)), num_heads(num_heads_), num_kv_heads(num_kv_heads_), scale(scale_), eps(eps_) {
+    const int64_t layers = static_cast<int64_t>(k_caches.size());
+    TORCH_CHECK(layers > 0 && static_cast<int64_t>(tensors.size()) == layers * kTensorsPerLayer &&
+                    v_caches.size() == k_caches.size() && static_cast<int64_t>(windows.size()) == layers,
+                "DecodeLayers: ", kTensorsPerLayer, " tensors, a K and a V cache and a window per layer expected");
+  }
+};
 
 // Each token's K or V heads [T, KVH, D] (each token's heads contiguous) into its slot of the cache
 // [blocks, block_size, KVH, D]: what index_copy_ does, without its 15 us of dispatch per call.
@@ -917,15 +938,14 @@ at::Tensor product(const at::Tensor& x, const OptionalTensors& tensors, int64_t 
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_layers(
-    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const OptionalTensors& tensors,
-    at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-    const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, double scale, at::IntArrayRef windows,
-    double eps) {
-  const int64_t layers = static_cast<int64_t>(k_caches.size()), T = x.size(0);
-  TORCH_CHECK(layers > 0 && static_cast<int64_t>(tensors.size()) == layers * kTensorsPerLayer &&
-                  v_caches.size() == k_caches.size() && static_cast<int64_t>(windows.size()) == layers,
-              "decode_layers: ", kTensorsPerLayer, " tensors, a K and a V cache and a window per layer expected");
-  const int64_t D = k_caches[0].size(3), q_width = num_heads * D, kv_width = num_kv_heads * D;
+    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_mapping,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const c10::intrusive_ptr<DecodeLayers>& handle) {
+  const DecodeLayers& model = *handle;
+  const OptionalTensors& tensors = model.tensors;
+  const int64_t layers = static_cast<int64_t>(model.k_caches.size()), T = x.size(0), num_heads = model.num_heads,
+                num_kv_heads = model.num_kv_heads;
+  const int64_t D = model.k_caches[0].size(3), q_width = num_heads * D, kv_width = num_kv_heads * D;
+  const double eps = model.eps;
   at::Tensor hidden = x, residual, normed;
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t base = l * kTensorsPerLayer, linears = base + 2;
@@ -938,10 +958,10 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     const at::Tensor qkv = product(normed, tensors, linears);
     const at::Tensor qk = rotary(qkv.narrow(1, 0, q_width + kv_width).view({T, num_heads + num_kv_heads, D}), cos, sin);
     const at::Tensor v = qkv.narrow(1, q_width + kv_width, kv_width).view({T, num_kv_heads, D});
-    write_cache(k_caches[l], slot_mapping, qk.narrow(1, num_heads, num_kv_heads));
-    write_cache(v_caches[l], slot_mapping, v);
-    const at::Tensor attended = decode_attention(qk.narrow(1, 0, num_heads), k_caches[l], v_caches[l], block_tables,
-                                                 seq_lens, scale, windows[l]);
+    write_cache(model.k_caches[l], slot_mapping, qk.narrow(1, num_heads, num_kv_heads));
+    write_cache(model.v_caches[l], slot_mapping, v);
+    const at::Tensor attended = decode_attention(qk.narrow(1, 0, num_heads), model.k_caches[l], model.v_caches[l],
+                                                 block_tables, seq_lens, model.scale, model.windows[l]);
     const at::Tensor out = product(attended.view({T, q_width}), tensors, linears + kTensorsPerLinear);
     std::tie(normed, residual) = add_rms_norm(out, residual, *tensors.get(base + 1), eps);
     const at::Tensor gate_up = product(normed, tensors, linears + 2 * kTensorsPerLinear);
@@ -961,9 +981,12 @@ TORCH_LIBRARY(lmgen, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
-  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor?[] tensors, Tensor(a!)[] k_caches, "
-        "Tensor(b!)[] v_caches, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, int num_heads, "
-        "int num_kv_heads, float scale, int[] windows, float eps) -> (Tensor, Tensor)");
+  m.class_<DecodeLayers>("DecodeLayers")
+      .def(torch::init<OptionalTensors, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, int64_t,
+                       int64_t, double, double>());
+  // writes the new K and V rows into the caches the DecodeLayers object holds
+  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, "
+        "__torch__.torch.classes.lmgen.DecodeLayers layers) -> (Tensor, Tensor)");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 

@@ -158,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(args)
         self.lm_head = None if args.tie_word_embeddings else Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args.rope, max_model_len)
-        self._layer_operands: list[torch.Tensor | None] | None = None  # see one_call_operands
+        self._one_call: tuple[list[KVCache], torch.ScriptObject | None] | None = None  # see one_call_layers
 
     @classmethod
     def from_config(cls, config: dict, max_model_len: int) -> "LlamaForCausalLM":
@@ -169,43 +169,45 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions, token_seq_lens: [T]. Returns the final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, token_seq_lens, x.dtype)
-        operands = self.one_call_operands(meta)
-        if operands is not None and operands[0].dtype == x.dtype:  # the layers' kernels, no Python between
-            args = self.args
-            x, residual = torch.ops.lmgen.decode_layers(
-                x, cos, sin, operands, [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping,
-                meta.block_tables, meta.seq_lens, args.num_heads, args.num_kv_heads, args.head_dim ** -0.5,
-                [window or 0 for window in args.layer_windows], args.rms_norm_eps)
+        layers = self.one_call_layers(meta, kv_caches)
+        if layers is not None and self.model.norm.weight.dtype == x.dtype:  # the layers' kernels, no Python between
+            x, residual = torch.ops.lmgen.decode_layers(x, cos, sin, meta.slot_mapping, meta.block_tables,
+                                                        meta.seq_lens, layers)
         else:
             residual = None
             for layer, kv_cache in zip(self.model.layers, kv_caches):
                 x, residual = layer(x, residual, cos, sin, meta, kv_cache)
         return self.model.norm(x, residual)[0]
 
-    def one_call_operands(self, meta: AttentionMetadata) -> list[torch.Tensor | None] | None:
-        """The layers' weights for torch.ops.lmgen.decode_layers when this step can run all layers in one
-        call: a decode step of few rows on lmgen's CPU kernels, outside torch.compile. None otherwise."""
+    def one_call_layers(self, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.ScriptObject | None:
+        """What torch.ops.lmgen.decode_layers takes besides the step's tensors (weights, caches, shapes) when
+        this step can run all layers in one call: a decode step of few rows on lmgen's CPU kernels, outside
+        torch.compile. None otherwise."""
         if torch.compiler.is_compiling():  # first: a traced graph must not depend on the batch size here
             return None
         device = meta.block_tables.device
         if not reads_cache_in_place(meta, self.args.head_dim, device) or meta.block_tables.shape[0] > kernels.MAX_ROWS:
             return None
-        if self._layer_operands is None:  # weights never change once loaded: gathered once
-            self._layer_operands = self._gather_layer_operands()
-        return self._layer_operands or None
+        if self._one_call is None or self._one_call[0] is not kv_caches:  # weights never change once loaded
+            self._one_call = kv_caches, self._gather_one_call_layers(kv_caches)
+        return self._one_call[1]
 
-    def _gather_layer_operands(self) -> list[torch.Tensor | None]:
-        """Per layer: both norms' weights, then (weight, scales, zeros, bias) of q/k/v, o, gate/up and down;
-        empty if some layer's linear cannot run on lmgen's kernels."""
+    def _gather_one_call_layers(self, kv_caches: list[KVCache]) -> torch.ScriptObject | None:
+        """Per layer both norms' weights, then (weight, scales, zeros, bias) of q/k/v, o, gate/up and down,
+        with the caches and shapes; None if some layer's linear cannot run on lmgen's kernels."""
         operands: list[torch.Tensor | None] = []
         for layer in self.model.layers:
             linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
             each = [linear.kernel_operands() for linear in linears]
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if any(o is None for o in each) or norms[0].dtype != norms[1].dtype:
-                return []
+            if any(o is None for o in each) or {norm.dtype for norm in norms} != {self.model.norm.weight.dtype}:
+                return None
             operands += [*norms, *(tensor for o in each for tensor in o)]
-        return operands
+        args = self.args
+        windows = [window or 0 for window in args.layer_windows]
+        return torch.classes.lmgen.DecodeLayers(operands, [k for k, _ in kv_caches], [v for _, v in kv_caches], windows,
+                                                args.num_heads, args.num_kv_heads, args.head_dim ** -0.5,
+                                                args.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""

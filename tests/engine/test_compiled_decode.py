@@ -19,7 +19,7 @@ def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 def layer_by_layer(monkeypatch):
     """The compiled graph serves the decode steps whose layers cannot run in one kernel call
     (no AVX2 kernels, a GPU; see tests/test_decode_layers.py for the others): make every step one of those."""
-    monkeypatch.setattr(LlamaForCausalLM, "one_call_operands", lambda *_: None)
+    monkeypatch.setattr(LlamaForCausalLM, "one_call_layers", lambda *_: None)
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
