@@ -348,72 +348,36 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 template <int64_t G>
 constexpr int64_t kGroupsPerStep = G == 32 ? 2 : 1;
 
-// The 16-bit pair sums of one weight row's levels with R rows of x (row r at xq + r * K) for groups
-// g .. g + kGroupsPerStep<G> - 1, into pairs[r][0 ..): G = 32, one unit; else G / 64 units. Each
-// unit is loaded and split once for all R rows.
-template <int64_t G, int R>
-inline void group_pairs(const uint8_t* row, const int8_t* xq, int64_t K, int64_t g,
-                        __m256i (&pairs)[R][kGroupsPerStep<G>]) {
-  auto x_at = [&](int r, int64_t column) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + column));
-  };
+// The 16-bit pair sums of one weight row's levels with x's row xq for groups g .. g +
+// kGroupsPerStep<G> - 1, into pairs[0 ..): G = 32, one unit; else G / 64 units.
+template <int64_t G>
+inline void group_pairs(const uint8_t* row, const int8_t* xq, int64_t g, __m256i (&pairs)[kGroupsPerStep<G>]) {
+  auto x_at = [&](int64_t column) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + column)); };
   __m256i low, high;
   if constexpr (G == 32) {
     unit_levels(row + g / 2 * 256, low, high);
-    for (int r = 0; r < R; ++r) {
-      pairs[r][0] = _mm256_maddubs_epi16(low, x_at(r, g * 32));
-      pairs[r][1] = _mm256_maddubs_epi16(high, x_at(r, g * 32 + 32));
-    }
+    pairs[0] = _mm256_maddubs_epi16(low, x_at(g * 32));
+    pairs[1] = _mm256_maddubs_epi16(high, x_at(g * 32 + 32));
   } else {
-    for (int r = 0; r < R; ++r) pairs[r][0] = _mm256_setzero_si256();
+    pairs[0] = _mm256_setzero_si256();
     for (int64_t u = g * G / 64; u < (g + 1) * G / 64; ++u) {
       unit_levels(row + u * 256, low, high);
-      for (int r = 0; r < R; ++r)
-        pairs[r][0] = _mm256_add_epi16(pairs[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(low, x_at(r, u * 64)),
-                                                                     _mm256_maddubs_epi16(high, x_at(r, u * 64 + 32))));
+      pairs[0] = _mm256_add_epi16(pairs[0], _mm256_add_epi16(_mm256_maddubs_epi16(low, x_at(u * 64)),
+                                                             _mm256_maddubs_epi16(high, x_at(u * 64 + 32))));
     }
   }
 }
 
-// Blocks of R = 2-4 activation rows, one weight row at a time (one row: dot_8_rows_int4 below).
-template <int R, int64_t G, typename S>  // G a constant, so each group's loop unrolls whole
-void dot_rows_int4(const QuantizedRows& x, int64_t m0, int64_t K, const uint8_t* w, const S* scales,
-                   const S* zeros, int64_t n0, int64_t n1, float* y, int64_t N) {
-  static_assert(G <= 256, "16-bit pair sums of up to 8 x 32 columns: 8 * 2 * 15 * 127 < 32768");
-  const int64_t groups = K / G;
-  const int8_t* xq = x.values.data() + m0 * K;
-  const float *dx = x.scales.data() + m0 * groups, *sums = x.sums.data() + m0 * groups,
-              *rounded_sums = x.rounded_sums.data() + m0 * groups;
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + (n / 8) * 4 * K + (n % 8) * 32;  // its unit u at row + 256 u: see the layout above
-    _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes, _MM_HINT_T0);
-    __m256 total[R];
-    float offset[R] = {};
-    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
-    for (int64_t g0 = 0; g0 < groups; g0 += kGroupsPerStep<G>) {
-      __m256i pairs[R][kGroupsPerStep<G>];
-      group_pairs<G, R>(row, xq, K, g0, pairs);
-      for (int64_t h = 0; h < kGroupsPerStep<G>; ++h) {
-        const int64_t g = g0 + h, at = (n / 8 * groups + g) * 8 + n % 8;  // the layout above
-        const float scale = scalar(scales[at]), zero = scalar(zeros[at]);
-        for (int r = 0; r < R; ++r) {
-          const __m256 weight = _mm256_set1_ps(scale * dx[r * groups + g]);
-          total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r][h], ones)), weight, total[r]);
-          offset[r] += zero * sums[r * groups + g] - 8.0f * scale * rounded_sums[r * groups + g];
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) y[r * N + n] = horizontal_sum(total[r]) + offset[r];
-  }
-}
-
-// One activation row (batch-1 decode) times 8 weight rows n .. n + 7 at once, read as one
-// stream (the layout interleaves their units), each group's 8 row sums scaled as one vector
-// instead of one horizontal sum and scalar epilogue per row.
+// One activation row times 8 weight rows n .. n + 7 at once, read as one stream (the layout
+// interleaves their units), each group's 8 row sums scaled as one vector instead of one
+// horizontal sum and scalar epilogue per row. Several activation rows take the same 8 weight
+// rows one after another while those (2-6 KB) sit in L1: that beat a kernel sharing each
+// unit's loads across up to 4 rows but summing each row's groups one by one (0.62x its time
+// at 2 rows, 0.79x at 16).
 template <int64_t G, typename S>
 void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t* w, const S* scales,
                      const S* zeros, int64_t n, float* y) {
+  static_assert(G <= 256, "16-bit pair sums of up to 8 x 32 columns: 8 * 2 * 15 * 127 < 32768");
   const int64_t groups = K / G;
   const int8_t* xq = x.values.data() + m * K;
   const float *dx = x.scales.data() + m * groups, *sums = x.sums.data() + m * groups,
@@ -424,12 +388,12 @@ void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t
   for (int64_t g0 = 0; g0 < groups; g0 += kGroupsPerStep<G>) {
     const char* ahead = reinterpret_cast<const char*>(rows + g0 * G * 4) + kPrefetchBytes;  // 128 bytes per 32 columns
     for (int64_t c = 0; c < kGroupsPerStep<G> * G * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
-    __m256i pairs[8][1][kGroupsPerStep<G>];
-    for (int i = 0; i < 8; ++i) group_pairs<G, 1>(rows + i * 32, xq, K, g0, pairs[i]);
+    __m256i pairs[8][kGroupsPerStep<G>];
+    for (int i = 0; i < 8; ++i) group_pairs<G>(rows + i * 32, xq, g0, pairs[i]);
     for (int64_t h = 0; h < kGroupsPerStep<G>; ++h) {
       const int64_t g = g0 + h;
       __m256 row_sums[8];  // exact: |sums| < 2^24
-      for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i][0][h], ones));
+      for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i][h], ones));
       const __m256 row_scales = load8(scales + (n / 8 * groups + g) * 8);  // the 8 rows' side by side
       total = _mm256_fmadd_ps(sum_each(row_sums), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total);
       offset = _mm256_fmadd_ps(load8(zeros + (n / 8 * groups + g) * 8), _mm256_set1_ps(sums[g]), offset);
@@ -467,14 +431,8 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     for_each_output_range(N, 8, [&](int64_t n0, int64_t n1) {
       with_constant<32, 64, 128, 256>(G, "gemv_int4: group size 32, 64, 128 or 256 expected, got ", [&](auto group) {
         constexpr int64_t kGroup = decltype(group)::value;
-        by_row_blocks(M, [&](auto block, int64_t m) {
-          constexpr int R = decltype(block)::value;
-          if constexpr (R == 1) {
-            for (int64_t n = n0; n < n1; n += 8) dot_8_rows_int4<kGroup>(xq, m, K, wp, sp, zp, n, sums.data() + m * N);
-          } else {
-            dot_rows_int4<R, kGroup>(xq, m, K, wp, sp, zp, n0, n1, sums.data() + m * N, N);
-          }
-        });
+        for (int64_t n = n0; n < n1; n += 8)
+          for (int64_t m = 0; m < M; ++m) dot_8_rows_int4<kGroup>(xq, m, K, wp, sp, zp, n, sums.data() + m * N);
       });
     });
   });
