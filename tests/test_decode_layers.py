@@ -46,3 +46,11 @@ def test_steps_whose_layers_run_in_one_call_skip_the_compiled_graph(llama_path):
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # eager is faster: nothing compiled
+
+
+def test_decode_layers_handle_refuses_operands_that_do_not_match_its_layers():
+    caches = [torch.zeros(4, 16, 1, 64)] * 2
+    with pytest.raises(RuntimeError, match="18 tensors, a K and a V cache and a window per layer expected"):
+        torch.classes.lmgen.DecodeLayers([torch.ones(64)] * 17, caches, caches, [0, 0], 1, 1, 0.125, 1e-5)
+    with pytest.raises(RuntimeError, match="a window per layer expected"):
+        torch.classes.lmgen.DecodeLayers([torch.ones(64)] * 36, caches, caches, [0], 1, 1, 0.125, 1e-5)
