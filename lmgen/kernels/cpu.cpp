@@ -7,9 +7,10 @@
 // which these products stream weights from memory. PyTorch's CPU kernels for one row
 // interleave several weight rows, which splits the read into many short streams that
 // the hardware prefetcher follows poorly (11-14 GB/s on a 2-core AVX2 machine whose
-// DRAM gives 25-30). Here each thread takes one contiguous range of output rows and
-// walks it front to back: a single sequential stream per thread. Each weight row is
-// read once and multiplied with every activation row while it sits in L1.
+// DRAM gives 25-30). Here each thread takes one contiguous range of output rows, cuts it
+// into a few parts and walks them front to back side by side: a few long sequential
+// streams per thread (one stream alone left a core 25-35% short of what DRAM gives it).
+// Each weight row is read once and multiplied with every activation row while it sits in L1.
 //
 // x: [M, K] float32, bfloat16 or float16, K a multiple of 32; y: [M, N] in x's dtype,
 // computed in float32 and rounded once (as PyTorch's half-precision products round).
@@ -125,30 +126,60 @@ void for_each_output_range(int64_t n, int64_t unit, F&& body) {
                    [&](int64_t first, int64_t last) { body(first * unit, last * unit); });
 }
 
-// y[m, n] = sum_k x[m, k] * w[n, k] for R activation rows starting at x.
-template <int R, typename W>
-void dot_rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
-  constexpr int C = R == 1 ? 4 : 2;  // independent sums per row: together they hide the FMA latency
+// Weight read streams per thread (each thread's rows cut into this many parts, read side by
+// side) in products of R activation rows. Blocks of steps alternating in one engine, against
+// one stream: float32 and bfloat16 batch 1 0.85-0.94x the time with 4 (2: 0.90-0.94x, 6-8 no
+// better); bfloat16 batch 2 / 4 / 16 0.86x / 0.90x / 0.73x with 2. int8 batch 1 0.91-0.94x with 2,
+// but 1.11-1.13x at 4 and 16 rows, whose integer work per byte leaves no DRAM time to win; int4
+// (8-row blocks) 0.89x with 2 at batch 1, 0.99-1.03x at 4 and 16 rows.
+constexpr int float_streams(int R) { return R == 1 ? 4 : 2; }
+constexpr int int8_streams(int R) { return R == 1 ? 2 : 1; }
+constexpr int kInt4Streams = 2;  // one activation row
+
+// Runs kernel(std::integral_constant<int, S>{}, first, part) so that it covers the rows [n0, n1)
+// (in units of `unit` rows): a kernel reading S streams takes rows first + s * part + i for
+// s < S and 0 <= i < part; the few rows left over, one stream.
+template <int S, typename F>
+void in_streams(int64_t n0, int64_t n1, int64_t unit, F&& kernel) {
+  const int64_t part = (n1 - n0) / unit / S * unit;
+  if (part > 0) kernel(std::integral_constant<int, S>{}, n0, part);
+  if constexpr (S > 1) {
+    if (n0 + S * part < n1) kernel(std::integral_constant<int, 1>{}, n0 + S * part, n1 - n0 - S * part);
+  }
+}
+
+// y[m, n] = sum_k x[m, k] * w[n, k] for R activation rows starting at x and the rows
+// n = first + s * part + i of w (s < S, i < part), S of them at a time.
+template <int R, int S, typename W>
+void dot_rows(const float* x, int64_t K, const W* w, int64_t first, int64_t part, float* y, int64_t N) {
+  constexpr int C = S > 1 ? 1 : R == 1 ? 4 : 2;  // independent sums per row: together they hide the FMA latency
   // float32 rows stream fastest on the hardware prefetcher alone: asking for lines 1 KB ahead, which
   // half-precision rows (more work per byte) want, made a float32 step 4-5% slower, 128 bytes ahead 2-4%
   constexpr bool kAskAhead = sizeof(W) < 4;
-  for (int64_t n = n0; n < n1; ++n) {
-    const W* row = w + n * K;
-    __m256 acc[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t n = first; n < first + part; ++n) {
+    const W* rows[S];
+    __m256 acc[S][R][C];
+    for (int s = 0; s < S; ++s) {
+      rows[s] = w + (n + s * part) * K;
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[s][r][c] = _mm256_setzero_ps();
+    }
     for (int64_t k = 0; k < K; k += 8 * C) {
       for (int c = 0; c < C; ++c) {
-        if (kAskAhead && (8 * c * sizeof(W)) % 64 == 0)  // a new cache line
-          _mm_prefetch(reinterpret_cast<const char*>(row + k + 8 * c) + kPrefetchBytes, _MM_HINT_T0);
-        const __m256 wc = load8(row + k + 8 * c);
-        for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * K + k + 8 * c), acc[r][c]);
+        for (int s = 0; s < S; ++s) {
+          if (kAskAhead && ((k + 8 * c) * sizeof(W)) % 64 == 0)  // a new cache line
+            _mm_prefetch(reinterpret_cast<const char*>(rows[s] + k + 8 * c) + kPrefetchBytes, _MM_HINT_T0);
+          const __m256 wc = load8(rows[s] + k + 8 * c);
+          for (int r = 0; r < R; ++r)
+            acc[s][r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * K + k + 8 * c), acc[s][r][c]);
+        }
       }
     }
-    for (int r = 0; r < R; ++r) {
-      for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
-      y[r * N + n] = horizontal_sum(acc[r][0]);
-    }
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r) {
+        for (int c = 1; c < C; ++c) acc[s][r][0] = _mm256_add_ps(acc[s][r][0], acc[s][r][c]);
+        y[r * N + n + s * part] = horizontal_sum(acc[s][r][0]);
+      }
   }
 }
 
@@ -205,7 +236,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
     const auto* wp = w.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
       by_row_blocks(M, [&](auto block, int64_t m) {
-        dot_rows<decltype(block)::value>(xf.data() + m * K, K, wp, n0, n1, sums.data() + m * N, N);
+        constexpr int R = decltype(block)::value;
+        in_streams<float_streams(R)>(n0, n1, 1, [&](auto streams, int64_t first, int64_t part) {
+          dot_rows<R, decltype(streams)::value>(xf.data() + m * K, K, wp, first, part, sums.data() + m * N, N);
+        });
       });
     });
   });
@@ -294,11 +328,12 @@ inline __m256i int8_products(__m256i w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
 }
 
-// y[m, n] = scale[n] * sum over the groups g of dx[m, g] * (w[n] . xq[m] over g), R rows of x.
+// y[m, n] = scale[n] * sum over the groups g of dx[m, g] * (w[n] . xq[m] over g), R rows of x, the
+// rows n = first + s * part + i of w (s < S, i < part), S at a time.
 // Two groups per step into two sums, so that consecutive FMAs do not wait on each other.
-template <int R, typename S>
-void dot_rows_int8(const QuantizedRows& x, int64_t m0, int64_t K, const int8_t* w, const S* scales, int64_t n0,
-                   int64_t n1, float* y, int64_t N) {
+template <int R, int S, typename Scale>
+void dot_rows_int8(const QuantizedRows& x, int64_t m0, int64_t K, const int8_t* w, const Scale* scales,
+                   int64_t first, int64_t part, float* y, int64_t N) {
   const int64_t groups = K / kInt8Group;
   const int8_t* xq = x.values.data() + m0 * K;
   const float* dx = x.scales.data() + m0 * groups;
@@ -310,19 +345,26 @@ void dot_rows_int8(const QuantizedRows& x, int64_t m0, int64_t K, const int8_t* 
                                  _mm256_broadcast_ss(dx + r * groups + g), total[r]);
     }
   };
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* row = w + n * K;
-    __m256 even[R], odd[R];
-    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) {  // one 64-byte cache line per step
-      _mm_prefetch(reinterpret_cast<const char*>(row + g * kInt8Group) + kPrefetchBytes, _MM_HINT_T0);
-      add_group(row, g, even);
-      add_group(row, g + 1, odd);
+  for (int64_t n = first; n < first + part; ++n) {
+    const int8_t* rows[S];
+    __m256 even[S][R], odd[S][R];
+    for (int s = 0; s < S; ++s) {
+      rows[s] = w + (n + s * part) * K;
+      for (int r = 0; r < R; ++r) even[s][r] = odd[s][r] = _mm256_setzero_ps();
     }
-    if (g < groups) add_group(row, g, even);
-    const float scale = scalar(scales[n]);
-    for (int r = 0; r < R; ++r) y[r * N + n] = scale * horizontal_sum(_mm256_add_ps(even[r], odd[r]));
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {  // one 64-byte cache line per row and step
+      for (int s = 0; s < S; ++s) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[s] + g * kInt8Group) + kPrefetchBytes, _MM_HINT_T0);
+        add_group(rows[s], g, even[s]);
+        add_group(rows[s], g + 1, odd[s]);
+      }
+    }
+    for (int s = 0; s < S; ++s) {
+      if (g < groups) add_group(rows[s], g, even[s]);
+      const float scale = scalar(scales[n + s * part]);
+      for (int r = 0; r < R; ++r) y[r * N + n + s * part] = scale * horizontal_sum(_mm256_add_ps(even[s][r], odd[s][r]));
+    }
   }
 }
 
@@ -340,7 +382,10 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     const auto* sp = scales.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
       by_row_blocks(M, [&](auto block, int64_t m) {
-        dot_rows_int8<decltype(block)::value>(xq, m, K, wp, sp, n0, n1, sums.data() + m * N, N);
+        constexpr int R = decltype(block)::value;
+        in_streams<int8_streams(R)>(n0, n1, 1, [&](auto streams, int64_t first, int64_t part) {
+          dot_rows_int8<R, decltype(streams)::value>(xq, m, K, wp, sp, first, part, sums.data() + m * N, N);
+        });
       });
     });
   });
@@ -374,37 +419,42 @@ inline void group_pairs(const uint8_t* row, const int8_t* xq, int64_t g, __m256i
 
 // One activation row times 8 weight rows n .. n + 7 at once, read as one stream (the layout
 // interleaves their units), each group's 8 row sums scaled as one vector instead of one
-// horizontal sum and scalar epilogue per row. Several activation rows take the same 8 weight
-// rows one after another while those (2-6 KB) sit in L1: that beat a kernel sharing each
+// horizontal sum and scalar epilogue per row; and so for the S blocks of 8 rows starting at
+// n + s * part, side by side (S streams). Several activation rows take the same weight rows
+// one after another while those (2-6 KB a block) sit in L1: that beat a kernel sharing each
 // unit's loads across up to 4 rows but summing each row's groups one by one (0.62x its time
 // at 2 rows, 0.79x at 16).
-template <int64_t G, typename S>
-void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t* w, const S* scales,
-                     const S* zeros, int64_t n, float* y) {
+template <int64_t G, int S, typename Scale>
+void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t* w, const Scale* scales,
+                     const Scale* zeros, int64_t n, int64_t part, float* y) {
   static_assert(G <= 256, "16-bit pair sums of up to 8 x 32 columns: 8 * 2 * 15 * 127 < 32768");
   const int64_t groups = K / G;
   const int8_t* xq = x.values.data() + m * K;
   const float *dx = x.scales.data() + m * groups, *sums = x.sums.data() + m * groups,
               *rounded_sums = x.rounded_sums.data() + m * groups;
   const __m256i ones = _mm256_set1_epi16(1);
-  const uint8_t* rows = w + n * K / 2;  // unit u of row n + i at rows + 256 u + 32 i
-  __m256 total = _mm256_setzero_ps(), offset = _mm256_setzero_ps();
+  __m256 total[S], offset[S];
+  for (int s = 0; s < S; ++s) total[s] = offset[s] = _mm256_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += kGroupsPerStep<G>) {
-    const char* ahead = reinterpret_cast<const char*>(rows + g0 * G * 4) + kPrefetchBytes;  // 128 bytes per 32 columns
-    for (int64_t c = 0; c < kGroupsPerStep<G> * G * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
-    __m256i pairs[8][kGroupsPerStep<G>];
-    for (int i = 0; i < 8; ++i) group_pairs<G>(rows + i * 32, xq, g0, pairs[i]);
-    for (int64_t h = 0; h < kGroupsPerStep<G>; ++h) {
-      const int64_t g = g0 + h;
-      __m256 row_sums[8];  // exact: |sums| < 2^24
-      for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i][h], ones));
-      const __m256 row_scales = load8(scales + (n / 8 * groups + g) * 8);  // the 8 rows' side by side
-      total = _mm256_fmadd_ps(sum_each(row_sums), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total);
-      offset = _mm256_fmadd_ps(load8(zeros + (n / 8 * groups + g) * 8), _mm256_set1_ps(sums[g]), offset);
-      offset = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset);
+    for (int s = 0; s < S; ++s) {
+      const int64_t block = (n + s * part) / 8;
+      const uint8_t* rows = w + block * 4 * K;  // unit u of the block's row i at rows + 256 u + 32 i
+      const char* ahead = reinterpret_cast<const char*>(rows + g0 * G * 4) + kPrefetchBytes;  // 128 bytes per 32 columns
+      for (int64_t c = 0; c < kGroupsPerStep<G> * G * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+      __m256i pairs[8][kGroupsPerStep<G>];
+      for (int i = 0; i < 8; ++i) group_pairs<G>(rows + i * 32, xq, g0, pairs[i]);
+      for (int64_t h = 0; h < kGroupsPerStep<G>; ++h) {
+        const int64_t g = g0 + h;
+        __m256 row_sums[8];  // exact: |sums| < 2^24
+        for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i][h], ones));
+        const __m256 row_scales = load8(scales + (block * groups + g) * 8);  // the 8 rows' side by side
+        total[s] = _mm256_fmadd_ps(sum_each(row_sums), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total[s]);
+        offset[s] = _mm256_fmadd_ps(load8(zeros + (block * groups + g) * 8), _mm256_set1_ps(sums[g]), offset[s]);
+        offset[s] = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset[s]);
+      }
     }
   }
-  _mm256_storeu_ps(y + n, _mm256_add_ps(total, offset));
+  for (int s = 0; s < S; ++s) _mm256_storeu_ps(y + n + s * part, _mm256_add_ps(total[s], offset[s]));
 }
 
 // Calls body(std::integral_constant<int64_t, V>{}) for the V of Values equal to value, so that
@@ -435,8 +485,13 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     for_each_output_range(N, 8, [&](int64_t n0, int64_t n1) {
       with_constant<32, 64, 128, 256>(G, "gemv_int4: group size 32, 64, 128 or 256 expected, got ", [&](auto group) {
         constexpr int64_t kGroup = decltype(group)::value;
-        for (int64_t n = n0; n < n1; n += 8)
-          for (int64_t m = 0; m < M; ++m) dot_8_rows_int4<kGroup>(xq, m, K, wp, sp, zp, n, sums.data() + m * N);
+        auto blocks = [&](auto streams, int64_t first, int64_t part) {
+          for (int64_t n = first; n < first + part; n += 8)
+            for (int64_t m = 0; m < M; ++m)
+              dot_8_rows_int4<kGroup, decltype(streams)::value>(xq, m, K, wp, sp, zp, n, part, sums.data() + m * N);
+        };
+        if (M == 1) in_streams<kInt4Streams>(n0, n1, 8, blocks);
+        else blocks(std::integral_constant<int, 1>{}, n0, n1 - n0);
       });
     });
   });
