@@ -78,8 +78,9 @@ def test_a_dropped_stream_is_aborted_and_frees_its_kv_blocks(server):
 def test_a_client_that_gives_up_on_a_long_request_aborts_it(server):
     wait_until_idle(server)
     aborted = server.metric("lmgen_requests_total", status="abort")
+    # 2000 tokens take the tiny model about a second; the client waits a fifth of that
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", timeout=1.0,
-                   json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True})
+        httpx.post(server.url + "/v1/completions", timeout=0.2,
+                   json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True})
     assert server.wait_for_metric("lmgen_requests_total", lambda v: v == aborted + 1, status="abort") == aborted + 1
     assert server.wait_for_metric("lmgen_kv_cache_usage_ratio", lambda v: v == 0) == 0
