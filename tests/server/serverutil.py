@@ -135,7 +135,7 @@ def _wait_until_healthy(server: ServerProcess) -> None:
 @pytest.fixture(scope="session")
 def long_llama_path(tmp_path_factory) -> Path:
     """The tiny random Llama with a 2048-token context: requests that must still be running
-    when the test acts on them (disconnect, stop) ask for ~1500 tokens."""
+    when the test acts on them (disconnect, stop) ask for ~2000 tokens (about a second)."""
     import torch
     import transformers
 

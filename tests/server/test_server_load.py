@@ -62,14 +62,14 @@ def test_a_dropped_stream_is_aborted_and_frees_its_kv_blocks(server):
     wait_until_idle(server)
     baseline_usage = server.metric("lmgen_kv_cache_usage_ratio")
     aborted = server.metric("lmgen_requests_total", status="abort")
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()  # read with next(): leaving a for loop would close the connection
         num_events = 0
         while num_events < 3:
             num_events += next(lines).startswith("data:")
         assert server.metric("lmgen_kv_cache_usage_ratio") > baseline_usage  # it holds blocks now
-    # The client is gone: the request is aborted, not run to 1500 tokens.
+    # The client is gone: the request is aborted, not run to 2000 tokens.
     assert server.wait_for_metric("lmgen_requests_total", lambda v: v == aborted + 1, status="abort") == aborted + 1
     assert server.wait_for_metric("lmgen_kv_cache_usage_ratio", lambda v: v == baseline_usage) == baseline_usage
     assert server.metric("lmgen_requests_running") == 0
