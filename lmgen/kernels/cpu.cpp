@@ -72,6 +72,14 @@ inline __m256 sum_each(const __m256 v[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
+// Eight int32 vectors -> one vector of their eight sums (the int4 kernel's: one conversion to
+// float32 afterwards instead of eight before, 0.93x the time of its batch-1 steps).
+inline __m256i sum_each(const __m256i v[8]) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
 // 8 floats rounded to T's precision (to nearest even, as PyTorch's casts round), as floats:
 // what storing them as T and loading them back gives, without leaving the registers.
 inline __m256 round8(__m256 v, float) { return v; }
@@ -445,10 +453,11 @@ void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t
       for (int i = 0; i < 8; ++i) group_pairs<G>(rows + i * 32, xq, g0, pairs[i]);
       for (int64_t h = 0; h < kGroupsPerStep<G>; ++h) {
         const int64_t g = g0 + h;
-        __m256 row_sums[8];  // exact: |sums| < 2^24
-        for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i][h], ones));
+        __m256i row_sums[8];  // exact as floats: |sums| < 2^24
+        for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_madd_epi16(pairs[i][h], ones);
+        const __m256 summed = _mm256_cvtepi32_ps(sum_each(row_sums));
         const __m256 row_scales = load8(scales + (block * groups + g) * 8);  // the 8 rows' side by side
-        total[s] = _mm256_fmadd_ps(sum_each(row_sums), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total[s]);
+        total[s] = _mm256_fmadd_ps(summed, _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total[s]);
         offset[s] = _mm256_fmadd_ps(load8(zeros + (block * groups + g) * 8), _mm256_set1_ps(sums[g]), offset[s]);
         offset[s] = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset[s]);
       }
