@@ -204,6 +204,18 @@ void by_row_blocks(int64_t M, F&& rows) {
   }
 }
 
+// Calls kernel(block, streams, m, first, part) for each block of R activation rows starting at
+// row m (by_row_blocks), over the output rows [n0, n1) read in Streams(R) streams (in_streams);
+// block and streams are std::integral_constant's holding R and the stream count.
+template <auto Streams, typename F>
+void by_blocks_in_streams(int64_t M, int64_t n0, int64_t n1, F&& kernel) {
+  by_row_blocks(M, [&](auto block, int64_t m) {
+    in_streams<Streams(block())>(n0, n1, 1, [&](auto streams, int64_t first, int64_t part) {
+      kernel(block, streams, m, first, part);
+    });
+  });
+}
+
 bool is_float_type(at::ScalarType type) {
   return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
 }
@@ -243,11 +255,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   with_float_type(w.scalar_type(), "gemv", [&](auto type) {
     const auto* wp = w.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
-      by_row_blocks(M, [&](auto block, int64_t m) {
-        constexpr int R = decltype(block)::value;
-        in_streams<float_streams(R)>(n0, n1, 1, [&](auto streams, int64_t first, int64_t part) {
-          dot_rows<R, decltype(streams)::value>(xf.data() + m * K, K, wp, first, part, sums.data() + m * N, N);
-        });
+      by_blocks_in_streams<float_streams>(M, n0, n1, [&](auto block, auto streams, int64_t m, int64_t first,
+                                                         int64_t part) {
+        dot_rows<block(), streams()>(xf.data() + m * K, K, wp, first, part, sums.data() + m * N, N);
       });
     });
   });
@@ -389,11 +399,9 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   with_float_type(scales.scalar_type(), "gemv_int8", [&](auto type) {
     const auto* sp = scales.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
-      by_row_blocks(M, [&](auto block, int64_t m) {
-        constexpr int R = decltype(block)::value;
-        in_streams<int8_streams(R)>(n0, n1, 1, [&](auto streams, int64_t first, int64_t part) {
-          dot_rows_int8<R, decltype(streams)::value>(xq, m, K, wp, sp, first, part, sums.data() + m * N, N);
-        });
+      by_blocks_in_streams<int8_streams>(M, n0, n1, [&](auto block, auto streams, int64_t m, int64_t first,
+                                                        int64_t part) {
+        dot_rows_int8<block(), streams()>(xq, m, K, wp, sp, first, part, sums.data() + m * N, N);
       });
     });
   });
