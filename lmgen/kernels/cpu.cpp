@@ -137,10 +137,12 @@ void for_each_output_range(int64_t n, int64_t unit, F&& body) {
 // Weight read streams per thread (each thread's rows cut into this many parts, read side by
 // side) in products of R activation rows. Blocks of steps alternating in one engine, against
 // one stream: float32 and bfloat16 batch 1 0.85-0.94x the time with 4 (2: 0.90-0.94x, 6-8 no
-// better); bfloat16 batch 2 / 4 / 16 0.86x / 0.90x / 0.73x with 2. int8 batch 1 / 2 0.91-0.94x /
-// 0.93x with 2, but 1.11-1.13x at 4 and 16 rows, whose integer work per byte leaves no DRAM time
-// to win; int4 (8-row blocks) 0.89x with 2 at batch 1, 0.99-1.03x at 4 and 16 rows.
-constexpr int float_streams(int R) { return R == 1 ? 4 : 2; }
+// better); bfloat16 batch 2 / 4 / 16 0.86x / 0.90x / 0.73x with 2, and batch 2 0.94x with 4
+// against 2 (blocks of 4 rows with 4: 0.95x at batch 4 but 1.04x at 16, so they keep 2). int8
+// batch 1 / 2 0.91-0.94x / 0.93x with 2, but 1.11-1.13x at 4 and 16 rows, whose integer work per
+// byte leaves no DRAM time to win; int4 (8-row blocks) 0.89x with 2 at batch 1, 0.99-1.03x at 4
+// and 16 rows.
+constexpr int float_streams(int R) { return R <= 2 ? 4 : 2; }
 constexpr int int8_streams(int R) { return R <= 2 ? 2 : 1; }
 constexpr int kInt4Streams = 2;  // one activation row
 
