@@ -16,10 +16,10 @@
 // computed in float32 and rounded once (as PyTorch's half-precision products round).
 // Weights: float32, bfloat16 or float16 [N, K]; int8 [N, K] with a scale per row;
 // int4 [N, K/2] two columns per byte with a scale and a zero per group: w = (q - 8) * scale
-// + zero; N a multiple of 8, K of 64, in the int4 kernel's layout: each row's 64-column units
-// are 32 bytes, byte j holding the unit's column j (low nibble) and j + 32 (high), so that one
-// load and two masks give 64 levels in column order; each 8 rows' units interleaved, unit order
-// (unit 0 of rows 0-7, unit 1 of rows 0-7, ...), so that reading 8 rows at once is one stream;
+// + zero; N a multiple of 8, in the int4 kernel's layout: each 8 rows' 8-column chunks are 32
+// bytes, lane i (bytes 4i .. 4i + 3) holding row i's chunk, byte j its column j (low nibble) and
+// j + 4 (high), so that one load and two masks give 4 columns of 8 rows side by side; chunks in
+// column order, so that reading 8 rows at once is one stream and a group's bytes are contiguous;
 // and their scales and zeros [N/8, groups, 8] likewise, so that a group's 8 are one vector.
 
 #include <ATen/Parallel.h>
@@ -70,14 +70,6 @@ inline __m256 sum_each(const __m256 v[8]) {
   const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
   const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-
-// Eight int32 vectors -> one vector of their eight sums (the int4 kernel's: one conversion to
-// float32 afterwards instead of eight before, 0.93x the time of its batch-1 steps).
-inline __m256i sum_each(const __m256i v[8]) {
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
 // 8 floats rounded to T's precision (to nearest even, as PyTorch's casts round), as floats:
@@ -303,14 +295,6 @@ inline __m256i quantize_block(const float* x, __m256 inverse, __m256i& sum) {
   return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// The levels of a 64-column unit (32 bytes, see the layout above): columns 0-31 and 32-63.
-inline void unit_levels(const uint8_t* unit, __m256i& low, __m256i& high) {
-  const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit));
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  low = _mm256_and_si256(packed, mask);
-  high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-}
-
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   const int64_t groups = M * K / G;
   QuantizedRows q{std::vector<int8_t>(M * K), std::vector<float>(groups), std::vector<float>(groups),
@@ -410,67 +394,58 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return rounded_output(sums, x, N);
 }
 
-// Groups a step of the int4 kernels covers: a 64-column unit holds two groups of 32 (its low
-// nibbles the even group, its high ones the odd), which are read together.
-template <int64_t G>
-constexpr int64_t kGroupsPerStep = G == 32 ? 2 : 1;
+// x's 4 int8 values at p in every 32-bit lane (one broadcast load).
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, sizeof four);
+  return _mm256_set1_epi32(four);
+}
 
-// The 16-bit pair sums of one weight row's levels with x's row xq for groups g .. g +
-// kGroupsPerStep<G> - 1, into pairs[0 ..): G = 32, one unit; else G / 64 units.
+// The dot products of 8 weight rows' levels with x's quantized values xq over G columns, as int32s
+// (lane i: row i): `chunks` points at the 8 rows' first 8-column chunk of those columns. Each
+// chunk's lane i holds row i's 8 levels, so each vpmaddubsw takes x's same 4 columns broadcast to
+// every lane and the sums land one row per lane: no horizontal sums.
 template <int64_t G>
-inline void group_pairs(const uint8_t* row, const int8_t* xq, int64_t g, __m256i (&pairs)[kGroupsPerStep<G>]) {
-  auto x_at = [&](int64_t column) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + column)); };
-  __m256i low, high;
-  if constexpr (G == 32) {
-    unit_levels(row + g / 2 * 256, low, high);
-    pairs[0] = _mm256_maddubs_epi16(low, x_at(g * 32));
-    pairs[1] = _mm256_maddubs_epi16(high, x_at(g * 32 + 32));
-  } else {
-    pairs[0] = _mm256_setzero_si256();
-    for (int64_t u = g * G / 64; u < (g + 1) * G / 64; ++u) {
-      unit_levels(row + u * 256, low, high);
-      pairs[0] = _mm256_add_epi16(pairs[0], _mm256_add_epi16(_mm256_maddubs_epi16(low, x_at(u * 64)),
-                                                             _mm256_maddubs_epi16(high, x_at(u * 64 + 32))));
+inline __m256i int4_group_sums(const uint8_t* chunks, const int8_t* xq) {
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i sums = _mm256_setzero_si256();
+  for (int64_t c = 0; c < G; c += 32) {  // 16-bit pair sums of 32 columns: 8 * 2 * 15 * 127 < 32768
+    __m256i low = _mm256_setzero_si256(), high = _mm256_setzero_si256();
+    for (int64_t k = c; k < c + 32; k += 8) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunks + k * 4));
+      low = _mm256_add_epi16(low, _mm256_maddubs_epi16(_mm256_and_si256(packed, mask), broadcast4(xq + k)));
+      high = _mm256_add_epi16(
+          high, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 4), mask), broadcast4(xq + k + 4)));
     }
+    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_add_epi16(low, high), ones));
   }
+  return sums;
 }
 
 // One activation row times 8 weight rows n .. n + 7 at once, read as one stream (the layout
-// interleaves their units), each group's 8 row sums scaled as one vector instead of one
-// horizontal sum and scalar epilogue per row; and so for the S blocks of 8 rows starting at
-// n + s * part, side by side (S streams). Several activation rows take the same weight rows
-// one after another while those (2-6 KB a block) sit in L1: that beat a kernel sharing each
-// unit's loads across up to 4 rows but summing each row's groups one by one (0.62x its time
-// at 2 rows, 0.79x at 16).
+// interleaves their chunks), each group's 8 row sums scaled as one vector; and so for the S
+// blocks of 8 rows starting at n + s * part, side by side (S streams). Several activation rows
+// take the same weight rows one after another while those (2-6 KB a block) sit in L1.
 template <int64_t G, int S, typename Scale>
 void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t* w, const Scale* scales,
                      const Scale* zeros, int64_t n, int64_t part, float* y) {
-  static_assert(G <= 256, "16-bit pair sums of up to 8 x 32 columns: 8 * 2 * 15 * 127 < 32768");
   const int64_t groups = K / G;
   const int8_t* xq = x.values.data() + m * K;
   const float *dx = x.scales.data() + m * groups, *sums = x.sums.data() + m * groups,
               *rounded_sums = x.rounded_sums.data() + m * groups;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 total[S], offset[S];
   for (int s = 0; s < S; ++s) total[s] = offset[s] = _mm256_setzero_ps();
-  for (int64_t g0 = 0; g0 < groups; g0 += kGroupsPerStep<G>) {
+  for (int64_t g = 0; g < groups; ++g) {
     for (int s = 0; s < S; ++s) {
       const int64_t block = (n + s * part) / 8;
-      const uint8_t* rows = w + block * 4 * K;  // unit u of the block's row i at rows + 256 u + 32 i
-      const char* ahead = reinterpret_cast<const char*>(rows + g0 * G * 4) + kPrefetchBytes;  // 128 bytes per 32 columns
-      for (int64_t c = 0; c < kGroupsPerStep<G> * G * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
-      __m256i pairs[8][kGroupsPerStep<G>];
-      for (int i = 0; i < 8; ++i) group_pairs<G>(rows + i * 32, xq, g0, pairs[i]);
-      for (int64_t h = 0; h < kGroupsPerStep<G>; ++h) {
-        const int64_t g = g0 + h;
-        __m256i row_sums[8];  // exact as floats: |sums| < 2^24
-        for (int i = 0; i < 8; ++i) row_sums[i] = _mm256_madd_epi16(pairs[i][h], ones);
-        const __m256 summed = _mm256_cvtepi32_ps(sum_each(row_sums));
-        const __m256 row_scales = load8(scales + (block * groups + g) * 8);  // the 8 rows' side by side
-        total[s] = _mm256_fmadd_ps(summed, _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total[s]);
-        offset[s] = _mm256_fmadd_ps(load8(zeros + (block * groups + g) * 8), _mm256_set1_ps(sums[g]), offset[s]);
-        offset[s] = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset[s]);
-      }
+      const uint8_t* chunks = w + block * 4 * K + g * G * 4;  // a group of the block's 8 rows: 4 G bytes
+      const char* ahead = reinterpret_cast<const char*>(chunks) + kPrefetchBytes;
+      for (int64_t c = 0; c < G * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+      const __m256 summed = _mm256_cvtepi32_ps(int4_group_sums<G>(chunks, xq + g * G));  // exact: |sums| < 2^24
+      const __m256 row_scales = load8(scales + (block * groups + g) * 8);  // the 8 rows' side by side
+      total[s] = _mm256_fmadd_ps(summed, _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total[s]);
+      offset[s] = _mm256_fmadd_ps(load8(zeros + (block * groups + g) * 8), _mm256_set1_ps(sums[g]), offset[s]);
+      offset[s] = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset[s]);
     }
   }
   for (int s = 0; s < S; ++s) _mm256_storeu_ps(y + n + s * part, _mm256_add_ps(total[s], offset[s]));
@@ -494,8 +469,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const std::vector<float> xf = float_rows(x, K, "gemv_int4");
   TORCH_CHECK(K % groups == 0, "gemv_int4: the groups must divide the columns");
   const int64_t M = x.size(0), N = w.size(0), G = K / groups;
-  TORCH_CHECK(N % 8 == 0 && K % 64 == 0, "gemv_int4: the kernel's layout takes rows in groups of 8 and "
-              "columns in units of 64, got ", N, " x ", K);
+  TORCH_CHECK(N % 8 == 0, "gemv_int4: the kernel's layout takes rows in groups of 8, got ", N);
   const QuantizedRows xq = quantize_rows(xf.data(), M, K, G);
   std::vector<float> sums(M * N);
   const uint8_t* wp = w.data_ptr<uint8_t>();

@@ -15,11 +15,12 @@ hold and loading fills (for the row ``n`` of a weight [N, K]):
 - int4: ``weight`` uint8 [N, K/2], two columns per byte (column 2j in the low nibble),
   ``scales`` and ``zeros`` [N, K/group_size]:  w = (q - 8) * scale[n, g] + zero[n, g]
 
-lmgen's int8 kernel reads the storage form as it is; its int4 kernel wants each row's
-64-column units with columns j and j + 32 in one byte (one load and two masks give 64
-levels in order) and each 8 rows' units and group scales and zeros interleaved
-(``interleave_int4``: it works on 8 rows at once, and so reads one stream and loads each
-group's 8 scales as one vector). PyTorch's int4 kernel wants its own layout, which
+lmgen's int8 kernel reads the storage form as it is; its int4 kernel works on 8 rows at
+once and wants their 8-column chunks side by side, 4 bytes a row holding its columns j
+(low nibble) and j + 4 (high), and their group scales and zeros likewise
+(``interleave_int4``): one load and two masks give 4 columns of all 8 rows, so each
+product lands one row per lane (no horizontal sums), the 8 rows are one stream, and a
+group's 8 scales are one vector. PyTorch's int4 kernel wants its own layout, which
 depends on the CPU's vector width. ``Int4Linear.pack`` rearranges the storage form for
 whichever kernel will read it, once the weights are in; checkpoints are written from the
 storage form. The LM head and the embedding table (one tensor when tied) are int8 in
@@ -52,9 +53,9 @@ QUANTIZATION_METHODS = ("int8", "int4")
 #: The group sizes PyTorch's int4 kernel accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 64
-#: lmgen's int4 kernel works on this many weight rows at once, and reads this many columns of a row at
-#: once (their layout: interleave_int4).
-INT4_KERNEL_ROWS, INT4_KERNEL_COLUMNS = 8, 64
+#: lmgen's int4 kernel works on this many weight rows at once, in chunks of this many columns (their
+#: layout: interleave_int4).
+INT4_KERNEL_ROWS, INT4_KERNEL_COLUMNS = 8, 8
 #: ``quantization_config.quant_method`` of the checkpoints lmgen writes.
 CHECKPOINT_QUANT_METHOD = "lmgen"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -175,14 +176,14 @@ def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
 
 def interleave_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Storage form -> lmgen's int4 kernel layout (same shapes; N a multiple of 8, K of 64). Each row's
-    64-column units become 32 bytes, byte j holding the unit's column j (low nibble) and j + 32 (high);
-    in each group of 8 rows, unit u of rows 0-7 comes before unit u + 1; the 8 rows' scales (and zeros) of
-    group g lie side by side likewise."""
+    """Storage form -> lmgen's int4 kernel layout (same shapes; N a multiple of 8). Each row's 8-column
+    chunks become 4 bytes, byte j holding the chunk's column j (low nibble) and j + 4 (high); in each
+    group of 8 rows, chunk c of rows 0-7 (32 bytes) comes before chunk c + 1; the 8 rows' scales (and
+    zeros) of group g lie side by side likewise."""
     rows = nibbles.shape[0]
     halves = unpack_int4(nibbles).view(rows, -1, 2, INT4_KERNEL_COLUMNS // 2)
-    units = (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(rows, -1)
-    return (_interleave_rows(units, INT4_KERNEL_COLUMNS // 2), _interleave_rows(scales, 1),
+    chunks = (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(rows, -1)
+    return (_interleave_rows(chunks, INT4_KERNEL_COLUMNS // 2), _interleave_rows(scales, 1),
             _interleave_rows(zeros, 1))
 
 
@@ -348,8 +349,7 @@ class Int4Linear(QuantizedLinear):
 
     method = "int4"
     # PyTorch's kernels take output sizes that are multiples of 16 (its CUDA one 8, but one rule
-    # serves both), lmgen's multiples of 8 with inputs in units of 64 (INT4_KERNEL_ROWS, _COLUMNS);
-    # other layers dequantize.
+    # serves both), lmgen's multiples of 8 (INT4_KERNEL_ROWS); other layers dequantize.
     _KERNEL_ROW_MULTIPLE = 16
     lmgen_layout = False  # until pack() interleaves the storage form
 
@@ -371,8 +371,7 @@ class Int4Linear(QuantizedLinear):
         fast as PyTorch's kernel. Else PyTorch's layout for the device (its CPU one depends on
         the vector width; its CUDA one, tinygemm's, on the tiles of K it reads at once).
         """
-        if (kernels.serve(self.weight.device) and self.out_features % INT4_KERNEL_ROWS == 0
-                and self.in_features % INT4_KERNEL_COLUMNS == 0):
+        if kernels.serve(self.weight.device) and self.out_features % INT4_KERNEL_ROWS == 0:
             storage = self.weight, self.scales, self.zeros
             for tensor, interleaved in zip(storage, interleave_int4(*(t.data for t in storage))):
                 tensor.data.copy_(interleaved)

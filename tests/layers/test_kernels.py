@@ -73,9 +73,10 @@ def _int4_product(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, 
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("groups", [3, 4])
 @pytest.mark.parametrize("rows", ROWS)
-def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(group_size, rows):
-    x, weight = _inputs(rows, out_features=200, in_features=512)  # 25 blocks of 8 rows: some left over
+def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(group_size, groups, rows):
+    x, weight = _inputs(rows, out_features=200, in_features=groups * group_size)  # 25 blocks of 8 rows: 1 left over
     nibbles, scales, zeros = quantize_int4(weight, group_size)
     out = torch.ops.lmgen.gemv_int4(x, *interleave_int4(nibbles, scales, zeros))
     assert torch.allclose(out, _int4_product(x, nibbles, scales, zeros), rtol=1e-5, atol=1e-4)
@@ -83,13 +84,13 @@ def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(g
     _assert_rounding_x_costs_at_most(out, x, dequantize_int4(nibbles, scales, zeros), 6)
 
 
-def test_the_int4_kernel_layout_pairs_columns_j_and_j_plus_32_and_interleaves_8_rows():
-    nibbles = torch.randint(0, 256, (16, 64), dtype=torch.uint8)  # 16 rows of 2 units (128 columns)
+def test_the_int4_kernel_layout_pairs_columns_j_and_j_plus_4_and_interleaves_8_rows_per_chunk():
+    nibbles = torch.randint(0, 256, (16, 64), dtype=torch.uint8)  # 16 rows of 16 chunks (128 columns)
     scales, zeros = torch.randn(16, 3), torch.randn(16, 3)  # 3 groups
     interleaved, scales_il, zeros_il = interleave_int4(nibbles, scales, zeros)
     levels = unpack_int4(nibbles)
-    unit = interleaved.view(2, 2, 8, 32)[1, 1, 5]  # rows 8-15, unit 1, row 13
-    assert torch.equal(unit & 0xF, levels[13, 64:96]) and torch.equal(unit >> 4, levels[13, 96:])
+    lane = interleaved.view(2, 16, 8, 4)[1, 9, 5]  # rows 8-15, chunk 9 (columns 72-79), row 13
+    assert torch.equal(lane & 0xF, levels[13, 72:76]) and torch.equal(lane >> 4, levels[13, 76:80])
     assert torch.equal(scales_il.view(2, 3, 8)[1, 2], scales[8:, 2])  # rows 8-15: group 2's scales side by side
     assert torch.equal(zeros_il.view(2, 3, 8)[0, 1], zeros[:8, 1])
     for restored, original in zip(deinterleave_int4(interleaved, scales_il, zeros_il), (nibbles, scales, zeros)):
@@ -150,10 +151,9 @@ def test_kernel_errors_name_the_problem():
         torch.ops.lmgen.gemv(torch.randn(1, 64, dtype=torch.float64), torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="columns"):
         torch.ops.lmgen.gemv(torch.randn(1, 64), torch.randn(8, 96))
-    for rows, columns in ((12, 64), (8, 96)):  # rows in groups of 8, columns in units of 64
-        nibbles, scales, zeros = quantize_int4(torch.randn(rows, columns), 32)
-        with pytest.raises(RuntimeError, match="groups of 8 and columns in units of 64"):
-            torch.ops.lmgen.gemv_int4(torch.randn(1, columns), nibbles, scales, zeros)
+    nibbles, scales, zeros = quantize_int4(torch.randn(12, 64), 32)
+    with pytest.raises(RuntimeError, match="rows in groups of 8"):
+        torch.ops.lmgen.gemv_int4(torch.randn(1, 64), nibbles, scales, zeros)
 
 
 def test_lmgen_cpu_kernels_0_turns_them_off():

@@ -93,9 +93,9 @@ def test_int4_layer_the_kernel_cannot_take_dequantizes_instead(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.loaded, reason="lmgen's CPU kernels did not build here")
-def test_int4_layer_lmgen_kernel_cannot_take_runs_on_pytorch_kernel():
-    layer, dequantized = _quantized_linear(96, 48, QuantConfig("int4", 32))  # 96 inputs: not units of 64
-    assert not layer.lmgen_layout and layer.use_kernel
+def test_int4_layer_whose_width_is_not_units_of_64_runs_on_lmgen_kernel():
+    layer, dequantized = _quantized_linear(96, 48, QuantConfig("int4", 32))  # 3 groups of 32 columns
+    assert layer.lmgen_layout
     x = torch.randn(3, 96)
     expected = F.linear(x, dequantized, layer.bias)
     assert (layer(x) - expected).norm() < 0.015 * expected.norm()
