@@ -190,17 +190,10 @@ def interleave_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 def deinterleave_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """lmgen's int4 kernel layout -> the storage form (interleave_int4 undone)."""
-    levels, scales, zeros = _kernel_layout_levels(nibbles, scales, zeros)
-    return pack_int4(levels), scales, zeros
-
-
-def _kernel_layout_levels(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lmgen's int4 kernel layout -> levels uint8 [N, K] in column order, scales and zeros [N, groups]."""
     rows = nibbles.shape[0]
-    units = _deinterleave_rows(nibbles, INT4_KERNEL_COLUMNS // 2).view(rows, -1, 1, INT4_KERNEL_COLUMNS // 2)
-    levels = torch.cat([units & 0xF, units >> 4], dim=2).view(rows, -1)
-    return levels, _deinterleave_rows(scales, 1), _deinterleave_rows(zeros, 1)
+    chunks = _deinterleave_rows(nibbles, INT4_KERNEL_COLUMNS // 2).view(rows, -1, 1, INT4_KERNEL_COLUMNS // 2)
+    levels = torch.cat([chunks & 0xF, chunks >> 4], dim=2).view(rows, -1)
+    return pack_int4(levels), _deinterleave_rows(scales, 1), _deinterleave_rows(zeros, 1)
 
 
 def _interleave_rows(t: torch.Tensor, unit: int) -> torch.Tensor:
@@ -217,12 +210,8 @@ def _deinterleave_rows(t: torch.Tensor, unit: int) -> torch.Tensor:
 
 def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """The float32 weight [N, K] that int4 storage stands for."""
-    return _dequantize_levels(unpack_int4(nibbles), scales, zeros)
-
-
-def _dequantize_levels(levels: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     rows, groups = scales.shape
-    grouped = levels.float().view(rows, groups, -1) - 8
+    grouped = unpack_int4(nibbles).float().view(rows, groups, -1) - 8
     return (grouped * scales.float()[..., None] + zeros.float()[..., None]).view(rows, -1)
 
 
@@ -400,8 +389,8 @@ class Int4Linear(QuantizedLinear):
         return product(rows, self.packed_weight, self.group_size, self.scales_and_zeros)
 
     def _dequantized(self) -> torch.Tensor:
-        if self.lmgen_layout:  # straight from the kernel layout's levels: no storage form in between
-            return _dequantize_levels(*_kernel_layout_levels(self.weight, self.scales, self.zeros))
+        if self.lmgen_layout:
+            return torch.ops.lmgen.dequantize_int4(self.weight, self.scales, self.zeros)
         return dequantize_int4(self.weight, self.scales, self.zeros)
 
 

@@ -84,6 +84,15 @@ def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(g
     _assert_rounding_x_costs_at_most(out, x, dequantize_int4(nibbles, scales, zeros), 6)
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 256])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_int4_from_the_kernel_layout_equals_the_storage_forms_dequantization(group_size, scale_dtype):
+    nibbles, scales, zeros = quantize_int4(torch.randn(200, 3 * group_size), group_size)
+    scales, zeros = scales.to(scale_dtype), zeros.to(scale_dtype)
+    expected = dequantize_int4(nibbles, scales, zeros)
+    assert torch.equal(torch.ops.lmgen.dequantize_int4(*interleave_int4(nibbles, scales, zeros)), expected)
+
+
 def test_the_int4_kernel_layout_pairs_columns_j_and_j_plus_4_and_interleaves_8_rows_per_chunk():
     nibbles = torch.randint(0, 256, (16, 64), dtype=torch.uint8)  # 16 rows of 16 chunks (128 columns)
     scales, zeros = torch.randn(16, 3), torch.randn(16, 3)  # 3 groups
