@@ -961,21 +961,33 @@ struct DecodeLayers : torch::CustomClassHolder {
   }
 };
 
-// Each token's K or V heads [T, KVH, D] (each token's heads contiguous) into its slot of the cache
-// [blocks, block_size, KVH, D]: what index_copy_ does, without its 15 us of dispatch per call.
-void write_cache(const at::Tensor& cache, const at::Tensor& slot_mapping, const at::Tensor& heads) {
-  const int64_t row = heads.size(1) * heads.size(2), bytes = row * heads.element_size();
-  TORCH_CHECK(heads.scalar_type() == cache.scalar_type() && heads.stride(2) == 1 && heads.stride(1) == heads.size(2) &&
-                  cache.is_contiguous() && slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
-              "decode_layers: the K/V heads must fit the cache");
+// A layer's q/k/v rows qkv [T, (H + 2 KVH) D] (q heads, then k, then v): q rotated into q [T, H, D], k
+// rotated and v copied straight into each token's slot of the caches [blocks, block_size, KVH, D]:
+// what rotary, then index_copy_ of k and of v into the caches do, without the views in between and
+// their ~1-2 us of dispatch each.
+void rotate_into_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                       const at::Tensor& slot_mapping, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& q) {
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(2), stride = qkv.stride(0);
+  TORCH_CHECK(qkv.scalar_type() == k_cache.scalar_type() && qkv.stride(1) == 1 && qkv.size(1) == (H + 2 * KVH) * D &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(),
+              "decode_layers: the q/k/v rows, rotary tables and caches must fit one another");
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  auto* base = static_cast<char*>(cache.data_ptr());
-  const auto* source = static_cast<const char*>(heads.data_ptr());
-  const int64_t slots_in_cache = cache.numel() / row;
-  for (int64_t t = 0; t < heads.size(0); ++t) {
-    TORCH_CHECK(0 <= slots[t] && slots[t] < slots_in_cache, "decode_layers: slot ", slots[t], " is not in the cache");
-    std::memcpy(base + slots[t] * bytes, source + t * heads.stride(0) * heads.element_size(), bytes);
-  }
+  const int64_t slots_in_cache = k_cache.numel() / (KVH * D);
+  with_float_type(qkv.scalar_type(), "decode_layers", [&](auto type) {
+    using E = decltype(type);
+    const E *x = qkv.data_ptr<E>(), *c = cos.data_ptr<E>(), *s = sin.data_ptr<E>();
+    E *kc = k_cache.data_ptr<E>(), *vc = v_cache.data_ptr<E>();
+    rotate_rows(x, stride, c, s, q.data_ptr<E>(), T, H, D);
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(0 <= slots[t] && slots[t] < slots_in_cache, "decode_layers: slot ", slots[t], " is not in the cache");
+      const E* row = x + t * stride;
+      rotate_rows(row + H * D, stride, c + t * D, s + t * D, kc + slots[t] * KVH * D, 1, KVH, D);
+      std::memcpy(vc + slots[t] * KVH * D, row + (H + KVH) * D, KVH * D * sizeof(E));
+    }
+  });
 }
 
 at::Tensor product(const at::Tensor& x, const OptionalTensors& tensors, int64_t first) {
@@ -994,9 +1006,9 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
   const OptionalTensors& tensors = model.tensors;
   const int64_t layers = static_cast<int64_t>(model.k_caches.size()), T = x.size(0), num_heads = model.num_heads,
                 num_kv_heads = model.num_kv_heads;
-  const int64_t D = model.k_caches[0].size(3), q_width = num_heads * D, kv_width = num_kv_heads * D;
+  const int64_t D = model.k_caches[0].size(3), q_width = num_heads * D;
   const double eps = model.eps;
-  at::Tensor hidden = x, residual, normed;
+  at::Tensor hidden = x, residual, normed, q = at::empty({T, num_heads, D}, x.options());
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t base = l * kTensorsPerLayer, linears = base + 2;
     if (l == 0) {
@@ -1005,13 +1017,9 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     } else {
       std::tie(normed, residual) = add_rms_norm(hidden, residual, *tensors.get(base), eps);
     }
-    const at::Tensor qkv = product(normed, tensors, linears);
-    const at::Tensor qk = rotary(qkv.narrow(1, 0, q_width + kv_width).view({T, num_heads + num_kv_heads, D}), cos, sin);
-    const at::Tensor v = qkv.narrow(1, q_width + kv_width, kv_width).view({T, num_kv_heads, D});
-    write_cache(model.k_caches[l], slot_mapping, qk.narrow(1, num_heads, num_kv_heads));
-    write_cache(model.v_caches[l], slot_mapping, v);
-    const at::Tensor attended = decode_attention(qk.narrow(1, 0, num_heads), model.k_caches[l], model.v_caches[l],
-                                                 block_tables, seq_lens, model.scale, model.windows[l]);
+    rotate_into_cache(product(normed, tensors, linears), cos, sin, slot_mapping, model.k_caches[l], model.v_caches[l], q);
+    const at::Tensor attended = decode_attention(q, model.k_caches[l], model.v_caches[l], block_tables, seq_lens,
+                                                 model.scale, model.windows[l]);
     const at::Tensor out = product(attended.view({T, q_width}), tensors, linears + kTensorsPerLinear);
     std::tie(normed, residual) = add_rms_norm(out, residual, *tensors.get(base + 1), eps);
     const at::Tensor gate_up = product(normed, tensors, linears + 2 * kTensorsPerLinear);
