@@ -163,6 +163,11 @@ def test_kernel_errors_name_the_problem():
     nibbles, scales, zeros = quantize_int4(torch.randn(12, 64), 32)
     with pytest.raises(RuntimeError, match="rows in groups of 8"):
         torch.ops.lmgen.gemv_int4(torch.randn(1, 64), nibbles, scales, zeros)
+    with pytest.raises(RuntimeError, match="dequantize_int4: the weight must be .* in the int4 kernel's layout"):
+        torch.ops.lmgen.dequantize_int4(nibbles, scales, zeros)  # 12 rows: not blocks of 8
+    nibbles, scales, zeros = quantize_int4(torch.randn(16, 64), 32)
+    with pytest.raises(RuntimeError, match="dequantize_int4: scales and zeros"):
+        torch.ops.lmgen.dequantize_int4(nibbles, scales, zeros[:, :1])
 
 
 def test_lmgen_cpu_kernels_0_turns_them_off():
