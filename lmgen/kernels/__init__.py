@@ -134,5 +134,6 @@ def _register_shapes() -> None:
         torch.library.register_fake(f"lmgen::{name}")(lambda x, *_: x.new_empty(x.shape))
     torch.library.register_fake("lmgen::add_rms_norm")(lambda x, *_: (x.new_empty(x.shape), x.new_empty(x.shape)))
     torch.library.register_fake("lmgen::silu_and_mul")(lambda x: x.new_empty(*x.shape[:-1], x.shape[-1] // 2))
+    torch.library.register_fake("lmgen::dequantize_int8")(lambda w, _: w.new_empty(w.shape, dtype=torch.float32))
     torch.library.register_fake("lmgen::dequantize_int4")(
         lambda w, *_: w.new_empty(w.shape[0], 2 * w.shape[1], dtype=torch.float32))

@@ -491,6 +491,36 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return rounded_output(sums, x, N);
 }
 
+// The float32 weight [N, K] that int8 weights stand for, w = q * scale (one rounding, as PyTorch's
+// q.float() * scale), in one pass for prefill's float GEMM where PyTorch takes two and a temporary.
+at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "dequantize_int8: the weight must be a contiguous int8 matrix");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0) && scales.is_contiguous(),
+              "dequantize_int8: one scale per weight row");
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
+  const int8_t* wp = w.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+  with_float_type(scales.scalar_type(), "dequantize_int8", [&](auto type) {
+    const auto* sp = scales.data_ptr<decltype(type)>();
+    at::parallel_for(0, N, 8, [&](int64_t first, int64_t last) {
+      for (int64_t n = first; n < last; ++n) {
+        const __m256 scale = _mm256_set1_ps(scalar(sp[n]));
+        const int8_t* row = wp + n * K;
+        float* dst = op + n * K;
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+          const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+          _mm256_storeu_ps(dst + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), scale));
+        }
+        for (; k < K; ++k) dst[k] = static_cast<float>(row[k]) * scalar(sp[n]);
+      }
+    });
+  });
+  return out;
+}
+
 // The float32 weight [N, K] that int4 weights in the kernel's layout stand for: w = (q - 8) * scale +
 // zero, rounded as PyTorch rounds that formula (a product, then a sum). Products of more rows than
 // these kernels take run on PyTorch's float GEMM, which wants the weight so; one pass here instead
@@ -1036,6 +1066,7 @@ TORCH_LIBRARY(lmgen, m) {
   m.def("gemv(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
+  m.def("dequantize_int8(Tensor w, Tensor scales) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scales, Tensor zeros) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, int window) -> Tensor");
@@ -1055,6 +1086,7 @@ TORCH_LIBRARY_IMPL(lmgen, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
+  m.impl("dequantize_int8", &dequantize_int8);
   m.impl("dequantize_int4", &dequantize_int4);
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);

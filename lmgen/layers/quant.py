@@ -315,6 +315,8 @@ class Int8Linear(QuantizedLinear):
         return torch._weight_int8pack_mm(rows, self.weight, self.scales)
 
     def _dequantized(self) -> torch.Tensor:
+        if kernels.serve(self.weight.device):
+            return torch.ops.lmgen.dequantize_int8(self.weight, self.scales)
         return self.weight.float() * self.scales.float()[:, None]
 
 

@@ -84,6 +84,14 @@ def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(g
     _assert_rounding_x_costs_at_most(out, x, dequantize_int4(nibbles, scales, zeros), 6)
 
 
+@pytest.mark.parametrize("in_features", [64, 100])  # 100: columns left over after the vectors of 8
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_int8_equals_pytorchs_product_of_levels_and_scales(in_features, scale_dtype):
+    q, scales = quantize_int8(torch.randn(200, in_features))
+    scales = scales.to(scale_dtype)
+    assert torch.equal(torch.ops.lmgen.dequantize_int8(q, scales), q.float() * scales.float()[:, None])
+
+
 @pytest.mark.parametrize("group_size", [32, 64, 256])
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
 def test_dequantize_int4_from_the_kernel_layout_equals_the_storage_forms_dequantization(group_size, scale_dtype):
@@ -163,6 +171,8 @@ def test_kernel_errors_name_the_problem():
     nibbles, scales, zeros = quantize_int4(torch.randn(12, 64), 32)
     with pytest.raises(RuntimeError, match="rows in groups of 8"):
         torch.ops.lmgen.gemv_int4(torch.randn(1, 64), nibbles, scales, zeros)
+    with pytest.raises(RuntimeError, match="dequantize_int8: one scale per weight row"):
+        torch.ops.lmgen.dequantize_int8(*quantize_int8(torch.randn(8, 64))[:1], torch.ones(7))
     with pytest.raises(RuntimeError, match="dequantize_int4: the weight must be .* in the int4 kernel's layout"):
         torch.ops.lmgen.dequantize_int4(nibbles, scales, zeros)  # 12 rows: not blocks of 8
     nibbles, scales, zeros = quantize_int4(torch.randn(16, 64), 32)
