@@ -372,11 +372,16 @@ void dot_rows_int8(const QuantizedRows& x, int64_t m0, int64_t K, const int8_t* 
   }
 }
 
+// An int8 weight and its scales as op's kernel reads them.
+void check_int8_weight(const at::Tensor& w, const at::Tensor& scales, const char* op) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), op,
+              ": the weight must be a contiguous int8 matrix");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0) && scales.is_contiguous(), op,
+              ": one scale per weight row");
+}
+
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
-              "gemv_int8: the weight must be a contiguous int8 matrix");
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0) && scales.is_contiguous(),
-              "gemv_int8: one scale per weight row");
+  check_int8_weight(w, scales, "gemv_int8");
   const std::vector<float> xf = float_rows(x, w.size(1), "gemv_int8");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const QuantizedRows xq = quantize_rows(xf.data(), M, K, kInt8Group);
@@ -459,17 +464,23 @@ void with_constant(int64_t value, const char* error, F&& body) {
   TORCH_CHECK(found, error, value);
 }
 
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "gemv_int4: the weight must be a contiguous uint8 matrix (two columns per byte)");
+// An int4 weight in the kernel's layout and its scales and zeros as op's kernel reads them.
+void check_int4_weight(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros, const char* op) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), op,
+              ": the weight must be a contiguous uint8 matrix (two columns per byte)");
+  TORCH_CHECK(w.size(0) % 8 == 0, op, ": the weight must be a contiguous uint8 matrix in the int4 kernel's layout, ",
+              "which takes rows in groups of 8, got ", w.size(0));
   TORCH_CHECK(scales.dim() == 2 && scales.sizes() == zeros.sizes() && scales.size(0) == w.size(0) &&
                   scales.is_contiguous() && zeros.is_contiguous() && scales.scalar_type() == zeros.scalar_type(),
-              "gemv_int4: scales and zeros must be [N, groups] matrices of one dtype");
+              op, ": scales and zeros must be [N, groups] matrices of one dtype");
+  TORCH_CHECK(scales.size(1) > 0 && w.size(1) * 2 % scales.size(1) == 0, op, ": the groups must divide the columns");
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
+  check_int4_weight(w, scales, zeros, "gemv_int4");
   const int64_t K = w.size(1) * 2, groups = scales.size(1);
   const std::vector<float> xf = float_rows(x, K, "gemv_int4");
-  TORCH_CHECK(K % groups == 0, "gemv_int4: the groups must divide the columns");
   const int64_t M = x.size(0), N = w.size(0), G = K / groups;
-  TORCH_CHECK(N % 8 == 0, "gemv_int4: the kernel's layout takes rows in groups of 8, got ", N);
   const QuantizedRows xq = quantize_rows(xf.data(), M, K, G);
   std::vector<float> sums(M * N);
   const uint8_t* wp = w.data_ptr<uint8_t>();
@@ -494,10 +505,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 // The float32 weight [N, K] that int8 weights stand for, w = q * scale (one rounding, as PyTorch's
 // q.float() * scale), in one pass for prefill's float GEMM where PyTorch takes two and a temporary.
 at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scales) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
-              "dequantize_int8: the weight must be a contiguous int8 matrix");
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0) && scales.is_contiguous(),
-              "dequantize_int8: one scale per weight row");
+  check_int8_weight(w, scales, "dequantize_int8");
   const int64_t N = w.size(0), K = w.size(1);
   at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -527,13 +535,9 @@ at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scales) {
 // of unpacking and reordering it with a dozen PyTorch operators (42 vs 256 ms for bench-125m's 120
 // layers).
 at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(0) % 8 == 0,
-              "dequantize_int4: the weight must be a contiguous uint8 matrix in the int4 kernel's layout");
-  TORCH_CHECK(scales.dim() == 2 && scales.sizes() == zeros.sizes() && scales.size(0) == w.size(0) &&
-                  scales.is_contiguous() && zeros.is_contiguous() && scales.scalar_type() == zeros.scalar_type(),
-              "dequantize_int4: scales and zeros must be [N, groups] matrices of one dtype");
+  check_int4_weight(w, scales, zeros, "dequantize_int4");
   const int64_t N = w.size(0), K = w.size(1) * 2, groups = scales.size(1);
-  TORCH_CHECK(K % groups == 0 && (K / groups) % 8 == 0, "dequantize_int4: groups of whole 8-column chunks expected");
+  TORCH_CHECK((K / groups) % 8 == 0, "dequantize_int4: groups of whole 8-column chunks expected");
   const int64_t G = K / groups;
   at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
