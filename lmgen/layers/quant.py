@@ -328,7 +328,7 @@ class Int8Embedding(Int8Linear):
         self.out_dtype = embedding.weight.dtype  # the model's activations
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids].to(self.out_dtype) * self.scales[ids, None].to(self.out_dtype)
+        return self.weight[ids] * self.scales[ids, None].to(self.out_dtype)  # int8 * float: promoted, one rounding
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] -> logits [T, vocab] (the tied LM head)."""

@@ -114,6 +114,18 @@ def test_int8_embedding_gathers_rows_and_unembeds_as_the_tied_head():
     assert torch.allclose(embedding.unembed(hidden), hidden @ table.T, rtol=2e-2, atol=0.15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_embedding_rows_are_the_dequantized_rows_rounded_once(dtype):
+    torch.manual_seed(3)
+    container = nn.ModuleDict({"embed_tokens": Embedding(100, 32)}).to(dtype)
+    container.embed_tokens.weight.data.normal_()
+    quantize_model(container, QuantConfig("int8"))
+    embedding, ids = container.embed_tokens, torch.tensor([7, 7, 42])
+    rows = embedding(ids)
+    assert rows.dtype == dtype
+    assert torch.equal(rows, (embedding.weight[ids].float() * embedding.scales[ids, None].float()).to(dtype))
+
+
 def _logits(llm: LLM, text: str = "The quick brown fox jumps over the lazy dog") -> torch.Tensor:
     return llm.engine.score([llm.tokenizer.encode(text)])[0]
 

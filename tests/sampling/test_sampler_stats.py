@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lmgen import SamplingParams
-from lmgen.sampling.sampler import SamplingBatch, sample
+from lmgen.sampling.sampler import SamplingBatch, greedy_tokens, sample
 from transformers_reference import transformers_processors
 
 LOGITS = torch.tensor([3.0, 2.6, 2.2, 2.0, 1.5, 1.0, 0.4, 0.0, -0.5, -1.5, -3.0, -6.0])
@@ -88,3 +88,12 @@ def test_sampled_frequencies_match_the_warped_distribution(name):
     assert alternatives or name == "temperature", f"{name}: choose settings whose boundary tokens matter"
     for wrong in alternatives:
         assert not fits(counts, wrong), f"{name}: the test cannot tell {wrong.tolist()} apart"
+
+
+def test_greedy_tokens_choose_as_torch_argmax_does():
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor([[1.0, 5.0, 5.0, 2.0], [1.0, nan, 3.0, nan], [-inf, -inf, -inf, -inf], [inf, 0.0, inf, nan]])
+    wide = torch.randn(5, 32000)
+    for logits in (rows, wide, wide[:, ::3], wide.T, rows.bfloat16()):  # ties, NaNs, strided, half precision
+        tokens = greedy_tokens(logits)
+        assert tokens.dtype == torch.int64 and torch.equal(tokens, logits.argmax(dim=-1))
