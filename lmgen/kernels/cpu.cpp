@@ -583,17 +583,26 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n));
 }
 
-// p[s] = exp(p[s] - largest) in place; returns {largest, the sum of the exponentials}.
+// p[s] = exp(p[s] - largest) in place; returns {largest, the sum of the exponentials}. The largest and
+// the sum are kept 8 lanes wide and reduced once: the scalar maximum and a horizontal sum per 8
+// scores, each waiting on the one before, cost more than the exponentials.
 std::pair<float, float> exponentiate(float* p, int64_t length) {
-  const float largest = *std::max_element(p, p + length);
-  float total = 0.0f;
-  int64_t s = 0;
-  for (; s + 8 <= length; s += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), _mm256_set1_ps(largest)));
+  const int64_t whole = length / 8 * 8;
+  __m256 top = _mm256_set1_ps(-INFINITY);
+  for (int64_t s = 0; s < whole; s += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(p + s));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, top);
+  float largest = *std::max_element(lanes, lanes + 8);
+  for (int64_t s = whole; s < length; ++s) largest = std::max(largest, p[s]);
+  const __m256 shift = _mm256_set1_ps(largest);
+  __m256 sums = _mm256_setzero_ps();
+  for (int64_t s = 0; s < whole; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), shift));
     _mm256_storeu_ps(p + s, e);
-    total += horizontal_sum(e);
+    sums = _mm256_add_ps(sums, e);
   }
-  for (; s < length; ++s) total += (p[s] = std::exp(p[s] - largest));
+  float total = horizontal_sum(sums);
+  for (int64_t s = whole; s < length; ++s) total += (p[s] = std::exp(p[s] - largest));
   return {largest, total};
 }
 
