@@ -29,10 +29,14 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <functional>
 #include <cmath>
 #include <tuple>
 #include <utility>
@@ -140,12 +144,98 @@ void with_float_type(at::ScalarType type, const char* op, F&& body) {
   }
 }
 
+// decode_layers holds one OpenMP region for its whole layer loop and lends the region's threads
+// to the loops of the kernels it calls (a crew): the calling thread posts each loop's body and
+// takes its own share while the others take theirs, where an at::parallel_for per loop starts and
+// joins a region each time (~2 us a loop, ~150 loops a batch-1 step).
+struct Crew {
+  int64_t threads = 1;
+  std::atomic<int64_t> posted{0}, finished{0};
+  std::atomic<bool> closing{false}, failed{false};
+  const std::function<void(int64_t)>* job = nullptr;  // (*job)(thread)
+  std::exception_ptr error;  // the first a member's share threw, rethrown by the leader
+};
+thread_local Crew* t_crew = nullptr;  // the crew the calling thread leads, if any
+
+// A crew member other than the leader: runs each posted job until the leader closes the crew.
+void serve(Crew& crew, int64_t thread) {
+  for (int64_t seen = 0;;) {
+    int64_t posted;
+    while ((posted = crew.posted.load(std::memory_order_acquire)) == seen) _mm_pause();
+    seen = posted;
+    if (crew.closing.load(std::memory_order_relaxed)) return;
+    try {
+      (*crew.job)(thread);
+    } catch (...) {
+      if (!crew.failed.exchange(true)) crew.error = std::current_exception();
+    }
+    crew.finished.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// Runs lead() on the calling thread with the other threads of one OpenMP region as its crew.
+template <typename F>
+void with_crew(F&& lead) {
+  const int64_t threads = at::get_num_threads();
+  if (threads == 1 || t_crew != nullptr || at::in_parallel_region()) return lead();
+  Crew crew;
+  std::exception_ptr error;
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t thread = omp_get_thread_num();
+    if (thread == 0) {
+      crew.threads = omp_get_num_threads();
+      t_crew = &crew;
+      try {
+        lead();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      t_crew = nullptr;
+      crew.closing.store(true, std::memory_order_relaxed);
+      crew.posted.fetch_add(1, std::memory_order_release);
+    } else {
+      serve(crew, thread);
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// body(first, last) over [begin, end) in one chunk per thread of at least `grain`, as
+// at::parallel_for cuts it; on the crew while the calling thread leads one.
+template <typename F>
+void parallel_ranges(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  Crew* crew = t_crew;
+  if (crew == nullptr) return at::parallel_for(begin, end, grain, body);
+  const int64_t range = end - begin, used = std::min(crew->threads, (range + grain - 1) / std::max<int64_t>(grain, 1));
+  if (range <= 0) return;
+  if (used <= 1) return body(begin, end);
+  const int64_t chunk = (range + used - 1) / used;
+  const std::function<void(int64_t)> job = [&](int64_t thread) {
+    const int64_t first = begin + thread * chunk, last = std::min(end, first + chunk);
+    if (first < last) body(first, last);
+  };
+  crew->finished.store(0, std::memory_order_relaxed);
+  crew->job = &job;
+  crew->posted.fetch_add(1, std::memory_order_release);
+  std::exception_ptr error;
+  try {
+    job(0);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  while (crew->finished.load(std::memory_order_acquire) < crew->threads - 1) _mm_pause();  // job outlives them
+  if (crew->failed.exchange(false) && !error) error = crew->error;
+  crew->error = nullptr;
+  if (error) std::rethrow_exception(error);
+}
+
 // Splits the n output rows into one contiguous range per thread, each starting and ending on a
 // multiple of `unit` (n one too): the int4 kernel works on 8 rows at a time.
 template <typename F>
 void for_each_output_range(int64_t n, int64_t unit, F&& body) {
-  at::parallel_for(0, n / unit, kMinRowsPerThread / unit,
-                   [&](int64_t first, int64_t last) { body(first * unit, last * unit); });
+  parallel_ranges(0, n / unit, kMinRowsPerThread / unit,
+                  [&](int64_t first, int64_t last) { body(first * unit, last * unit); });
 }
 
 // Weight read streams per thread (each thread's rows cut into this many parts, read side by
@@ -508,9 +598,9 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const uint8_t* wp = w.data_ptr<uint8_t>();
   with_float_type(scales.scalar_type(), "gemv_int4", [&](auto type) {
     const auto *sp = scales.data_ptr<decltype(type)>(), *zp = zeros.data_ptr<decltype(type)>();
-    for_each_output_range(N, 8, [&](int64_t n0, int64_t n1) {
-      with_constant<32, 64, 128, 256>(G, "gemv_int4: group size 32, 64, 128 or 256 expected, got ", [&](auto group) {
-        constexpr int64_t kGroup = decltype(group)::value;
+    with_constant<32, 64, 128, 256>(G, "gemv_int4: group size 32, 64, 128 or 256 expected, got ", [&](auto group) {
+      constexpr int64_t kGroup = decltype(group)::value;
+      for_each_output_range(N, 8, [&](int64_t n0, int64_t n1) {
         auto blocks = [&](auto streams, int64_t first, int64_t part) {
           for (int64_t n = first; n < first + part; n += 8)
             for (int64_t m = 0; m < M; ++m)
@@ -637,7 +727,7 @@ std::pair<float, float> exponentiate(float* p, int64_t length) {
 template <typename T>
 void normalise_rows(const T* x, const T* residual, T* summed, const T* weight, T* y, int64_t M, int64_t H,
                     float eps) {
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+  parallel_ranges(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* row = x + m * H;
       if (residual != nullptr) {
@@ -709,7 +799,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 // rounded again. Three operator calls and a split in eager PyTorch.
 template <typename T>
 void silu_and_mul_rows(const T* x, T* y, int64_t M, int64_t I) {
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+  parallel_ranges(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T *gate = x + m * 2 * I, *up = gate + I;
       T* out = y + m * I;
@@ -751,7 +841,7 @@ template <typename T>
 void rotate_rows(const T* x, int64_t row_stride, const T* cos, const T* sin, T* y, int64_t tokens, int64_t heads,
                  int64_t D) {
   const int64_t half = D / 2;
-  at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
+  parallel_ranges(0, tokens, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t h = 0; h < heads; ++h) {
         const T* in = x + t * row_stride + h * D;
@@ -983,7 +1073,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       using Q = decltype(query_type);
       const Q* qp = queries.data_ptr<Q>();
       Q* op = out.data_ptr<Q>();
-      at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+      parallel_ranges(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
         Scratch scratch;
         for (int64_t i = begin; i < end; ++i) {
           const Piece& piece = pieces[i];
@@ -992,7 +1082,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                       static_cast<float>(scale), partials.data() + i * partial_size, scratch);
         }
       });
-      at::parallel_for(0, B * KVH, 16, [&](int64_t begin, int64_t end) {
+      parallel_ranges(0, B * KVH, 16, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
           merge_pieces(partials.data() + first_piece[i] * partial_size, first_piece[i + 1] - first_piece[i], group,
                        D, op + i * group * D);  // request i / KVH, KV head i % KVH: its group's rows
@@ -1086,22 +1176,25 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
   const int64_t D = model.k_caches[0].size(3), q_width = num_heads * D;
   const double eps = model.eps;
   at::Tensor hidden = x, residual, normed, q = at::empty({T, num_heads, D}, x.options());
-  for (int64_t l = 0; l < layers; ++l) {
-    const int64_t base = l * kTensorsPerLayer, linears = base + 2;
-    if (l == 0) {
-      residual = hidden;
-      normed = rms_norm(hidden, *tensors.get(base), eps);
-    } else {
-      std::tie(normed, residual) = add_rms_norm(hidden, residual, *tensors.get(base), eps);
+  with_crew([&] {
+    for (int64_t l = 0; l < layers; ++l) {
+      const int64_t base = l * kTensorsPerLayer, linears = base + 2;
+      if (l == 0) {
+        residual = hidden;
+        normed = rms_norm(hidden, *tensors.get(base), eps);
+      } else {
+        std::tie(normed, residual) = add_rms_norm(hidden, residual, *tensors.get(base), eps);
+      }
+      rotate_into_cache(product(normed, tensors, linears), cos, sin, slot_mapping, model.k_caches[l],
+                        model.v_caches[l], q);
+      const at::Tensor attended = decode_attention(q, model.k_caches[l], model.v_caches[l], block_tables, seq_lens,
+                                                   model.scale, model.windows[l]);
+      const at::Tensor out = product(attended.view({T, q_width}), tensors, linears + kTensorsPerLinear);
+      std::tie(normed, residual) = add_rms_norm(out, residual, *tensors.get(base + 1), eps);
+      const at::Tensor gate_up = product(normed, tensors, linears + 2 * kTensorsPerLinear);
+      hidden = product(silu_and_mul(gate_up), tensors, linears + 3 * kTensorsPerLinear);
     }
-    rotate_into_cache(product(normed, tensors, linears), cos, sin, slot_mapping, model.k_caches[l], model.v_caches[l], q);
-    const at::Tensor attended = decode_attention(q, model.k_caches[l], model.v_caches[l], block_tables, seq_lens,
-                                                 model.scale, model.windows[l]);
-    const at::Tensor out = product(attended.view({T, q_width}), tensors, linears + kTensorsPerLinear);
-    std::tie(normed, residual) = add_rms_norm(out, residual, *tensors.get(base + 1), eps);
-    const at::Tensor gate_up = product(normed, tensors, linears + 2 * kTensorsPerLinear);
-    hidden = product(silu_and_mul(gate_up), tensors, linears + 3 * kTensorsPerLinear);
-  }
+  });
   return {hidden, residual};
 }
 
