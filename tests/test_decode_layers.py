@@ -54,3 +54,18 @@ def test_decode_layers_handle_refuses_operands_that_do_not_match_its_layers():
         torch.classes.lmgen.DecodeLayers([torch.ones(64)] * 17, caches, caches, [0, 0], 1, 1, 0.125, 1e-5)
     with pytest.raises(RuntimeError, match="a window per layer expected"):
         torch.classes.lmgen.DecodeLayers([torch.ones(64)] * 36, caches, caches, [0], 1, 1, 0.125, 1e-5)
+
+
+def test_an_error_inside_the_one_call_surfaces_and_the_next_call_runs(llama_path, monkeypatch):
+    llm = LLM(str(llama_path), dtype="float32")
+    captured = []
+    decode_layers = torch.ops.lmgen.decode_layers
+    monkeypatch.setattr(torch.ops.lmgen, "decode_layers", lambda *args: captured.append(args) or decode_layers(*args),
+                        raising=False)
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    x, cos, sin, slots, tables, lens, layers = captured[-1]
+    expected = decode_layers(*captured[-1])  # rewrites the same cache slot with the same rows
+    with pytest.raises(RuntimeError, match="is not in the cache"):  # raised while the threads work as one crew
+        decode_layers(x, cos, sin, torch.full_like(slots, 10**9), tables, lens, layers)
+    again = decode_layers(*captured[-1])
+    assert all(torch.equal(a, b) for a, b in zip(again, expected))

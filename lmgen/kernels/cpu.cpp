@@ -624,7 +624,7 @@ at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scales) {
   float* op = out.data_ptr<float>();
   with_float_type(scales.scalar_type(), "dequantize_int8", [&](auto type) {
     const auto* sp = scales.data_ptr<decltype(type)>();
-    at::parallel_for(0, N, 8, [&](int64_t first, int64_t last) {
+    parallel_ranges(0, N, 8, [&](int64_t first, int64_t last) {
       for (int64_t n = first; n < last; ++n) {
         const __m256 scale = _mm256_set1_ps(scalar(sp[n]));
         const int8_t* row = wp + n * K;
@@ -657,7 +657,7 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scales, const 
   with_float_type(scales.scalar_type(), "dequantize_int4", [&](auto type) {
     using Scale = decltype(type);
     const Scale *sp = scales.data_ptr<Scale>(), *zp = zeros.data_ptr<Scale>();
-    at::parallel_for(0, N / 8, 1, [&](int64_t first, int64_t last) {
+    parallel_ranges(0, N / 8, 1, [&](int64_t first, int64_t last) {
       for (int64_t block = first; block < last; ++block) {
         for (int64_t c = 0; c < K / 8; ++c) {  // chunk c: row i's 4 bytes at 4 i, columns 8c + j (low), 8c + 4 + j (high)
           const uint8_t* chunk = wp + block * 4 * K + c * 32;
