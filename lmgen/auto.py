@@ -177,7 +177,7 @@ class AutoModelForCausalLM:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> SimpleNamespace:
         """Logits [batch, seq, vocab] (float32); padded positions are zero."""
         rows = _prompt_rows(input_ids, attention_mask)
-        logits = torch.zeros(*input_ids.shape, self.llm.engine.model.args.vocab_size)
+        logits = torch.zeros(*input_ids.shape, self.llm.engine.model.spec.vocab_size)
         for i, ((_, positions), scores) in enumerate(zip(rows, self.llm.engine.score([p for p, _ in rows]))):
             logits[i, positions] = scores.cpu()
         return SimpleNamespace(logits=logits)

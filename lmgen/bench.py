@@ -135,7 +135,7 @@ def prefix_rows(llm: LLM, prefix_len: int, repeats: int) -> list[dict]:
     engine = llm.engine
     uncached = LLM(str(engine.model_path), dtype=str(engine.dtype).removeprefix("torch."),
                    enable_prefix_caching=False, max_num_batched_tokens=engine.config.max_num_batched_tokens)
-    prefix = synthetic_prompts(1, prefix_len, engine.model.args.vocab_size)[0]
+    prefix = synthetic_prompts(1, prefix_len, engine.model.spec.vocab_size)[0]
     rows = []
     for system, model in (("lmgen prefix cache on", llm), ("lmgen prefix cache off", uncached)):
         times = []
@@ -158,7 +158,7 @@ def run_bench(llm: LLM, mode: str, sizes: list[int], prompt_len: int, new_tokens
     hf = load_transformers(str(engine.model_path), engine.dtype, engine.device) if compare == "transformers" else None
     rows = []
     for size in sizes:
-        prompts = synthetic_prompts(size * (repeats + 1), prompt_len, llm.engine.model.args.vocab_size)
+        prompts = synthetic_prompts(size * (repeats + 1), prompt_len, llm.engine.model.spec.vocab_size)
         batches = [prompts[run * size:(run + 1) * size] for run in range(repeats + 1)]
         pair = [measure(lambda p, n: lmgen_run(llm, p, n), "lmgen", batches, new_tokens)]
         if hf is not None:

@@ -1,7 +1,7 @@
 """Quantize a checkpoint once and save it (``lmgen quantize``).
 
 The output folder is a complete model: the quantized weights in their storage form
-(see ``lmgen.layers.quant``) in model.safetensors, config.json with a
+(see ``lmgen.layers.quant``) under lmgen's own tensor names in model.safetensors, config.json with a
 ``quantization_config``, and the tokenizer and generation files copied over.
 Loading it reads the integer weights directly, with no float detour.
 """
@@ -35,13 +35,14 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, method
     hf_config = read_json(source, "config.json", required=True)
     if QuantConfig.from_hf(hf_config) is not None:
         raise InvalidArgumentError(f"{source} is already quantized: quantize its full-precision checkpoint")
-    model_class(hf_config)  # an architecture lmgen cannot run fails here, before any work
+    family = model_class(hf_config)  # an architecture lmgen cannot run fails here, before any work
+    family.spec_from_config(hf_config)
     out = Path(out)
     if out.exists() and any(out.iterdir()):  # old weight shards there would load beside the new ones
         raise InvalidArgumentError(f"the output folder {out} is not empty: choose a new one")
     # Everything is quantized before anything is written, so a bad layer leaves no half-written folder.
     tensors = {name: tensor if isinstance(tensor, torch.Tensor) else tensor.load()
-               for name, tensor in quantize_tensors(iter_tensors(source), config)}
+               for name, tensor in quantize_tensors(family.checkpoint_tensors(iter_tensors(source)), config)}
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     for name in MODEL_FILES:

@@ -24,7 +24,10 @@ BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
-# name -> (transformers config class name, overrides)
+GPT2_BASE = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# name -> (transformers config class name, overrides of BASE (GPT-2: of GPT2_BASE))
 VARIANTS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
     "llama-untied-bias-headdim": ("LlamaConfig", dict(tie_word_embeddings=False, attention_bias=True, head_dim=24)),
@@ -36,6 +39,30 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
     "mistral-sliding": ("MistralConfig", dict(sliding_window=8, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),  # q/k norms; q wider than hidden
+    "gemma2": ("Gemma2Config", dict(num_hidden_layers=3, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                        rope_parameters={  # 5 sliding layers, then a global one on its own rope
+                                            "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
+                                            "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
+    # Phi-4-mini's shape: partial rotary; an original length no prompt here crosses (longrope: test_families)
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False, num_key_value_heads=2, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, original_max_position_embeddings=128,
+        short_factor=[1.0 + i / 10 for i in range(4)], long_factor=[2.0 + i for i in range(4)]))),
+    "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False)),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                                      logits_scaling=8.0, tie_word_embeddings=True)),
+    "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4, tie_word_embeddings=True)),  # layer 3 without rotary
+    "gpt2": ("GPT2Config", {}),
+    "gpt2-untied": ("GPT2Config", dict(tie_word_embeddings=False)),
+}
+# Checkpoints for tests of their own (not every parity test's prompts suit them)
+EXTRA_VARIANTS: dict[str, tuple[str, dict]] = {
+    # longrope with prompts past the original length (transformers recomputes a sequence that crosses it)
+    "phi3-long": ("Phi3Config", dict(rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=1.0, original_max_position_embeddings=16,
+        short_factor=[1.0 + i / 10 for i in range(8)], long_factor=[2.0 + i for i in range(8)]))),
 }
 
 
@@ -64,10 +91,17 @@ def build_checkpoint(folder: Path, variant: str, dtype: torch.dtype = torch.floa
     """Save a random `variant` model (and a tokenizer) into `folder`; returns it."""
     import transformers
 
-    config_class, overrides = VARIANTS[variant]
-    config = getattr(transformers, config_class)(**{**BASE, **overrides})
+    config_class, overrides = {**VARIANTS, **EXTRA_VARIANTS}[variant]
+    config = getattr(transformers, config_class)(**{**(GPT2_BASE if config_class == "GPT2Config" else BASE),
+                                                    **overrides})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    # Norms start as ones (Gemma's as zeros): make their weights matter. Not in "llama", whose seed-0
+    # tokens other tests pick as stop tokens (tests/engine/test_beam_search.py).
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if variant != "llama" and ("norm" in name or ".ln_" in name):
+                parameter.add_(torch.randn_like(parameter) * 0.2)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     build_tokenizer(folder)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lmgen import LLM, SamplingParams, kernels
-from lmgen.models.llama import LlamaForCausalLM
+from lmgen.models.transformer import TransformerForCausalLM
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="lmgen's CPU kernels need an AVX2 CPU and a C++ compiler")
 
@@ -21,6 +21,11 @@ def _tokens_and_logprobs(llm: LLM) -> list[tuple[list[int], list]]:
     ("llama", "float32", None), ("llama", "bfloat16", None), ("mistral-sliding", "bfloat16", None),
     ("qwen2", "float32", None),  # q/k/v biases
     ("llama", "bfloat16", "int8"), ("llama", "bfloat16", "int4"),
+    # every family's layer: q/k norms, sandwich norms and soft caps, per-layer ropes, partial rotary,
+    # post-norms, multipliers, NoPE layers, LayerNorm and an ungated GELU MLP
+    ("qwen3", "bfloat16", None), ("gemma2", "bfloat16", None), ("gemma3", "float32", None), ("phi3", "bfloat16", None),
+    ("olmo2", "bfloat16", None), ("granite", "bfloat16", None), ("smollm3", "float32", None),
+    ("gpt2", "bfloat16", None), ("gemma3", "bfloat16", "int4"),
 ])
 def test_one_call_for_all_layers_gives_the_modules_bits(checkpoint_factory, monkeypatch, variant, dtype, quantization):
     llm = LLM(str(checkpoint_factory(variant)), dtype=dtype, quantization=quantization)
@@ -30,7 +35,7 @@ def test_one_call_for_all_layers_gives_the_modules_bits(checkpoint_factory, monk
                         raising=False)
     one_call = _tokens_and_logprobs(llm)
     assert len(calls) == 9, len(calls)  # every decode step: 10 tokens, the first from the prefill
-    monkeypatch.setattr(LlamaForCausalLM, "one_call_layers", lambda *_: None)
+    monkeypatch.setattr(TransformerForCausalLM, "one_call_layers", lambda *_: None)
     assert _tokens_and_logprobs(llm) == one_call
 
 
@@ -48,12 +53,26 @@ def test_steps_whose_layers_run_in_one_call_skip_the_compiled_graph(llama_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # eager is faster: nothing compiled
 
 
-def test_decode_layers_handle_refuses_operands_that_do_not_match_its_layers():
-    caches = [torch.zeros(4, 16, 1, 64)] * 2
-    with pytest.raises(RuntimeError, match="18 tensors, a K and a V cache and a window per layer expected"):
-        torch.classes.lmgen.DecodeLayers([torch.ones(64)] * 17, caches, caches, [0, 0], 1, 1, 0.125, 1e-5)
-    with pytest.raises(RuntimeError, match="a window per layer expected"):
-        torch.classes.lmgen.DecodeLayers([torch.ones(64)] * 36, caches, caches, [0], 1, 1, 0.125, 1e-5)
+SETTINGS = dict(num_heads=1.0, num_kv_heads=1.0, norm_kind=0.0, norm_eps=1e-5, norm_offset=0.0, qk_norm=0.0,
+                activation=0.0, gated=1.0, scale=0.125, softcap=0.0, residual_scale=1.0)
+
+
+def test_decode_layers_handle_names_what_is_missing_or_unknown():
+    with pytest.raises(RuntimeError, match="the settings lacks norm_kind"):
+        torch.classes.lmgen.DecodeLayers({k: v for k, v in SETTINGS.items() if k != "norm_kind"})
+    with pytest.raises(RuntimeError, match="the settings has unknown entries: rope_scale"):
+        torch.classes.lmgen.DecodeLayers({**SETTINGS, "rope_scale": 1.0})
+    handle = torch.classes.lmgen.DecodeLayers(SETTINGS)
+    cache, weight = torch.zeros(4, 16, 1, 64), torch.ones(64, 64)
+    layer = {"qkv.weight": torch.ones(192, 64), "o.weight": weight, "up.weight": torch.ones(128, 64),
+             "down.weight": torch.ones(64, 64), "k_cache": cache, "v_cache": cache}
+    with pytest.raises(RuntimeError, match="layer 0 lacks down.weight"):
+        handle.add_layer({k: v for k, v in layer.items() if k != "down.weight"}, 0, 0)
+    with pytest.raises(RuntimeError, match="layer 0 has unknown entries: q_nrom.weight"):  # a typo is no silent skip
+        handle.add_layer({**layer, "q_nrom.weight": torch.ones(64)}, 0, 0)
+    with pytest.raises(RuntimeError, match="q_norm and k_norm go together with the qk_norm setting"):
+        handle.add_layer({**layer, "q_norm.weight": torch.ones(64), "k_norm.weight": torch.ones(64)}, 0, 0)
+    handle.add_layer(layer, 0, 0)
 
 
 def test_an_error_inside_the_one_call_surfaces_and_the_next_call_runs(llama_path, monkeypatch):
@@ -63,9 +82,9 @@ def test_an_error_inside_the_one_call_surfaces_and_the_next_call_runs(llama_path
     monkeypatch.setattr(torch.ops.lmgen, "decode_layers", lambda *args: captured.append(args) or decode_layers(*args),
                         raising=False)
     llm.generate(PROMPTS[:1], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-    x, cos, sin, slots, tables, lens, layers = captured[-1]
+    x, rotary, slots, tables, lens, layers = captured[-1]
     expected = decode_layers(*captured[-1])  # rewrites the same cache slot with the same rows
     with pytest.raises(RuntimeError, match="is not in the cache"):  # raised while the threads work as one crew
-        decode_layers(x, cos, sin, torch.full_like(slots, 10**9), tables, lens, layers)
+        decode_layers(x, rotary, torch.full_like(slots, 10**9), tables, lens, layers)
     again = decode_layers(*captured[-1])
     assert all(torch.equal(a, b) for a, b in zip(again, expected))

@@ -16,7 +16,6 @@ from functools import partial
 
 import torch
 
-from lmgen import kernels
 from lmgen.cache.block_pool import BlockPool
 from lmgen.cache.kv_cache import KVCache, bytes_per_block
 from lmgen.engine.beam import BeamGroup
@@ -27,12 +26,9 @@ from lmgen.engine.request import Request
 from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from lmgen.errors import InvalidArgumentError
-from lmgen.huge_pages import place_weights_in_huge_pages
-from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
-from lmgen.layers.rotary import context_length
-from lmgen.loader.checkpoint import DEMO_MODEL_PATH, iter_tensors, load_weights, read_json, resolve_model_path
+from lmgen.loader.checkpoint import DEMO_MODEL_PATH, read_json, resolve_model_path
+from lmgen.loader.model import load_model
 from lmgen.loader.tokenizer import Tokenizer
-from lmgen.models import build_context, model_class
 from lmgen.outputs import RequestOutput
 from lmgen.params import DEFAULT_MAX_TOKENS, SamplingParams
 from lmgen.sampling.processors import build_processors
@@ -59,8 +55,9 @@ class Engine:
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.hf_config.get("dtype") or self.hf_config.get("torch_dtype"), self.device)
-        self.max_model_len = config.max_model_len or context_length(self.hf_config)
-        self.model = self._load_model()
+        loaded = load_model(self.model_path, self.hf_config, self.device, self.dtype, config.max_model_len,
+                            config.quant_config(), config.quantization_group_size is not None)
+        self.model, self.max_model_len, self.quantization = loaded.model, loaded.max_model_len, loaded.quantization
         self.kv_cache = self._allocate_kv_cache()
         graphs = self._graphed_decode()  # its padding rows write into the cache's last block, kept from the pool
         self.pool = BlockPool(self.kv_cache.num_blocks - (graphs is not None))
@@ -85,27 +82,9 @@ class Engine:
                     self.kv_cache.num_blocks, config.block_size, self.kv_cache.nbytes / 2**20)
 
     # ---- loading -------------------------------------------------------------------------
-    def _load_model(self) -> torch.nn.Module:
-        with build_context(self.device, self.dtype):
-            model = model_class(self.hf_config).from_config(self.hf_config, self.max_model_len)
-        tensors = iter_tensors(self.model_path)
-        saved = QuantConfig.from_hf(self.hf_config)
-        self.quantization = resolve_quantization(self.config.quant_config(), saved,  # the one in effect
-                                                 self.config.quantization_group_size is not None)
-        if self.quantization is not None:
-            prepare_quantized(model, self.quantization)
-            if saved is None:  # quantize each float tensor as it is read
-                tensors = quantize_tensors(tensors, self.quantization)
-        if self.device.type == "cpu":
-            place_weights_in_huge_pages(model)
-            kernels.load()  # before packing, which lays int4 weights out for lmgen's kernel if they run
-        load_weights(model, tensors)
-        pack_quantized(model)
-        return model.eval()
-
     def _allocate_kv_cache(self) -> KVCache:
-        args, block_size = self.model.args, self.config.block_size
-        per_block = bytes_per_block(args.num_layers, block_size, args.num_kv_heads, args.head_dim, self.dtype)
+        spec, block_size = self.model.spec, self.config.block_size
+        per_block = bytes_per_block(spec.num_layers, block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
         if self.config.kv_cache_memory is not None:
             budget = parse_size(self.config.kv_cache_memory)
         elif self.device.type == "cuda":
@@ -117,18 +96,18 @@ class Engine:
         if num_blocks < 1:
             raise InvalidArgumentError(
                 f"kv_cache_memory {budget} bytes is smaller than one KV block ({per_block} bytes); raise it")
-        return KVCache(args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim,
+        return KVCache(spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim,
                        self.dtype, self.device)
 
     def _graphed_decode(self) -> GraphedDecode | None:
         """Recorded graphs for the decode steps where the device has them (CUDA), unless asked not to or the
         model's rope frequencies depend on the context length (chosen on the CPU, which a graph cannot replay)."""
         record = RECORDERS.get(self.device.type)
-        if (record is None or self.config.enforce_eager or self.model.args.rope.rope_type == "dynamic"
+        if (record is None or self.config.enforce_eager or self.model.spec.rope_computed_on_host
                 or self.kv_cache.num_blocks < 2):
             return None
         block_size = self.config.block_size
-        return GraphedDecode(set(self.model.args.layer_windows), self.config.max_num_seqs,
+        return GraphedDecode(set(self.model.spec.layer_windows), self.config.max_num_seqs,
                              -(-self.max_model_len // block_size), self.kv_cache.num_blocks - 1, block_size,
                              self.device, record(self.device))
 
@@ -178,7 +157,7 @@ class Engine:
             request = Request(f"{request_id}#{index}" if params.n > 1 else request_id, prompt_ids, params, max_tokens,
                               torch.Generator(self.device).manual_seed(seed), prompt_text, self.eos_token_ids,
                               parent_id=request_id, index=index)
-            request.logits_processors = build_processors(params, len(prompt_ids), self.model.args.vocab_size,
+            request.logits_processors = build_processors(params, len(prompt_ids), self.model.spec.vocab_size,
                                                          request.stop_token_ids, max_tokens)
             if grammar is not None:
                 request.matcher = self.grammar_backend.new_matcher(grammar)
@@ -216,7 +195,7 @@ class Engine:
         generator = torch.Generator(self.device).manual_seed(seed)  # beam-sample draws from the group's own
         slots = [Request(f"{request_id}#beam{i}", prompt_ids, params, max_tokens, generator, prompt_text,
                          self.eos_token_ids, parent_id=request_id, index=i) for i in range(params.num_beams)]
-        new_processors = partial(build_processors, params, len(prompt_ids), self.model.args.vocab_size,
+        new_processors = partial(build_processors, params, len(prompt_ids), self.model.spec.vocab_size,
                                  slots[0].stop_token_ids, max_tokens)
         slots[0].logits_processors = new_processors()  # the others get theirs when they fork
         decode = partial(self.tokenizer.decode, skip_special_tokens=params.skip_special_tokens)
@@ -257,12 +236,12 @@ class Engine:
     def grammar_backend(self) -> GrammarBackend:
         """The structured-output engine (llguidance), set up for this tokenizer on first use."""
         if self._grammar_backend is None:
-            self._grammar_backend = LLGuidanceBackend(self.tokenizer, self.model.args.vocab_size,
+            self._grammar_backend = LLGuidanceBackend(self.tokenizer, self.model.spec.vocab_size,
                                                       self.eos_token_ids)
         return self._grammar_backend
 
     def _check_logit_bias(self, params: SamplingParams) -> None:
-        vocab = self.model.args.vocab_size
+        vocab = self.model.spec.vocab_size
         bad = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab]
         if bad:
             raise InvalidArgumentError(f"logit_bias token ids must be in [0, {vocab}); got {bad[:5]}")
@@ -275,7 +254,7 @@ class Engine:
         ids = list(prompt)
         if not ids:
             raise InvalidArgumentError("the prompt is empty: give at least one character or token id")
-        vocab = self.model.args.vocab_size
+        vocab = self.model.spec.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise InvalidArgumentError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")

@@ -39,7 +39,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
-        self._windows = set(model.args.layer_windows)
+        self._windows = set(model.spec.layer_windows)
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="lmgen-grammar")
 
     def prepare(self, batch: ScheduledBatch, masks: bool = True) -> StepInputs:
@@ -74,7 +74,7 @@ class ModelRunner:
             slot_mapping=slot_mapping, block_tables=tables.view(len(batch), max_blocks), query_starts=query_starts,
             seq_lens=request_lens, token_request=token_request, token_offset=token_offset,
             max_query_len=max(batch.num_new_tokens), block_size=bs)
-        if masks and not reads_cache_in_place(meta, self.model.args.head_dim, self.device):
+        if masks and not reads_cache_in_place(meta, self.model.spec.head_dim, self.device):
             meta.build_masks(self._windows)
         return StepInputs(input_ids, positions, token_seq_lens, meta, sample_indices, sampled)
 
@@ -98,7 +98,7 @@ class ModelRunner:
         inputs = self.prepare(batch, masks=not graphed)  # a graph builds its masks itself
         constrained = [row for row, r in enumerate(inputs.sampled_requests) if r.matcher is not None]
         if constrained:  # the grammar engine fills the masks off the GIL while the model runs
-            bitmask = allocate_bitmask(len(constrained), self.model.args.vocab_size)
+            bitmask = allocate_bitmask(len(constrained), self.model.spec.vocab_size)
             masks_done = self._mask_worker.submit(grammar.fill_bitmask,
                                                   [inputs.sampled_requests[row].matcher for row in constrained],
                                                   bitmask)

@@ -130,10 +130,11 @@ def _register_shapes() -> None:
 
     for name in ("gemv", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"lmgen::{name}")(rows_by_outputs)
-    for name in ("decode_attention", "rms_norm", "rotary"):
+    for name in ("decode_attention", "norm", "rotary"):
         torch.library.register_fake(f"lmgen::{name}")(lambda x, *_: x.new_empty(x.shape))
-    torch.library.register_fake("lmgen::add_rms_norm")(lambda x, *_: (x.new_empty(x.shape), x.new_empty(x.shape)))
-    torch.library.register_fake("lmgen::silu_and_mul")(lambda x: x.new_empty(*x.shape[:-1], x.shape[-1] // 2))
+    torch.library.register_fake("lmgen::add_norm")(lambda x, *_: (x.new_empty(x.shape), x.new_empty(x.shape)))
+    torch.library.register_fake("lmgen::activation")(
+        lambda x, kind, gated: x.new_empty(*x.shape[:-1], x.shape[-1] // 2 if gated else x.shape[-1]))
     torch.library.register_fake("lmgen::dequantize_int8")(lambda w, _: w.new_empty(w.shape, dtype=torch.float32))
     torch.library.register_fake("lmgen::dequantize_int4")(
         lambda w, *_: w.new_empty(w.shape[0], 2 * w.shape[1], dtype=torch.float32))

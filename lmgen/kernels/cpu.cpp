@@ -1,6 +1,6 @@
 // lmgen's CPU kernels: products of a few activation rows with a weight matrix, reading the
 // weight at DRAM speed; decode attention over the paged KV cache; and the layers' small
-// elementwise steps (RMS norm, SiLU * up, rotary), one call each instead of a handful of
+// elementwise steps (norms, activations, rotary), one call each instead of a handful of
 // PyTorch operator calls whose dispatch, at batch 1, costs more than their arithmetic.
 //
 // Products. Batch-1 decode is one pass over every weight per token, so its speed is the speed at
@@ -37,6 +37,8 @@
 #include <atomic>
 #include <exception>
 #include <functional>
+#include <optional>
+#include <string>
 #include <cmath>
 #include <tuple>
 #include <utility>
@@ -718,15 +720,36 @@ std::pair<float, float> exponentiate(float* p, int64_t length) {
   return {largest, total};
 }
 
-// RMS normalisation of each row of x [M, H], in transformers' order: the row is normalised
-// in float32, rounded to x's dtype, then multiplied by the weight [H] (same dtype, which
-// rounds again). In eager PyTorch this is eight operator calls (F.rms_norm is composite
-// on a CPU) plus two dtype copies, 60 us per call, twice per layer. With a residual, the
-// row normalised is x + residual (rounded to the dtype, as the layer's residual add is),
-// also written to `summed`: the residual stream the next sublayer adds to.
+// tanh of 8 floats from exp8: 1 - 2 / (exp(2x) + 1), within a few float32 ulps of std::tanh where
+// it matters (|tanh| not near 0 gives the absolute error that rounding to the activations' dtype hides).
+inline __m256 tanh8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 e = exp8(_mm256_add_ps(x, x));
+  return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+}
+
+// The normalisations of the supported families (lmgen.layers.norm.NormKind), each rounding where
+// transformers' formula rounds:
+// kRms: Llama's RMS norm, the row normalised in float32 and rounded to x's dtype, then times the
+//   weight (same dtype, rounding again);
+// kRmsGainInFloat: Gemma's and OLMo 2's, the normalised row times (weight + offset) in float32,
+//   rounded once (Gemma's weights are stored as w with the gain 1 + w: offset 1);
+// kLayer: LayerNorm (GPT-2), (x - mean) / std * weight + bias in float32, rounded once.
+enum NormKind : int64_t { kRms = 0, kRmsGainInFloat = 1, kLayer = 2 };
+
+struct NormSpec {
+  int64_t kind;
+  float eps, offset;
+};
+
+// Normalisation of each row of x [M, H] with weight (and bias, kLayer) [H]. In eager PyTorch an RMS
+// norm is eight operator calls (F.rms_norm is composite on a CPU) plus two dtype copies, 60 us per
+// call, twice per layer. With a residual, the row normalised is x + residual (rounded to the dtype,
+// as the layer's residual add is), also written to `summed`: the residual stream the next sublayer
+// adds to.
 template <typename T>
-void normalise_rows(const T* x, const T* residual, T* summed, const T* weight, T* y, int64_t M, int64_t H,
-                    float eps) {
+void normalise_rows(const T* x, const T* residual, T* summed, const T* weight, const T* bias, T* y, int64_t M,
+                    int64_t H, NormSpec spec) {
   parallel_ranges(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* row = x + m * H;
@@ -738,132 +761,187 @@ void normalise_rows(const T* x, const T* residual, T* summed, const T* weight, T
         for (; d < H; ++d) total[d] = static_cast<T>(scalar(row[d]) + scalar(other[d]));
         row = total;
       }
+      float mean = 0.0f;
+      if (spec.kind == kLayer) {
+        for (int64_t d = 0; d < H; ++d) mean += scalar(row[d]);
+        mean /= static_cast<float>(H);
+      }
+      const __m256 centre = _mm256_set1_ps(mean);
       __m256 squares = _mm256_setzero_ps();
       int64_t d = 0;
       for (; d + 8 <= H; d += 8) {
-        const __m256 v = load8(row + d);
+        const __m256 v = _mm256_sub_ps(load8(row + d), centre);
         squares = _mm256_fmadd_ps(v, v, squares);
       }
       float total = horizontal_sum(squares);
-      for (; d < H; ++d) total += scalar(row[d]) * scalar(row[d]);
-      const float inverse = 1.0f / std::sqrt(total / static_cast<float>(H) + eps);
+      for (; d < H; ++d) total += (scalar(row[d]) - mean) * (scalar(row[d]) - mean);
+      const float inverse = 1.0f / std::sqrt(total / static_cast<float>(H) + spec.eps);
       T* out = y + m * H;
       for (d = 0; d + 8 <= H; d += 8) {
-        const __m256 normalised = round8(_mm256_mul_ps(load8(row + d), _mm256_set1_ps(inverse)), T{});
-        store8(out + d, round8(_mm256_mul_ps(load8(weight + d), normalised), T{}));
+        const __m256 normalised = _mm256_mul_ps(_mm256_sub_ps(load8(row + d), centre), _mm256_set1_ps(inverse));
+        const __m256 w = load8(weight + d);
+        __m256 result;
+        if (spec.kind == kRms) result = _mm256_mul_ps(w, round8(normalised, T{}));
+        else if (spec.kind == kRmsGainInFloat) result = _mm256_mul_ps(normalised, _mm256_add_ps(w, _mm256_set1_ps(spec.offset)));
+        else result = _mm256_add_ps(_mm256_mul_ps(normalised, w), load8(bias + d));
+        store8(out + d, round8(result, T{}));
       }
-      for (; d < H; ++d) out[d] = static_cast<T>(scalar(weight[d]) * scalar(static_cast<T>(scalar(row[d]) * inverse)));
+      for (; d < H; ++d) {
+        const float normalised = (scalar(row[d]) - mean) * inverse, w = scalar(weight[d]);
+        out[d] = static_cast<T>(spec.kind == kRms ? w * scalar(static_cast<T>(normalised))
+                                : spec.kind == kRmsGainInFloat ? normalised * (w + spec.offset)
+                                                               : normalised * w + scalar(bias[d]));
+      }
     }
   });
 }
 
-void check_norm(const at::Tensor& x, const at::Tensor& weight) {
+NormSpec check_norm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    int64_t kind, double eps, double offset) {
   TORCH_CHECK(is_float_type(x.scalar_type()) && weight.scalar_type() == x.scalar_type() && weight.dim() == 1 &&
                   x.size(-1) == weight.size(0),
-              "rms_norm: x [..., H] and weight [H] must be float32, bfloat16 or float16 tensors of one dtype");
+              "norm: x [..., H] and weight [H] must be float32, bfloat16 or float16 tensors of one dtype");
+  TORCH_CHECK(kind == kRms || kind == kRmsGainInFloat || kind == kLayer, "norm: unknown kind ", kind);
+  TORCH_CHECK((kind == kLayer) == bias.has_value(), "norm: a bias goes with the layer norm (kind 2) and only it");
+  TORCH_CHECK(!bias || (bias->sizes() == weight.sizes() && bias->scalar_type() == x.scalar_type()),
+              "norm: the bias must be [H] in x's dtype");
+  return {kind, static_cast<float>(eps), static_cast<float>(offset)};
 }
 
 // y = norm(x); summed (given a residual) = x + residual, the row normalised.
 void normalise(const at::Tensor& x, const at::Tensor* residual, at::Tensor* summed, const at::Tensor& weight,
-               double eps, at::Tensor& y) {
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+               const std::optional<at::Tensor>& bias, NormSpec spec, at::Tensor& y) {
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), bc = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor rc = residual != nullptr ? residual->contiguous() : at::Tensor();
   const int64_t H = weight.size(0);
-  with_float_type(x.scalar_type(), "rms_norm", [&](auto type) {
+  with_float_type(x.scalar_type(), "norm", [&](auto type) {
     using T = decltype(type);
     normalise_rows(xc.data_ptr<T>(), residual != nullptr ? rc.data_ptr<T>() : nullptr,
-                   summed != nullptr ? summed->data_ptr<T>() : nullptr, wc.data_ptr<T>(), y.data_ptr<T>(),
-                   H ? xc.numel() / H : 0, H, static_cast<float>(eps));
+                   summed != nullptr ? summed->data_ptr<T>() : nullptr, wc.data_ptr<T>(),
+                   bias ? bc.data_ptr<T>() : nullptr, y.data_ptr<T>(), H ? xc.numel() / H : 0, H, spec);
   });
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_norm(x, weight);
+at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t kind,
+                double eps, double offset) {
+  const NormSpec spec = check_norm(x, weight, bias, kind, eps, offset);
   at::Tensor y = at::empty(x.sizes(), x.options());
-  normalise(x, nullptr, nullptr, weight, eps, y);
+  normalise(x, nullptr, nullptr, weight, bias, spec, y);
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
-                                                const at::Tensor& weight, double eps) {
-  check_norm(x, weight);
+std::tuple<at::Tensor, at::Tensor> add_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias, int64_t kind, double eps,
+                                            double offset) {
+  const NormSpec spec = check_norm(x, weight, bias, kind, eps, offset);
   TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
-              "add_rms_norm: the residual must have x's shape and dtype");
+              "add_norm: the residual must have x's shape and dtype");
   at::Tensor y = at::empty(x.sizes(), x.options()), summed = at::empty(x.sizes(), x.options());
-  normalise(x, &residual, &summed, weight, eps, y);
+  normalise(x, &residual, &summed, weight, bias, spec, y);
   return {y, summed};
 }
 
-// silu(gate) * up on a fused gate/up projection x [M, 2I]: silu computed in float32 as
-// PyTorch computes it (x / (1 + exp(-x))), rounded to x's dtype, then multiplied by up and
-// rounded again. Three operator calls and a split in eager PyTorch.
+// The MLP's activations (lmgen.layers.linear.Activation), computed in float32 as PyTorch computes
+// them and rounded to x's dtype: kSilu x / (1 + exp(-x)); kGeluTanh 0.5 x (1 + tanh(sqrt(2 / pi)
+// (x + 0.044715 x^3))), computed as x / (1 + exp(-2 sqrt(2 / pi) (x + 0.044715 x^3))). Gated (SwiGLU,
+// GeGLU) on a fused gate/up projection x [M, 2I]: act(gate),
+// rounded, times up, rounded again; else act(x) of x [M, I]. Three operator calls and a split in
+// eager PyTorch.
+enum ActivationKind : int64_t { kSilu = 0, kGeluTanh = 1 };
+
+inline __m256 activate8(__m256 x, int64_t kind) {
+  if (kind == kSilu)
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+  // 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)): the same value without 1 + tanh's cancellation for x < 0
+  const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+  const __m256 twice_inner = _mm256_mul_ps(_mm256_set1_ps(-2.0f * 0.7978845608028654f),
+                                           _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(0.044715f), cube)));
+  return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(twice_inner)));
+}
+
+inline float activate(float x, int64_t kind) {
+  if (kind == kSilu) return x / (1.0f + std::exp(-x));
+  return x / (1.0f + std::exp(-2.0f * 0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
 template <typename T>
-void silu_and_mul_rows(const T* x, T* y, int64_t M, int64_t I) {
+void activate_rows(const T* x, T* y, int64_t M, int64_t I, int64_t kind, bool gated) {
+  const int64_t width = gated ? 2 * I : I;
   parallel_ranges(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const T *gate = x + m * 2 * I, *up = gate + I;
+      const T *gate = x + m * width, *up = gate + I;
       T* out = y + m * I;
       int64_t i = 0;
       for (; i + 8 <= I; i += 8) {
-        const __m256 g = load8(gate + i);
-        const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
-        const __m256 silu = round8(_mm256_div_ps(g, denominator), T{});
-        store8(out + i, round8(_mm256_mul_ps(silu, load8(up + i)), T{}));
+        const __m256 acted = round8(activate8(load8(gate + i), kind), T{});
+        store8(out + i, gated ? round8(_mm256_mul_ps(acted, load8(up + i)), T{}) : acted);
       }
       for (; i < I; ++i) {
-        const float g = scalar(gate[i]);
-        out[i] = static_cast<T>(scalar(static_cast<T>(g / (1.0f + std::exp(-g)))) * scalar(up[i]));
+        const float acted = scalar(static_cast<T>(activate(scalar(gate[i]), kind)));
+        out[i] = static_cast<T>(gated ? acted * scalar(up[i]) : acted);
       }
     }
   });
 }
 
-at::Tensor silu_and_mul(const at::Tensor& x) {
-  TORCH_CHECK(is_float_type(x.scalar_type()) && x.dim() >= 1 && x.size(-1) % 2 == 0,
-              "silu_and_mul: x must be a float32, bfloat16 or float16 [..., 2I] tensor");
+at::Tensor activation(const at::Tensor& x, int64_t kind, bool gated) {
+  TORCH_CHECK(is_float_type(x.scalar_type()) && x.dim() >= 1 && (!gated || x.size(-1) % 2 == 0),
+              "activation: x must be a float32, bfloat16 or float16 [..., I] tensor ([..., 2I] gated)");
+  TORCH_CHECK(kind == kSilu || kind == kGeluTanh, "activation: unknown kind ", kind);
   const at::Tensor xc = x.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  const int64_t I = shape.back() / 2;
+  const int64_t I = gated ? shape.back() / 2 : shape.back();
   shape.back() = I;
   at::Tensor y = at::empty(shape, xc.options());
-  with_float_type(x.scalar_type(), "silu_and_mul", [&](auto type) {
+  with_float_type(x.scalar_type(), "activation", [&](auto type) {
     using T = decltype(type);
-    silu_and_mul_rows(xc.data_ptr<T>(), y.data_ptr<T>(), I ? y.numel() / I : 0, I);
+    activate_rows(xc.data_ptr<T>(), y.data_ptr<T>(), I ? y.numel() / I : 0, I, kind, gated);
   });
   return y;
 }
 
 // Rotary position embedding of heads x [T, heads, D], whose token rows may be strided (q and
-// k are a slice of the fused q/k/v projection), with cos and sin [T, D] in x's dtype:
+// k are a slice of the fused q/k/v projection), with cos and sin [T, R] in x's dtype over the
+// first R <= D dimensions of each head (partial rotary, Phi-4-mini; the rest pass through):
 // x * cos + rotate_half(x) * sin with each product and the sum rounded to x's dtype, as
 // transformers computes it in that dtype. Eight operator calls per layer in eager PyTorch.
 template <typename T>
 void rotate_rows(const T* x, int64_t row_stride, const T* cos, const T* sin, T* y, int64_t tokens, int64_t heads,
-                 int64_t D) {
-  const int64_t half = D / 2;
+                 int64_t D, int64_t R) {
+  const int64_t half = R / 2;
   parallel_ranges(0, tokens, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t h = 0; h < heads; ++h) {
         const T* in = x + t * row_stride + h * D;
         T* out = y + (t * heads + h) * D;
-        const T *c = cos + t * D, *s = sin + t * D;
+        const T *c = cos + t * R, *s = sin + t * R;
         int64_t d = 0;
-        for (; half % 8 == 0 && d < D; d += 8) {  // 8 at a time when no vector straddles the halves
+        for (; half % 8 == 0 && d < R; d += 8) {  // 8 at a time when no vector straddles the halves
           const __m256 rotated = d < half ? _mm256_xor_ps(load8(in + d + half), _mm256_set1_ps(-0.0f))
                                           : load8(in + d - half);
           const __m256 straight = round8(_mm256_mul_ps(load8(in + d), load8(c + d)), T{});
           const __m256 turned = round8(_mm256_mul_ps(rotated, load8(s + d)), T{});
           store8(out + d, round8(_mm256_add_ps(straight, turned), T{}));
         }
-        for (; d < D; ++d) {
+        for (; d < R; ++d) {
           const float rotated = d < half ? -scalar(in[d + half]) : scalar(in[d - half]);
           const T straight = static_cast<T>(scalar(in[d]) * scalar(c[d]));
           const T turned = static_cast<T>(rotated * scalar(s[d]));
           out[d] = static_cast<T>(scalar(straight) + scalar(turned));
         }
+        std::memcpy(out + R, in + R, (D - R) * sizeof(T));
       }
     }
   });
+}
+
+// The rotary dimensions R of tables cos/sin [T, R] (or [T, 1, R]) for heads of D dimensions.
+int64_t rotary_width(const at::Tensor& cos, const at::Tensor& sin, int64_t T, int64_t D, at::ScalarType type) {
+  const int64_t R = cos.dim() ? cos.size(-1) : 0;
+  TORCH_CHECK(cos.scalar_type() == type && sin.scalar_type() == type && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.numel() == T * R && sin.numel() == T * R && R % 2 == 0 && 0 < R && R <= D,
+              "rotary: cos and sin must be contiguous [T, R] tensors in x's dtype, R even and at most the head size");
+  return R;
 }
 
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -871,14 +949,12 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
               "bfloat16 or float16 [T, heads, D] tensor with D even");
   const int64_t T = x.size(0), heads = x.size(1), D = x.size(2);
   TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == D, "rotary: each token's heads must be contiguous");
-  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() &&
-                  cos.numel() == T * D && sin.numel() == T * D,
-              "rotary: cos and sin must be [T, D] tensors in x's dtype");
   const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const int64_t R = rotary_width(c, s, T, D, x.scalar_type());
   at::Tensor y = at::empty({T, heads, D}, x.options());
   with_float_type(x.scalar_type(), "rotary", [&](auto type) {
     using E = decltype(type);
-    rotate_rows(x.data_ptr<E>(), x.stride(0), c.data_ptr<E>(), s.data_ptr<E>(), y.data_ptr<E>(), T, heads, D);
+    rotate_rows(x.data_ptr<E>(), x.stride(0), c.data_ptr<E>(), s.data_ptr<E>(), y.data_ptr<E>(), T, heads, D, R);
   });
   return y;
 }
@@ -887,7 +963,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 // and values are read where they lie (block table), in the cache's dtype, with no gathered
 // or upcast copy of the context. q: [B, H, D] float32, bfloat16 or float16; caches
 // [blocks, block_size, KVH, D]; block_tables [B, max_blocks] and seq_lens [B] int64; window
-// 0 = full attention, else the query (position seq_len - 1) sees the last `window` keys.
+// 0 = full attention, else the query (position seq_len - 1) sees the last `window` keys; softcap
+// > 0 caps each scaled score at +-softcap (Gemma 2: softcap * tanh(score / softcap)).
 // Returns [B, H, D] in q's dtype, computed in float32.
 //
 // The work is cut into pieces of (request, KV head, span of positions), so that fewer
@@ -969,12 +1046,21 @@ void weigh_values(const float* weights, const T* v_cache, const int64_t* rows, i
   for (int64_t i = 0; i < 8 * V; ++i) sums[i / 16 * 16 + pair_order<T>(i % 16)] = paired[i];
 }
 
+// Gemma 2's attention logit soft cap, in place: score = cap * tanh(score / cap).
+void cap_scores(float* p, int64_t length, float cap) {
+  const __m256 vcap = _mm256_set1_ps(cap);
+  int64_t s = 0;
+  for (; s + 8 <= length; s += 8)
+    _mm256_storeu_ps(p + s, _mm256_mul_ps(tanh8(_mm256_div_ps(_mm256_loadu_ps(p + s), vcap)), vcap));
+  for (; s < length; ++s) p[s] = cap * std::tanh(p[s] / cap);
+}
+
 // One piece, for the group's query heads q [group, D]: out [group, 2 + D] = per head the
 // largest score, the sum of the exponentials and the weighted sum of the value rows.
 template <typename T, typename Q>
 void attend_span(const Q* q, const T* k_cache, const T* v_cache, const int64_t* blocks, const Piece& piece,
-                 int64_t block_size, int64_t kv_heads, int64_t group, int64_t D, float scale, float* out,
-                 Scratch& scratch) {
+                 int64_t block_size, int64_t kv_heads, int64_t group, int64_t D, float scale, float softcap,
+                 float* out, Scratch& scratch) {
   std::vector<float>&scores = scratch.scores, &query = scratch.query;
   std::vector<int64_t>& rows = scratch.rows;
   const int64_t length = piece.length;
@@ -990,6 +1076,7 @@ void attend_span(const Q* q, const T* k_cache, const T* v_cache, const int64_t* 
   for (int64_t h = 0; h < group; ++h) {
     key_scores(query.data() + h * D, k_cache, h == 0 ? v_cache : nullptr, rows.data(), length, D, scale,
                scores.data() + h * length);
+    if (softcap > 0) cap_scores(scores.data() + h * length, length, softcap);
     float* head = out + h * (2 + D);
     std::tie(head[0], head[1]) = exponentiate(scores.data() + h * length, length);
     for (int64_t d = 0; d < D; d += 64) {  // the weighted sum of the value rows, 64 columns at a time
@@ -1046,7 +1133,8 @@ std::vector<Piece> cut_into_pieces(const int64_t* lens, int64_t B, int64_t KVH, 
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window) {
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+                            double softcap) {
   TORCH_CHECK(q.dim() == 3 && is_float_type(q.scalar_type()),
               "decode_attention: q must be a float32, bfloat16 or float16 [B, H, D] tensor");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
@@ -1079,7 +1167,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
           const Piece& piece = pieces[i];
           const int64_t offset = (piece.request * H + piece.kv_head * group) * D;  // the group's heads are adjacent
           attend_span(qp + offset, kp, vp, tables + piece.request * max_blocks, piece, block_size, KVH, group, D,
-                      static_cast<float>(scale), partials.data() + i * partial_size, scratch);
+                      static_cast<float>(scale), static_cast<float>(softcap), partials.data() + i * partial_size,
+                      scratch);
         }
       });
       parallel_ranges(0, B * KVH, 16, [&](int64_t begin, int64_t end) {
@@ -1093,106 +1182,228 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 }
 
 
-// A whole decode step's decoder layers in one call (Llama's layer: norm, q/k/v, rotary, the
-// KV cache write, attention, o, add + norm, gate/up, SiLU * up, down), for a few rows. Each
-// piece is the kernel the layer's modules call one by one, so the result is the same to
-// the bit; what goes is ~20 operator calls per layer from Python and the Python around
+// A whole decode step's decoder layers in one call, for a few rows. Every supported family's layer
+// is one sequence of the same kernels its modules call one by one (DecoderLayer.forward in
+// lmgen/models/transformer.py): an optional norm before attention, q/k/v, optional q/k norms,
+// rotary (on a layer's own tables, or none) and the KV cache write, attention, o, an optional norm
+// after it, the residual add (optionally scaled), the same around the MLP. So the result is the
+// same to the bit; what goes is ~20 operator calls per layer from Python and the Python around
 // them, a third of an eager batch-1 step.
 //
 // What stays the same from step to step is built once into a DecodeLayers object (a TorchScript
-// class, so that a step passes one handle: converting the ~540 tensors from Python took ~110 us
-// a call). tensors: per layer, the two norms' weights, then (weight, scales, zeros, bias) of each
-// of q/k/v, o, gate/up and down, absent entries None: float weights have no scales, int8 has
-// scales, int4 scales and zeros (their storage forms). windows: per layer, 0 = full.
-constexpr int64_t kTensorsPerLinear = 4;
-constexpr int64_t kTensorsPerLayer = 2 + 4 * kTensorsPerLinear;
+// class, so that a step passes one handle: converting the ~540 tensors from Python took ~110 us a
+// call): the model's settings by name, then each layer's tensors by name (add_layer). Names that
+// are missing or unknown are errors, so that a model and these kernels cannot disagree silently.
+struct LinearOperands {  // float weights have no scales; int8 has scales; int4 scales and zeros
+  at::Tensor weight;
+  std::optional<at::Tensor> scales, zeros, bias;
+};
 
-using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+struct NormOperands {
+  at::Tensor weight;
+  std::optional<at::Tensor> bias;  // LayerNorm's
+};
 
-struct DecodeLayers : torch::CustomClassHolder {
-  OptionalTensors tensors;
-  std::vector<at::Tensor> k_caches, v_caches;
-  std::vector<int64_t> windows;
-  int64_t num_heads, num_kv_heads;
-  double scale, eps;
+struct Layer {
+  std::optional<NormOperands> input_norm, post_attention_norm, pre_mlp_norm, post_mlp_norm, q_norm, k_norm;
+  LinearOperands qkv, o, up, down;
+  at::Tensor k_cache, v_cache;
+  int64_t window = 0, rotary = -1;  // rotary: which of the step's (cos, sin) pairs, -1 none
+};
 
-  DecodeLayers(OptionalTensors tensors_, std::vector<at::Tensor> k_caches_, std::vector<at::Tensor> v_caches_,
-               std::vector<int64_t> windows_, int64_t num_heads_, int64_t num_kv_heads_, double scale_, double eps_)
-      : tensors(std::move(tensors_)), k_caches(std::move(k_caches_)), v_caches(std::move(v_caches_)),
-        windows(std::move(windows_)), num_heads(num_heads_), num_kv_heads(num_kv_heads_), scale(scale_), eps(eps_) {
-    const int64_t layers = static_cast<int64_t>(k_caches.size());
-    TORCH_CHECK(layers > 0 && static_cast<int64_t>(tensors.size()) == layers * kTensorsPerLayer &&
-                    v_caches.size() == k_caches.size() && static_cast<int64_t>(windows.size()) == layers,
-                "DecodeLayers: ", kTensorsPerLayer, " tensors, a K and a V cache and a window per layer expected");
+enum QkNorm : int64_t { kNoQkNorm = 0, kPerHead = 1, kWholeProjection = 2 };
+
+// Takes named entries out of a dictionary; what is left at the end was not expected.
+template <typename V>
+struct Entries {
+  c10::Dict<std::string, V> dict;
+  std::string where;
+
+  std::optional<V> optional(const std::string& key) {
+    if (!dict.contains(key)) return std::nullopt;
+    V value = dict.at(key);
+    dict.erase(key);
+    return value;
+  }
+  V required(const std::string& key) {
+    std::optional<V> value = optional(key);
+    TORCH_CHECK(value.has_value(), "DecodeLayers: ", where, " lacks ", key);
+    return *value;
+  }
+  void finish() {
+    std::string unknown;
+    for (const auto& entry : dict) unknown += " " + entry.key();
+    TORCH_CHECK(unknown.empty(), "DecodeLayers: ", where, " has unknown entries:", unknown);
   }
 };
 
-// A layer's q/k/v rows qkv [T, (H + 2 KVH) D] (q heads, then k, then v): q rotated into q [T, H, D], k
-// rotated and v copied straight into each token's slot of the caches [blocks, block_size, KVH, D]:
-// what rotary, then index_copy_ of k and of v into the caches do, without the views in between and
-// their ~1-2 us of dispatch each.
-void rotate_into_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                       const at::Tensor& slot_mapping, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const at::Tensor& q) {
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(2), stride = qkv.stride(0);
-  TORCH_CHECK(qkv.scalar_type() == k_cache.scalar_type() && qkv.stride(1) == 1 && qkv.size(1) == (H + 2 * KVH) * D &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous() && slot_mapping.scalar_type() == at::kLong &&
-                  slot_mapping.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
-                  cos.numel() == T * D && sin.numel() == T * D && cos.scalar_type() == qkv.scalar_type() &&
-                  sin.scalar_type() == qkv.scalar_type(),
-              "decode_layers: the q/k/v rows, rotary tables and caches must fit one another");
+struct DecodeLayers : torch::CustomClassHolder {
+  std::vector<Layer> layers;
+  int64_t num_heads, num_kv_heads, qk_norm, activation;
+  bool gated;
+  NormSpec norm;
+  double scale, softcap, residual_scale;
+
+  explicit DecodeLayers(c10::Dict<std::string, double> settings_) {
+    Entries<double> settings{std::move(settings_), "the settings"};
+    num_heads = static_cast<int64_t>(settings.required("num_heads"));
+    num_kv_heads = static_cast<int64_t>(settings.required("num_kv_heads"));
+    norm = {static_cast<int64_t>(settings.required("norm_kind")), static_cast<float>(settings.required("norm_eps")),
+            static_cast<float>(settings.required("norm_offset"))};
+    qk_norm = static_cast<int64_t>(settings.required("qk_norm"));
+    activation = static_cast<int64_t>(settings.required("activation"));
+    gated = settings.required("gated") != 0;
+    scale = settings.required("scale");
+    softcap = settings.required("softcap");
+    residual_scale = settings.required("residual_scale");
+    settings.finish();
+    TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0 && qk_norm >= kNoQkNorm &&
+                    qk_norm <= kWholeProjection && norm.kind >= kRms && norm.kind <= kLayer,
+                "DecodeLayers: settings out of range");
+  }
+
+  void add_layer(c10::Dict<std::string, at::Tensor> tensors_, int64_t window, int64_t rotary) {
+    Entries<at::Tensor> tensors{std::move(tensors_), "layer " + std::to_string(layers.size())};
+    auto linear = [&](const std::string& name) {
+      return LinearOperands{tensors.required(name + ".weight"), tensors.optional(name + ".scales"),
+                            tensors.optional(name + ".zeros"), tensors.optional(name + ".bias")};
+    };
+    auto norm_of = [&](const std::string& name) -> std::optional<NormOperands> {
+      std::optional<at::Tensor> weight = tensors.optional(name + ".weight");
+      if (!weight) return std::nullopt;
+      return NormOperands{*weight, tensors.optional(name + ".bias")};
+    };
+    Layer layer;
+    layer.input_norm = norm_of("input_norm");
+    layer.post_attention_norm = norm_of("post_attention_norm");
+    layer.pre_mlp_norm = norm_of("pre_mlp_norm");
+    layer.post_mlp_norm = norm_of("post_mlp_norm");
+    layer.q_norm = norm_of("q_norm");
+    layer.k_norm = norm_of("k_norm");
+    layer.qkv = linear("qkv");
+    layer.o = linear("o");
+    layer.up = linear("up");
+    layer.down = linear("down");
+    layer.k_cache = tensors.required("k_cache");
+    layer.v_cache = tensors.required("v_cache");
+    layer.window = window;
+    layer.rotary = rotary;
+    tensors.finish();
+    TORCH_CHECK((qk_norm != kNoQkNorm) == (layer.q_norm.has_value() && layer.k_norm.has_value()),
+                "DecodeLayers: q_norm and k_norm go together with the qk_norm setting");
+    TORCH_CHECK(layer.k_cache.dim() == 4 && layer.k_cache.sizes() == layer.v_cache.sizes() &&
+                    layer.k_cache.size(2) == num_kv_heads,
+                "DecodeLayers: the caches must be [blocks, block_size, num_kv_heads, head_dim]");
+    layers.push_back(std::move(layer));
+  }
+};
+
+// A layer's q, k and v rows [T, width] (any row stride, each row contiguous): q rotated into q_out
+// [T, H, D], k rotated and v copied straight into each token's slot of the caches [blocks,
+// block_size, KVH, D]: what rotary, then index_copy_ of k and of v into the caches do, without the
+// views in between and their ~1-2 us of dispatch each. No tables (cos undefined): no rotary.
+void rotate_into_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                       const at::Tensor& sin, const at::Tensor& slot_mapping, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache, const at::Tensor& q_out) {
+  const int64_t T = q_out.size(0), H = q_out.size(1), D = q_out.size(2), KVH = k_cache.size(2);
+  const at::ScalarType type = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == type && v.scalar_type() == type && k_cache.scalar_type() == type &&
+                  q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1 && q.size(1) == H * D &&
+                  k.size(1) == KVH * D && v.size(1) == KVH * D && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "decode_layers: the q/k/v rows and caches must fit one another");
+  const int64_t R = cos.defined() ? rotary_width(cos, sin, T, D, type) : 0;
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int64_t slots_in_cache = k_cache.numel() / (KVH * D);
-  with_float_type(qkv.scalar_type(), "decode_layers", [&](auto type) {
-    using E = decltype(type);
-    const E *x = qkv.data_ptr<E>(), *c = cos.data_ptr<E>(), *s = sin.data_ptr<E>();
+  with_float_type(type, "decode_layers", [&](auto element) {
+    using E = decltype(element);
+    const E *c = R ? cos.data_ptr<E>() : nullptr, *s = R ? sin.data_ptr<E>() : nullptr;
     E *kc = k_cache.data_ptr<E>(), *vc = v_cache.data_ptr<E>();
-    rotate_rows(x, stride, c, s, q.data_ptr<E>(), T, H, D);
+    rotate_rows(q.data_ptr<E>(), q.stride(0), c, s, q_out.data_ptr<E>(), T, H, D, R);
     for (int64_t t = 0; t < T; ++t) {
       TORCH_CHECK(0 <= slots[t] && slots[t] < slots_in_cache, "decode_layers: slot ", slots[t], " is not in the cache");
-      const E* row = x + t * stride;
-      rotate_rows(row + H * D, stride, c + t * D, s + t * D, kc + slots[t] * KVH * D, 1, KVH, D);
-      std::memcpy(vc + slots[t] * KVH * D, row + (H + KVH) * D, KVH * D * sizeof(E));
+      rotate_rows(k.data_ptr<E>() + t * k.stride(0), k.stride(0), c ? c + t * R : c, s ? s + t * R : s,
+                  kc + slots[t] * KVH * D, 1, KVH, D, R);
+      std::memcpy(vc + slots[t] * KVH * D, v.data_ptr<E>() + t * v.stride(0), KVH * D * sizeof(E));
     }
   });
 }
 
-at::Tensor product(const at::Tensor& x, const OptionalTensors& tensors, int64_t first) {
-  const at::Tensor weight = *tensors.get(first);
-  const std::optional<at::Tensor> scales = tensors.get(first + 1), zeros = tensors.get(first + 2),
-                                  bias = tensors.get(first + 3);
-  at::Tensor y = zeros ? gemv_int4(x, weight, *scales, *zeros) : scales ? gemv_int8(x, weight, *scales)
-                                                                        : gemv(x, weight);
-  return bias ? y.add(*bias) : y;
+at::Tensor product(const at::Tensor& x, const LinearOperands& linear) {
+  at::Tensor y = linear.zeros    ? gemv_int4(x, linear.weight, *linear.scales, *linear.zeros)
+                 : linear.scales ? gemv_int8(x, linear.weight, *linear.scales)
+                                 : gemv(x, linear.weight);
+  return linear.bias ? y.add(*linear.bias) : y;
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_layers(
-    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_mapping,
-    const at::Tensor& block_tables, const at::Tensor& seq_lens, const c10::intrusive_ptr<DecodeLayers>& handle) {
+at::Tensor normalised(const at::Tensor& x, const NormOperands& operands, NormSpec spec) {
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  normalise(x, nullptr, nullptr, operands.weight, operands.bias, spec, y);
+  return y;
+}
+
+// (what the sublayer reads, the residual stream): x added to the stream (none before the first
+// layer: x is the stream), then normalised where the layer has a norm there.
+std::pair<at::Tensor, at::Tensor> add_and_norm(const at::Tensor& x, const at::Tensor& residual,
+                                               const std::optional<NormOperands>& norm, NormSpec spec) {
+  if (!residual.defined()) return {norm ? normalised(x, *norm, spec) : x, x};
+  if (!norm) {
+    at::Tensor summed = x.add(residual);
+    return {summed, summed};
+  }
+  at::Tensor y = at::empty(x.sizes(), x.options()), summed = at::empty(x.sizes(), x.options());
+  normalise(x, &residual, &summed, norm->weight, norm->bias, spec, y);
+  return {y, summed};
+}
+
+// A sublayer's output as the residual stream adds it: normalised (Gemma, OLMo 2), scaled (Granite).
+at::Tensor finish(const at::Tensor& out, const std::optional<NormOperands>& norm, const DecodeLayers& model) {
+  const at::Tensor y = norm ? normalised(out, *norm, model.norm) : out;
+  return model.residual_scale != 1.0 ? y.mul(model.residual_scale) : y;
+}
+
+// q [T, H, D] of a layer whose keys and values are now in its caches.
+void attention_inputs(const Layer& layer, const at::Tensor& x, const std::vector<at::Tensor>& rotary,
+                      const at::Tensor& slot_mapping, const DecodeLayers& model, const at::Tensor& q) {
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = model.num_kv_heads;
+  const at::Tensor qkv = product(x, layer.qkv);
+  at::Tensor qs = qkv.narrow(1, 0, H * D), ks = qkv.narrow(1, H * D, KVH * D);
+  if (model.qk_norm == kPerHead) {
+    qs = normalised(qs.reshape({T * H, D}), *layer.q_norm, model.norm).view({T, H * D});
+    ks = normalised(ks.reshape({T * KVH, D}), *layer.k_norm, model.norm).view({T, KVH * D});
+  } else if (model.qk_norm == kWholeProjection) {
+    qs = normalised(qs, *layer.q_norm, model.norm);
+    ks = normalised(ks, *layer.k_norm, model.norm);
+  }
+  TORCH_CHECK(layer.rotary < 2 * static_cast<int64_t>(rotary.size()), "decode_layers: layer's rotary tables missing");
+  const at::Tensor none;
+  const at::Tensor& cos = layer.rotary >= 0 ? rotary[2 * layer.rotary] : none;
+  const at::Tensor& sin = layer.rotary >= 0 ? rotary[2 * layer.rotary + 1] : none;
+  rotate_into_cache(qs, ks, qkv.narrow(1, (H + KVH) * D, KVH * D), cos, sin, slot_mapping, layer.k_cache,
+                    layer.v_cache, q);
+}
+
+// x: the step's embedded tokens [T, hidden]; rotary: (cos, sin) [T, R] of each rotary table the
+// layers use. Returns (the last layer's output, the residual stream it adds to).
+std::tuple<at::Tensor, at::Tensor> decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& rotary,
+                                                 const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                                                 const at::Tensor& seq_lens,
+                                                 const c10::intrusive_ptr<DecodeLayers>& handle) {
   const DecodeLayers& model = *handle;
-  const OptionalTensors& tensors = model.tensors;
-  const int64_t layers = static_cast<int64_t>(model.k_caches.size()), T = x.size(0), num_heads = model.num_heads,
-                num_kv_heads = model.num_kv_heads;
-  const int64_t D = model.k_caches[0].size(3), q_width = num_heads * D;
-  const double eps = model.eps;
-  at::Tensor hidden = x, residual, normed, q = at::empty({T, num_heads, D}, x.options());
+  TORCH_CHECK(!model.layers.empty(), "decode_layers: the DecodeLayers handle has no layers");
+  const int64_t T = x.size(0), H = model.num_heads, D = model.layers[0].k_cache.size(3);
+  at::Tensor hidden = x, residual, q = at::empty({T, H, D}, x.options());
   with_crew([&] {
-    for (int64_t l = 0; l < layers; ++l) {
-      const int64_t base = l * kTensorsPerLayer, linears = base + 2;
-      if (l == 0) {
-        residual = hidden;
-        normed = rms_norm(hidden, *tensors.get(base), eps);
-      } else {
-        std::tie(normed, residual) = add_rms_norm(hidden, residual, *tensors.get(base), eps);
-      }
-      rotate_into_cache(product(normed, tensors, linears), cos, sin, slot_mapping, model.k_caches[l],
-                        model.v_caches[l], q);
-      const at::Tensor attended = decode_attention(q, model.k_caches[l], model.v_caches[l], block_tables, seq_lens,
-                                                   model.scale, model.windows[l]);
-      const at::Tensor out = product(attended.view({T, q_width}), tensors, linears + kTensorsPerLinear);
-      std::tie(normed, residual) = add_rms_norm(out, residual, *tensors.get(base + 1), eps);
-      const at::Tensor gate_up = product(normed, tensors, linears + 2 * kTensorsPerLinear);
-      hidden = product(silu_and_mul(gate_up), tensors, linears + 3 * kTensorsPerLinear);
+    for (const Layer& layer : model.layers) {
+      auto [attention_in, stream] = add_and_norm(hidden, residual, layer.input_norm, model.norm);
+      attention_inputs(layer, attention_in, rotary, slot_mapping, model, q);
+      const at::Tensor attended = decode_attention(q, layer.k_cache, layer.v_cache, block_tables, seq_lens, model.scale,
+                                                   layer.window, model.softcap);
+      hidden = finish(product(attended.view({T, H * D}), layer.o), layer.post_attention_norm, model);
+      auto [mlp_in, summed] = add_and_norm(hidden, stream, layer.pre_mlp_norm, model.norm);
+      residual = summed;
+      const at::Tensor up = product(mlp_in, layer.up);
+      hidden = finish(product(activation(up, model.activation, model.gated), layer.down), layer.post_mlp_norm, model);
     }
   });
   return {hidden, residual};
@@ -1207,15 +1418,16 @@ TORCH_LIBRARY(lmgen, m) {
   m.def("dequantize_int8(Tensor w, Tensor scales) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scales, Tensor zeros) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "float scale, int window) -> Tensor");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("silu_and_mul(Tensor x) -> Tensor");
+        "float scale, int window, float softcap) -> Tensor");
+  m.def("norm(Tensor x, Tensor weight, Tensor? bias, int kind, float eps, float offset) -> Tensor");
+  m.def("add_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, int kind, float eps, float offset) "
+        "-> (Tensor, Tensor)");
+  m.def("activation(Tensor x, int kind, bool gated) -> Tensor");
   m.class_<DecodeLayers>("DecodeLayers")
-      .def(torch::init<OptionalTensors, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, int64_t,
-                       int64_t, double, double>());
+      .def(torch::init<c10::Dict<std::string, double>>())
+      .def("add_layer", &DecodeLayers::add_layer);
   // writes the new K and V rows into the caches the DecodeLayers object holds
-  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, "
+  m.def("decode_layers(Tensor x, Tensor[] rotary, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, "
         "__torch__.torch.classes.lmgen.DecodeLayers layers) -> (Tensor, Tensor)");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
@@ -1227,9 +1439,9 @@ TORCH_LIBRARY_IMPL(lmgen, CPU, m) {
   m.impl("dequantize_int8", &dequantize_int8);
   m.impl("dequantize_int4", &dequantize_int4);
   m.impl("decode_attention", &decode_attention);
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("norm", &norm);
+  m.impl("add_norm", &add_norm);
+  m.impl("activation", &activation);
   m.impl("decode_layers", &decode_layers);
   m.impl("rotary", &rotary);
 }

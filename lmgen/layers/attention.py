@@ -69,8 +69,11 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, KVH, D], cache: [num_blocks, block_size, KVH, D] each. Returns [T, H, D]."""
+    """q: [T, H, D], k/v: [T, KVH, D], cache: [num_blocks, block_size, KVH, D] each. Returns [T, H, D].
+
+    softcap (Gemma 2): each scaled score s becomes softcap * tanh(s / softcap) before the softmax."""
     k_cache, v_cache = kv_cache
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
@@ -78,7 +81,7 @@ def paged_attention(
 
     if reads_cache_in_place(meta, head_dim, q.device):
         return torch.ops.lmgen.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                                window or 0)
+                                                window or 0, softcap or 0.0)
     batch, dtype = meta.block_tables.shape[0], q.dtype
     cdtype = compute_dtype(dtype, q.device)
     # index_select on the flat table: indexing with the 2-D table directly is ~1000x slower on CPU
@@ -92,9 +95,21 @@ def paged_attention(
         queries = q.new_zeros(batch, meta.max_query_len, q.shape[1], head_dim)
         queries[meta.token_request, meta.token_offset] = q
         queries = queries.transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=meta.masks[window], scale=scale,
-        enable_gqa=q.shape[1] != num_kv_heads)
+    mask = meta.masks[window]
+    if softcap:
+        out = _capped_attention(queries, keys, values, mask, scale, softcap)
+    else:
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
+                                             enable_gqa=q.shape[1] != num_kv_heads)
     if meta.decode_only:
         return out.squeeze(2).to(dtype)
     return out.transpose(1, 2)[meta.token_request, meta.token_offset].to(dtype)
+
+
+def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      softcap: float) -> torch.Tensor:
+    """Attention with soft-capped scores (which SDPA cannot apply): q [B, H, Q, D], k/v [B, KVH, S, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v

@@ -7,11 +7,14 @@ current default device and dtype (see ``lmgen.models.build``).
 
 from __future__ import annotations
 
+import enum
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmgen import kernels
+from lmgen.errors import UnsupportedModelError
 from lmgen.layers.precision import compute_dtype
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -82,11 +85,30 @@ class Embedding(nn.Module):
         return linear(hidden, self.weight)
 
 
-class SiluAndMul(nn.Module):
-    """SwiGLU's activation on a fused gate/up projection: silu(gate) * up."""
+class Activation(enum.IntEnum):  # the values are the kernels' (cpu.cpp: ActivationKind)
+    SILU = 0
+    GELU_TANH = 1  # GELU's tanh approximation (gelu_pytorch_tanh, gelu_new)
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if kernels.serve(gate_up.device):
-            return torch.ops.lmgen.silu_and_mul(gate_up)  # one call instead of four
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+    @classmethod
+    def from_hf(cls, name: str) -> "Activation":
+        """config.json's activation name; others are refused by name."""
+        names = {"silu": cls.SILU, "swish": cls.SILU, "gelu_pytorch_tanh": cls.GELU_TANH, "gelu_new": cls.GELU_TANH}
+        if name not in names:
+            raise UnsupportedModelError(f"activation {name!r} is not supported; supported: {', '.join(names)}")
+        return names[name]
+
+
+class MLPActivation(nn.Module):
+    """The MLP's activation: gated (SwiGLU, GeGLU) on a fused gate/up projection, act(gate) * up;
+    else act(x)."""
+
+    def __init__(self, kind: Activation, gated: bool) -> None:
+        super().__init__()
+        self.kind, self.gated = kind, gated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.serve(x.device):
+            return torch.ops.lmgen.activation(x, int(self.kind), self.gated)  # one call instead of four
+        gate, up = x.chunk(2, dim=-1) if self.gated else (x, None)
+        acted = F.silu(gate) if self.kind == Activation.SILU else F.gelu(gate, approximate="tanh")
+        return acted if up is None else acted * up

@@ -61,6 +61,7 @@ CHECKPOINT_QUANT_METHOD = "lmgen"
 CHECKPOINT_FORMAT_VERSION = 1
 
 _HEAD_MODULES = ("embed_tokens", "lm_head")
+_FULL_PRECISION_TABLES = ("embed_positions",)  # GPT-2's learned positions: small, and added, not gathered
 _STORAGE_NAMES = {"int8": ("weight", "scales"), "int4": ("weight", "scales", "zeros")}
 _SCALE_DTYPE = torch.bfloat16  # what the kernels take with bfloat16 activations
 _MIN_SCALE = 1e-12  # keeps an all-zero row or group from dividing by zero
@@ -88,10 +89,10 @@ class QuantConfig:
     def method_for(self, name: str, ndim: int) -> str | None:
         """How checkpoint tensor `name` is stored: int8/int4, or None for full precision.
 
-        In the supported families every 2-D ``*.weight`` belongs to a linear layer,
-        except the embedding table.
+        In the supported families every 2-D ``*.weight`` (lmgen's names) belongs to a linear layer,
+        except the embedding tables.
         """
-        if ndim != 2 or not name.endswith(".weight"):
+        if ndim != 2 or not name.endswith(".weight") or name.split(".")[-2] in _FULL_PRECISION_TABLES:
             return None
         if name.split(".")[-2] in _HEAD_MODULES:
             return "int8" if self.lm_head else None
@@ -223,7 +224,7 @@ def quantize_weight(weight: torch.Tensor, method: str, group_size: int = DEFAULT
     return {name: torch.cat(parts) for name, parts in zip(_STORAGE_NAMES[method], zip(*chunks))}
 
 
-def quantize_tensors(tensors: Iterable[tuple[str, TensorRef]], config: QuantConfig
+def quantize_tensors(tensors: Iterable[tuple[str, TensorRef | torch.Tensor]], config: QuantConfig
                      ) -> Iterator[tuple[str, TensorRef | torch.Tensor]]:
     """A checkpoint's tensors with every weight to quantize replaced by its storage form, one at a time."""
     for name, ref in tensors:
@@ -234,7 +235,8 @@ def quantize_tensors(tensors: Iterable[tuple[str, TensorRef]], config: QuantConf
         prefix = name.removesuffix("weight")
         if method == "int4":
             check_group_size(prefix.rstrip("."), ref.shape[1], config.group_size)
-        for storage_name, tensor in quantize_weight(ref.load(), method, config.group_size).items():
+        weight = ref.load() if hasattr(ref, "load") else ref  # a file's tensor, or one already in memory
+        for storage_name, tensor in quantize_weight(weight, method, config.group_size).items():
             yield prefix + storage_name, tensor
 
 

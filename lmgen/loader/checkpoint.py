@@ -160,12 +160,13 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, TensorRef]]:
 
 
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torch.Tensor]]) -> None:
-    """Fill the model's parameters by Hugging Face name, fused modules included.
+    """Fill the model's parameters by name, fused modules included; every tensor and parameter must meet.
 
-    Tensors come from a file (TensorRef) or from memory (quantized while loading).
-    ``model.packed_modules`` maps a checkpoint module name (``q_proj``) to the fused
-    module and shard that hold it (``("qkv_proj", 0)``); shard ``i`` fills rows
-    ``sum(shard_sizes[:i])`` on, of each of the fused module's parameters.
+    Tensors come from a file (TensorRef) or from memory (quantized or transposed while loading),
+    under lmgen's names (the family's ``checkpoint_tensors``). ``model.packed_modules`` maps a
+    checkpoint module name (``q_proj``) to the fused module and shard that hold it
+    (``("qkv_proj", 0)``); shard ``i`` fills rows ``sum(shard_sizes[:i])`` on, of each of the fused
+    module's parameters.
     """
     params = dict(model.named_parameters())
     expected = {name: {0} for name in params}
@@ -175,15 +176,16 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torc
             continue  # recomputed, or tied to the embedding
         target, shard, shard_sizes = _target(model, name)
         if target not in params:
-            logger.warning("ignoring checkpoint tensor %s: the model has no such parameter", name)
-            continue
+            raise UnsupportedModelError(
+                f"checkpoint tensor {name} has no parameter to load into (lmgen looked for {target}): the checkpoint "
+                f"does not match its config.json's architecture, or lmgen's {type(model).__name__} lacks a piece")
         dest = params[target].data
         if shard_sizes is not None:
             expected[target] = set(range(len(shard_sizes)))
             dest = dest.narrow(0, sum(shard_sizes[:shard]), shard_sizes[shard])
         if tuple(source.shape) != tuple(dest.shape):
             raise UnsupportedModelError(f"checkpoint tensor {name} has shape {list(source.shape)}, but the model "
-                                        f"loads it into {list(dest.shape)}")
+                                        f"loads it into {target} of shape {list(dest.shape)}")
         if isinstance(source, TensorRef):
             source.load_into(dest)
         else:
@@ -192,7 +194,8 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torc
     missing = [n for n, shards in expected.items() if loaded.get(n, set()) != shards]
     if missing:
         raise UnsupportedModelError(
-            f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {', '.join(missing[:3])}")
+            f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {', '.join(missing[:3])} "
+            "(lmgen's names, after the family's renames of checkpoint names)")
 
 
 def _target(model: nn.Module, name: str) -> tuple[str, int, list[int] | None]:

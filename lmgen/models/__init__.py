@@ -18,6 +18,14 @@ _REGISTRY = {
     "LlamaForCausalLM": "lmgen.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "lmgen.models.llama:MistralForCausalLM",
     "Qwen2ForCausalLM": "lmgen.models.llama:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "lmgen.models.qwen3:Qwen3ForCausalLM",
+    "Gemma2ForCausalLM": "lmgen.models.gemma:Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": "lmgen.models.gemma:Gemma3ForCausalLM",
+    "Phi3ForCausalLM": "lmgen.models.phi3:Phi3ForCausalLM",
+    "Olmo2ForCausalLM": "lmgen.models.olmo2:Olmo2ForCausalLM",
+    "GraniteForCausalLM": "lmgen.models.granite:GraniteForCausalLM",
+    "SmolLM3ForCausalLM": "lmgen.models.smollm3:SmolLM3ForCausalLM",
+    "GPT2LMHeadModel": "lmgen.models.gpt2:GPT2LMHeadModel",
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_REGISTRY)

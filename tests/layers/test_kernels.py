@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from lmgen import kernels
-from lmgen.layers.linear import SiluAndMul, linear
-from lmgen.layers.norm import RMSNorm
+from lmgen.layers.attention import _capped_attention
+from lmgen.layers.linear import Activation, MLPActivation, linear
+from lmgen.layers.norm import Norm, NormKind
 from lmgen.layers.quant import (deinterleave_int4, dequantize_int4, interleave_int4, quantize_int4, quantize_int8,
                                 unpack_int4)
 from lmgen.layers.rotary import apply_rotary
@@ -138,7 +139,7 @@ def test_decode_attention_reads_the_paged_cache_like_sdpa_over_the_gathered_cont
     seq_lens = torch.tensor(lengths)
     block_tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in seq_lens])
     q = torch.randn(len(seq_lens), heads, head_dim)
-    out = torch.ops.lmgen.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.125, window)
+    out = torch.ops.lmgen.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.125, window, 0.0)
     for b, length in enumerate(seq_lens.tolist()):
         slots = (block_tables[b][:, None] * block_size + torch.arange(block_size)).flatten()[:length]
         first = max(0, length - window) if window else 0
@@ -205,17 +206,19 @@ def test_decode_attention_gives_half_precision_queries_their_dtype():
     torch.manual_seed(0)
     k_cache, v_cache = (torch.randn(8, 16, 2, 64).to(torch.bfloat16) for _ in range(2))
     q = torch.randn(3, 4, 64).to(torch.bfloat16)
-    args = (k_cache, v_cache, torch.randperm(8)[:6].view(3, 2), torch.tensor([5, 32, 17]), 0.125, 0)
+    args = (k_cache, v_cache, torch.randperm(8)[:6].view(3, 2), torch.tensor([5, 32, 17]), 0.125, 0, 0.0)
     out = torch.ops.lmgen.decode_attention(q, *args)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, torch.ops.lmgen.decode_attention(q.float(), *args).to(torch.bfloat16))
 
 
-def _assert_within_a_few_ulps(fast: torch.Tensor, reference: torch.Tensor) -> None:
-    """float32: within 4 ulps; half precision: within one rounding step, and mostly equal."""
+def _assert_within_a_few_ulps(fast: torch.Tensor, reference: torch.Tensor, offset: float = 0.0) -> None:
+    """float32: within 4 ulps; half precision: within one rounding step, and mostly equal. A value an
+    `offset` was added to (a LayerNorm's bias) may be off by that many ulps of the offset."""
     assert fast.dtype == reference.dtype
     ulps = 4 if fast.dtype == torch.float32 else 2
-    assert torch.allclose(fast.float(), reference.float(), rtol=ulps * torch.finfo(fast.dtype).eps, atol=1e-30)
+    eps = torch.finfo(fast.dtype).eps
+    assert torch.allclose(fast.float(), reference.float(), rtol=ulps * eps, atol=ulps * eps * offset or 1e-30)
     if fast.dtype != torch.float32:
         assert (fast == reference).float().mean() > 0.97
 
@@ -227,40 +230,65 @@ def _with_and_without_kernels(monkeypatch, layer, *inputs):
     return fast, layer(*inputs)
 
 
+@pytest.mark.parametrize("kind, offset", [(NormKind.RMS, 0.0), (NormKind.RMS_GAIN_IN_FLOAT, 1.0),
+                                          (NormKind.RMS_GAIN_IN_FLOAT, 0.0), (NormKind.LAYER, 0.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [576, 37])  # 37: columns past the last full vector
-def test_rms_norm_kernel_with_and_without_a_residual_equals_the_pytorch_path(monkeypatch, dtype, hidden):
+def test_norm_kernel_with_and_without_a_residual_equals_the_pytorch_path(monkeypatch, dtype, hidden, kind, offset):
     torch.manual_seed(hidden)
-    norm = RMSNorm(hidden, eps=1e-5)
-    norm.weight.data = (torch.rand(hidden) + 0.5).to(dtype)
+    norm = Norm(hidden, eps=1e-5, kind=kind, offset=offset)
+    norm.weight.data = (torch.rand(hidden) + 0.5 - offset).to(dtype)
+    if norm.bias is not None:
+        norm.bias.data = torch.randn(hidden).to(dtype)
     x = (torch.randn(5, hidden) * torch.linspace(0.1, 10, 5)[:, None]).to(dtype)
     residual = torch.randn(5, hidden).to(dtype)
     (fast, (fast_added, fast_sum)), (reference, (added, total)) = _with_and_without_kernels(
         monkeypatch, lambda *inputs: (norm(inputs[0]), norm(*inputs)), x, residual)
     # the sum of squares is added in another order: a float32 ulp, which rounding to bfloat16 mostly hides
-    _assert_within_a_few_ulps(fast, reference)
-    _assert_within_a_few_ulps(fast_added, added)
+    bias = 0.0 if norm.bias is None else norm.bias.abs().max().item()
+    _assert_within_a_few_ulps(fast, reference, bias)
+    _assert_within_a_few_ulps(fast_added, added, bias)
     assert torch.equal(fast_sum, total) and torch.equal(total, x + residual)
 
 
+@pytest.mark.parametrize("kind", list(Activation))
+@pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [1536, 13])  # 13: values past the last full vector
-def test_silu_and_mul_kernel_equals_the_pytorch_path(monkeypatch, dtype, width):
+def test_activation_kernel_equals_the_pytorch_path(monkeypatch, dtype, width, kind, gated):
     torch.manual_seed(width)
-    gate_up = (torch.randn(3, 2 * width) * 4).to(dtype)
-    fast, reference = _with_and_without_kernels(monkeypatch, SiluAndMul(), gate_up)
+    x = (torch.randn(3, (2 if gated else 1) * width) * 4).to(dtype)
+    fast, reference = _with_and_without_kernels(monkeypatch, MLPActivation(kind, gated), x)
     assert fast.shape == (3, width)
-    _assert_within_a_few_ulps(fast, reference)  # exp is lmgen's polynomial, PyTorch's is Sleef's
+    if kind == Activation.SILU:
+        _assert_within_a_few_ulps(fast, reference)  # exp is lmgen's polynomial, PyTorch's is Sleef's
+    else:  # as 1 / (1 + exp): a few ulps, where PyTorch takes 1 + tanh (which cancels for x << 0)
+        ulps = 4 if dtype == torch.float32 else 2
+        assert torch.allclose(fast.float(), reference.float(), rtol=ulps * torch.finfo(dtype).eps, atol=1e-6)
+
+
+def test_decode_attention_soft_caps_scores_like_the_reference():
+    torch.manual_seed(0)
+    k_cache, v_cache = (torch.randn(6, 16, 2, 32) * 3 for _ in range(2))
+    q = torch.randn(2, 4, 32) * 3
+    tables, lens = torch.tensor([[0, 3], [5, 1]]), torch.tensor([20, 31])
+    out = torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, 0.5, 0, 2.0)
+    for b in range(2):
+        keys, values = (c[tables[b]].reshape(-1, 2, 32)[: lens[b]].transpose(0, 1)[None] for c in (k_cache, v_cache))
+        mask = torch.ones(1, 1, 1, int(lens[b]), dtype=torch.bool)
+        expected = _capped_attention(q[b][None, :, None], keys, values, mask, 0.5, 2.0)[0, :, 0]
+        assert torch.allclose(out[b], expected, atol=1e-5)
+    assert not torch.allclose(out, torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, 0.5, 0, 0.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 24])  # 24: halves that are not whole vectors
-def test_rotary_kernel_rounds_exactly_as_the_pytorch_path(monkeypatch, dtype, head_dim):
+@pytest.mark.parametrize("head_dim, rotary_dim", [(64, 64), (24, 24), (64, 48), (96, 32)])  # 24: halves that are
+def test_rotary_kernel_rounds_exactly_as_the_pytorch_path(monkeypatch, dtype, head_dim, rotary_dim):  # not vectors
     torch.manual_seed(0)
     tokens, heads = 4, 5
     qkv = torch.randn(tokens, (heads + 2) * head_dim).to(dtype)
     x = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)  # strided rows, as in the model
-    angles = torch.rand(tokens, 1, head_dim // 2) * 6
+    angles = torch.rand(tokens, 1, rotary_dim // 2) * 6
     cos, sin = (torch.cat((f, f), dim=-1).to(dtype) for f in (angles.cos(), angles.sin()))
     fast, reference = _with_and_without_kernels(monkeypatch, apply_rotary, x, cos, sin)
     assert torch.equal(fast, reference)

@@ -1,0 +1,92 @@
+"""What each family brings beyond the shared parity tests (tests/test_model_parity.py), and the
+model contract: refused config keys, strict loading, a spec that cannot be built."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from lmgen import LLM, SamplingParams, UnsupportedModelError
+from lmgen.layers.rotary import RopeConfig
+from lmgen.models.contract import LayerSpec, ModelSpec, check_contract
+
+from test_model_parity import hf_greedy
+
+
+def _edited_config(source, folder, **changes):
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_phi3_longrope_past_its_original_length_matches_transformers(checkpoint_factory):
+    path = checkpoint_factory("phi3-long")  # original length 16: every prompt here starts past it
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32")
+    prompts = [list(range(3, 23)), list(range(40, 77)), [1, *range(100, 130)]]
+    for prompt, logits in zip(prompts, llm.engine.score(prompts)):
+        with torch.no_grad():
+            assert (logits - hf(torch.tensor([prompt])).logits[0]).abs().max().item() <= 1e-4
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == [hf_greedy(hf, p)[:16] for p in prompts]
+
+
+@pytest.mark.parametrize("variant, changes, key", [
+    ("llama", dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4)), "yarn"),
+    ("llama", dict(hidden_act="relu"), "relu"),
+    ("gemma3", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+])
+def test_a_config_key_lmgen_does_not_implement_is_named(checkpoint_factory, tmp_path, variant, changes, key):
+    folder = _edited_config(checkpoint_factory(variant), tmp_path / "edited", **changes)
+    with pytest.raises(UnsupportedModelError, match=key):
+        LLM(str(folder))
+
+
+def test_a_checkpoint_tensor_no_parameter_takes_is_an_error_naming_it(checkpoint_factory, tmp_path):
+    """A Qwen3 checkpoint read as Qwen2 has q/k norms the model would silently drop."""
+    folder = _edited_config(checkpoint_factory("qwen3"), tmp_path / "as-qwen2", architectures=["Qwen2ForCausalLM"],
+                            attention_bias=False)
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.0\.self_attn\.[qk]_norm\.weight has no parameter"):
+        LLM(str(folder))
+
+
+def test_gpt2_checkpoints_without_the_transformer_prefix_load(checkpoint_factory, tmp_path):
+    """The Hub's original GPT-2 files name tensors h.0..., wte, wpe, ln_f (and keep the attention mask)."""
+    source = checkpoint_factory("gpt2")
+    folder = tmp_path / "old-gpt2"
+    shutil.copytree(source, folder)
+    weights = {name.removeprefix("transformer."): tensor for name, tensor in load_file(folder / "model.safetensors").items()}
+    weights["h.0.attn.bias"] = torch.ones(1, 1, 256, 256)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    prompt, greedy = [1, 5, 9, 200], SamplingParams(max_tokens=8, temperature=0)
+    expected = LLM(str(source), dtype="float32").generate([prompt], greedy)[0].outputs[0].token_ids
+    assert LLM(str(folder), dtype="float32").generate([prompt], greedy)[0].outputs[0].token_ids == expected
+
+
+def test_a_spec_that_does_not_hold_together_names_the_fault():
+    rope = RopeConfig(head_dim=16)
+    fields = dict(vocab_size=10, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
+                  ropes=(rope,), max_position_embeddings=64)
+    with pytest.raises(UnsupportedModelError, match="layer 1 uses rope 1, but there are 1"):
+        ModelSpec(**fields, layers=(LayerSpec(), LayerSpec(rope=1)))
+    with pytest.raises(UnsupportedModelError, match="3 attention heads cannot share 2"):
+        ModelSpec(**{**fields, "num_heads": 3}, layers=(LayerSpec(),))
+    with pytest.raises(UnsupportedModelError, match="unknown norm places"):
+        ModelSpec(**fields, layers=(LayerSpec(),), norm_places=frozenset({"input", "after_everything"}))
+
+
+def test_a_model_missing_a_piece_of_the_contract_is_named():
+    class Forgetful(torch.nn.Module):
+        packed_modules: dict = {}
+
+        def forward(self, *_):
+            return None
+
+    with pytest.raises(UnsupportedModelError, match="lacks spec, compute_logits, one_call_layers, checkpoint_tensors"):
+        check_contract(Forgetful())
