@@ -494,3 +494,72 @@ def build_all(root: Path) -> dict[str, Path]:
         "mistral": build_mistral(root / "mistral", backends),
         "gemma": build_gemma(root / "gemma", backends),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Later families, with their chat templates verbatim in tests/loader/chat_templates/ (sources there
+# and in test_family_chat_templates.py).
+
+CHAT_TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
+
+
+def family_chat_template(name: str) -> str:
+    """The template file `name`.jinja, exactly as the model ships it."""
+    return (CHAT_TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def _extend(folder: Path, specs: list[tuple[str, bool]], config_updates: dict) -> Path:
+    """Append added tokens to a built checkpoint and update its config.
+
+    A family that keeps an earlier family's tokenizer (Qwen3 on Qwen2's, Gemma 3 on Gemma's)
+    is that checkpoint plus its new tokens; the template moves into tokenizer_config.json,
+    where these models ship it.
+    """
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    added = _append_added_tokens(tok, specs)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"].update(_config_added_tokens_decoder(added))
+    config.update(config_updates)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return _write(folder, tok, config)
+
+
+def build_qwen3(folder: Path, backends: Backends) -> Path:
+    """Qwen2's tokenizer plus Qwen3's non-special <tool_response> and <think> tokens (Qwen/Qwen3-0.6B)."""
+    build_qwen2(folder, backends)
+    specs = [("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False)]
+    return _extend(folder, specs, {"chat_template": family_chat_template("qwen3")})
+
+
+def build_gemma3(folder: Path, backends: Backends) -> Path:
+    """Gemma's tokenizer plus Gemma 3's image markers, named as google/gemma-3-1b-it names them."""
+    build_gemma(folder, backends)
+    specs = [("<start_of_image>", True), ("<end_of_image>", True)]
+    updates = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+               "chat_template": family_chat_template("gemma3")}
+    return _extend(folder, specs, updates)
+
+
+def build_phi4_mini(folder: Path, backends: Backends) -> Path:
+    """Byte-level BPE without BOS (o200k-like); <|endoftext|> is bos, eos, pad and unk, as in
+    microsoft/Phi-4-mini-instruct, and the role tokens are special."""
+    tok = Tokenizer.from_str(json.dumps(backends.byte_level()))
+    specs = [("<|endoftext|>", True), ("<|endofprompt|>", True), ("<|assistant|>", True), ("<|end|>", True),
+             ("<|user|>", True), ("<|system|>", True), ("<|tool|>", True), ("<|/tool|>", True),
+             ("<|tool_call|>", True), ("<|/tool_call|>", True), ("<|tool_response|>", True)]
+    added = _append_added_tokens(tok, specs)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    config = {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "added_tokens_decoder": _config_added_tokens_decoder(added),
+        "bos_token": "<|endoftext|>",
+        "chat_template": family_chat_template("phi4-mini"),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "GPT2Tokenizer",
+        "unk_token": "<|endoftext|>",
+    }
+    return _write(folder, tok, config)
