@@ -25,9 +25,9 @@ from lmgen.params import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
-#: A newline and an indent, bounded: an unbounded one lets a weak model pad forever instead of
-#: closing the object.
-_INDENT = r"\n[ \t]{0,32}"
+#: A newline and an indent, bounded: a weak model pads to the bound instead of closing the object,
+#: and 16 columns hold JSON nested 4 deep at an indent of 4 (8 deep at 2).
+_INDENT = r"\n[ \t]{0,16}"
 #: Whitespace where JSON writers put it (json.dumps compact, default or indented, JSON.stringify):
 #: a newline and an indent after `{`, `[` and `,` and before `}` and `]`, one space after `:` and
 #: maybe after `,`, else none. A weak model given more pads its JSON where no writer would and runs
