@@ -9,6 +9,18 @@ kernels.load()
 
 
 @pytest.fixture(scope="session")
+def cpu_kernels():
+    """For the tests of lmgen's CPU kernels: they skip where the kernels cannot run by design (no
+    AVX2, no compiler, LMGEN_CPU_KERNELS=0), saying why, and fail where the kernels should have
+    built and did not: a compile error in cpu.cpp must not pass as a skip."""
+    if kernels.build_failed:
+        pytest.fail(f"lmgen's CPU kernels did not build on a machine that can run them: {kernels.why_not}",
+                    pytrace=False)
+    if not kernels.loaded:
+        pytest.skip(f"lmgen's CPU kernels cannot run here: {kernels.why_not}")
+
+
+@pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
     """Builds (once per session) the tiny random checkpoint of a variant and returns its folder."""
     cache = {}

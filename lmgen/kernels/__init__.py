@@ -47,6 +47,11 @@ COLUMN_MULTIPLE = 32
 _lock = threading.Lock()
 _tried = False
 loaded = False  # read by the layers on every product, so a plain attribute
+#: Why load() left the kernels off ("" while they run), for logs and test skips.
+why_not = ""
+#: Whether they are off because building them failed on a machine that can run them (a bug to
+#: fix, which the tests report as a failure), rather than by design (no AVX2, no compiler, ...).
+build_failed = False
 
 
 def load() -> bool:
@@ -70,14 +75,19 @@ def fits(rows: int, in_features: int, device: torch.device) -> bool:
 
 
 def _supported() -> bool:
+    global why_not
     if os.environ.get("LMGEN_CPU_KERNELS", "1") == "0":
+        why_not = "LMGEN_CPU_KERNELS=0 turns them off"
         return False
-    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        logger.info("lmgen's CPU kernels need an x86 CPU with AVX2; PyTorch's kernels run instead")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64") or capability == "DEFAULT":
+        why_not = f"they need an x86 CPU with AVX2 (this one: {platform.machine()}, PyTorch's capability {capability})"
+        logger.info("lmgen's CPU kernels are off: %s; PyTorch's kernels run instead", why_not)
         return False
     if _compiler() is None:
-        logger.warning("no C++ compiler found (set CXX or install g++): lmgen's fast CPU decode kernels are off, "
-                       "PyTorch's run instead (about half as fast at batch 1)")
+        why_not = "no C++ compiler found (set CXX or install g++)"
+        logger.warning("%s: lmgen's fast CPU decode kernels are off, PyTorch's run instead (about half as fast "
+                       "at batch 1)", why_not)
         return False
     return True
 
@@ -87,10 +97,12 @@ def _compiler() -> str | None:
 
 
 def _load_library() -> bool:
+    global why_not, build_failed
     try:
         torch.ops.load_library(str(_built_library()))
     except (OSError, subprocess.CalledProcessError) as error:
         details = getattr(error, "stderr", "") or error
+        why_not, build_failed = f"building them failed:\n{details}", True
         logger.warning("building lmgen's CPU kernels failed, PyTorch's kernels run instead:\n%s", details)
         return False
     _register_shapes()

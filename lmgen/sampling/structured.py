@@ -13,6 +13,7 @@ engine (xgrammar, say) can be added beside llguidance.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Protocol
 
@@ -24,9 +25,38 @@ from lmgen.params import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
-#: JSON may be indented, but a run of whitespace is bounded: an unbounded one lets a weak
-#: model pad forever at a structural position instead of closing the object.
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,16}"
+#: A newline and an indent, bounded: a weak model pads to the bound instead of closing the object,
+#: and 16 columns hold JSON nested 4 deep at an indent of 4 (8 deep at 2).
+_INDENT = r"\n[ \t]{0,16}"
+#: Whitespace where JSON writers put it (json.dumps compact, default or indented, JSON.stringify):
+#: a newline and an indent after `{`, `[` and `,` and before `}` and `]`, one space after `:` and
+#: maybe after `,`, else none. A weak model given more pads its JSON where no writer would and runs
+#: out of tokens before closing it. llguidance's JSON options allow one whitespace pattern between
+#: any two tokens, so this layout is a grammar of its own that JSON output must also match.
+#: One liberty: a newline may also come before `,` (after a value, where it may come before `}`),
+#: because the schema's grammar alone knows whether a `,` must follow, and the two grammars must
+#: never together leave a token with no continuation.
+JSON_LAYOUT = rf"""
+start: value
+value: object | array | STRING | NUMBER | "true" | "false" | "null"
+object: OPEN_OBJECT (member (COMMA member)*)? CLOSE_OBJECT
+member: STRING COLON value
+array: OPEN_ARRAY (value (COMMA value)*)? CLOSE_ARRAY
+OPEN_OBJECT: /\{{({_INDENT})?/
+CLOSE_OBJECT: /({_INDENT})?\}}/
+OPEN_ARRAY: /\[({_INDENT})?/
+CLOSE_ARRAY: /({_INDENT})?\]/
+COMMA: /({_INDENT})?,( |{_INDENT})?/
+COLON: /: ?/
+STRING: /"(\\.|[^"\\])*"/
+NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/
+"""
+#: The schema's grammar allows each gap of the layout's whitespace between any two tokens; the
+#: layout grammar then says which gaps may hold it.
+_JSON_OPTIONS = {"whitespace_pattern": rf"( |{_INDENT})"}
+
+#: What compile() gives and new_matcher() takes: the grammars an output must match all of.
+Grammar = tuple[str, ...]
 
 
 class Matcher(Protocol):
@@ -44,10 +74,10 @@ class Matcher(Protocol):
 
 
 class GrammarBackend(Protocol):
-    def compile(self, spec: StructuredOutputs) -> str:
+    def compile(self, spec: StructuredOutputs) -> Grammar:
         """The validated grammar for `spec`; raises InvalidArgumentError with the engine's message."""
 
-    def new_matcher(self, grammar: str) -> Matcher: ...
+    def new_matcher(self, grammar: Grammar) -> Matcher: ...
 
     def fill_bitmask(self, matchers: list[Matcher], bitmask: torch.Tensor) -> None:
         """Write row i of `bitmask` [N, ceil(vocab / 32)] int32: bit t set = token t allowed for matchers[i]."""
@@ -65,7 +95,7 @@ class LLGuidanceBackend:
                                                 eos_token=sorted(eos_token_ids) or None)
         self.executor = llguidance.LLExecutor()
 
-    def compile(self, spec: StructuredOutputs) -> str:
+    def compile(self, spec: StructuredOutputs) -> Grammar:
         try:
             grammar = self._grammar(spec)
         except ValueError as exc:  # malformed input the converters refuse outright
@@ -75,30 +105,68 @@ class LLGuidanceBackend:
             raise InvalidArgumentError(f"structured output: invalid {spec.kind}: {messages[0].strip()}")
         for warning in messages:
             logger.warning("structured output %s: %s", spec.kind, warning)
-        return grammar
+        if spec.json_schema is not None or spec.json_object:
+            return grammar, self._json_layout
+        return (grammar,)
+
+    @functools.cached_property
+    def _json_layout(self) -> str:
+        return self._llg.grammar_from("lark", JSON_LAYOUT)
 
     def _grammar(self, spec: StructuredOutputs) -> str:
-        options = {"whitespace_pattern": JSON_WHITESPACE}
         if spec.json_schema is not None:
-            return self._llg.LLMatcher.grammar_from_json_schema(spec.json_schema, defaults=options)
+            return self._llg.LLMatcher.grammar_from_json_schema(spec.json_schema, defaults=_JSON_OPTIONS)
         if spec.json_object:
-            return self._llg.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=options)
+            return self._llg.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)
         if spec.regex is not None:
             return self._llg.grammar_from("regex", spec.regex)
         if spec.choice is not None:
             return self._llg.grammar_from("choice", list(spec.choice))
         return self._llg.grammar_from("grammar", spec.grammar)  # Lark, or GBNF converted to Lark
 
-    def new_matcher(self, grammar: str) -> Matcher:
-        matcher = self._llg.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if matcher.is_error():  # compile() validated it, so this is an engine limit (size, fuel)
-            raise InvalidArgumentError(f"structured output: {matcher.get_error()}")
-        return matcher
+    def new_matcher(self, grammar: Grammar) -> Matcher:
+        matchers = [self._llg.LLMatcher(self.tokenizer, g, log_level=0) for g in grammar]
+        for matcher in matchers:
+            if matcher.is_error():  # compile() validated it, so this is an engine limit (size, fuel)
+                raise InvalidArgumentError(f"structured output: {matcher.get_error()}")
+        return matchers[0] if len(matchers) == 1 else _AllOf(*matchers)
 
     def fill_bitmask(self, matchers: list[Matcher], bitmask: torch.Tensor) -> None:
+        self._fill([(m.first if isinstance(m, _AllOf) else m, i) for i, m in enumerate(matchers)], bitmask)
+        seconds = [(m.second, i) for i, m in enumerate(matchers) if isinstance(m, _AllOf)]
+        if seconds:  # a token is allowed where both grammars allow it
+            allowed = torch.full_like(bitmask, -1)
+            self._fill(seconds, allowed)
+            with torch.inference_mode():  # the engine's bitmask is an inference tensor; this is another thread
+                bitmask &= allowed
+
+    def _fill(self, rows: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
         row_bytes = bitmask.shape[1] * bitmask.element_size()
-        self.executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
-                                              row_bytes, bitmask.shape[0])
+        self.executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
+
+
+class _AllOf:
+    """Two matchers stepped together: the output is in both grammars' languages (a JSON schema's and the
+    JSON layout's). Either completes a prefix the other accepts without whitespace, so no mask is empty."""
+
+    def __init__(self, first: Matcher, second: Matcher) -> None:
+        self.first, self.second = first, second
+
+    def consume_token(self, token_id: int) -> bool:
+        return self.first.consume_token(token_id) and self.second.consume_token(token_id)
+
+    def compute_ff_tokens(self) -> list[int]:
+        forced = self.first.compute_ff_tokens()
+        return forced[: self.second.validate_tokens(forced)]
+
+    def is_stopped(self) -> bool:
+        return self.first.is_stopped() or self.second.is_stopped()
+
+    def is_error(self) -> bool:
+        return self.first.is_error() or self.second.is_error()
+
+    def get_error(self) -> str:
+        return self.first.get_error() or self.second.get_error()
 
 
 def allocate_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """lmgen's CPU kernels (lmgen/kernels): products equal PyTorch's on the same inputs, and the fallback."""
 
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from lmgen.layers.quant import (deinterleave_int4, dequantize_int4, interleave_i
                                 unpack_int4)
 from lmgen.layers.rotary import apply_rotary
 
-pytestmark = pytest.mark.skipif(not kernels.load(), reason="lmgen's CPU kernels need an AVX2 CPU and a C++ compiler")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips where they cannot run, fails where they did not build
 
 ROWS = [1, 2, 3, 4, 5, 7, 8, 13, 32]  # blocks of 4 rows and every remainder
 
@@ -182,10 +183,23 @@ def test_kernel_errors_name_the_problem():
 
 
 def test_lmgen_cpu_kernels_0_turns_them_off():
-    code = "from lmgen import kernels; print(kernels.load())"
+    code = "from lmgen import kernels; print(kernels.load(), kernels.build_failed, kernels.why_not)"
     result = subprocess.run([sys.executable, "-c", code], env={"LMGEN_CPU_KERNELS": "0", "PATH": ""},
                             capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "False False LMGEN_CPU_KERNELS=0 turns them off"
+
+
+def test_a_source_that_does_not_compile_is_a_build_failure_with_the_compilers_message(tmp_path):
+    """What the cpu_kernels fixture fails the kernel tests on, rather than skipping them."""
+    broken = tmp_path / "cpu.cpp"
+    broken.write_text('#error "a deliberately broken copy"\n')
+    code = ("import pathlib; from lmgen import kernels; kernels._SOURCE = pathlib.Path(r'%s'); "
+            "print(kernels.load(), kernels.build_failed); print(kernels.why_not)" % broken)
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LMGEN_CACHE": str(tmp_path)},
+                            capture_output=True, text=True, check=True)
+    first, reason = result.stdout.split("\n", 1)
+    assert first == "False True"
+    assert reason.startswith("building them failed") and "a deliberately broken copy" in reason
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -222,3 +222,53 @@ def test_chat_takes_structured(demo_llm):
     messages = [{"role": "user", "content": "Which colour is the sky?"}]
     output = demo_llm.chat(messages, SamplingParams(structured={"choice": ["blue", "grey", "black"]}, seed=0))
     assert output.outputs[0].text in ("blue", "grey", "black")
+
+
+def _misplaced_whitespace(text: str) -> list[str]:
+    """Whitespace in JSON `text` outside the forms JSON writers produce (strings' contents aside): a newline and
+    an indent after `{`, `[` and `,` or before `}`, `]` and `,`, one space after `:` or `,`."""
+    outside_strings = re.sub(r'"(\\.|[^"\\])*("|$)', '""', text)  # a string cut short runs to the end
+    misplaced = []
+    for run in re.finditer(r"\s+", outside_strings):
+        before, after = outside_strings[run.start() - 1], outside_strings[run.end():run.end() + 1]
+        space = run.group() == " " and before in ":,"
+        indent = re.fullmatch(r"\n[ \t]*", run.group()) and (before in "{[," or after in ("}", "]", ","))
+        if not (space or indent):
+            misplaced.append(outside_strings[run.start() - 1:run.end() + 1])
+    return misplaced
+
+
+def test_json_output_puts_whitespace_only_where_json_writers_do(demo_llm):
+    objects = [schema for schema in SCHEMAS if schema.get("type") in ("object", "array")]
+    params = [SamplingParams(structured={"json_schema": schema}, seed=seed, max_tokens=256)
+              for schema in objects for seed in SEEDS]
+    params += [SamplingParams(structured={"json_object": True}, seed=seed, max_tokens=256) for seed in SEEDS]
+    outputs = [output.outputs[0] for output in demo_llm.generate(["A person:"] * len(params), params)]
+    for completion in outputs[:-len(SEEDS)]:  # every field bounded: each completes
+        assert completion.finish_reason == "stop", completion.text
+    for completion in outputs:  # any object may ramble on in a string; what was written is still laid out well
+        if completion.finish_reason == "stop":
+            json.loads(completion.text)
+        assert _misplaced_whitespace(completion.text) == [], completion.text
+
+
+def _accepts(llm: LLM, spec: dict, text: str) -> bool:
+    """Whether the grammar of `spec` takes the tokens of `text` and then ends."""
+    backend = llm.engine.grammar_backend
+    matcher = backend.new_matcher(backend.compile(StructuredOutputs(**spec)))
+    tokens = backend.tokenizer.tokenize_str(text) + [min(llm.engine.eos_token_ids)]
+    return all(matcher.consume_token(token) for token in tokens)
+
+
+def test_json_grammars_take_what_json_writers_write_and_refuse_padding(demo_llm):
+    value = {"name": "Ada", "age": 36, "tags": ["a", "b"], "address": {"city": "London", "lines": []}, "x": None}
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "tags": {"type": "array"}, "address": {"type": "object"}}}
+    for spec in ({"json_object": True}, {"json_schema": schema}):
+        for written in (json.dumps(value), json.dumps(value, separators=(",", ":")), json.dumps(value, indent=2),
+                        json.dumps(value, indent=4), json.dumps(value, indent="\t")):
+            assert _accepts(demo_llm, spec, written), (spec, written)
+        for padded in ('{"name"\n\n:1}', '{"name"\n:1}', '{"name":\n1}', '{"name":  1}', '{"name" : 1}',
+                       '{ "name": 1}', '{\n\n"name": 1}', '{"name": 1 }', '{"name": [1 ,2]}', ' {"name": 1}'):
+            assert not _accepts(demo_llm, spec, padded), (spec, padded)
+    assert _accepts(demo_llm, {"json_schema": {"type": "integer"}}, "12")
