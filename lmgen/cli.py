@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
 
 from lmgen.errors import InvalidArgumentError, LmgenError
 from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QUANTIZATION_METHODS
 
 logger = logging.getLogger("lmgen")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The modules each optional extra of pyproject.toml brings, by import name.
+EXTRAS = {"server": ("fastapi", "uvicorn", "pydantic", "prometheus_client")}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, reporting a usage error as every lmgen error is reported: one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lmgen: error: {message} (see '{self.prog} --help')\n")
+
+
+def add_global_args(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """Flags that go before or after the command's name. A command's copy defaults to SUPPRESS so it
+    never overwrites a value given before the name."""
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
+                        default=argparse.SUPPRESS if default is None else default,
+                        help="DEBUG, INFO, WARNING (default) or ERROR")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +126,19 @@ def _structured(args: argparse.Namespace) -> dict | None:
     return {"choice": args.choice} if args.choice else None
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (argparse names the flag in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _read_at_file(value: str, flag: str) -> str:
     if not value.startswith("@"):
         return value
@@ -113,10 +149,10 @@ def _read_at_file(value: str, flag: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmgen", description="Generate text with large language models (Hugging Face checkpoints).",
         epilog="Run 'lmgen COMMAND --help' for a command's flags. With no --model, the embedded demo model is used.")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    add_global_args(parser, default="WARNING")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout",
@@ -128,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="talk to a chat model in the terminal",
                                description="Interactive chat with the model's chat template. "
-                                           "/reset clears the history; Ctrl-D leaves.")
+                                           "/help lists the commands (/reset, /system TEXT, /exit); "
+                                           "Ctrl-D leaves.")
     chat.add_argument("--system", default=None, help="system prompt")
     add_engine_args(chat)
     add_sampling_args(chat)
@@ -198,11 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sliding-window perplexity, as in transformers' 'perplexity of fixed-length models': windows "
                     "of --context tokens, --stride apart, each scoring the tokens no earlier window scored.")
     ppl.add_argument("--file", "-f", required=True, help="UTF-8 text file, read as one sequence")
-    ppl.add_argument("--context", type=int, default=None,
+    ppl.add_argument("--context", type=_at_least(2), default=None,
                      help="tokens per window (default: 512, or the model's context if shorter)")
-    ppl.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context / 2)")
+    ppl.add_argument("--stride", type=_at_least(1), default=None,
+                     help="tokens between window starts, at most --context (default: context / 2)")
     add_engine_args(ppl)
     ppl.set_defaults(run=run_perplexity)
+    for command in commands.choices.values():
+        add_global_args(command, default=None)
     return parser
 
 
@@ -212,9 +252,14 @@ def _load(args: argparse.Namespace):
     return LLM(args.model, **engine_kwargs(args))
 
 
-def _stream_to_stdout(llm, prompt, params) -> str:
+def _stream_to_stdout(llm, prompt, params, echo_prompt: bool = False) -> str:
+    """Stream the continuation to stdout, after the prompt if `echo_prompt`; returns the continuation."""
+    deltas = llm.stream(prompt, params)
+    first = next(deltas)  # the engine checks the request here (grammar, length): a refusal prints nothing
+    if echo_prompt:
+        sys.stdout.write(prompt)
     text = []
-    for delta in llm.stream(prompt, params):
+    for delta in itertools.chain([first], deltas):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
         text.append(delta.text)
@@ -222,48 +267,88 @@ def _stream_to_stdout(llm, prompt, params) -> str:
     return "".join(text)
 
 
+def _read_prompt_from_stdin() -> str:
+    if sys.stdin.isatty():  # else the command would seem to hang
+        print("lmgen: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
+    return sys.stdin.read().removesuffix("\n")  # the newline `echo` or the Enter key adds is no part of it
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = args.prompt if args.prompt is not None else _read_prompt_from_stdin()
     llm = _load(args)
-    params = sampling_params(args, llm)
-    if args.prompt is not None:
-        sys.stdout.write(prompt)
-    _stream_to_stdout(llm, prompt, params)
+    _stream_to_stdout(llm, prompt, sampling_params(args, llm), echo_prompt=args.prompt is not None)
     return 0
+
+
+CHAT_HELP = """commands:
+  /help          this list
+  /reset         clear the conversation (the system prompt stays)
+  /system TEXT   set the system prompt (/system alone removes it); the conversation stays
+  /exit          leave (Ctrl-D too)"""
+
+
+@dataclass
+class _Conversation:
+    system: str | None
+    turns: list[dict[str, str]] = field(default_factory=list)
+
+    def messages(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.turns
 
 
 def run_chat(args: argparse.Namespace) -> int:
     llm = _load(args)
     params = sampling_params(args, llm)
-    base = [{"role": "system", "content": args.system}] if args.system else []
-    history = list(base)
-    print("lmgen chat: type a message; /reset clears the history, Ctrl-D leaves.", file=sys.stderr)
+    conversation = _Conversation(args.system)
+    print("lmgen chat: type a message; /help lists the commands, Ctrl-D leaves.", file=sys.stderr)
     while True:
         try:
-            line = input(">>> ")
+            line = input(">>> ").strip()
         except EOFError:
             print(file=sys.stderr)
             return 0
-        if line.strip() == "/reset":
-            history = list(base)
-            print("(history cleared)", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        prompt = llm.tokenizer.encode_chat(history, add_generation_prompt=True)
-        history.append({"role": "assistant", "content": _stream_to_stdout(llm, prompt, params)})
+        if line.startswith("/"):
+            if not _chat_command(line, conversation):
+                return 0
+        elif line:
+            conversation.turns.append({"role": "user", "content": line})
+            prompt = llm.tokenizer.encode_chat(conversation.messages(), add_generation_prompt=True)
+            conversation.turns.append({"role": "assistant", "content": _stream_to_stdout(llm, prompt, params)})
+
+
+def _chat_command(line: str, conversation: _Conversation) -> bool:
+    """Run a /command typed in the chat (nothing goes to the model); False means leave."""
+    command, _, text = line.partition(" ")
+    if command == "/exit":
+        return False
+    if command == "/help":
+        note = CHAT_HELP
+    elif command == "/reset":
+        conversation.turns.clear()
+        note = "(history cleared)"
+    elif command == "/system":
+        conversation.system = text.strip() or None
+        note = "(system prompt set)" if conversation.system else "(system prompt removed)"
+    else:
+        note = f"unknown command {command}: /help lists the commands"
+    print(note, file=sys.stderr)
+    return True
+
+
+def require_extra(extra: str, command: str) -> None:
+    """Fail at once, before any model loads, when an optional extra is not installed."""
+    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise LmgenError(f"{command} needs the {extra} extra ({', '.join(missing)} not installed): "
+                         f'pip install "lmgen[{extra}]" (in a source checkout: pip install -e ".[{extra}]")')
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    require_extra("server", "lmgen serve")
     from lmgen.engine.config import EngineConfig
-
-    try:
-        from lmgen.server.launch import serve
-        from lmgen.server.serving import ServerSettings
-    except ImportError as exc:
-        raise LmgenError(f"lmgen serve needs the server extra ({exc.name} is missing): "
-                         "pip install 'lmgen[server]'") from None
+    from lmgen.server.launch import serve
+    from lmgen.server.serving import ServerSettings
 
     config = EngineConfig(model=args.model, **engine_kwargs(args))  # bad flags fail here, before listening
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
@@ -315,19 +400,30 @@ def run_perplexity(args: argparse.Namespace) -> int:
         text = open(args.file, encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidArgumentError(f"cannot read --file {args.file}: {exc}") from None
+    if args.stride is not None and args.context is not None and args.stride > args.context:
+        raise InvalidArgumentError(f"--stride ({args.stride}) must be at most --context ({args.context})")
     result = perplexity(_load(args), text, args.context, args.stride)
-    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats over {result.num_tokens} tokens; "
-          f"{result.num_windows} windows of {result.context} tokens, stride {result.stride})")
+    windows = (f"1 window of {result.window_tokens} tokens" if result.num_windows == 1 else
+               f"{result.num_windows} windows of {result.window_tokens} tokens, stride {result.stride}")
+    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats over {result.num_tokens} "
+          f"scored tokens; {windows})")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
     except LmgenError as exc:
-        print(f"lmgen: error: {exc}", file=sys.stderr)
+        print(f"lmgen: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _one_line(message: str) -> str:
+    """A multi-line error message on one line. Such messages (llguidance's regex and grammar errors)
+    indent excerpts of the input under a caret: those lines go, the others are joined."""
+    first, *rest = message.splitlines() or [""]
+    return " ".join([first, *(line.removeprefix("error: ") for line in rest if line and not line[0].isspace())])

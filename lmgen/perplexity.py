@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lmgen.errors import InvalidArgumentError
 from lmgen.llm import LLM
+from lmgen.progress import progress
 
 DEFAULT_CONTEXT = 512
 
@@ -29,6 +30,7 @@ class Perplexity:
     num_windows: int
     context: int
     stride: int
+    window_tokens: int  # tokens in the longest window: `context`, or the whole text when it is shorter
 
 
 def windows(num_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -50,8 +52,10 @@ def perplexity(llm: LLM, text: str, context: int | None = None, stride: int | No
     `stride` to half the context.
     """
     engine = llm.engine
-    context = context or min(DEFAULT_CONTEXT, engine.max_model_len - 1)
-    stride = stride or max(1, context // 2)
+    if context is None:
+        context = min(DEFAULT_CONTEXT, engine.max_model_len - 1)
+    if stride is None:
+        stride = max(1, context // 2)
     if not 2 <= context < engine.max_model_len:
         raise InvalidArgumentError(f"context must be in [2, {engine.max_model_len - 1}] for this model, got {context}")
     if not 1 <= stride <= context:
@@ -59,12 +63,12 @@ def perplexity(llm: LLM, text: str, context: int | None = None, stride: int | No
     ids = engine.tokenizer.encode(text)
     if len(ids) < 2:
         raise InvalidArgumentError("the text has fewer than 2 tokens: there is nothing to predict")
-    total_nll, num_scored, num_windows = 0.0, 0, 0
-    for begin, end, first in windows(len(ids), context, stride):
+    spans = list(windows(len(ids), context, stride))
+    total_nll, num_scored = 0.0, 0
+    for begin, end, first in progress(spans, "perplexity", "window"):
         logits = engine.score([ids[begin:end]])[0]  # row i predicts token begin + i + 1
         targets = torch.tensor(ids[first:end], device=logits.device)
         total_nll += float(F.cross_entropy(logits[first - begin - 1: end - begin - 1], targets, reduction="sum"))
         num_scored += end - first
-        num_windows += 1
     nll = total_nll / num_scored
-    return Perplexity(math.exp(nll), nll, num_scored, num_windows, context, stride)
+    return Perplexity(math.exp(nll), nll, num_scored, len(spans), context, stride, min(context, len(ids)))

@@ -20,6 +20,7 @@ from lmgen.errors import InvalidArgumentError
 from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QuantConfig, quantize_tensors
 from lmgen.loader.checkpoint import MODEL_FILES, iter_tensors, read_json, resolve_model_path
 from lmgen.models import model_class
+from lmgen.progress import progress
 
 
 def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, method: str = "int4",
@@ -41,13 +42,24 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, method
     if out.exists() and any(out.iterdir()):  # old weight shards there would load beside the new ones
         raise InvalidArgumentError(f"the output folder {out} is not empty: choose a new one")
     # Everything is quantized before anything is written, so a bad layer leaves no half-written folder.
+    refs = list(iter_tensors(source))  # headers only (the bar's length); each tensor is read when its turn comes
     tensors = {name: tensor if isinstance(tensor, torch.Tensor) else tensor.load()
-               for name, tensor in quantize_tensors(family.checkpoint_tensors(iter_tensors(source)), config)}
+               for name, tensor in quantize_tensors(family.checkpoint_tensors(progress(refs, "quantizing", "tensor")),
+                                                    config)}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    _save_weights(tensors, out / "model.safetensors")
     for name in MODEL_FILES:
         if (source / name).is_file() and name != "config.json":
             shutil.copyfile(source / name, out / name)
     quantized_config = {**hf_config, "quantization_config": config.to_hf()}
     (out / "config.json").write_text(json.dumps(quantized_config, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    save_file(tensors, file, metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600): give the weights the mode
+    # the umask gives every other file of the model, so whoever may read the folder may load it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)

@@ -1,9 +1,14 @@
 """The lmgen command as a user types it."""
 
+import io
+import re
 import subprocess
 import sys
 
 import pytest
+
+from lmgen import cli
+from lmgen.cli import main
 
 
 def lmgen(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -47,13 +52,17 @@ def test_chat_keeps_history_and_resets(llama_path):
     (("generate", "hi", "--max-tokens", "0"), "max_tokens must be at least 1"),
     (("generate", "hi", "--temperature", "-1"), "temperature must be >= 0"),
     (("generate", "", "--max-tokens", "2"), "prompt is empty"),
+    (("generate", "x", "--regex", "("), 'invalid regex "\\(".*regex parse error: unclosed group'),
+    (("generate", "x", "--log-level", "loud"), "argument --log-level: invalid choice: 'LOUD'"),
+    (("perplexity", "--file", "x.txt", "--stride", "0"), "argument --stride: must be at least 1, got 0"),
 ])
 def test_errors_are_one_line_without_traceback(llama_path, args, message):
     if "--model" not in args:
         args = args + ("--model", str(llama_path))
     result = lmgen(*args)
     assert result.returncode == 2
-    assert message in result.stderr
+    assert re.search(message, result.stderr) and result.stderr.startswith("lmgen: error: ")
+    assert result.stdout == ""  # the prompt is not echoed before a refusal
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
@@ -94,3 +103,63 @@ def test_bench_latency_times_prefill_of_prompts_the_cache_has_not_seen(llama_pat
     rows = run_bench(llm, "latency", [2], prompt_len=16, new_tokens=2, repeats=2, compare=None)
     assert rows[0]["prefill_tok_s"] > 0
     assert llm.engine.scheduler.num_prefix_hit_tokens == 0  # a hit would time no prefill at all
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stdin, notice", [(Terminal("Lisbon"), True), (io.StringIO("Lisbon"), False)])
+def test_generate_says_it_reads_stdin_only_on_a_terminal(llama_path, monkeypatch, capsys, stdin, notice):
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["generate", "--model", str(llama_path), "-n", "2", "-t", "0"]) == 0
+    assert ("reading the prompt from standard input" in capsys.readouterr().err) == notice
+
+
+def test_a_piped_prompt_loses_the_newline_echo_adds(llama_path, monkeypatch, capsys):
+    args = ["--model", str(llama_path), "-n", "6", "-t", "0", "--ignore-eos"]
+    assert main(["generate", "Lisbon", *args]) == 0
+    from_argument = capsys.readouterr().out.removeprefix("Lisbon")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Lisbon\n"))
+    assert main(["generate", *args]) == 0
+    assert capsys.readouterr().out == from_argument
+
+
+def test_global_flags_go_before_or_after_the_command(monkeypatch):
+    levels = []
+    monkeypatch.setattr(cli, "run_generate", lambda args: levels.append(args.log_level) or 0)
+    for argv in (["generate", "x", "--log-level", "debug"], ["--log-level", "DEBUG", "generate", "x"],
+                 ["--log-level", "error", "generate", "x", "--log-level", "info"], ["generate", "x"]):
+        assert main(argv) == 0
+    assert levels == ["DEBUG", "DEBUG", "INFO", "WARNING"]  # a command's own default never overrides
+
+
+def test_chat_commands_never_reach_the_model(llama_path, monkeypatch, capsys):
+    prompts = []
+
+    def reply(llm, prompt, params, echo_prompt=False):
+        prompts.append(llm.tokenizer.decode(prompt))
+        return "ok"
+
+    monkeypatch.setattr(cli, "_stream_to_stdout", reply)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(
+        "hello\n/help\n/system Be terse.\n/nope x\nagain\n/reset\nthird\n/system\nfourth\n/exit\nnot read\n"))
+    assert main(["chat", "--model", str(llama_path), "--system", "Be kind."]) == 0
+    err = capsys.readouterr().err
+    assert "/system TEXT" in err and "unknown command /nope: /help lists the commands" in err
+    assert len(prompts) == 4
+    assert "Be kind." in prompts[0] and "hello" in prompts[0]
+    assert "Be terse." in prompts[1] and "hello" in prompts[1] and "/nope" not in prompts[1]  # /system keeps the turns
+    assert "Be terse." in prompts[2] and "hello" not in prompts[2]  # /reset keeps the system prompt
+    assert "system" not in prompts[3] and "third" in prompts[3]
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "prometheus_client"])
+def test_serve_without_the_server_extra_fails_before_loading(monkeypatch, capsys, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: importing it fails
+    assert main(["serve", "--model", "./missing-model"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("lmgen: error: lmgen serve needs the server extra") and missing in error
+    assert 'pip install -e ".[server]"' in error and "missing-model" not in error
+    assert len(error.strip().splitlines()) == 1

@@ -1,6 +1,9 @@
 """Sliding-window perplexity, checked against the same computation in transformers."""
 
+import io
 import math
+import re
+import sys
 
 import pytest
 import torch
@@ -66,9 +69,32 @@ def test_defaults_fit_the_model(llama_path):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(context=256), r"context must be in \[2, 255\]"),
     (dict(context=32, stride=33), r"stride must be in \[1, context=32\]"),
+    (dict(context=32, stride=0), r"stride must be in \[1, context=32\], got 0"),  # not the default stride
+    (dict(context=0), r"context must be in \[2, 255\] for this model, got 0"),
     (dict(text=""), "fewer than 2 tokens"),  # BOS alone
 ])
 def test_bad_arguments_are_clear_errors(llama_path, kwargs, message):
     llm = LLM(str(llama_path), dtype="float32")
     with pytest.raises(InvalidArgumentError, match=message):
         perplexity(llm, **{"text": TEXT, **kwargs})
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stderr, bar", [(Terminal(), True), (io.StringIO(), False)])
+def test_a_progress_bar_only_on_a_terminal(llama_path, monkeypatch, stderr, bar):
+    monkeypatch.setattr(sys, "stderr", stderr)
+    result = perplexity(LLM(str(llama_path), dtype="float32"), TEXT, 48, 16)
+    drawn = re.search(rf"perplexity: +0%\|.*\| 0/{result.num_windows} .* window/s\]", stderr.getvalue())
+    assert bool(drawn) == bar
+
+
+def test_a_short_text_is_one_window_of_its_own_length(llama_path):
+    llm = LLM(str(llama_path), dtype="float32")
+    num_text_tokens = len(llm.tokenizer.encode(CORPUS[0]))
+    result = perplexity(llm, CORPUS[0])
+    assert result.context == 255 > num_text_tokens
+    assert (result.num_windows, result.window_tokens, result.num_tokens) == (1, num_text_tokens, num_text_tokens - 1)

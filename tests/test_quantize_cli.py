@@ -1,6 +1,11 @@
 """Quantized checkpoints: `lmgen quantize`, loading them back, and `lmgen perplexity`."""
 
+import io
 import json
+import os
+import re
+import stat
+import sys
 
 import pytest
 import torch
@@ -55,6 +60,23 @@ def test_a_quantized_checkpoint_can_only_be_loaded_as_it_is(int4_path):
         quantize_checkpoint(int4_path, int4_path.parent / "twice")
 
 
+def test_quantized_weights_get_the_umask_s_mode_like_the_other_files(int4_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((int4_path / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert (int4_path / "model.safetensors").stat().st_mode == (int4_path / "config.json").stat().st_mode
+
+
+def test_quantizing_shows_a_progress_bar_on_a_terminal(llama_path, tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    quantize_checkpoint(llama_path, tmp_path / "q", "int8")
+    assert re.search(r"quantizing: +0%\|.*\| 0/\d+ .* tensor/s\]", sys.stderr.getvalue())
+
+
 def test_quantize_refuses_a_folder_that_is_not_empty(llama_path, tmp_path, capsys):
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
     assert main(["quantize", "--model", str(llama_path), "--out", str(tmp_path)]) == 2
@@ -75,6 +97,23 @@ def test_perplexity_command(llama_path, tmp_path, capsys):
                  "--stride", "32", "--quantize", "int8"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("perplexity ") and "windows of 64 tokens, stride 32" in out
+
+
+def test_perplexity_command_reports_the_window_a_short_text_fills(llama_path, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    assert main(["perplexity", "--model", str(llama_path), "--file", str(text)]) == 0  # default context: 255
+    scored, window = map(int, re.search(r"over (\d+) scored tokens; 1 window of (\d+) tokens\)$",
+                                        capsys.readouterr().out.strip()).groups())
+    assert window == scored + 1 < 255
+
+
+def test_perplexity_stride_beyond_the_context_names_the_flags(llama_path, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox")
+    assert main(["perplexity", "--model", "./not-loaded", "--file", str(text), "--context", "8",
+                 "--stride", "9"]) == 2
+    assert "--stride (9) must be at most --context (8)" in capsys.readouterr().err
 
 
 def test_perplexity_command_reports_a_missing_file(llama_path, tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -60,9 +61,18 @@ def _download(repo_id: str, revision: str | None) -> Path:
         how = ("HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached")
         raise ModelNotFoundError(
             f"model {repo_id!r} is not in the Hugging Face cache and {how}: download it where there is network "
-            f"(`huggingface-cli download {repo_id}`) or pass a local folder") from exc
+            f"(`{_hub_download_command(repo_id)}`) or pass a local folder") from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelNotFoundError(f"could not fetch model {repo_id!r} from the Hugging Face Hub: {exc}") from exc
+
+
+def _hub_download_command(repo_id: str) -> str:
+    """The download command of the installed huggingface_hub: `hf` since 0.34; 1.0 removed `huggingface-cli`."""
+    from importlib.metadata import distribution
+
+    scripts = {entry.name for entry in distribution("huggingface_hub").entry_points
+               if entry.group == "console_scripts"}
+    return f"hf download {repo_id}" if "hf" in scripts else f"huggingface-cli download {repo_id}"
 
 
 def read_json(folder: Path, name: str, required: bool = False) -> dict:
@@ -122,17 +132,58 @@ class TensorRef:
 
 
 def _read_header(file: Path) -> Iterator[tuple[str, TensorRef]]:
+    """The tensors a safetensors file holds. The header is checked against the file before any
+    tensor is yielded, so a corrupt file fails here naming the fault, not as a MemoryError or a short read."""
+    size = file.stat().st_size
     with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _malformed(file, f"it has {size} bytes, fewer than the 8 of its header length")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise _malformed(file, f"its header length ({header_len} bytes) runs past the end of the file "
+                                   f"({size} bytes)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        raise _malformed(file, f"its header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _malformed(file, f"its header is a JSON {type(header).__name__}, not an object")
     base = 8 + header_len
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _DTYPES:
-            raise UnsupportedModelError(f"{file.name}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        yield name, TensorRef(file, _DTYPES[info["dtype"]], tuple(info["shape"]), base + begin, end - begin)
+    yield from [(name, _tensor_ref(file, name, info, base, size))
+                for name, info in header.items() if name != "__metadata__"]
+
+
+def _tensor_ref(file: Path, name: str, info: object, base: int, size: int) -> TensorRef:
+    """One header entry, checked: a known dtype, a shape of sizes >= 0, and data offsets inside the
+    file that span exactly dtype size * shape bytes."""
+    if not isinstance(info, dict):
+        raise _malformed(file, f"the header entry of tensor {name} is not a JSON object")
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+        raise _malformed(file, f"tensor {name} has unsupported dtype {dtype_name!r} "
+                               f"(lmgen reads {', '.join(_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise _malformed(file, f"tensor {name} has shape {shape!r}, not a list of sizes >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)
+            and offsets[0] <= offsets[1] <= size - base):
+        raise _malformed(file, f"tensor {name} has data_offsets {offsets!r}, not [begin, end] within the "
+                               f"{size - base} data bytes of the file")
+    dtype = _DTYPES[dtype_name]
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise _malformed(file, f"tensor {name} spans {offsets[1] - offsets[0]} bytes, but its dtype {dtype_name} "
+                               f"and shape {shape} need {nbytes}")
+    return TensorRef(file, dtype, tuple(shape), base + offsets[0], nbytes)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _malformed(file: Path, fault: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{file} is not a valid safetensors file: {fault}")
 
 
 def weight_files(folder: Path) -> list[Path]:
