@@ -5,12 +5,14 @@
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --skip-transformers
 
 Each client sends --requests-per-client streaming completions one after another:
-a --prompt-len token prompt (distinct per request, so no prefix is shared) and exactly
+a --prompt-len token prompt (lmgen.bench.PROMPTS: new to the server at every concurrency
+level, so no prefix-cache hit makes a prefill free) and exactly
 --new-tokens generated tokens (EOS ignored, greedy). Reported per concurrency level:
 requests/s, output tokens/s, time to first token and inter-token latency (median, p90)
 as the client sees them. The same requests then run through transformers' generate in
 static batches of N (the k-th request of every client in one batch), with TTFT and ITL
-taken from per-step timestamps; the ratio compares output tokens/s.
+taken from per-step timestamps (the same prompts: transformers keeps no cache between
+batches); the ratio compares output tokens/s.
 """
 
 from __future__ import annotations
@@ -31,19 +33,12 @@ from pathlib import Path
 import httpx
 import torch
 
-from lmgen.bench import load_transformers, machine, synthetic_prompts
-from lmgen.bench_serve import RequestTiming, run_clients, summary
+from lmgen.bench import PROMPTS, load_transformers, machine
+from lmgen.bench_serve import RequestTiming, run_clients, summary, workload
 from models import create
 
 
 VOCAB_SIZE = 32000  # bench-125m's; prompts stay below it
-
-
-def workload(clients: int, requests_per_client: int, prompt_len: int) -> list[list[list[int]]]:
-    """Each client's prompts, all distinct (no prefix-cache hits); one extra list holds the warm-up prompt."""
-    prompts = synthetic_prompts(clients * requests_per_client + 1, prompt_len, VOCAB_SIZE)
-    per_client = [prompts[i * requests_per_client:(i + 1) * requests_per_client] for i in range(clients)]
-    return per_client + [prompts[-1:]]
 
 
 @contextlib.contextmanager
@@ -167,12 +162,15 @@ def main() -> None:
     print(f"{'system':<14}{'clients':>8}{'requests':>9}{'req/s':>9}{'out tok/s':>11}"
           f"{'TTFT p50':>10}{'TTFT p90':>10}{'ITL p50':>10}{'ITL p90':>10}   (latencies in ms)")
     rows: list[dict] = []
+    workloads = {}  # clients -> the prompts lmgen served, which transformers then runs too
     with contextlib.ExitStack() as stack:
         url, pid = (args.url, None) if args.url else stack.enter_context(
             lmgen_server(path, args.dtype, max(levels), args.max_num_batched_tokens, args.kv_cache_memory))
+        if args.url:
+            PROMPTS.jump()  # a server of earlier runs: their prompts may be in its cache
         for clients in levels:
-            prompts = workload(clients, args.requests_per_client, args.prompt_len)
-            timings, seconds = asyncio.run(run_clients(url, prompts, args.new_tokens))
+            prompts = workloads[clients] = workload(clients, args.requests_per_client, args.prompt_len, VOCAB_SIZE)
+            timings, seconds = asyncio.run(run_clients(url, prompts, args.new_tokens, os.environ.get("LMGEN_API_KEY")))
             rows.append(summary("lmgen serve", clients, timings, args.new_tokens, seconds))
             if pid is not None:  # the peak so far: after level N it covers every level up to N
                 rows[-1]["server_peak_rss_mib"] = round(peak_rss_bytes(pid) / 2**20)
@@ -182,8 +180,7 @@ def main() -> None:
     if not args.skip_transformers:
         model = load_transformers(str(path), getattr(torch, args.dtype), torch.device("cpu"))
         for clients in levels:
-            prompts = workload(clients, args.requests_per_client, args.prompt_len)
-            timings, seconds = run_transformers(model, prompts, args.new_tokens)
+            timings, seconds = run_transformers(model, workloads[clients], args.new_tokens)
             row = summary("transformers", clients, timings, args.new_tokens, seconds)
             ours = next(r for r in rows if r["system"] == "lmgen serve" and r["clients"] == clients)
             ours["ratio_vs_transformers"] = round(ours["total_tok_s"] / row["total_tok_s"], 2)

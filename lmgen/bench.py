@@ -8,21 +8,25 @@ serve      : N concurrent streaming clients against a running server (lmgen.benc
 With ``--compare transformers`` the same workload runs through transformers'
 ``generate`` (static batches, the same weights and dtype) and the ratio is printed.
 Every figure is the median of ``--repeats`` runs after one warm-up; ``--plot`` draws
-each mode's headline figure (HEADLINE) as bars per workload and system.
+each mode's headline figure (HEADLINE) as bars per workload and system. Every prompt
+sent, warm-ups included, comes from PROMPTS and is new to the engine (see PromptSource).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import platform
+import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 
-from lmgen.errors import InvalidArgumentError
+from lmgen.errors import InvalidArgumentError, LmgenError
 from lmgen.llm import LLM
 from lmgen.params import SamplingParams
 
@@ -40,10 +44,43 @@ class Figures:
     total_tok_s: float | None = None  # generated tokens over the whole run
 
 
-def synthetic_prompts(count: int, length: int, vocab_size: int) -> list[list[int]]:
-    """Deterministic, distinct token-id prompts (no shared prefix, so no cache hits)."""
-    top = max(4, min(vocab_size, 32000) - 1)
-    return [[(7 * i + 13 * j + 11) % (top - 3) + 3 for i in range(length)] for j in range(count)]
+def synthetic_prompt(number: int, length: int, vocab_size: int) -> list[int]:
+    """Prompt `number`: `length` token ids whose first three spell `number` in base B = min(vocab_size, 32000) - 4,
+    lowest digit first. Prompts fewer than B numbers apart differ in their first token, any two less than B**3
+    apart within their first three, so they share no KV block. Ids stay in 3 .. B + 2: clear of the usual
+    pad/bos/eos ids 0-2 and of the special tokens large vocabularies keep at their end."""
+    base = max(1, min(vocab_size, 32000) - 4)
+    digits = [number // base**d % base + 3 for d in range(3)]
+    return (digits + [(7 * i + 13 * number + 11) % base + 3 for i in range(3, length)])[:length]
+
+
+class PromptSource:
+    """Synthetic prompts with a running offset that never goes back.
+
+    A prompt an engine has seen is a prefix-cache hit: its prefill is skipped, so timing it
+    measures work that was never done (and that transformers, with no cache across calls,
+    cannot skip). Every benchmark mode therefore draws every prompt it sends, warm-ups
+    included, from one source: restarting at prompt 0 for each batch size, concurrency level
+    or run would send the warm engine prompts it already computed.
+    """
+
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = offset
+
+    def take(self, count: int, length: int, vocab_size: int) -> list[list[int]]:
+        """The next `count` prompts, none of them sent before by this source."""
+        numbers = range(self.offset, self.offset + count)
+        self.offset += count
+        return [synthetic_prompt(n, length, vocab_size) for n in numbers]
+
+    def jump(self) -> None:
+        """Move to a random offset, for a server that outlives this process: its cache may hold an earlier
+        run's prompts, which two runs of N prompts then share with odds of about 2N / base**3."""
+        self.offset += random.randrange(2**48)
+
+
+#: the one source of every benchmark mode in this process (library modes, serve, benchmarks/)
+PROMPTS = PromptSource()
 
 
 def _median(runs: list[Figures], system: str) -> Figures:
@@ -84,19 +121,44 @@ def transformers_run(model, prompts: list[list[int]], new_tokens: int) -> Figure
                    len(prompts) * len(prompts[0]) / ttft, generated / total)
 
 
-def load_transformers(path: str, dtype: torch.dtype, device: torch.device):
+def require_transformers() -> None:
+    """--compare transformers without transformers installed: one clear line (exit 2), before anything loads."""
+    if importlib.util.find_spec("transformers") is None:
+        raise LmgenError('--compare transformers needs transformers, which is not installed: '
+                         'install it with pip install -e ".[bench]"')
+
+
+@contextlib.contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights") and load report, off for the block: they would
+    land in the middle of the benchmark's table."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        import transformers
-    except ImportError as exc:
-        raise SystemExit("--compare transformers needs transformers: pip install 'lmgen[bench]'") from exc
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_transformers(path: str, dtype: torch.dtype, device: torch.device):
+    """The reference model: the same checkpoint through transformers, loaded quietly."""
+    require_transformers()
+    import transformers
+
+    with transformers_quiet():
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def measure(run: Callable[[list[list[int]], int], Figures], system: str, batches: list[list[list[int]]],
             new_tokens: int) -> Figures:
     """Warm up on the first batch (at its size, so a compiled step has its graph), then the median over the
-    others. Every batch has prompts of its own: a repeated prompt would be a prefix-cache hit and time no
-    prefill at all."""
+    others. Every batch has prompts of its own (PROMPTS): a repeated prompt would be a prefix-cache hit and
+    time no prefill at all."""
     run(batches[0], 4)
     return _median([run(batch, new_tokens) for batch in batches[1:]], system)
 
@@ -110,12 +172,16 @@ def report(rows: list[dict], json_path: str | None, mode: str) -> None:
     columns = ["workload", "system", "ttft_s", "prefill_tok_s", "decode_tok_s", "total_tok_s", "ratio"]
     if mode == "serve":  # latencies as the clients see them
         columns = ["workload", "system", "req_per_s", "total_tok_s", "ttft_s", "ttft_p90_s", "itl_s", "itl_p90_s"]
-    print(" ".join(f"{c:>14}" for c in columns))
-    for row in rows:
-        print(" ".join(f"{_fmt(row.get(c)):>14}" for c in columns), flush=True)
+    print("\n".join(table([columns] + [[_fmt(row.get(c)) for c in columns] for row in rows])), flush=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"machine": machine(), "results": rows}, f, indent=2)
+
+
+def table(cells: list[list[str]]) -> list[str]:
+    """Lines of right-aligned columns, each as wide as its widest cell, two spaces apart."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    return ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells]
 
 
 def _fmt(value) -> str:
@@ -131,17 +197,21 @@ def first_token_seconds(llm: LLM, prompt: list[int]) -> float:
 
 
 def prefix_rows(llm: LLM, prefix_len: int, repeats: int) -> list[dict]:
-    """TTFT of `prefix + new suffix` after `prefix + other suffix` ran, cache on vs off."""
+    """TTFT of `prefix + new suffix` after `prefix + other suffix` ran, cache on vs off.
+
+    Each run has a prefix of its own (PROMPTS): the earlier request computes it cold, and the timed
+    one can reuse exactly that prefix and nothing more; with the cache off every run is cold."""
     engine = llm.engine
     uncached = LLM(str(engine.model_path), dtype=str(engine.dtype).removeprefix("torch."),
                    enable_prefix_caching=False, max_num_batched_tokens=engine.config.max_num_batched_tokens)
-    prefix = synthetic_prompts(1, prefix_len, engine.model.spec.vocab_size)[0]
+    vocab_size = engine.model.spec.vocab_size
     rows = []
     for system, model in (("lmgen prefix cache on", llm), ("lmgen prefix cache off", uncached)):
         times = []
-        for run in range(repeats + 1):
-            first_token_seconds(model, prefix + [5, 6, 7, run])  # an earlier request with the same prefix
-            times.append(first_token_seconds(model, prefix + [9, 8, 7, run]))
+        for _ in range(repeats + 1):
+            prefix = PROMPTS.take(1, prefix_len, vocab_size)[0]
+            first_token_seconds(model, prefix + [5, 6, 7, 8])  # an earlier request with the same prefix
+            times.append(first_token_seconds(model, prefix + [9, 8, 7, 6]))
         rows.append({"workload": f"prefix {prefix_len}", "system": system,
                      "ttft_s": round(statistics.median(times[1:]), 4)})
     for row in rows:
@@ -152,16 +222,17 @@ def prefix_rows(llm: LLM, prefix_len: int, repeats: int) -> list[dict]:
 def run_bench(llm: LLM, mode: str, sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
               compare: str | None) -> list[dict]:
     """Measure each batch size (latency) or prompt count (throughput); rows for report()."""
+    if compare == "transformers":
+        require_transformers()
     if mode == "prefix":
         return prefix_rows(llm, prompt_len, repeats)
     engine = llm.engine
     hf = load_transformers(str(engine.model_path), engine.dtype, engine.device) if compare == "transformers" else None
     rows = []
     for size in sizes:
-        prompts = synthetic_prompts(size * (repeats + 1), prompt_len, llm.engine.model.spec.vocab_size)
-        batches = [prompts[run * size:(run + 1) * size] for run in range(repeats + 1)]
+        batches = [PROMPTS.take(size, prompt_len, engine.model.spec.vocab_size) for _ in range(repeats + 1)]
         pair = [measure(lambda p, n: lmgen_run(llm, p, n), "lmgen", batches, new_tokens)]
-        if hf is not None:
+        if hf is not None:  # the same prompts: transformers keeps no cache from one generate call to the next
             pair.append(measure(lambda p, n: transformers_run(hf, p, n), "transformers", batches, new_tokens))
         key = HEADLINE[mode][0]
         for figures in pair:

@@ -1,11 +1,13 @@
 """`lmgen bench serve`: N concurrent streaming clients against a running OpenAI-compatible server.
 
 Each client sends its requests one after another: a prompt of exactly ``prompt_len``
-tokens (made with the server's own /tokenize, distinct per request, so no prefix is
-shared) and exactly ``new_tokens`` generated tokens (EOS ignored, greedy). Reported per
+token ids (lmgen.bench.PROMPTS: new to the server at every concurrency level, so no
+prefix-cache hit makes a prefill free, and below the largest id its /tokenize gives plain
+text) and exactly ``new_tokens`` generated tokens (EOS ignored, greedy). Reported per
 concurrency level, as the clients see it: requests/s, output tokens/s, time to first
 token and inter-token latency (median and p90). benchmarks/serve_load.py runs the same
-clients beside transformers' static batches.
+clients beside transformers' static batches. Errors talking to the server (nothing
+listening, 401 without the key, 4xx/5xx) are LmgenErrors: one line from the CLI.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from lmgen.errors import InvalidArgumentError
+from lmgen.bench import PROMPTS
+from lmgen.errors import InvalidArgumentError, LmgenError
+
+#: text whose largest token id bounds the synthetic prompts' ids to ones the server's tokenizer produces
+SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog; Lisbon, 1234567890."
 
 
 @dataclass
@@ -52,12 +58,11 @@ def summary(system: str, clients: int, timings: list[RequestTiming], new_tokens:
             "itl_p90_s": round(percentile(gaps, 0.9), 6) if gaps else None}
 
 
-def _client(limit: int):
+def _client(limit: int, api_key: str | None):
     import httpx
 
-    key = os.environ.get("LMGEN_API_KEY")
     return httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=limit),
-                             headers={"Authorization": f"Bearer {key}"} if key else None)
+                             headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
 
 
 async def stream_one(client, url: str, prompt: list[int], new_tokens: int) -> RequestTiming:
@@ -67,6 +72,8 @@ async def stream_one(client, url: str, prompt: list[int], new_tokens: int) -> Re
     timing = RequestTiming(time.perf_counter())
     usage = None
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        if response.is_error:
+            await response.aread()  # the server's error message, for describe_error
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -76,14 +83,16 @@ async def stream_one(client, url: str, prompt: list[int], new_tokens: int) -> Re
             if chunk["choices"]:  # the server sends one chunk per generated token
                 timing.token_times.append(time.perf_counter())
     if usage is None or usage["completion_tokens"] != new_tokens or len(timing.token_times) != new_tokens:
-        raise RuntimeError(f"expected {new_tokens} tokens, got {len(timing.token_times)} chunks and usage {usage}")
+        raise LmgenError(f"{url} did not generate {new_tokens} tokens as asked (ignore_eos): got "
+                         f"{len(timing.token_times)} chunks and usage {usage}")
     return timing
 
 
-async def run_clients(url: str, prompts: list[list[list[int]]], new_tokens: int) -> tuple[list[RequestTiming], float]:
+async def run_clients(url: str, prompts: list[list[list[int]]], new_tokens: int,
+                      api_key: str | None = None) -> tuple[list[RequestTiming], float]:
     """Each client (all but the last list of `prompts`, which warms up) sends its prompts one after another."""
     *per_client, [warm_up] = prompts
-    async with _client(len(per_client) + 1) as client:
+    async with _client(len(per_client) + 1, api_key) as client:
         await stream_one(client, url, warm_up, 2)
 
         async def client_loop(own: list[list[int]]) -> list[RequestTiming]:
@@ -94,32 +103,69 @@ async def run_clients(url: str, prompts: list[list[list[int]]], new_tokens: int)
         return [t for client_timings in timings for t in client_timings], time.perf_counter() - start
 
 
-async def server_prompts(url: str, clients: int, per_client: int, length: int) -> list[list[list[int]]]:
-    """Distinct prompts of exactly `length` tokens from the server's tokenizer, per client, plus a warm-up."""
-    filler = " ".join(["the quick brown fox jumps over the lazy dog"] * (length // 4 + 8))
-    async with _client(4) as client:
-        async def one(i: int) -> list[int]:
-            response = await client.post(url + "/tokenize", json={"prompt": f"Request {i}: {filler}"})
-            response.raise_for_status()
-            tokens = response.json()["tokens"]
-            if len(tokens) < length:
-                raise RuntimeError(f"could not make a {length}-token prompt from the server's tokenizer")
-            return tokens[:length]
-
-        prompts = [await one(i) for i in range(clients * per_client + 1)]
+def workload(clients: int, per_client: int, prompt_len: int, vocab_size: int) -> list[list[list[int]]]:
+    """Each client's prompts, then a list holding the warm-up prompt: all new ones from PROMPTS."""
+    prompts = PROMPTS.take(clients * per_client + 1, prompt_len, vocab_size)
     return [prompts[c * per_client:(c + 1) * per_client] for c in range(clients)] + [prompts[-1:]]
 
 
-def serve_rows(url: str | None, sizes: list[int], prompt_len: int, new_tokens: int, per_client: int) -> list[dict]:
-    """One row per concurrency level in `sizes`."""
-    if not url:
-        raise InvalidArgumentError("bench serve needs --url, the server to load (start one with `lmgen serve`)")
-    if importlib.util.find_spec("httpx") is None:
-        raise InvalidArgumentError("bench serve needs httpx: pip install 'lmgen[bench]'")
-    url = url.rstrip("/")
+async def token_id_bound(url: str, api_key: str | None) -> int:
+    """One past the largest token id the server's tokenizer gives SAMPLE_TEXT: ids below it are the model's."""
+    async with _client(1, api_key) as client:
+        response = await client.post(url + "/tokenize", json={"prompt": SAMPLE_TEXT})
+        response.raise_for_status()
+        return max(response.json()["tokens"]) + 1
+
+
+async def _serve_rows(url: str, sizes: list[int], prompt_len: int, new_tokens: int, per_client: int,
+                      api_key: str | None) -> list[dict]:
+    vocab_size = await token_id_bound(url, api_key)
+    PROMPTS.jump()  # the server may have served an earlier run; its cache would make those prompts free
     rows = []
     for clients in sizes:
-        prompts = asyncio.run(server_prompts(url, clients, per_client, prompt_len))
-        timings, seconds = asyncio.run(run_clients(url, prompts, new_tokens))
+        prompts = workload(clients, per_client, prompt_len, vocab_size)
+        timings, seconds = await run_clients(url, prompts, new_tokens, api_key)
         rows.append(summary("server", clients, timings, new_tokens, seconds))
     return rows
+
+
+def serve_rows(url: str | None, sizes: list[int], prompt_len: int, new_tokens: int, per_client: int,
+               api_key: str | None = None) -> list[dict]:
+    """One row per concurrency level in `sizes`; `api_key` (default $LMGEN_API_KEY) goes in each request."""
+    if not url:
+        raise InvalidArgumentError("bench serve needs --url, the server to load (start one with `lmgen serve`)")
+    if not url.startswith(("http://", "https://")):
+        raise InvalidArgumentError(f"--url must start with http:// or https://, got {url!r}")
+    if importlib.util.find_spec("httpx") is None:
+        raise LmgenError('bench serve needs httpx, which is not installed: install it with pip install -e ".[bench]"')
+    import httpx
+
+    url = url.rstrip("/")
+    try:
+        return asyncio.run(_serve_rows(url, sizes, prompt_len, new_tokens, per_client,
+                                       api_key or os.environ.get("LMGEN_API_KEY")))
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise LmgenError(" ".join(describe_error(url, exc).split())) from None  # one line, whatever the server sent
+    except LmgenError:
+        raise
+    except (ValueError, KeyError) as exc:  # a reply that is not the OpenAI API's
+        raise LmgenError(f"{url} does not answer like an OpenAI-compatible server: {type(exc).__name__}: {exc}") \
+            from None
+
+
+def describe_error(url: str, exc: Exception) -> str:
+    """One line saying what went wrong talking to the server and what to do."""
+    import httpx
+
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect to {url} ({exc}): is a server running there (lmgen serve)?"
+    if not isinstance(exc, httpx.HTTPStatusError):
+        return f"talking to {url}: {type(exc).__name__}: {exc}"
+    response = exc.response
+    if response.status_code == 401:
+        return f"{url} wants an API key (401 Unauthorized): set LMGEN_API_KEY to the key it was started with"
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text.strip()[:200]
+    return f"{exc.request.url} answered {response.status_code} {response.reason_phrase}: {message}"

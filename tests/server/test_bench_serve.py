@@ -4,7 +4,9 @@ import json
 import subprocess
 import sys
 
-from serverutil import serve
+import pytest
+
+from serverutil import free_port, serve
 
 
 def test_bench_serve_reports_each_concurrency_level(llama_path, tmp_path):
@@ -25,3 +27,54 @@ def test_bench_serve_without_a_url_says_how(capsys):
 
     assert main(["bench", "serve"]) == 2
     assert "--url" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def keyed_server(llama_path):
+    """A server that wants an API key and caches 4-token blocks (so 12-token prompts have full blocks to share)."""
+    with serve(llama_path, "--api-key", "secret", "--block-size", "4", api_key="secret") as server:
+        yield server
+
+
+def one_line_error(capsys, *args: str) -> str:
+    from lmgen.cli import main
+
+    assert main(["bench", "serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmgen: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_bench_serve_without_a_server_is_one_line(capsys):
+    err = one_line_error(capsys, "--url", f"http://127.0.0.1:{free_port()}", "--sizes", "1")
+    assert "cannot connect" in err
+    assert "--url must start with http://" in one_line_error(capsys, "--url", "127.0.0.1:8000")
+
+
+def test_bench_serve_errors_from_the_server_are_one_line(keyed_server, capsys, monkeypatch):
+    monkeypatch.delenv("LMGEN_API_KEY", raising=False)
+    assert "LMGEN_API_KEY" in one_line_error(capsys, "--url", keyed_server.url, "--sizes", "1")
+    monkeypatch.setenv("LMGEN_API_KEY", "wrong")
+    assert "401" in one_line_error(capsys, "--url", keyed_server.url, "--sizes", "1")
+    monkeypatch.setenv("LMGEN_API_KEY", "secret")  # past the key: a prompt longer than the model's context
+    assert "answered 400" in one_line_error(capsys, "--url", keyed_server.url, "--sizes", "1", "--prompt-len", "300")
+
+
+def test_bench_serve_sends_no_prompt_twice_across_levels_and_runs(keyed_server, monkeypatch):
+    from lmgen import bench_serve
+
+    sent = []
+    stream_one = bench_serve.stream_one
+
+    async def recording(client, url, prompt, new_tokens):
+        sent.append(prompt)
+        return await stream_one(client, url, prompt, new_tokens)
+
+    monkeypatch.setattr(bench_serve, "stream_one", recording)
+    for _ in range(2):  # two runs against one long-lived server, as a user would
+        rows = bench_serve.serve_rows(keyed_server.url, [1, 2, 3], prompt_len=12, new_tokens=2, per_client=2,
+                                      api_key="secret")
+        assert [r["requests"] for r in rows] == [2, 4, 6]
+    assert len(sent) == 2 * (12 + 3)  # timed requests and a warm-up per level
+    assert all(len(prompt) == 12 and max(prompt) < 512 for prompt in sent)
+    assert len({tuple(prompt[:4]) for prompt in sent}) == len(sent)  # no first KV block shared: no cache hit
