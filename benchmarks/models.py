@@ -2,6 +2,7 @@
 
     python benchmarks/models.py                 # bench-125m into benchmarks/models/
     python benchmarks/models.py --shape qwen2.5-0.5b
+    python benchmarks/models.py --shape qwen3-125m       # other families at bench-125m's size
 
 Speed does not depend on weight values, so random weights measure it faithfully.
 The weights are never committed (benchmarks/models/ is git-ignored).
@@ -17,17 +18,28 @@ import torch
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
+# name -> (transformers config class, its arguments)
 SHAPES = {
     # SmolLM2-135M's shape with a 32k vocabulary
-    "bench-125m": dict(vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    "bench-125m": ("LlamaConfig", dict(vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-                       max_position_embeddings=4096, rope_theta=10000.0),
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       max_position_embeddings=4096, rope_theta=10000.0)),
+    "qwen2.5-0.5b": ("LlamaConfig", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=32768, rope_theta=1000000.0),
-    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         max_position_embeddings=32768, rope_theta=1000000.0)),
+    "tinyllama-1.1b": ("LlamaConfig", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
-                           max_position_embeddings=2048, rope_theta=10000.0),
+                           max_position_embeddings=2048, rope_theta=10000.0)),
+    # Qwen3 at bench-125m's shape: its q/k norms are what differ
+    "qwen3-125m": ("Qwen3Config", dict(vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                       num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                       tie_word_embeddings=True, max_position_embeddings=4096)),
+    # Gemma 3 270M's layer (4 heads of 256, 1 KV head, 5 sliding layers of 512 to 1 global) at ~125M
+    # parameters: 18 layers, a 32k vocabulary
+    "gemma3-125m": ("Gemma3TextConfig", dict(vocab_size=32000, hidden_size=640, intermediate_size=2048,
+                                             num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+                                             head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
+                                             max_position_embeddings=4096)),
 }
 
 
@@ -55,9 +67,11 @@ def create(name: str, dtype: torch.dtype = torch.bfloat16) -> Path:
     folder = MODELS_DIR / name
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         return folder
-    config = transformers.LlamaConfig(**SHAPES[name], bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+    config_class, shape = SHAPES[name]
+    config = getattr(transformers, config_class)(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                                 rms_norm_eps=1e-5)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     _tokenizer(folder, config.vocab_size)

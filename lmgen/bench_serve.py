@@ -163,7 +163,8 @@ def describe_error(url: str, exc: Exception) -> str:
         return f"talking to {url}: {type(exc).__name__}: {exc}"
     response = exc.response
     if response.status_code == 401:
-        return f"{url} wants an API key (401 Unauthorized): set LMGEN_API_KEY to the key it was started with"
+        return (f"{url} wants an API key (401 Unauthorized): pass --api-key (or set LMGEN_API_KEY) with the key "
+                "it was started with")
     try:
         message = response.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):

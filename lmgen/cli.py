@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch sizes (latency, default 1), prompt counts (throughput, default 1 4 16 64) "
                             "or concurrent clients (serve, default 1 4 16)")
     bench.add_argument("--url", default=None,
-                       help="serve: the OpenAI-compatible server to load, e.g. http://127.0.0.1:8000 "
-                            "($LMGEN_API_KEY is sent when set)")
+                       help="serve: the OpenAI-compatible server to load, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--api-key", default=None, help="serve: the server's API key (default: $LMGEN_API_KEY)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     bench.add_argument("--new-tokens", type=int, default=128, help="generated tokens per prompt (default 128)")
     bench.add_argument("--repeats", type=int, default=3,
@@ -370,8 +370,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
         print(f"{args.url}: prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.repeats} request(s) "
               f"per client; {bench.machine()}")
-        rows = serve_rows(args.url, sizes, args.prompt_len, args.new_tokens, args.repeats)
+        rows = serve_rows(args.url, sizes, args.prompt_len, args.new_tokens, args.repeats, args.api_key)
     else:
+        if args.compare == "transformers":
+            bench.require_transformers()  # before lmgen's own model loads
         llm = _load(args)
         quantized = f" {llm.engine.quantization.method}" if llm.engine.quantization else ""
         print(f"{llm.engine.model_path.name} {llm.engine.dtype}{quantized}, prompt {args.prompt_len}, "

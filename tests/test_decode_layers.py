@@ -4,10 +4,10 @@ layer-by-layer modules: the same kernels in the same order, so the same bits."""
 import pytest
 import torch
 
-from lmgen import LLM, SamplingParams, kernels
+from lmgen import LLM, SamplingParams
 from lmgen.models.transformer import TransformerForCausalLM
 
-pytestmark = pytest.mark.skipif(not kernels.load(), reason="lmgen's CPU kernels need an AVX2 CPU and a C++ compiler")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 PROMPTS = [list(range(3 + i, 3 + i + length)) for i, length in enumerate([5, 19, 40])]
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=3)

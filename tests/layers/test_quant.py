@@ -92,7 +92,7 @@ def test_int4_layer_the_kernel_cannot_take_dequantizes_instead(monkeypatch):
     assert torch.allclose(layer(x), F.linear(x, dequantized, layer.bias), atol=1e-4)
 
 
-@pytest.mark.skipif(not kernels.loaded, reason="lmgen's CPU kernels did not build here")
+@pytest.mark.usefixtures("cpu_kernels")
 def test_int4_layer_whose_width_is_not_units_of_64_runs_on_lmgen_kernel():
     layer, dequantized = _quantized_linear(96, 48, QuantConfig("int4", 32))  # 3 groups of 32 columns
     assert layer.lmgen_layout

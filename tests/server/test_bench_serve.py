@@ -58,6 +58,9 @@ def test_bench_serve_errors_from_the_server_are_one_line(keyed_server, capsys, m
     assert "401" in one_line_error(capsys, "--url", keyed_server.url, "--sizes", "1")
     monkeypatch.setenv("LMGEN_API_KEY", "secret")  # past the key: a prompt longer than the model's context
     assert "answered 400" in one_line_error(capsys, "--url", keyed_server.url, "--sizes", "1", "--prompt-len", "300")
+    monkeypatch.delenv("LMGEN_API_KEY")  # the flag alone gets past the key too
+    assert "answered 400" in one_line_error(capsys, "--url", keyed_server.url, "--api-key", "secret", "--sizes", "1",
+                                            "--prompt-len", "300")
 
 
 def test_bench_serve_sends_no_prompt_twice_across_levels_and_runs(keyed_server, monkeypatch):
