@@ -90,3 +90,59 @@ def test_a_model_missing_a_piece_of_the_contract_is_named():
 
     with pytest.raises(UnsupportedModelError, match="lacks spec, compute_logits, one_call_layers, checkpoint_tensors"):
         check_contract(Forgetful())
+
+
+FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite", "smollm3", "gpt2"]
+FEATURE_PROMPTS = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((5, 19, 40))]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_prefix_caching_preemption_and_seeds_on_every_family(checkpoint_factory, variant):
+    path = str(checkpoint_factory(variant))
+    llm = LLM(path, dtype="float32", block_size=4)
+    expected = _tokens(llm.generate(FEATURE_PROMPTS, GREEDY))
+    hits = llm.engine.scheduler.num_prefix_hit_tokens
+    assert _tokens(llm.generate(FEATURE_PROMPTS, GREEDY)) == expected  # the same prompts again, from the cache
+    assert llm.engine.scheduler.num_prefix_hit_tokens > hits
+    spec = llm.engine.model.spec
+    block_bytes = spec.num_layers * 2 * 4 * spec.num_kv_heads * spec.head_dim * 4
+    # 18 blocks: the three prompts fit (2 + 5 + 10 blocks), their outputs (26 blocks in all) do not
+    small = LLM(path, dtype="float32", block_size=4, kv_cache_memory=18 * block_bytes)
+    assert _tokens(small.generate(FEATURE_PROMPTS, GREEDY)) == expected
+    assert small.engine.scheduler.num_preemptions > 0
+    seeded = SamplingParams(max_tokens=12, temperature=0.9, seed=7, ignore_eos=True)
+    alone = _tokens(llm.generate(FEATURE_PROMPTS[1:2], seeded))
+    assert _tokens(llm.generate(FEATURE_PROMPTS, seeded))[1] == alone[0]  # the same tokens inside a batch
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_quantized_and_structured_output_on_every_family(checkpoint_factory, tmp_path, variant):
+    from lmgen import quantize_checkpoint
+
+    path = checkpoint_factory(variant)
+    saved = quantize_checkpoint(path, tmp_path / "int4", method="int4")  # lmgen's names, GPT-2's weights turned
+    on_the_fly = LLM(str(path), dtype="bfloat16", quantization="int4")
+    assert _tokens(LLM(str(saved), dtype="bfloat16").generate(FEATURE_PROMPTS, GREEDY)) == \
+        _tokens(on_the_fly.generate(FEATURE_PROMPTS, GREEDY))
+    int8 = LLM(str(path), dtype="float32", quantization="int8")
+    regex = SamplingParams(max_tokens=20, temperature=0.8, seed=1, structured={"regex": r"[0-9]{3}-[0-9]{4}"})
+    for output in int8.generate(["Call me at", "Number:"], regex):
+        assert __import__("re").fullmatch(r"[0-9]{3}-[0-9]{4}", output.outputs[0].text)
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_beam_search_on_every_family_matches_transformers(checkpoint_factory, variant):
+    import lmgen
+
+    path = checkpoint_factory(variant)
+    ours = lmgen.AutoModelForCausalLM.from_pretrained(str(path), dtype="float32", device_map="cpu")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    input_ids = torch.tensor([[1, 50, 60, 70, 80, 90], [0, 0, 0, 1, 33, 44]])
+    kwargs = dict(attention_mask=(input_ids != 0).long(), num_beams=3, num_return_sequences=2, max_new_tokens=8,
+                  pad_token_id=0, do_sample=False)
+    assert torch.equal(ours.generate(input_ids, **kwargs), theirs.generate(input_ids, **kwargs))
