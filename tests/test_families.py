@@ -24,16 +24,21 @@ def _edited_config(source, folder, **changes):
     return folder
 
 
-def test_phi3_longrope_past_its_original_length_matches_transformers(checkpoint_factory):
-    path = checkpoint_factory("phi3-long")  # original length 16: every prompt here starts past it
+@pytest.mark.parametrize("chunk", [512, 8])
+def test_phi3_longrope_past_its_original_length_matches_transformers(checkpoint_factory, chunk):
+    """Original length 16: prompts that start past it, and prompts whose output crosses it, which
+    transformers answers by computing the whole sequence again with the long factors (as lmgen does)."""
+    path = checkpoint_factory("phi3-long")
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    llm = LLM(str(path), dtype="float32")
-    prompts = [list(range(3, 23)), list(range(40, 77)), [1, *range(100, 130)]]
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=chunk, block_size=4)
+    prompts = [list(range(3, 23)), list(range(40, 77)), [1, *range(100, 110)], [1, 5, 9]]
     for prompt, logits in zip(prompts, llm.engine.score(prompts)):
         with torch.no_grad():
             assert (logits - hf(torch.tensor([prompt])).logits[0]).abs().max().item() <= 1e-4
-    greedy = SamplingParams(max_tokens=16, temperature=0)
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == [hf_greedy(hf, p)[:16] for p in prompts]
+    greedy = SamplingParams(max_tokens=20, temperature=0)
+    expected = [hf_greedy(hf, p)[:20] for p in prompts]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == expected
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == expected  # with cached prefixes
 
 
 @pytest.mark.parametrize("variant, changes, key", [

@@ -50,9 +50,7 @@ def test_greedy_matches_transformers_alone_and_batched(pair):
     assert batched == expected
 
 
-# dynamic rope follows the sequence's length, which a chunk of a prompt does not have whole (transformers
-# rotates the prompt at its full length)
-@pytest.mark.parametrize("variant", [v for v in ALL_VARIANTS if v != "llama-dynamic-rope"])
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_chunked_prefill_matches_transformers(checkpoint_factory, variant):
     """A prompt longer than the step's token budget is prefilled in chunks, beside decodes."""
     path = checkpoint_factory(variant)

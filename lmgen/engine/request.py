@@ -47,6 +47,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of the full blocks so far
+    hash_salt: bytes | None = None  # what else its blocks' contents depend on (the rope regime: Scheduler)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None
@@ -84,7 +85,7 @@ class Request:
     def full_block_hashes(self, block_size: int, num_tokens: int) -> list[bytes]:
         """Prefix hashes of the full blocks among the first `num_tokens` tokens (computed once each)."""
         for index in range(len(self.block_hashes), min(num_tokens, self.num_tokens) // block_size):
-            parent = self.block_hashes[-1] if self.block_hashes else None
+            parent = self.block_hashes[-1] if self.block_hashes else self.hash_salt
             self.block_hashes.append(
                 chain_hash(parent, self.all_token_ids[index * block_size:(index + 1) * block_size]))
         return self.block_hashes[: num_tokens // block_size]

@@ -24,7 +24,7 @@ from lmgen.sampling.structured import GrammarBackend, allocate_bitmask, apply_bi
 class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    token_seq_lens: torch.Tensor  # [T] each token's request length after the step
+    token_seq_lens: torch.Tensor  # [T] the length of each token's request (all its tokens, computed or not)
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [N] rows of the flat batch whose next token is sampled
     sampled_requests: list[Request]
@@ -56,7 +56,7 @@ class ModelRunner:
             ids += request.all_token_ids[start:end]
             positions += range(start, end)
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-            seq_lens += [end] * n
+            seq_lens += [request.num_tokens] * n  # rope scaling follows the whole sequence, chunked or not
             token_request += [i] * n
             token_offset += range(n)
             query_starts.append(start)

@@ -5,6 +5,11 @@ first (a decoding one needs one token, a partly prefilled one the next chunk of 
 prompt); waiting requests are admitted with what is left. When the KV pool runs dry,
 the most recently admitted running request is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed later. Nothing is lost.
+
+A model whose rope changes for the whole sequence once it grows past a length (longrope:
+Phi-3's long factors) has a request recompute its cache when it crosses that length, as
+transformers does; its prefix-cache hashes name the regime, so cached blocks of the other
+one are never reused.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass, field
 from lmgen.cache.block_pool import BlockPool
 from lmgen.engine.request import Request, RequestStatus
 
+LONG_ROPE = b"long rope"  # the prefix-cache salt of blocks computed with longrope's long factors
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -22,6 +29,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # tokens in one step (the prefill chunk size, too)
     block_size: int = 16
     enable_prefix_caching: bool = True
+    rope_switch_length: int | None = None  # past this many tokens the model's rope changes (ModelSpec)
 
 
 @dataclass
@@ -69,6 +77,8 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop to make room
+            if self._change_rope_regime(request):
+                self._release(request)  # its cache holds the other rope: recompute all of it
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if n == 0:
                 continue  # a beam that has its next-token scores and waits for the rest of its group
@@ -86,6 +96,8 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs and not self._preempt_idle(batch):
                 break
             request = self.waiting[0]
+            if self._change_rope_regime(request):
+                self._release(request)
             if request.num_computed_tokens == 0 and self.config.enable_prefix_caching:
                 self._reuse_cached_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -103,6 +115,15 @@ class Scheduler:
             batch.requests.append(request)
             batch.num_new_tokens.append(n)
             budget -= n
+
+    def _change_rope_regime(self, request: Request) -> bool:
+        """Whether the request just grew into the other rope regime (then its hashes name the new one)."""
+        switch = self.config.rope_switch_length
+        regime = LONG_ROPE if switch is not None and request.num_tokens > switch else None
+        if regime == request.hash_salt:
+            return False
+        request.hash_salt, request.block_hashes = regime, []
+        return True
 
     def _reuse_cached_prefix(self, request: Request) -> None:
         """Start the request after the longest cached prefix of its tokens.

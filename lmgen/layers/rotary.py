@@ -129,7 +129,8 @@ class RotaryEmbedding:
 
     def __call__(self, positions: torch.Tensor, seq_lens: torch.Tensor, dtype: torch.dtype,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] absolute positions; seq_lens: [T] each token's sequence length after this step."""
+        """positions: [T] absolute positions; seq_lens: [T] the length of each token's sequence (a prompt's
+        whole length for each of its chunks, as transformers rotates a prompt in one pass)."""
         if self.cfg.rope_type == "dynamic" and bool((seq_lens > self.cfg.max_position_embeddings).any()):
             return tuple(t.to(dtype)[:, None, :] for t in self._dynamic(positions, seq_lens))
         cos, sin = self._table(positions.device, dtype)

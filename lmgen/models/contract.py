@@ -6,7 +6,8 @@ wrong model). Everything outside lmgen/models reads a model through it:
 
 - the engine and the KV cache: ``vocab_size``, ``num_layers``, ``num_kv_heads``, ``head_dim``,
   ``layer_windows`` (per-layer sliding windows), ``context_length``, ``rope_computed_on_host``
-  (no CUDA graphs: such ropes are computed on the CPU each step);
+  (no CUDA graphs: such ropes are computed on the CPU each step), ``rope_switch_length`` (a request
+  crossing it recomputes its cache);
 - the one-call CPU decode step: ``one_call_settings()`` and, per layer, its tensors by name
   (lmgen/models/transformer.py ``_layer_tensors``; lmgen/kernels/cpu.cpp ``DecodeLayers``);
 - the loader: the model class's ``checkpoint_tensors`` (names, transposes) and
@@ -115,6 +116,13 @@ class ModelSpec:
     def rope_computed_on_host(self) -> bool:
         """Whether some rope's frequencies are computed on the CPU each step (which a CUDA graph cannot replay)."""
         return any(rope.computed_on_host for rope in self.ropes)
+
+    @property
+    def rope_switch_length(self) -> int | None:
+        """The length past which a sequence's rope changes for all its tokens (longrope's original length:
+        transformers recomputes a sequence that crosses it); None if it never does."""
+        lengths = {rope.params["original_max_position_embeddings"] for rope in self.ropes if rope.rope_type == "longrope"}
+        return min(lengths, default=None)
 
     @property
     def context_length(self) -> int:

@@ -118,3 +118,24 @@ def test_prefix_caching_can_be_turned_off():
         scheduler.add(make_request(name, 10, max_tokens=1))
         assert run_step(scheduler).num_new_tokens == [10]
     assert pool.num_cached_blocks == 0
+
+
+def test_a_request_crossing_the_rope_switch_length_recomputes_and_never_reuses_the_other_regime():
+    """longrope: past 8 tokens every token's rope changes, so the sequence is computed again (as
+    transformers does), and its prefix-cache hashes differ from the same tokens' below the length."""
+    pool = BlockPool(64)
+    scheduler = Scheduler(SchedulerConfig(block_size=4, rope_switch_length=8), pool)
+    crossing, short = make_request("crossing", 6, max_tokens=6), make_request("short", 6, max_tokens=2)
+    scheduler.add(crossing)
+    assert run_step(scheduler).num_new_tokens == [6]
+    short_hashes, short_block = crossing.full_block_hashes(4, 4), crossing.block_ids[0]
+    run_step(scheduler)  # 7 computed, 8 tokens: still the short rope
+    assert crossing.num_tokens == 8 and crossing.hash_salt is None
+    run_step(scheduler)
+    assert run_step(scheduler).num_new_tokens == [9]  # 9 tokens: all of them again, with the long rope
+    assert crossing.hash_salt is not None and crossing.block_ids[0] != short_block
+    assert crossing.full_block_hashes(4, 4) != short_hashes
+    scheduler.add(short)  # the same first block, below the length: the short-rope copy is its, the long one not
+    run_step(scheduler)
+    assert scheduler.num_prefix_hit_tokens == 4
+    assert short.block_ids[0] == short_block
