@@ -5,7 +5,7 @@ import torch
 
 from conftest import ALL_VARIANTS
 from lmgen import LLM, SamplingParams
-from lmgen.models.llama import LlamaForCausalLM
+from lmgen.models.transformer import TransformerForCausalLM
 
 PROMPTS = [list(range(3 + i, 3 + i + length)) for i, length in enumerate([5, 19, 40, 7, 12, 33, 9, 26] * 2)]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -19,7 +19,7 @@ def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 def layer_by_layer(monkeypatch):
     """The compiled graph serves the decode steps whose layers cannot run in one kernel call
     (no AVX2 kernels, a GPU; see tests/test_decode_layers.py for the others): make every step one of those."""
-    monkeypatch.setattr(LlamaForCausalLM, "one_call_layers", lambda *_: None)
+    monkeypatch.setattr(TransformerForCausalLM, "one_call_layers", lambda *_: None)
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
