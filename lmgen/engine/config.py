@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmgen.engine.speculative import SpeculativeConfig
 from lmgen.errors import InvalidArgumentError
 from lmgen.layers.precision import compute_dtype
 from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QuantConfig
@@ -64,6 +65,8 @@ class EngineConfig:
     enforce_eager: bool = False  # on a GPU: no CUDA graphs, each decode step's kernels launched one by one
     seed: int | None = None  # seeds the requests that bring no seed of their own
     revision: str | None = None  # hub revision
+    # speculative decoding, as vLLM's: {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -74,6 +77,7 @@ class EngineConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidArgumentError(f"device {self.device!r} was asked for but no CUDA GPU is available; use cpu")
         self.quant_config()  # validates the quantization settings
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.of(self.speculative_config))
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             _positive(name, getattr(self, name))
         if self.kv_cache_memory is not None and parse_size(self.kv_cache_memory) <= 0:

@@ -78,6 +78,7 @@ class Engine:
         self._prompt_forks: dict[Request, list[Request]] = {}  # first of n sequences -> the others, until it prefilled
         self._ready: list[RequestOutput] = []  # deltas made between steps (aborts), sent by the next step()
         self._grammar_backend: GrammarBackend | None = None  # built on the first structured request
+        self.num_draft_tokens = self.num_accepted_draft_tokens = 0  # speculative decoding's acceptance
         logger.info("loaded %s (%s, %s) in %.1f s; KV cache %d blocks of %d tokens (%.0f MiB)",
                     self.model_path, self.dtype, self.device, time.perf_counter() - started,
                     self.kv_cache.num_blocks, config.block_size, self.kv_cache.nbytes / 2**20)
@@ -342,15 +343,37 @@ class Engine:
             self._fork_prompts(sampled)
         if self._beam_groups:
             outputs.extend(self._advance_beams())
-        for request, token, logprobs in sampled:
-            request.append_token(token, self.max_model_len)
-            if request.matcher is not None:
-                self._advance_grammar(request, token)
-            delta = self._delta(request, None if logprobs is None else [logprobs])
-            if request.finished:
-                self.scheduler.finish(request)
-            outputs.append(delta)
+        for request, tokens, logprobs in sampled:
+            if request.draft_token_ids:
+                self.num_draft_tokens += len(request.draft_token_ids)
+                self.num_accepted_draft_tokens += len(tokens) - 1
+            for token in tokens:  # several when drafts were accepted: each checked for stops as if alone
+                request.append_token(token, self.max_model_len)
+                if request.matcher is not None:
+                    self._advance_grammar(request, token)
+                outputs.append(self._delta(request, None if logprobs is None else [logprobs]))
+                if request.finished:
+                    self.scheduler.finish(request)
+                    break
+            if not request.finished:
+                self._draft(request)
         return outputs
+
+    def _draft(self, request: Request) -> None:
+        """After a step: drop what it computed past the accepted drafts, and draft the next tokens where the
+        request speculates (greedy, and nothing computed per position: see lmgen/engine/speculative.py)."""
+        if request.draft_token_ids:  # the cache holds the accepted drafts; the rejected ones get written over
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+            request.draft_token_ids = []
+        params, speculative = request.params, self.config.speculative_config
+        if (speculative is None or params.temperature != 0 or request.logits_processors or request.matcher
+                or request.beam or params.logprobs is not None or params.score_recorder is not None):
+            return
+        room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
+        switch = self.model.spec.rope_switch_length
+        if switch is not None and request.num_tokens <= switch:  # no draft past it: the sequence is recomputed there
+            room = min(room, switch - request.num_tokens)
+        request.draft_token_ids = speculative.propose(request.all_token_ids, room)
 
     def _advance_grammar(self, request: Request, token: int) -> None:
         """Feed the sampled token to the request's matcher, then append what the grammar forces next."""

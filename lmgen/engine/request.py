@@ -48,6 +48,7 @@ class Request:
     num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of the full blocks so far
     hash_salt: bytes | None = None  # what else its blocks' contents depend on (the rope regime: Scheduler)
+    draft_token_ids: list[int] = field(default_factory=list)  # speculated next tokens, checked by the next step
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None

@@ -16,7 +16,8 @@ from lmgen.engine.request import Request
 from lmgen.engine.scheduler import ScheduledBatch
 from lmgen.layers.attention import AttentionMetadata, reads_cache_in_place
 from lmgen.outputs import Logprob
-from lmgen.sampling.sampler import SamplingBatch, sample
+from lmgen.engine.speculative import accepted_tokens
+from lmgen.sampling.sampler import SamplingBatch, greedy_tokens, sample
 from lmgen.sampling.structured import GrammarBackend, allocate_bitmask, apply_bitmask
 
 
@@ -26,8 +27,9 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     token_seq_lens: torch.Tensor  # [T] the length of each token's request (all its tokens, computed or not)
     meta: AttentionMetadata
-    sample_indices: torch.Tensor  # [N] rows of the flat batch whose next token is sampled
-    sampled_requests: list[Request]
+    sample_indices: torch.Tensor  # [N + D] rows whose next token is chosen: one per sampled request, then
+    sampled_requests: list[Request]  # each drafting request's last token and drafts (speculative decoding)
+    drafting_requests: list[Request]
 
 
 class ModelRunner:
@@ -46,27 +48,33 @@ class ModelRunner:
         """The step's tensors; with `masks`, attention's masks too where its kernel reads none."""
         bs = self.block_size
         ids, positions, seq_lens, slots, token_request, token_offset = [], [], [], [], [], []
-        tables, query_starts, request_lens, sample_indices, sampled = [], [], [], [], []
+        tables, query_starts, request_lens, sample_indices, sampled, draft_rows, drafting = [], [], [], [], [], [], []
         max_blocks = max(len(r.block_ids) for r in batch.requests)
         # Python ints rather than numpy arrays: a decode step has one token per request, and numpy's
         # cost per call (ten calls per request) was most of this function's
         for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start, end, blocks = request.num_computed_tokens, request.num_computed_tokens + n, request.block_ids
+            drafts = request.draft_token_ids
+            tokens = request.all_token_ids + drafts if drafts else request.all_token_ids
             tables += blocks + [0] * (max_blocks - len(blocks))
-            ids += request.all_token_ids[start:end]
+            ids += tokens[start:end]
             positions += range(start, end)
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-            seq_lens += [request.num_tokens] * n  # rope scaling follows the whole sequence, chunked or not
+            # rope scaling follows the whole sequence, chunked or not; a draft, the sequence as far as it goes
+            seq_lens += [max(request.num_tokens, p + 1) for p in range(start, end)] if drafts else [request.num_tokens] * n
             token_request += [i] * n
             token_offset += range(n)
             query_starts.append(start)
             request_lens.append(end)
-            if end == request.num_tokens:  # the whole sequence is in the cache: time for a new token
+            if end == len(tokens) and drafts:  # the target's choice after the last token and after each draft
+                draft_rows += range(len(ids) - 1 - len(drafts), len(ids))
+                drafting.append(request)
+            elif end == len(tokens):  # the whole sequence is in the cache: time for a new token
                 sample_indices.append(len(ids) - 1)
                 sampled.append(request)
         # all of them in one tensor (one copy to a GPU), cut into views
         parts = (ids, positions, seq_lens, slots, tables, query_starts, request_lens, token_request, token_offset,
-                 sample_indices)
+                 sample_indices + draft_rows)
         (input_ids, positions, token_seq_lens, slot_mapping, tables, query_starts, request_lens, token_request,
          token_offset, sample_indices) = torch.from_numpy(np.fromiter(
             itertools.chain.from_iterable(parts), dtype=np.int64)).to(self.device).split(list(map(len, parts)))
@@ -76,7 +84,7 @@ class ModelRunner:
             max_query_len=max(batch.num_new_tokens), block_size=bs)
         if masks and not reads_cache_in_place(meta, self.model.spec.head_dim, self.device):
             meta.build_masks(self._windows)
-        return StepInputs(input_ids, positions, token_seq_lens, meta, sample_indices, sampled)
+        return StepInputs(input_ids, positions, token_seq_lens, meta, sample_indices, sampled, drafting)
 
     @torch.inference_mode()
     def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -88,8 +96,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, grammar: GrammarBackend | None = None,
-                ) -> list[tuple[Request, int, dict[int, Logprob] | None]]:
-        """Run one step; returns (request, sampled token, logprobs) for each request that sampled.
+                ) -> list[tuple[Request, list[int], dict[int, Logprob] | None]]:
+        """Run one step; returns (request, new tokens, logprobs) for each request that chose tokens: one
+        sampled token, or a drafting request's accepted drafts and the target's next token.
 
         Requests with a grammar matcher get their logits masked by `grammar` first.
         """
@@ -108,12 +117,16 @@ class ModelRunner:
         forward = self._decode if compiled else self.model
         step_args = inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta, self.kv_cache.layers
         hidden = self.graphs(forward, *step_args) if graphed else forward(*step_args)
-        if not inputs.sampled_requests:
+        if not inputs.sampled_requests and not inputs.drafting_requests:
             return []
-        if len(inputs.sampled_requests) < hidden.shape[0]:  # else every row samples, in order (decode)
+        if inputs.drafting_requests or len(inputs.sampled_requests) < hidden.shape[0]:  # else every row, in order
             hidden = hidden[inputs.sample_indices]
         logits = self.model.compute_logits(hidden)
         requests = inputs.sampled_requests
+        verified = _verify_drafts(logits[len(requests):], inputs.drafting_requests)
+        if not requests:
+            return verified
+        logits = logits[: len(requests)]
         recording = any(r.params.score_recorder is not None for r in requests)
         raw = logits.clone() if recording else None  # masks and processors below change logits in place
         if constrained:
@@ -128,13 +141,26 @@ class ModelRunner:
         if beam_rows:
             logits, raw, requests = _hand_to_beams(logits, raw, requests, beam_rows)
             if not requests:
-                return []
+                return verified
         recorded = [(row, r) for row, r in enumerate(requests) if r.params.score_recorder is not None]
         params = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device)
         tokens, logprobs, scores = sample(logits, params)
         for row, request in recorded:
             request.params.score_recorder.add(request.index, raw[row], scores[row])
-        return list(zip(requests, tokens.tolist(), logprobs))
+        return [(request, [token], entry) for request, token, entry in zip(requests, tokens.tolist(), logprobs)] + verified
+
+
+def _verify_drafts(logits: torch.Tensor, drafting: list[Request]) -> list[tuple[Request, list[int], None]]:
+    """Each drafting request's accepted drafts and the target's own next token (greedy verification); logits
+    hold, per request in order, the rows after its last token and after each of its drafts."""
+    if not drafting:
+        return []
+    targets, row, verified = greedy_tokens(logits).tolist(), 0, []
+    for request in drafting:
+        count = len(request.draft_token_ids) + 1
+        verified.append((request, accepted_tokens(request.draft_token_ids, targets[row:row + count]), None))
+        row += count
+    return verified
 
 
 def _hand_to_beams(logits: torch.Tensor, raw: torch.Tensor | None, requests: list[Request], beam_rows: list[int],

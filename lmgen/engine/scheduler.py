@@ -79,7 +79,9 @@ class Scheduler:
                 continue  # preempted earlier in this loop to make room
             if self._change_rope_regime(request):
                 self._release(request)  # its cache holds the other rope: recompute all of it
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            missing = request.num_tokens - request.num_computed_tokens
+            del request.draft_token_ids[max(budget - missing, 0):]  # drafts are checked whole or not at all
+            n = min(missing + len(request.draft_token_ids), budget)
             if n == 0:
                 continue  # a beam that has its next-token scores and waits for the rest of its group
             if not self._make_room(request, n, batch):
@@ -211,7 +213,7 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.pool.free(request.block_ids)
-        request.block_ids = []
+        request.block_ids, request.draft_token_ids = [], []
         request.num_computed_tokens = request.num_cached_blocks = 0
 
     def finish(self, request: Request) -> None:

@@ -1,0 +1,89 @@
+"""Speculative decoding: a request drafts the tokens it expects next, one target step checks them all.
+
+``ngram`` (prompt lookup) drafts with no model: the tokens that followed the latest earlier
+occurrence of the sequence's last n tokens, where the output copies its input (editing,
+quoting, code). A drafting request computes its last token and its k drafts in one step,
+like a prompt chunk; the target's argmax at each position accepts drafts while they agree,
+and the first disagreement (or the token after the last draft) is the target's own: so a
+greedy request's output is token for token what it is without speculation, and a step
+yields 1 to k + 1 tokens. Rejected drafts' cache slots are simply written again later.
+
+Today drafts are made for greedy requests that need nothing per position (no logits
+processors, grammar, logprobs, beams or score recording); the others decode one token a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from lmgen.errors import InvalidArgumentError
+
+METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's ``speculative_config``: {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 5  # drafts per step at most
+    prompt_lookup_max: int = 4  # the longest tail n-gram looked up
+    prompt_lookup_min: int = 1  # the shortest
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidArgumentError(f"speculative method {self.method!r} is not supported; use one of: "
+                                       f"{', '.join(METHODS)} (a draft model is not supported yet)")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidArgumentError(f"speculative_config {name} must be a positive integer, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise InvalidArgumentError(f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) is more "
+                                       f"than prompt_lookup_max ({self.prompt_lookup_max})")
+
+    @classmethod
+    def of(cls, value: "SpeculativeConfig | Mapping | None") -> "SpeculativeConfig | None":
+        """From a dict as vLLM takes it (unknown keys are errors, a draft ``model`` is not supported yet)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise InvalidArgumentError(f"speculative_config must be a dict, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        if "model" in value:
+            raise InvalidArgumentError("speculative_config: a draft model is not supported yet; use "
+                                       '{"method": "ngram", ...} (prompt lookup)')
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise InvalidArgumentError(f"speculative_config has unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**value)
+
+    def propose(self, token_ids: list[int], limit: int) -> list[int]:
+        """Up to min(num_speculative_tokens, limit) drafts for the sequence `token_ids`."""
+        return propose_ngram(token_ids, min(self.num_speculative_tokens, limit), self.prompt_lookup_min,
+                             self.prompt_lookup_max)
+
+
+def propose_ngram(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The (up to) k tokens that followed the latest earlier occurrence of the sequence's last n tokens,
+    trying the longest n first (from max_n down to min_n); none if no tail recurs."""
+    if k < 1:
+        return []
+    length = len(token_ids)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        tail = token_ids[length - n:]
+        first = tail[0]
+        for start in range(length - n - 1, -1, -1):  # latest first: the nearest context predicts best
+            if token_ids[start] == first and token_ids[start:start + n] == tail:
+                return token_ids[start + n:start + n + k]
+    return []
+
+
+def accepted_tokens(drafts: list[int], targets: list[int]) -> list[int]:
+    """Greedy verification: the drafts the target agrees with, then the target's own next token
+    (targets[i] is the target's choice after the sequence and drafts[:i]; len(targets) == len(drafts) + 1)."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
+        accepted += 1
+    return drafts[:accepted] + [targets[accepted]]
