@@ -67,6 +67,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="on a GPU, launch each decode step's kernels one by one instead of replaying "
                             "CUDA graphs (slower; for debugging)")
     group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
+    group.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
+                       help="speculative decoding by prompt lookup: greedy requests draft up to K tokens a step "
+                            "from earlier occurrences of their last tokens (faster where the output copies "
+                            "its input; the same tokens as without)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -76,7 +80,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
                 quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 compile=args.compile, enforce_eager=args.enforce_eager, seed=args.engine_seed,
-                revision=args.revision)
+                revision=args.revision, speculative_config=None if args.speculative_ngram is None else
+                {"method": "ngram", "num_speculative_tokens": args.speculative_ngram})
 
 
 def add_quantization_args(group: argparse._ArgumentGroup) -> None:

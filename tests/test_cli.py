@@ -35,6 +35,13 @@ def test_generate_streams_the_continuation(llama_path):
     assert result.stdout.startswith("Portugal is") and len(result.stdout) > len("Portugal is")
 
 
+def test_generate_with_prompt_lookup_gives_the_tokens_without(llama_path):
+    args = ("generate", "Portugal is Portugal is Portugal", "--model", str(llama_path), "-n", "12", "-t", "0")
+    plain, fast = lmgen(*args), lmgen(*args, "--speculative-ngram", "3")
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout
+
+
 def test_generate_reads_the_prompt_from_stdin(llama_path):
     result = lmgen("generate", "--model", str(llama_path), "-n", "4", "-t", "0", stdin="Lisbon")
     assert result.returncode == 0, result.stderr
@@ -55,6 +62,7 @@ def test_chat_keeps_history_and_resets(llama_path):
     (("generate", "x", "--regex", "("), 'invalid regex "\\(".*regex parse error: unclosed group'),
     (("generate", "x", "--log-level", "loud"), "argument --log-level: invalid choice: 'LOUD'"),
     (("perplexity", "--file", "x.txt", "--stride", "0"), "argument --stride: must be at least 1, got 0"),
+    (("generate", "x", "--speculative-ngram", "0"), "num_speculative_tokens must be a positive integer"),
 ])
 def test_errors_are_one_line_without_traceback(llama_path, args, message):
     if "--model" not in args:
