@@ -66,7 +66,8 @@ def test_gpt2_checkpoints_without_the_transformer_prefix_load(checkpoint_factory
     source = checkpoint_factory("gpt2")
     folder = tmp_path / "old-gpt2"
     shutil.copytree(source, folder)
-    weights = {name.removeprefix("transformer."): tensor for name, tensor in load_file(folder / "model.safetensors").items()}
+    weights = load_file(folder / "model.safetensors")
+    weights = {name.removeprefix("transformer."): tensor for name, tensor in weights.items()}
     weights["h.0.attn.bias"] = torch.ones(1, 1, 256, 256)
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     prompt, greedy = [1, 5, 9, 200], SamplingParams(max_tokens=8, temperature=0)

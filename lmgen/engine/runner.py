@@ -48,7 +48,8 @@ class ModelRunner:
         """The step's tensors; with `masks`, attention's masks too where its kernel reads none."""
         bs = self.block_size
         ids, positions, seq_lens, slots, token_request, token_offset = [], [], [], [], [], []
-        tables, query_starts, request_lens, sample_indices, sampled, draft_rows, drafting = [], [], [], [], [], [], []
+        tables, query_starts, request_lens, sample_indices, sampled = [], [], [], [], []
+        draft_rows, drafting = [], []
         max_blocks = max(len(r.block_ids) for r in batch.requests)
         # Python ints rather than numpy arrays: a decode step has one token per request, and numpy's
         # cost per call (ten calls per request) was most of this function's
@@ -61,7 +62,8 @@ class ModelRunner:
             positions += range(start, end)
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
             # rope scaling follows the whole sequence, chunked or not; a draft, the sequence as far as it goes
-            seq_lens += [max(request.num_tokens, p + 1) for p in range(start, end)] if drafts else [request.num_tokens] * n
+            seq_lens += ([max(request.num_tokens, p + 1) for p in range(start, end)] if drafts
+                         else [request.num_tokens] * n)
             token_request += [i] * n
             token_offset += range(n)
             query_starts.append(start)
@@ -147,7 +149,8 @@ class ModelRunner:
         tokens, logprobs, scores = sample(logits, params)
         for row, request in recorded:
             request.params.score_recorder.add(request.index, raw[row], scores[row])
-        return [(request, [token], entry) for request, token, entry in zip(requests, tokens.tolist(), logprobs)] + verified
+        chosen = [(request, [token], entry) for request, token, entry in zip(requests, tokens.tolist(), logprobs)]
+        return chosen + verified
 
 
 def _verify_drafts(logits: torch.Tensor, drafting: list[Request]) -> list[tuple[Request, list[int], None]]:

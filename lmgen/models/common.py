@@ -34,6 +34,7 @@ def common_fields(config: dict, activation_key: str = "hidden_act") -> dict:
         layers=tuple(LayerSpec(window=w) for w in windows), ropes=(RopeConfig.from_hf(config, head_dim(config)),),
         max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)), activation=Activation.from_hf(config.get(activation_key, "silu")),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        activation=Activation.from_hf(config.get(activation_key, "silu")),
         qkv_bias=bool(config.get("attention_bias", False)), o_bias=bool(config.get("attention_bias", False)),
         mlp_bias=bool(config.get("mlp_bias", False)))

@@ -84,7 +84,8 @@ class ModelSpec:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
                      "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UnsupportedModelError(f"model spec: {name} must be a positive integer, got {getattr(self, name)!r}")
+                raise UnsupportedModelError(
+                    f"model spec: {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(f"model spec: {self.num_heads} attention heads cannot share "
                                         f"{self.num_kv_heads} key/value heads evenly")
@@ -92,7 +93,8 @@ class ModelSpec:
             raise UnsupportedModelError("model spec: no layers")
         unknown = set(self.norm_places) - set(NORM_PLACES)
         if unknown:
-            raise UnsupportedModelError(f"model spec: unknown norm places {sorted(unknown)}; known: {list(NORM_PLACES)}")
+            raise UnsupportedModelError(
+                f"model spec: unknown norm places {sorted(unknown)}; known: {list(NORM_PLACES)}")
         for i, layer in enumerate(self.layers):
             if layer.rope is not None and not 0 <= layer.rope < len(self.ropes):
                 raise UnsupportedModelError(f"model spec: layer {i} uses rope {layer.rope}, but there are "
@@ -121,7 +123,8 @@ class ModelSpec:
     def rope_switch_length(self) -> int | None:
         """The length past which a sequence's rope changes for all its tokens (longrope's original length:
         transformers recomputes a sequence that crosses it); None if it never does."""
-        lengths = {rope.params["original_max_position_embeddings"] for rope in self.ropes if rope.rope_type == "longrope"}
+        lengths = {rope.params["original_max_position_embeddings"]
+                   for rope in self.ropes if rope.rope_type == "longrope"}
         return min(lengths, default=None)
 
     @property

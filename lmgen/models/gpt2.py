@@ -30,7 +30,8 @@ class GPT2LMHeadModel(TransformerForCausalLM):
             vocab_size=config["vocab_size"], hidden_size=hidden, intermediate_size=config.get("n_inner") or 4 * hidden,
             num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
             layers=(LayerSpec(rope=None),) * config["n_layer"], ropes=(),
-            max_position_embeddings=config["n_positions"], tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+            max_position_embeddings=config["n_positions"],
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
             norm=NormKind.LAYER, norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
             activation=Activation.from_hf(config.get("activation_function", "gelu_new")), gated_mlp=False,
             qkv_bias=True, o_bias=True, mlp_bias=True, learned_positions=True)

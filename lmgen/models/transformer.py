@@ -170,10 +170,6 @@ class TransformerForCausalLM(nn.Module):
         raise NotImplementedError(f"{cls.__name__} does not say how to read its config.json")
 
     @classmethod
-    def from_config(cls, config: dict, max_model_len: int) -> "TransformerForCausalLM":
-        return cls(cls.spec_from_config(config), max_model_len)
-
-    @classmethod
     def checkpoint_tensors(cls, tensors: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
         """The checkpoint's (name, tensor) pairs under lmgen's names, [out, in] weights."""
         for name, tensor in tensors:
@@ -226,7 +222,8 @@ class TransformerForCausalLM(nn.Module):
         """The DecodeLayers handle: the spec's settings, then each layer's tensors by name; None if some
         layer's linear cannot run on lmgen's kernels."""
         dtype = self.model.norm.weight.dtype
-        handle = torch.classes.lmgen.DecodeLayers({name: float(value) for name, value in self.spec.one_call_settings().items()})
+        settings = {name: float(value) for name, value in self.spec.one_call_settings().items()}
+        handle = torch.classes.lmgen.DecodeLayers(settings)
         for layer, plan, (k_cache, v_cache) in zip(self.model.layers, self.spec.layers, kv_caches):
             tensors = _layer_tensors(layer)
             if tensors is None or any(t.dtype != dtype for name, t in tensors.items() if "norm" in name):
