@@ -344,9 +344,8 @@ class Engine:
         if self._beam_groups:
             outputs.extend(self._advance_beams())
         for request, tokens, logprobs in sampled:
-            if request.draft_token_ids:
-                self.num_draft_tokens += len(request.draft_token_ids)
-                self.num_accepted_draft_tokens += len(tokens) - 1
+            self.num_draft_tokens += len(request.draft_token_ids)
+            self.num_accepted_draft_tokens += len(tokens) - 1
             for token in tokens:  # several when drafts were accepted: each checked for stops as if alone
                 request.append_token(token, self.max_model_len)
                 if request.matcher is not None:
@@ -356,24 +355,36 @@ class Engine:
                     self.scheduler.finish(request)
                     break
             if not request.finished:
+                if request.draft_token_ids:
+                    self._settle_drafts(request, len(tokens) - 1)
                 self._draft(request)
         return outputs
 
+    def _settle_drafts(self, request: Request, accepted: int) -> None:
+        """After a step that accepted `accepted` of the request's drafts: drop what it computed past them (their
+        cache slots get written over), and set how many it may draft next."""
+        speculative = self.config.speculative_config
+        request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+        request.draft_limit = speculative.next_limit(len(request.draft_token_ids), accepted)
+        request.draft_pause = speculative.num_speculative_tokens if request.draft_limit == 0 else 0
+        request.draft_token_ids = []
+
     def _draft(self, request: Request) -> None:
-        """After a step: drop what it computed past the accepted drafts, and draft the next tokens where the
-        request speculates (greedy, and nothing computed per position: see lmgen/engine/speculative.py)."""
-        if request.draft_token_ids:  # the cache holds the accepted drafts; the rejected ones get written over
-            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
-            request.draft_token_ids = []
-        params, speculative = request.params, self.config.speculative_config
+        """Draft the request's next tokens where it speculates: greedy, and nothing computed per position (see
+        lmgen/engine/speculative.py); as many as its drafts' record allows, its max_tokens and the context."""
+        speculative, params = self.config.speculative_config, request.params
         if (speculative is None or params.temperature != 0 or request.logits_processors or request.matcher
                 or request.beam or params.logprobs is not None or params.score_recorder is not None):
             return
+        if request.draft_pause:  # its last drafts all failed
+            request.draft_pause -= 1
+            return
+        limit = speculative.num_speculative_tokens if request.draft_limit is None else max(request.draft_limit, 1)
         room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
         switch = self.model.spec.rope_switch_length
         if switch is not None and request.num_tokens <= switch:  # no draft past it: the sequence is recomputed there
             room = min(room, switch - request.num_tokens)
-        request.draft_token_ids = speculative.propose(request.all_token_ids, room)
+        request.draft_token_ids = speculative.propose(request.all_token_ids, min(room, limit))
 
     def _advance_grammar(self, request: Request, token: int) -> None:
         """Feed the sampled token to the request's matcher, then append what the grammar forces next."""

@@ -8,6 +8,11 @@ and the first disagreement (or the token after the last draft) is the target's o
 greedy request's output is token for token what it is without speculation, and a step
 yields 1 to k + 1 tokens. Rejected drafts' cache slots are simply written again later.
 
+Drafting adapts per request (``SpeculativeConfig.next_limit``, transformers' "heuristic" schedule
+taken down to none): two more drafts after a step that accepted all, as many as were accepted
+after one that did not; a request whose drafts all fail stops drafting for a while, so that
+speculation costs little where the output does not copy (a drafting step is a slower one).
+
 Today drafts are made for greedy requests that need nothing per position (no logits
 processors, grammar, logprobs, beams or score recording); the others decode one token a step.
 """
@@ -58,6 +63,10 @@ class SpeculativeConfig:
         if unknown:
             raise InvalidArgumentError(f"speculative_config has unknown keys {unknown}; known: {sorted(known)}")
         return cls(**value)
+
+    def next_limit(self, drafted: int, accepted: int) -> int:
+        """How many drafts a request may make next, after `accepted` of its `drafted` were accepted."""
+        return min(self.num_speculative_tokens, drafted + 2) if accepted == drafted else accepted
 
     def propose(self, token_ids: list[int], limit: int) -> list[int]:
         """Up to min(num_speculative_tokens, limit) drafts for the sequence `token_ids`."""

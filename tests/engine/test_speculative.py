@@ -85,3 +85,23 @@ def test_bad_speculative_configs_are_named(config, message):
 def test_a_config_object_is_taken_as_it_is():
     config = SpeculativeConfig(num_speculative_tokens=2)
     assert LLM(speculative_config=config).engine.config.speculative_config is config
+
+
+def test_drafting_adapts_to_how_many_drafts_were_accepted():
+    config = SpeculativeConfig(num_speculative_tokens=5)
+    assert config.next_limit(drafted=3, accepted=3) == 5  # all accepted: two more, at most the configured
+    assert config.next_limit(drafted=2, accepted=2) == 4
+    assert config.next_limit(drafted=5, accepted=2) == 2  # as many as were accepted
+    assert config.next_limit(drafted=5, accepted=0) == 0  # none: the request pauses drafting
+
+
+def test_a_request_whose_drafts_fail_pauses_drafting(llama_path, monkeypatch):
+    """Drafts that never match: after the first failure the request drafts only now and then."""
+    from lmgen.engine import speculative
+
+    monkeypatch.setattr(speculative, "propose_ngram", lambda tokens, k, *_: [0] * k)  # never the greedy token
+    llm = LLM(str(llama_path), dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    assert _tokens(llm, REPEATING[:1], greedy) == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING[:1], greedy)
+    assert llm.engine.num_accepted_draft_tokens == 0
+    assert llm.engine.num_draft_tokens <= 4 + 30 // 5 + 1  # 4 at first, then one try after each pause
