@@ -51,6 +51,8 @@ class EngineStats:
     num_preemptions: int = 0  # total so far
     num_sampled: int = 0  # sequences that produced tokens in the last step
     num_steps: int = 0  # total so far
+    num_draft_tokens: int = 0  # speculative decoding: tokens drafted so far
+    num_accepted_draft_tokens: int = 0  # of which the model agreed with
 
 
 class EngineObserver(Protocol):
@@ -317,8 +319,11 @@ class AsyncEngine:
         self.stats = EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             kv_cache_usage=engine.pool.usage, num_preemptions=scheduler.num_preemptions,
-            num_sampled=sum(1 for o in outputs if o.outputs and o.outputs[0].token_ids),
-            num_steps=self.stats.num_steps + 1)
+            # a sequence whose drafts were accepted sends one delta per token
+            num_sampled=len({(o.request_id, o.outputs[0].index)
+                             for o in outputs if o.outputs and o.outputs[0].token_ids}),
+            num_steps=self.stats.num_steps + 1, num_draft_tokens=engine.num_draft_tokens,
+            num_accepted_draft_tokens=engine.num_accepted_draft_tokens)
         self._notify("step_finished", outputs, self.stats, time.perf_counter())
         if outputs:
             self._to_loop(self._deliver, outputs)

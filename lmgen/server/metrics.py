@@ -55,6 +55,10 @@ class Metrics:
                                    registry=registry)
         self.rejected = Counter("lmgen_requests_rejected", "Requests refused because the queue was full",
                                 registry=registry)
+        self.draft_tokens = Counter("lmgen_spec_decode_draft_tokens", "Speculative decoding: tokens drafted",
+                                    registry=registry)
+        self.accepted_tokens = Counter("lmgen_spec_decode_accepted_tokens",
+                                       "Speculative decoding: drafted tokens the model agreed with", registry=registry)
         for name, doc, read in (
             ("lmgen_requests_waiting", "Sequences queued for a batch slot", lambda s: s.num_waiting),
             ("lmgen_requests_running", "Sequences in the running batch", lambda s: s.num_running),
@@ -62,7 +66,7 @@ class Metrics:
         ):
             Gauge(name, doc, registry=registry).set_function(lambda read=read: read(stats()))
         self._times: dict[str, _RequestTimes] = {}
-        self._preemptions_seen = 0
+        self._seen = EngineStats()  # the totals already counted
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -79,9 +83,13 @@ class Metrics:
     def step_finished(self, outputs: list[RequestOutput], stats: EngineStats, now: float) -> None:
         if stats.num_sampled:
             self.batch_size.observe(stats.num_sampled)
-        if stats.num_preemptions > self._preemptions_seen:
-            self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
-            self._preemptions_seen = stats.num_preemptions
+        for counter, total, seen in ((self.preemptions, stats.num_preemptions, self._seen.num_preemptions),
+                                     (self.draft_tokens, stats.num_draft_tokens, self._seen.num_draft_tokens),
+                                     (self.accepted_tokens, stats.num_accepted_draft_tokens,
+                                      self._seen.num_accepted_draft_tokens)):
+            if total > seen:
+                counter.inc(total - seen)
+        self._seen = stats
         for output in outputs:
             times = self._times.get(output.request_id)
             if times is not None:
