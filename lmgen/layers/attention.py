@@ -12,6 +12,7 @@ upcast copy of every context, which at batch 16 cost more than the layer's produ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,16 @@ class AttentionMetadata:
     def decode_only(self) -> bool:
         return self.max_query_len == 1
 
+    @cached_property
+    def query_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block tables [T, max_blocks], lengths [T]): each token's query as a decode row of its own — its
+        request's table, the positions up to its own. Causal, since a step writes every new key and value
+        into the cache before its attention reads."""
+        if self.decode_only:  # one token per request, in order
+            return self.block_tables, self.seq_lens
+        lens = self.query_starts.index_select(0, self.token_request) + self.token_offset + 1
+        return self.block_tables.index_select(0, self.token_request), lens
+
     def build_masks(self, windows: set[int | None]) -> None:
         """One [B, 1, max_q, S] bool mask per window (None: full causal), made before the forward so
         the layers only look masks up (a compiled forward traces no cache-filling branch)."""
@@ -55,10 +66,16 @@ class AttentionMetadata:
             self.masks[window] = allowed[:, None]
 
 
+#: Steps in which no request computes more tokens than this attend with lmgen's decode kernel, every
+#: token a decode row of its own (AttentionMetadata.query_rows): decode, speculative drafts being
+#: checked, short prompt chunks. Longer queries re-read the context per token: SDPA's blocks win.
+MAX_QUERY_ROWS_IN_PLACE = 16
+
+
 def reads_cache_in_place(meta: AttentionMetadata, head_dim: int, device: torch.device) -> bool:
     """Whether the step's attention is lmgen's decode kernel, which reads the paged cache where it
     lies and needs no masks."""
-    return meta.decode_only and kernels.serve(device) and head_dim % 16 == 0
+    return meta.max_query_len <= MAX_QUERY_ROWS_IN_PLACE and kernels.serve(device) and head_dim % 16 == 0
 
 
 def paged_attention(
@@ -80,8 +97,8 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
     if reads_cache_in_place(meta, head_dim, q.device):
-        return torch.ops.lmgen.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                                window or 0, softcap or 0.0)
+        tables, lens = meta.query_rows
+        return torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, scale, window or 0, softcap or 0.0)
     batch, dtype = meta.block_tables.shape[0], q.dtype
     cdtype = compute_dtype(dtype, q.device)
     # index_select on the flat table: indexing with the 2-D table directly is ~1000x slower on CPU

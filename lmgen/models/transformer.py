@@ -196,9 +196,8 @@ class TransformerForCausalLM(nn.Module):
         rotations = [rotary(positions, token_seq_lens, x.dtype) for rotary in self.rotaries]
         layers = self.one_call_layers(meta, kv_caches)
         if layers is not None and self.model.norm.weight.dtype == x.dtype:  # the layers' kernels, no Python between
-            tables = [table for pair in rotations for table in pair]
-            x, residual = torch.ops.lmgen.decode_layers(x, tables, meta.slot_mapping, meta.block_tables,
-                                                        meta.seq_lens, layers)
+            rotary = [table for pair in rotations for table in pair]
+            x, residual = torch.ops.lmgen.decode_layers(x, rotary, meta.slot_mapping, *meta.query_rows, layers)
         else:
             residual = None
             for layer, kv_cache in zip(self.model.layers, kv_caches):
@@ -207,12 +206,13 @@ class TransformerForCausalLM(nn.Module):
 
     def one_call_layers(self, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.ScriptObject | None:
         """What torch.ops.lmgen.decode_layers takes besides the step's tensors (weights, caches, settings)
-        when this step can run all layers in one call: a decode step of few rows on lmgen's CPU kernels,
-        outside torch.compile. None otherwise."""
+        when this step can run all layers in one call: a step of few tokens whose attention reads the cache
+        in place (decode, drafts being checked, short prompt chunks) on lmgen's CPU kernels, outside
+        torch.compile. None otherwise."""
         if torch.compiler.is_compiling():  # first: a traced graph must not depend on the batch size here
             return None
         device = meta.block_tables.device
-        if not reads_cache_in_place(meta, self.spec.head_dim, device) or meta.block_tables.shape[0] > kernels.MAX_ROWS:
+        if not reads_cache_in_place(meta, self.spec.head_dim, device) or meta.slot_mapping.shape[0] > kernels.MAX_ROWS:
             return None
         if self._one_call is None or self._one_call[0] is not kv_caches:  # weights never change once loaded
             self._one_call = kv_caches, self._gather_one_call_layers(kv_caches)
