@@ -3,10 +3,13 @@
     python benchmarks/llamacpp.py --check          # proves the GGUF conversion (f32 logits, greedy tokens)
     python benchmarks/llamacpp.py                  # every figure, median of --repeats (default 3)
     python benchmarks/llamacpp.py --only decode-bf16 prefill-bf16 --repeats 5 --json out.json
+    python benchmarks/llamacpp.py --model gemma3-125m --check    # another family's bench model
 
 Needs llama-cpp-python and gguf (pip install llama-cpp-python gguf; pip builds llama.cpp
-from source). bench-125m (benchmarks/models.py) is converted to GGUF in f32 and bf16 with the `gguf`
-package, following llama.cpp's convert_hf_to_gguf.py for LlamaForCausalLM; q8_0 and q4_0
+from source). The bench model (benchmarks/models.py: bench-125m, qwen3-125m or gemma3-125m)
+is converted to GGUF in f32 and bf16 with the `gguf` package, following llama.cpp's
+convert_hf_to_gguf.py for its architecture (LlamaForCausalLM, Qwen3ForCausalLM,
+Gemma3ForCausalLM: ARCHS below); q8_0 and q4_0
 are made from the f32 file by llama.cpp's own quantizer (`llama_model_quantize`, what
 `llama-quantize` runs), so they hold its default mix: the tied embedding, which is also
 the LM head, at 6-8 bits (Q6_K in q4_0) as lmgen keeps it at int8. The files are cached
@@ -49,30 +52,16 @@ if TYPE_CHECKING:
     import gguf
     import llama_cpp
 
-MODEL = ROOT / "models" / "bench-125m"
+MODELS = ("bench-125m", "qwen3-125m", "gemma3-125m")  # benchmarks/models.py --shape NAME
 THREADS = 2
 GGUF_TYPES = ("f32", "bf16", "q8_0", "q4_0")
 LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made by llama.cpp
 
 
-# ---- conversion: HF Llama checkpoint -> GGUF --------------------------------------------------
+# ---- conversion: HF checkpoint -> GGUF, as convert_hf_to_gguf.py writes it -----------------
 
 def gguf_path(model: Path, qtype: str) -> Path:
     return model.parent / f"{model.name}-{qtype}.gguf"
-
-
-def hf_to_gguf_name(name: str) -> str:
-    """llama.cpp's tensor names for LLAMA (gguf-py constants.py, TENSOR_NAMES)."""
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-    if name in top:
-        return top[name]
-    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    _, _, bid, rest = name.split(".", 3)  # model.layers.N.<module>.weight
-    module, _, suffix = rest.rpartition(".")
-    return f"blk.{bid}.{layer[module]}.{suffix}"
 
 
 def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -82,35 +71,90 @@ def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def hf_tensors(model: Path, config: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """The checkpoint's tensors as float32 numpy arrays, q/k already permuted."""
-    from safetensors import safe_open
-
-    with safe_open(str(model / "model.safetensors"), framework="pt") as f:
-        for name in f.keys():
-            data = f.get_tensor(name).float().numpy()
-            if name.endswith("q_proj.weight"):
-                data = permute_rope(data, config["num_attention_heads"])
-            elif name.endswith("k_proj.weight"):
-                data = permute_rope(data, config["num_key_value_heads"])
-            yield name, data
-
-
-def write_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
-    """The keys convert_hf_to_gguf.py writes for LlamaForCausalLM (TextModel + LlamaModel)."""
-    rope = config.get("rope_parameters") or {}  # transformers 5 moved rope_theta in here
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    writer.add_name("bench-125m")
+def write_text_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
+    """The keys every architecture gets (TextModel.set_gguf_parameters). transformers 5
+    keeps rope_theta in rope_parameters, per layer type where the types differ (Gemma 3:
+    the global layers' base, and the sliding layers' as the swa base)."""
+    rope = config.get("rope_parameters") or {}
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    if (theta := rope.get("full_attention", rope).get("rope_theta", config.get("rope_theta"))) is not None:
+        writer.add_rope_freq_base(float(theta))
+    if (theta := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
+        writer.add_rope_freq_base_swa(float(theta))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if config.get("head_dim") is not None:
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+
+
+def write_llama_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
+    """LlamaModel.set_gguf_parameters adds these."""
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def write_gemma3_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
+    """Gemma3Model.set_gguf_parameters adds these. No key holds query_pre_attn_scalar:
+    llama.cpp scales queries by 1/sqrt(key_length), or 1/sqrt(hidden/heads) for the 27B
+    (62 layers), so a checkpoint that says otherwise cannot be written; nor can an
+    attention soft cap, which Gemma 3 dropped (the converter asserts it)."""
+    if config.get("attn_logit_softcapping") is not None:
+        raise ValueError("Gemma 3 has no attention logit soft cap")
+    scalar = config["hidden_size"] // config["num_attention_heads"] if config["num_hidden_layers"] == 62 \
+        else config["head_dim"]
+    if config.get("query_pre_attn_scalar", scalar) != scalar:
+        raise ValueError(f"llama.cpp's gemma3 scales queries by 1/sqrt({scalar}): query_pre_attn_scalar must be {scalar}")
+    if softcap := config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(softcap)
+    if config.get("sliding_window_pattern") != 1:  # llama.cpp puts a global layer every 6th
+        writer.add_sliding_window(config["sliding_window"])
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What convert_hf_to_gguf.py does differently for one HF architecture; tensor names
+    come from gguf's own table for `arch` (gguf.get_tensor_name_map, as the converter)."""
+    arch: str  # a gguf.MODEL_ARCH member
+    write_hparams: Callable[[gguf.GGUFWriter, dict], None]  # after write_text_hparams
+    permute_qk: bool = False  # LlamaModel permutes q/k rows for llama.cpp's adjacent-pair rope
+    norm_shift: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w): the file holds w + 1
+
+
+ARCHS = {
+    "LlamaForCausalLM": Arch("LLAMA", write_llama_hparams, permute_qk=True),
+    "Qwen3ForCausalLM": Arch("QWEN3", lambda writer, config: None),  # Qwen2Model: nothing more
+    "Gemma3ForCausalLM": Arch("GEMMA3", write_gemma3_hparams, norm_shift=1.0),
+}
+
+
+def model_arch(config: dict) -> Arch:
+    name = config["architectures"][0]
+    if name not in ARCHS:
+        raise SystemExit(f"no GGUF conversion for {name} here (known: {', '.join(ARCHS)})")
+    return ARCHS[name]
+
+
+def hf_tensors(model: Path, config: dict, arch: Arch) -> Iterator[tuple[str, np.ndarray]]:
+    """The checkpoint's tensors as float32 numpy arrays, changed as the converter changes
+    them. (Gemma3Model also cuts the embedding to the tokenizer's length; bench models
+    pad their vocabulary to vocab_size instead, as for Llama, so the embedding stays whole.)"""
+    from safetensors import safe_open
+
+    with safe_open(str(model / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            data = f.get_tensor(name).float().numpy()
+            if arch.permute_qk and name.endswith("q_proj.weight"):
+                data = permute_rope(data, config["num_attention_heads"])
+            elif arch.permute_qk and name.endswith("k_proj.weight"):
+                data = permute_rope(data, config["num_key_value_heads"])
+            elif arch.norm_shift and name.endswith("norm.weight"):
+                data = data + arch.norm_shift
+            yield name, data
 
 
 def write_vocab(writer: gguf.GGUFWriter, model: Path, config: dict) -> None:
@@ -137,26 +181,34 @@ def write_vocab(writer: gguf.GGUFWriter, model: Path, config: dict) -> None:
 
 
 def convert(model: Path, qtype: str, out: Path) -> None:
+    """Write `model` as GGUF. Norms stay f32 (llama.cpp's converter keeps every 1-D tensor
+    and *_norm in f32); every 2-D weight, the (tied) embedding included, takes `qtype`."""
     if qtype in LLAMA_FTYPES:
         quantize_with_llama_cpp(ensure_gguf(model, "f32"), qtype, out)
         return
-    """Write `model` as GGUF. Norms stay f32 (llama.cpp's converter keeps every 1-D tensor
-    and *_norm in f32); every 2-D weight, the (tied) embedding included, takes `qtype`."""
     import gguf
 
     config = json.loads((model / "config.json").read_text())
+    arch = model_arch(config)
+    gguf_arch = gguf.MODEL_ARCH[arch.arch]
+    names = gguf.get_tensor_name_map(gguf_arch, config["num_hidden_layers"])
     Q = gguf.GGMLQuantizationType
     qt = {"f32": Q.F32, "bf16": Q.BF16}[qtype]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16}[qtype]
-    writer = gguf.GGUFWriter(str(out) + ".part", "llama")
+    writer = gguf.GGUFWriter(str(out) + ".part", gguf.MODEL_ARCH_NAMES[gguf_arch])
     writer.add_type(gguf.GGUFType.MODEL)
-    write_hparams(writer, config)
+    writer.add_name(model.name)
+    write_text_hparams(writer, config)
+    arch.write_hparams(writer, config)
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_vocab(writer, model, config)
-    for name, data in hf_tensors(model, config):
+    for name, data in hf_tensors(model, config, arch):
         target = Q.F32 if data.ndim == 1 else qt
-        writer.add_tensor(hf_to_gguf_name(name), gguf.quants.quantize(data, target), raw_dtype=target)
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"{name}: no {arch.arch} tensor of that name in gguf's table")
+        writer.add_tensor(gguf_name, gguf.quants.quantize(data, target), raw_dtype=target)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -230,9 +282,9 @@ def llama_generate(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> 
     return Run(first - start, (new_tokens - 1) / (end - first), len(prompt)), tokens
 
 
-def load_lmgen(dtype: str, quantization: str | None = None, compile: bool = False) -> LLM:
+def load_lmgen(model: Path, dtype: str, quantization: str | None = None, compile: bool = False) -> LLM:
     # a small KV budget: these runs hold one sequence of at most a few hundred tokens
-    return LLM(str(MODEL), dtype=dtype, quantization=quantization, kv_cache_memory="256MiB", compile=compile)
+    return LLM(str(model), dtype=dtype, quantization=quantization, kv_cache_memory="256MiB", compile=compile)
 
 
 def lmgen_generate(llm: LLM, prompt: list[int], new_tokens: int) -> Run:
@@ -255,12 +307,12 @@ def lmgen_weight_bytes(llm: LLM) -> int:
 
 # ---- the check: the conversion is right when llama.cpp f32 computes what lmgen f32 does -------
 
-def check(prompt_len: int = 32, new_tokens: int = 32) -> bool:
+def check(model: Path, prompt_len: int = 32, new_tokens: int = 32) -> bool:
     """Per-position logits of one prompt and greedy tokens, llama.cpp f32 vs lmgen float32.
     llama.cpp's KV cache is f32 here (its default is f16) so only summation order differs."""
     prompt = random_prompts(1, prompt_len, seed=1)[0]
-    llama = load_llama(ensure_gguf(MODEL, "f32"), n_ctx=256, logits_all=True, f32_kv=True)
-    ours = load_lmgen("float32")
+    llama = load_llama(ensure_gguf(model, "f32"), n_ctx=256, logits_all=True, f32_kv=True)
+    ours = load_lmgen(model, "float32")
     llama.reset()
     llama.eval(prompt)
     theirs = torch.from_numpy(np.array(llama.scores[:prompt_len], dtype=np.float32))
@@ -323,15 +375,15 @@ def alternate(runs: dict[str, Callable[[list[int]], Run]], prompts: list[list[in
     return results
 
 
-def measure_pair(pair: Pair, repeats: int, flash_attn: bool, compile: bool = False) -> dict:
+def measure_pair(model: Path, pair: Pair, repeats: int, flash_attn: bool, compile: bool = False) -> dict:
     """Both systems loaded side by side, warmed up, then `repeats` alternating runs each. With
     `compile`, lmgen runs its compiled decode step, and its eager path runs beside as a third system."""
-    path = ensure_gguf(MODEL, pair.gguf)
-    row: dict = {"name": pair.name, "figure": pair.figure, "prompt_len": pair.prompt_len,
+    path = ensure_gguf(model, pair.gguf)
+    row: dict = {"model": model.name, "name": pair.name, "figure": pair.figure, "prompt_len": pair.prompt_len,
                  "new_tokens": pair.new_tokens}
     try:
-        ours = load_lmgen(pair.dtype, pair.quantization, compile)
-        eager = load_lmgen(pair.dtype, pair.quantization) if compile else None
+        ours = load_lmgen(model, pair.dtype, pair.quantization, compile)
+        eager = load_lmgen(model, pair.dtype, pair.quantization) if compile else None
     except Exception as exc:  # e.g. a quantization method lmgen does not have yet
         row["note"] = f"lmgen {pair.dtype} {pair.quantization}: {type(exc).__name__}: {exc}"
         ours = None
@@ -391,7 +443,7 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         ratios = [f"{row['ratio']:.2f}×", f"{row['ratio_best']:.2f}×"] if "ratio" in row else ["-", "-"]
-        cells = [row["name"], *_cells(row.get("llama.cpp"), row["figure"]), *_cells(row.get("lmgen"), row["figure"]),
+        cells = [f"{row['model']} {row['name']}", *_cells(row.get("llama.cpp"), row["figure"]), *_cells(row.get("lmgen"), row["figure"]),
                  *ratios]
         print("| " + " | ".join(cells) + " |")
     for row in rows:
@@ -415,6 +467,7 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="bench-125m", help="the bench model (benchmarks/models/)")
     parser.add_argument("--check", action="store_true", help="check the conversion against lmgen, then stop")
     parser.add_argument("--only", nargs="+", choices=[p.name for p in PAIRS], help="measure these rows only")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per system and row (median)")
@@ -430,19 +483,20 @@ def main() -> None:
     if missing:
         raise SystemExit(f"{', '.join(missing)} missing: pip install llama-cpp-python gguf")
     torch.set_num_threads(THREADS)
-    if not (MODEL / "model.safetensors").is_file():
-        raise SystemExit(f"{MODEL} is missing: python benchmarks/models.py")
+    model = ROOT / "models" / args.model
+    if not (model / "model.safetensors").is_file():
+        raise SystemExit(f"{model} is missing: python benchmarks/models.py --shape {args.model}")
     pairs = [p for p in PAIRS if args.only is None or p.name in args.only]
     if args.reconvert:
         for qtype in dict.fromkeys(["f32"] if args.check else [p.gguf for p in pairs]):
-            ensure_gguf(MODEL, qtype, reconvert=True)
+            ensure_gguf(model, qtype, reconvert=True)
     if args.check:
-        raise SystemExit(0 if check() else 1)
+        raise SystemExit(0 if check(model) else 1)
     bandwidth = read_bandwidth()
     print(f"DRAM read bandwidth, {THREADS} threads: {bandwidth} GB/s", flush=True)
     rows = []
     for pair in pairs:
-        rows.append(measure_pair(pair, args.repeats, args.flash_attn, args.compile))
+        rows.append(measure_pair(model, pair, args.repeats, args.flash_attn, args.compile))
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
     if args.json:
