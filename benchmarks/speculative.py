@@ -14,7 +14,9 @@ Decode tokens/s counts the tokens after the first over the time after the first.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -32,13 +34,14 @@ SOURCES = ["lmgen/engine/speculative.py", "lmgen/models/transformer.py", "lmgen/
 
 
 def _function(path: str) -> tuple[str, str]:
-    """The first function of a source file (about 25 lines) and a variable name in it to rename."""
+    """The first function of a source file that takes an argument (its first 25 lines), and that argument."""
     text = (ROOT.parent / path).read_text()
-    start = text.index("\ndef ") + 1
-    body = "\n".join(text[start:].split("\n")[:25])
-    name = next(w for w in ("length", "tokens", "request", "config", "rope", "block", "x", "hidden", "value")
-                if f" {w}" in body)
-    return body, name
+    for match in re.finditer(r"\n *def \w+\(([^)]*)\)", text):
+        names = [n for n in re.findall(r"(\w+)\s*(?:[:,=]|$)", match.group(1)) if n not in ("self", "cls")]
+        if names:
+            body = textwrap.dedent("\n".join(text[match.start() + 1:].split("\n")[:25]))
+            return body, names[0]
+    raise ValueError(f"{path} has no function with an argument")
 
 
 def edit_prompts(count: int) -> list[list[dict]]:

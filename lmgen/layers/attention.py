@@ -12,7 +12,6 @@ upcast copy of every context, which at batch 16 cost more than the layer's produ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +41,11 @@ class AttentionMetadata:
     def decode_only(self) -> bool:
         return self.max_query_len == 1
 
-    @cached_property
     def query_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block tables [T, max_blocks], lengths [T]): each token's query as a decode row of its own — its
         request's table, the positions up to its own. Causal, since a step writes every new key and value
-        into the cache before its attention reads."""
+        into the cache before its attention reads. (Not cached on the object: torch.compile traces a plain
+        method whole, where a cached property breaks the graph.)"""
         if self.decode_only:  # one token per request, in order
             return self.block_tables, self.seq_lens
         lens = self.query_starts.index_select(0, self.token_request) + self.token_offset + 1
@@ -97,7 +96,7 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
     if reads_cache_in_place(meta, head_dim, q.device):
-        tables, lens = meta.query_rows
+        tables, lens = meta.query_rows()
         return torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, scale, window or 0, softcap or 0.0)
     batch, dtype = meta.block_tables.shape[0], q.dtype
     cdtype = compute_dtype(dtype, q.device)

@@ -197,7 +197,7 @@ class TransformerForCausalLM(nn.Module):
         layers = self.one_call_layers(meta, kv_caches)
         if layers is not None and self.model.norm.weight.dtype == x.dtype:  # the layers' kernels, no Python between
             rotary = [table for pair in rotations for table in pair]
-            x, residual = torch.ops.lmgen.decode_layers(x, rotary, meta.slot_mapping, *meta.query_rows, layers)
+            x, residual = torch.ops.lmgen.decode_layers(x, rotary, meta.slot_mapping, *meta.query_rows(), layers)
         else:
             residual = None
             for layer, kv_cache in zip(self.model.layers, kv_caches):
