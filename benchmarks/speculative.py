@@ -93,9 +93,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8, help="num_speculative_tokens (and transformers' lookup)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--disable-by-batch-size", type=int, default=None,
+                        help="speculative_config's (default: none here, so every batch size drafts)")
     args = parser.parse_args()
     fast = LLM(args.model, dtype="bfloat16", enable_prefix_caching=False,
-               speculative_config={"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 3})
+               speculative_config={"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 3,
+                                   "disable_by_batch_size": args.disable_by_batch_size})
     plain = LLM(args.model, dtype="bfloat16", enable_prefix_caching=False)
     hf = None
     if not args.no_transformers:
@@ -112,8 +115,9 @@ def main() -> None:
             base = lmgen_run(plain, prompts, args.new_tokens)
             drafted, accepted = fast.engine.num_draft_tokens, fast.engine.num_accepted_draft_tokens
             spec = lmgen_run(fast, prompts, args.new_tokens)
-            rate = (fast.engine.num_accepted_draft_tokens - accepted) / max(1, fast.engine.num_draft_tokens - drafted)
-            rows = [("lmgen", base, ""), ("lmgen prompt lookup", spec, f"{rate:.0%}")]
+            drafts = fast.engine.num_draft_tokens - drafted
+            rate = f"{(fast.engine.num_accepted_draft_tokens - accepted) / drafts:.0%}" if drafts else "no drafts"
+            rows = [("lmgen", base, ""), ("lmgen prompt lookup", spec, rate)]
             if hf is not None and batch == 1:
                 rows.append(("transformers prompt lookup", transformers_run(hf, prompts[0], args.new_tokens, args.k),
                              ""))

@@ -379,6 +379,9 @@ class Engine:
         if request.draft_pause:  # its last drafts all failed
             request.draft_pause -= 1
             return
+        most = speculative.disable_by_batch_size
+        if most is not None and len(self.scheduler.running) > most:  # a full batch: drafts would cost more
+            return
         limit = speculative.num_speculative_tokens if request.draft_limit is None else max(request.draft_limit, 1)
         room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
         switch = self.model.spec.rope_switch_length

@@ -35,13 +35,19 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 5  # drafts per step at most
     prompt_lookup_max: int = 4  # the longest tail n-gram looked up
     prompt_lookup_min: int = 1  # the shortest
+    # no drafts while more requests than this run (vLLM's name): their rows already fill a step's
+    # arithmetic; on a 2-core AVX2 CPU drafting for 4 requests measured 0.77-0.92x of none, for 1
+    # request 1.03-1.57x (docs/performance.md)
+    disable_by_batch_size: int | None = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidArgumentError(f"speculative method {self.method!r} is not supported; use one of: "
                                        f"{', '.join(METHODS)} (a draft model is not supported yet)")
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
             value = getattr(self, name)
+            if name == "disable_by_batch_size" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidArgumentError(f"speculative_config {name} must be a positive integer, got {value!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:

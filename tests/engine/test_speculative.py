@@ -6,7 +6,7 @@ from conftest import ALL_VARIANTS
 from lmgen import LLM, InvalidArgumentError, SamplingParams
 from lmgen.engine.speculative import SpeculativeConfig, accepted_tokens, propose_ngram
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "disable_by_batch_size": None}
 # prompts whose continuations repeat them, so that drafts are made and (some) accepted
 REPEATING = [[1, *([7, 8, 9, 10, 11] * 6)], [1, *range(20, 40), *range(20, 30)], [1, 5, 9, 5, 9, 5, 9, 5]]
 
@@ -80,6 +80,16 @@ def test_stop_strings_inside_drafts_end_the_output_where_they_would_without():
 def test_bad_speculative_configs_are_named(config, message):
     with pytest.raises(InvalidArgumentError, match=message):
         LLM(speculative_config=config)
+
+
+def test_no_drafts_while_more_requests_run_than_disable_by_batch_size(llama_path):
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    llm = LLM(str(llama_path), dtype="float32", speculative_config={**NGRAM, "disable_by_batch_size": 2})
+    prompts = REPEATING * 2  # 6 running requests: none drafts
+    assert _tokens(llm, prompts, greedy) == _tokens(LLM(str(llama_path), dtype="float32"), prompts, greedy)
+    assert llm.engine.num_draft_tokens == 0
+    _tokens(llm, REPEATING[:1], greedy)  # one request: it drafts
+    assert llm.engine.num_draft_tokens > 0
 
 
 def test_a_config_object_is_taken_as_it_is():
