@@ -14,9 +14,9 @@ from lmgen.engine.compiled import CompiledDecode
 from lmgen.engine.cuda_graphs import GraphedDecode
 from lmgen.engine.request import Request
 from lmgen.engine.scheduler import ScheduledBatch
+from lmgen.engine.speculative import accepted_tokens
 from lmgen.layers.attention import AttentionMetadata, reads_cache_in_place
 from lmgen.outputs import Logprob
-from lmgen.engine.speculative import accepted_tokens
 from lmgen.sampling.sampler import SamplingBatch, greedy_tokens, sample
 from lmgen.sampling.structured import GrammarBackend, allocate_bitmask, apply_bitmask
 
