@@ -16,14 +16,14 @@ from lmgen.huge_pages import place_weights_in_huge_pages
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
 from lmgen.loader.checkpoint import iter_tensors, load_weights
 from lmgen.models import build_context, model_class
-from lmgen.models.contract import check_contract
+from lmgen.models.contract import CausalLM, check_contract
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module  # satisfies lmgen.models.contract.CausalLM
+    model: CausalLM
     max_model_len: int  # the longest sequence the engine may run
     quantization: QuantConfig | None  # the quantization in effect
 

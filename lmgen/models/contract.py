@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 
@@ -146,7 +146,6 @@ class ModelSpec:
                 "residual_scale": self.residual_scale}
 
 
-@runtime_checkable
 class CausalLM(Protocol):
     """What the engine calls on a model (lmgen/models/transformer.py implements it for every family)."""
 
@@ -165,9 +164,9 @@ class CausalLM(Protocol):
 
 
 def check_contract(model: object) -> None:
-    """Raise naming what `model` lacks of the contract (a family that forgets a piece)."""
-    members = [name for name in ("spec", "packed_modules", "forward", "compute_logits", "one_call_layers",
-                                 "checkpoint_tensors") if not hasattr(model, name)]
+    """Raise naming what `model` lacks of the contract, CausalLM's members (a family that forgets a piece)."""
+    names = [*CausalLM.__annotations__, *(name for name in vars(CausalLM) if not name.startswith("_"))]
+    members = [name for name in names if not hasattr(model, name)]
     if members:
         raise UnsupportedModelError(f"{type(model).__name__} lacks {', '.join(members)} of the model contract "
                                     "(lmgen/models/contract.py)")
