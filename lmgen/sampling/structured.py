@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -33,9 +34,8 @@ _INDENT = r"\n[ \t]{0,16}"
 #: maybe after `,`, else none. A weak model given more pads its JSON where no writer would and runs
 #: out of tokens before closing it. llguidance's JSON options allow one whitespace pattern between
 #: any two tokens, so this layout is a grammar of its own that JSON output must also match.
-#: One liberty: a newline may also come before `,` (after a value, where it may come before `}`),
-#: because the schema's grammar alone knows whether a `,` must follow, and the two grammars must
-#: never together leave a token with no continuation.
+#: After a value a newline can only lead to `}` or `]`, which the schema may not allow yet (a
+#: required member is missing): the masks then forbid it (_AllOf.newline_leads_nowhere).
 JSON_LAYOUT = rf"""
 start: value
 value: object | array | STRING | NUMBER | "true" | "false" | "null"
@@ -46,7 +46,7 @@ OPEN_OBJECT: /\{{({_INDENT})?/
 CLOSE_OBJECT: /({_INDENT})?\}}/
 OPEN_ARRAY: /\[({_INDENT})?/
 CLOSE_ARRAY: /({_INDENT})?\]/
-COMMA: /({_INDENT})?,( |{_INDENT})?/
+COMMA: /,( |{_INDENT})?/
 COLON: /: ?/
 STRING: /"(\\.|[^"\\])*"/
 NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/
@@ -129,7 +129,11 @@ class LLGuidanceBackend:
         for matcher in matchers:
             if matcher.is_error():  # compile() validated it, so this is an engine limit (size, fuel)
                 raise InvalidArgumentError(f"structured output: {matcher.get_error()}")
-        return matchers[0] if len(matchers) == 1 else _AllOf(*matchers)
+        return matchers[0] if len(matchers) == 1 else _AllOf(*matchers, self._probes)
+
+    @functools.cached_property
+    def _probes(self) -> "_Probes":
+        return _Probes.of(self.tokenizer)
 
     def fill_bitmask(self, matchers: list[Matcher], bitmask: torch.Tensor) -> None:
         self._fill([(m.first if isinstance(m, _AllOf) else m, i) for i, m in enumerate(matchers)], bitmask)
@@ -139,18 +143,49 @@ class LLGuidanceBackend:
             self._fill(seconds, allowed)
             with torch.inference_mode():  # the engine's bitmask is an inference tensor; this is another thread
                 bitmask &= allowed
+                for _, row in seconds:
+                    if matchers[row].newline_leads_nowhere():
+                        self._forbid_leading_newlines(bitmask[row])
+
+    def _forbid_leading_newlines(self, row: torch.Tensor) -> None:
+        """Clear the bits of the tokens that start with a newline among those `row` allows (a few where it is
+        called: commas, whitespace, closing brackets)."""
+        words, bits = ((row[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).nonzero(as_tuple=True)
+        for word, bit in zip(words.tolist(), bits.tolist()):
+            if self.tokenizer.decode_bytes([word * 32 + bit]).startswith(b"\n"):
+                row[word] &= ~(torch.tensor(1, dtype=torch.int32) << bit)
 
     def _fill(self, rows: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
         row_bytes = bitmask.shape[1] * bitmask.element_size()
         self.executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
 
 
+@dataclass(frozen=True)
+class _Probes:
+    """The token ids of `,`, `}` and `]`: what _AllOf asks its grammars about."""
+
+    comma: list[int]
+    closers: tuple[list[int], list[int]]
+
+    @classmethod
+    def of(cls, tokenizer) -> "_Probes":
+        return cls(tokenizer.tokenize_str(","), (tokenizer.tokenize_str("}"), tokenizer.tokenize_str("]")))
+
+
 class _AllOf:
     """Two matchers stepped together: the output is in both grammars' languages (a JSON schema's and the
     JSON layout's). Either completes a prefix the other accepts without whitespace, so no mask is empty."""
 
-    def __init__(self, first: Matcher, second: Matcher) -> None:
-        self.first, self.second = first, second
+    def __init__(self, first: Matcher, second: Matcher, probes: _Probes) -> None:
+        self.first, self.second, self.probes = first, second, probes
+
+    def newline_leads_nowhere(self) -> bool:
+        """Whether a newline here would leave no continuation: after a value, where the layout takes a newline
+        only before `}` or `]`, and the schema takes neither yet (it needs a `,` and another member first)."""
+        def takes(matcher, tokens: list[int]) -> bool:
+            return matcher.validate_tokens(tokens) == len(tokens)
+
+        return takes(self.second, self.probes.comma) and not any(takes(self.first, t) for t in self.probes.closers)
 
     def consume_token(self, token_id: int) -> bool:
         return self.first.consume_token(token_id) and self.second.consume_token(token_id)

@@ -12,6 +12,7 @@ import pytest
 from lmgen import LLM, SamplingParams
 from lmgen.errors import InvalidArgumentError
 from lmgen.params import StructuredOutputs
+from lmgen.sampling.structured import allocate_bitmask
 
 NAME = {"type": "string", "minLength": 1, "maxLength": 8}
 SCHEMAS = [
@@ -171,12 +172,12 @@ def test_n_streaming_logprobs_and_stop_strings_compose(random_llm):
     for completion in output.outputs:
         jsonschema.validate(json.loads(completion.text), schema)
         assert len(completion.logprobs) == len(completion.token_ids)  # no forced tokens without logprobs
-    streamed = {}
-    for delta in random_llm.stream("Answer:", SamplingParams(n=2, structured={"json_schema": schema}, seed=5)):
+    streamed, bounded = {}, SCHEMAS[16]  # every field bounded: the output ends before the model's context does
+    for delta in random_llm.stream("Answer:", SamplingParams(n=2, structured={"json_schema": bounded}, seed=5)):
         for completion in delta.outputs:
             streamed[completion.index] = streamed.get(completion.index, "") + completion.text
     for text in streamed.values():
-        jsonschema.validate(json.loads(text), schema)
+        jsonschema.validate(json.loads(text), bounded)
     [stopped] = random_llm.generate("Answer:", SamplingParams(structured={"regex": "[a-z]{3} [a-z]{3} [a-z]{3}"},
                                                                stop=[" "], seed=1))
     assert re.fullmatch("[a-z]{3}", stopped.outputs[0].text)
@@ -226,13 +227,13 @@ def test_chat_takes_structured(demo_llm):
 
 def _misplaced_whitespace(text: str) -> list[str]:
     """Whitespace in JSON `text` outside the forms JSON writers produce (strings' contents aside): a newline and
-    an indent after `{`, `[` and `,` or before `}`, `]` and `,`, one space after `:` or `,`."""
+    an indent after `{`, `[` and `,` or before `}` and `]`, one space after `:` or `,`."""
     outside_strings = re.sub(r'"(\\.|[^"\\])*("|$)', '""', text)  # a string cut short runs to the end
     misplaced = []
     for run in re.finditer(r"\s+", outside_strings):
         before, after = outside_strings[run.start() - 1], outside_strings[run.end():run.end() + 1]
         space = run.group() == " " and before in ":,"
-        indent = re.fullmatch(r"\n[ \t]*", run.group()) and (before in "{[," or after in ("}", "]", ","))
+        indent = re.fullmatch(r"\n[ \t]*", run.group()) and (before in "{[," or after in ("}", "]"))
         if not (space or indent):
             misplaced.append(outside_strings[run.start() - 1:run.end() + 1])
     return misplaced
@@ -269,6 +270,34 @@ def test_json_grammars_take_what_json_writers_write_and_refuse_padding(demo_llm)
                         json.dumps(value, indent=4), json.dumps(value, indent="\t")):
             assert _accepts(demo_llm, spec, written), (spec, written)
         for padded in ('{"name"\n\n:1}', '{"name"\n:1}', '{"name":\n1}', '{"name":  1}', '{"name" : 1}',
-                       '{ "name": 1}', '{\n\n"name": 1}', '{"name": 1 }', '{"name": [1 ,2]}', ' {"name": 1}'):
+                       '{ "name": 1}', '{\n\n"name": 1}', '{"name": 1 }', '{"name": [1 ,2]}', ' {"name": 1}',
+                       '{"name": [1\n,2]}', '{"name": 1\n  , "age": 2}'):
             assert not _accepts(demo_llm, spec, padded), (spec, padded)
     assert _accepts(demo_llm, {"json_schema": {"type": "integer"}}, "12")
+
+
+def _mask_allows(llm: LLM, spec: dict, prefix: str, token_text: str) -> bool:
+    """Whether, after the tokens of `prefix`, the grammar's mask allows the token `token_text` (one token)."""
+    backend = llm.engine.grammar_backend
+    matcher = backend.new_matcher(backend.compile(StructuredOutputs(**spec)))
+    assert all(matcher.consume_token(token) for token in backend.tokenizer.tokenize_str(prefix))
+    (token,) = backend.tokenizer.tokenize_str(token_text)
+    bitmask = allocate_bitmask(1, llm.engine.model.spec.vocab_size)
+    backend.fill_bitmask([matcher], bitmask)
+    return bool(bitmask[0, token // 32] >> (token % 32) & 1)
+
+
+def test_a_newline_after_a_value_is_allowed_only_where_the_schema_may_close(demo_llm):
+    """A newline after a value leads only to `}` or `]`: masked where a required member or item must come first,
+    so the two grammars never leave a token with no continuation."""
+    required = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"]}
+    optional = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+    items = {"type": "array", "items": {"type": "integer"}, "minItems": 2}
+    assert not _mask_allows(demo_llm, {"json_schema": required}, '{"a": 1', "\n")
+    assert _mask_allows(demo_llm, {"json_schema": required}, '{"a": 1', ",")
+    assert _mask_allows(demo_llm, {"json_schema": optional}, '{"a": 1', "\n")
+    assert _mask_allows(demo_llm, {"json_schema": required}, '{"a": 1, "b": 2', "\n")
+    assert not _mask_allows(demo_llm, {"json_schema": items}, "[1", "\n")
+    assert _mask_allows(demo_llm, {"json_schema": items}, "[1, 2", "\n")
+    assert _mask_allows(demo_llm, {"json_schema": required}, "{", "\n")  # the indent after `{` is not after a value
