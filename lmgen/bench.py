@@ -5,6 +5,8 @@ throughput : N prompts at once (one continuous batch), generated tokens/s overal
 prefix     : TTFT of a prompt whose first --prompt-len tokens an earlier request had,
              with prefix caching on and off.
 serve      : N concurrent streaming clients against a running server (lmgen.bench_serve).
+speculative: decode tokens/s with and without speculative decoding, on a task that copies its
+             input and one that does not (lmgen.bench_speculative).
 With ``--compare transformers`` the same workload runs through transformers'
 ``generate`` (static batches, the same weights and dtype) and the ratio is printed.
 Every figure is the median of ``--repeats`` runs after one warm-up; ``--plot`` draws
@@ -32,7 +34,8 @@ from lmgen.params import SamplingParams
 
 #: mode -> (the figure its ratio and plot are about, its label)
 HEADLINE = {"latency": ("decode_tok_s", "decode tokens/s"), "throughput": ("total_tok_s", "generated tokens/s"),
-            "prefix": ("ttft_s", "time to first token (s)"), "serve": ("total_tok_s", "output tokens/s")}
+            "prefix": ("ttft_s", "time to first token (s)"), "serve": ("total_tok_s", "output tokens/s"),
+            "speculative": ("decode_tok_s", "decode tokens/s")}
 
 
 @dataclass
@@ -172,6 +175,8 @@ def report(rows: list[dict], json_path: str | None, mode: str) -> None:
     columns = ["workload", "system", "ttft_s", "prefill_tok_s", "decode_tok_s", "total_tok_s", "ratio"]
     if mode == "serve":  # latencies as the clients see them
         columns = ["workload", "system", "req_per_s", "total_tok_s", "ttft_s", "ttft_p90_s", "itl_s", "itl_p90_s"]
+    if mode == "speculative":
+        columns = ["workload", "system", "decode_tok_s", "ratio", "acceptance", "accepted_length"]
     print("\n".join(table([columns] + [[_fmt(row.get(c)) for c in columns] for row in rows])), flush=True)
     if json_path:
         with open(json_path, "w") as f:

@@ -203,13 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure lmgen on synthetic prompts; --compare transformers runs the same workload "
                     "through transformers' generate in the same run and prints the ratio. `serve` measures "
                     "a running server (--url) instead of loading a model.")
-    bench.add_argument("mode", choices=["latency", "throughput", "prefix", "serve"],
+    bench.add_argument("mode", choices=["latency", "throughput", "prefix", "serve", "speculative"],
                        help="latency: TTFT and decode tokens/s per batch size; throughput: N prompts at once; "
                             "prefix: TTFT of a repeated --prompt-len prefix with prefix caching on vs off; "
-                            "serve: N concurrent streaming clients against --url")
+                            "serve: N concurrent streaming clients against --url; speculative: decode tokens/s "
+                            "without and with speculative decoding (--speculative-ngram K, default 8) on an "
+                            "editing task whose output copies the prompt and on free writing (chat prompts)")
     bench.add_argument("--sizes", type=int, nargs="+", default=None,
-                       help="batch sizes (latency, default 1), prompt counts (throughput, default 1 4 16 64) "
-                            "or concurrent clients (serve, default 1 4 16)")
+                       help="batch sizes (latency, default 1; speculative, default 1 8), prompt counts "
+                            "(throughput, default 1 4 16 64) or concurrent clients (serve, default 1 4 16)")
     bench.add_argument("--url", default=None,
                        help="serve: the OpenAI-compatible server to load, e.g. http://127.0.0.1:8000")
     bench.add_argument("--api-key", default=None, help="serve: the server's API key (default: $LMGEN_API_KEY)")
@@ -367,7 +369,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from lmgen import bench
 
-    sizes = args.sizes or {"latency": [1], "serve": [1, 4, 16]}.get(args.mode, [1, 4, 16, 64])
+    sizes = args.sizes or {"latency": [1], "serve": [1, 4, 16], "speculative": [1, 8]}.get(args.mode, [1, 4, 16, 64])
     if args.plot:
         bench.pyplot()  # a missing matplotlib fails now, not after the run
     if args.mode == "serve":
@@ -376,6 +378,14 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{args.url}: prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.repeats} request(s) "
               f"per client; {bench.machine()}")
         rows = serve_rows(args.url, sizes, args.prompt_len, args.new_tokens, args.repeats, args.api_key)
+    elif args.mode == "speculative":
+        from lmgen.bench_speculative import speculative_rows
+
+        if args.compare == "transformers":
+            bench.require_transformers()
+        print(f"{args.model or 'the demo model'}: chat prompts, greedy, {args.new_tokens} new tokens, one run each; "
+              f"{bench.machine()}")
+        rows = speculative_rows(args.model, engine_kwargs(args), sizes, args.new_tokens, args.compare)
     else:
         if args.compare == "transformers":
             bench.require_transformers()  # before lmgen's own model loads

@@ -88,6 +88,24 @@ def test_bench_compares_with_transformers_and_writes_json(llama_path, tmp_path):
     assert image.read_bytes().startswith(b"\x89PNG")
 
 
+def test_bench_speculative_runs_both_tasks_beside_transformers_prompt_lookup(tmp_path):
+    import json
+
+    out = tmp_path / "speculative.json"
+    result = lmgen("bench", "speculative", "--sizes", "1", "--new-tokens", "32", "--compare", "transformers",
+                   "--json", str(out))  # the demo model: its 512-token context gets the edit task's short form
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    systems = ["lmgen", "lmgen ngram", "transformers prompt lookup"]
+    assert [(r["workload"], r["system"]) for r in rows] == [(w, s) for w in ("edit n=1", "free n=1") for s in systems]
+    for plain, drafting, peer in zip(rows[::3], rows[1::3], rows[2::3]):
+        assert plain["ratio"] == 1.0 and plain["acceptance"] is None
+        assert drafting["tokens"] == plain["tokens"] == peer["tokens"]  # greedy: the same output, faster or not
+        assert drafting["decode_tok_s"] > 0 and peer["decode_tok_s"] > 0
+    # the demo model repeats its own phrases within 32 tokens (a real model copies the edit task's prompt too)
+    assert 0 < rows[1]["acceptance"] <= 1 and rows[1]["accepted_length"] > 1
+
+
 def test_bench_plot_without_matplotlib_fails_before_loading(monkeypatch, capsys):
     from lmgen.cli import main
 

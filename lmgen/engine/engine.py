@@ -78,7 +78,8 @@ class Engine:
         self._prompt_forks: dict[Request, list[Request]] = {}  # first of n sequences -> the others, until it prefilled
         self._ready: list[RequestOutput] = []  # deltas made between steps (aborts), sent by the next step()
         self._grammar_backend: GrammarBackend | None = None  # built on the first structured request
-        self.num_draft_tokens = self.num_accepted_draft_tokens = 0  # speculative decoding's acceptance
+        # speculative decoding: verifying steps of a request, tokens drafted and accepted in them
+        self.num_drafts = self.num_draft_tokens = self.num_accepted_draft_tokens = 0
         logger.info("loaded %s (%s, %s) in %.1f s; KV cache %d blocks of %d tokens (%.0f MiB)",
                     self.model_path, self.dtype, self.device, time.perf_counter() - started,
                     self.kv_cache.num_blocks, config.block_size, self.kv_cache.nbytes / 2**20)
@@ -344,6 +345,7 @@ class Engine:
         if self._beam_groups:
             outputs.extend(self._advance_beams())
         for request, tokens, logprobs in sampled:
+            self.num_drafts += bool(request.draft_token_ids)
             self.num_draft_tokens += len(request.draft_token_ids)
             self.num_accepted_draft_tokens += len(tokens) - 1
             for token in tokens:  # several when drafts were accepted: each checked for stops as if alone
