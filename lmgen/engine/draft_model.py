@@ -91,9 +91,10 @@ class DraftSequence:
 class DraftModelProposer:
     """Drafts with a small model on its own KV cache (`runner`'s, whose blocks `pool` hands out)."""
 
-    def __init__(self, config: SpeculativeConfig, runner: ModelRunner, pool: BlockPool, vocab_size: int,
-                 device: torch.device) -> None:
+    def __init__(self, config: SpeculativeConfig, runner: ModelRunner, pool: BlockPool, max_model_len: int,
+                 vocab_size: int, device: torch.device) -> None:
         self.config, self.runner, self.pool = config, runner, pool
+        self.max_model_len = max_model_len  # the draft model's: no drafts past it
         self.vocab_size, self.device = vocab_size, device  # the target's: the drafts' distributions are laid out so
         self._sequences: dict[Request, DraftSequence] = {}
 
@@ -128,8 +129,12 @@ class DraftModelProposer:
 
     def _reserve(self, sequence: DraftSequence, limit: int, drafting: list[Request]) -> bool:
         """Blocks for the sequence and all its drafts but the last (whose KV is never needed); short of them,
-        the requests not drafting now give theirs up first. False if there are still too few."""
-        needed = -(-(sequence.num_tokens + limit - 1) // self.runner.block_size) - len(sequence.block_ids)
+        the requests not drafting now give theirs up first. False if there are still too few, or the draft
+        model's context is too short."""
+        num_tokens = sequence.num_tokens + limit - 1
+        if num_tokens > self.max_model_len:
+            return False
+        needed = -(-num_tokens // self.runner.block_size) - len(sequence.block_ids)
         if needed > self.pool.num_free_blocks:
             for request in set(self._sequences) - set(drafting):
                 self.release(request)  # it computes its tokens again if it drafts again

@@ -22,12 +22,12 @@ from lmgen.cache.kv_cache import KVCache, bytes_per_block
 from lmgen.engine.beam import BeamGroup
 from lmgen.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig, parse_size
 from lmgen.engine.cuda_graphs import RECORDERS, GraphedDecode
-from lmgen.engine.draft_model import DraftModelProposer, load_draft_model
+from lmgen.engine.draft_model import DraftModelProposer, check_same_vocabulary, load_draft_model
 from lmgen.engine.output import OutputState, with_token_text
 from lmgen.engine.request import Request
 from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from lmgen.engine.speculative import NgramProposer, Proposer
+from lmgen.engine.speculative import NgramProposer, Proposer, SpeculativeConfig
 from lmgen.errors import InvalidArgumentError
 from lmgen.loader.checkpoint import DEMO_MODEL_PATH, read_json, resolve_model_path
 from lmgen.loader.model import LoadedModel, load_model
@@ -134,7 +134,18 @@ class Engine:
         logger.info("draft model %s: KV cache %d blocks (%.0f MiB)", speculative.model, cache.num_blocks,
                     cache.nbytes / 2**20)
         return DraftModelProposer(speculative, ModelRunner(draft.model, cache, self.device),
-                                  BlockPool(cache.num_blocks), self.model.spec.vocab_size, self.device)
+                                  BlockPool(cache.num_blocks), self.max_model_len, self.model.spec.vocab_size,
+                                  self.device)
+
+    def draft_proposer(self, draft: Engine, num_speculative_tokens: int) -> DraftModelProposer:
+        """A proposer that drafts with another engine's model, on that engine's KV cache (idle meanwhile): the
+        drop-in generate's assistant_model, loaded once."""
+        if draft.has_unfinished_requests():
+            raise InvalidArgumentError("the draft model's engine is generating: draft with an idle one")
+        check_same_vocabulary(self.tokenizer, draft.tokenizer, repr(str(draft.model_path)))
+        config = SpeculativeConfig(model=str(draft.model_path), num_speculative_tokens=num_speculative_tokens)
+        return DraftModelProposer(config, draft.runner, draft.pool, draft.max_model_len, self.model.spec.vocab_size,
+                                  self.device)
 
     @contextmanager
     def speculating(self, proposer: Proposer | None) -> Iterator[None]:
