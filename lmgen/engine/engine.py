@@ -31,8 +31,8 @@ from lmgen.engine.speculative import NgramProposer, Proposer, SpeculativeConfig
 from lmgen.errors import InvalidArgumentError
 from lmgen.loader.checkpoint import DEMO_MODEL_PATH, read_json, resolve_model_path
 from lmgen.loader.model import LoadedModel, load_model
-from lmgen.models.contract import ModelSpec
 from lmgen.loader.tokenizer import Tokenizer
+from lmgen.models.contract import ModelSpec
 from lmgen.outputs import RequestOutput
 from lmgen.params import DEFAULT_MAX_TOKENS, SamplingParams
 from lmgen.sampling.processors import build_processors

@@ -66,6 +66,9 @@ class SpeculativeConfig:
         if self.method == "draft_model" and self.model is None:
             raise InvalidArgumentError("speculative_config method 'draft_model' needs a 'model': the draft "
                                        "checkpoint's folder or hub id")
+        if self.model is not None and not isinstance(self.model, str):
+            raise InvalidArgumentError(f"speculative_config model must be a checkpoint's folder or hub id, got "
+                                       f"{type(self.model).__name__}")
         if self.method == "ngram" and self.model is not None:
             raise InvalidArgumentError("speculative_config 'model' is for method 'draft_model'; 'ngram' drafts "
                                        "without a model")

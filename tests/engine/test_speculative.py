@@ -95,6 +95,7 @@ def test_stop_strings_inside_drafts_end_the_output_where_they_would_without():
     ({"model": "./missing-draft", "num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
     ({"method": "draft_model"}, "method 'draft_model' needs a 'model'"),
     ({"method": "ngram", "model": "./draft"}, "'model' is for method 'draft_model'"),
+    ({"model": 3}, "model must be a checkpoint's folder or hub id, got int"),
     ({"method": "ngram", "lookahead": 3}, "unknown keys"),
     ("ngram", "must be a dict"),
 ])
@@ -166,6 +167,24 @@ def test_a_draft_model_with_another_vocabulary_is_refused(llama_path, other_toke
     with pytest.raises(InvalidArgumentError, match=f"tokenizer gives 2 of its {size} tokens other ids than the "
                                                    r"target's \(e.g. 'a': \d+ there, \d+ in the target\)"):
         LLM(str(llama_path), speculative_config={"model": str(swapped)})
+
+
+def test_a_draft_model_whose_embedding_table_is_padded_larger_drafts_real_tokens(llama_path, tmp_path):
+    """Checkpoints of one tokenizer may pad their vocabulary differently: the draft's extra rows never win (here
+    they score NaN, which an argmax picks first)."""
+    from safetensors.torch import load_file, save_file
+
+    draft = shutil.copytree(llama_path, tmp_path / "padded")
+    tensors = load_file(draft / "model.safetensors")
+    embedding = tensors["model.embed_tokens.weight"]  # tied: the LM head too
+    tensors["model.embed_tokens.weight"] = torch.cat([embedding, torch.full((8, embedding.shape[1]), torch.nan)])
+    save_file(tensors, draft / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    llm = LLM(str(llama_path), dtype="float32", speculative_config={**DRAFT, "model": str(draft)})
+    assert _tokens(llm, REPEATING, greedy) == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING, greedy)
+    assert llm.engine.num_accepted_draft_tokens > 0
 
 
 def _requests(prompt: list[int], *params: SamplingParams) -> list[Request]:
