@@ -55,7 +55,7 @@ def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, draft_name: str) 
     target_ids, draft_ids = target.backend.get_vocab(), draft.backend.get_vocab()
     differing = [token for token, token_id in target_ids.items() if draft_ids.get(token) != token_id]
     if differing:
-        token = differing[0]
+        token = min(differing, key=target_ids.__getitem__)  # the lowest id: the same message every time
         raise InvalidArgumentError(
             f"the draft model {draft_name}'s tokenizer gives {len(differing)} of its {draft.vocab_size} tokens "
             f"other ids than the target's (e.g. {token!r}: {draft_ids.get(token)} there, {target_ids[token]} in "
