@@ -12,12 +12,15 @@ import logging
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
+from lmgen.engine.engine import Engine
+from lmgen.engine.speculative import NgramProposer, Proposer, SpeculativeConfig
 from lmgen.errors import InvalidArgumentError
 from lmgen.generation_config import GenerationConfig
 from lmgen.generation_outputs import (GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput,
@@ -187,6 +190,7 @@ class AutoModelForCausalLM:
                  logits_processor: Iterable[Callable] | None = None,
                  stopping_criteria: Iterable[Callable] | None = None,
                  structured: StructuredOutputs | dict[str, Any] | None = None,
+                 assistant_model: "AutoModelForCausalLM | None" = None,
                  **kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """transformers' generate: returns prompt + new tokens per row (num_return_sequences rows per prompt).
 
@@ -197,6 +201,9 @@ class AutoModelForCausalLM:
         GenerateDecoderOnlyOutput (with ``scores`` / ``logits`` when asked for).
         ``structured`` (lmgen's own) constrains every row's output: ``{"json_schema": {...}}``,
         ``{"regex": ...}``, ``{"choice": [...]}``, ``{"grammar": ...}`` or ``{"json_object": True}``.
+        ``prompt_lookup_num_tokens`` (with ``max_matching_ngram_size``) and ``assistant_model`` (another
+        lmgen AutoModelForCausalLM of the same tokenizer, drafting with its loaded weights and KV cache)
+        speculate for this call, at any batch size (see lmgen/engine/speculative.py).
         """
         if input_ids is None:
             raise InvalidArgumentError("generate needs input_ids (e.g. tokenizer(text, return_tensors='pt'))")
@@ -218,7 +225,9 @@ class AutoModelForCausalLM:
                   for recorder in recorders]
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        outputs = self._run([p for p, _ in rows], params, streamer)
+        proposer = _proposer(config, assistant_model, self.llm.engine)
+        with nullcontext() if proposer is None else self.llm.engine.speculating(proposer):
+            outputs = self._run([p for p, _ in rows], params, streamer)
         if streamer is not None:
             streamer.end()
         pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_ids() or [0])[0]
@@ -243,6 +252,26 @@ class AutoModelForCausalLM:
     def _run(self, prompts: list[list[int]], params: list, streamer: Any) -> list:
         ids = self.llm._add(prompts, params)
         return collect(_streamed(self.llm._run(ids), streamer), ids)
+
+
+def _proposer(config: GenerationConfig, assistant: AutoModelForCausalLM | None, engine: Engine) -> Proposer | None:
+    """transformers' prompt lookup and assisted generation as the engine's proposers (None: neither asked for)."""
+    lookup = config.prompt_lookup_num_tokens
+    if assistant is not None and lookup is not None:
+        raise InvalidArgumentError("pass prompt_lookup_num_tokens or assistant_model, not both")
+    for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidArgumentError(f"`{name}` must be a positive integer, got {value!r}")
+    if lookup is not None:
+        return NgramProposer(SpeculativeConfig(num_speculative_tokens=lookup,
+                                               prompt_lookup_max=config.max_matching_ngram_size or 2))
+    if assistant is None:
+        return None
+    if not isinstance(assistant, AutoModelForCausalLM):
+        raise InvalidArgumentError("assistant_model must be an lmgen AutoModelForCausalLM (from_pretrained), got "
+                                   f"{type(assistant).__name__}")
+    return engine.draft_proposer(assistant.llm.engine, config.num_assistant_tokens)
 
 
 def _streamed(deltas: Iterable[RequestOutput], streamer: Any) -> Iterator[RequestOutput]:

@@ -67,10 +67,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="on a GPU, launch each decode step's kernels one by one instead of replaying "
                             "CUDA graphs (slower; for debugging)")
     group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
-    group.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
-                       help="speculative decoding by prompt lookup: greedy requests draft up to K tokens a step "
-                            "from earlier occurrences of their last tokens (faster where the output copies "
-                            "its input; the same tokens as without)")
+    speculative = group.add_mutually_exclusive_group()
+    speculative.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
+                             help="speculative decoding by prompt lookup: greedy requests draft up to K tokens a "
+                                  "step from earlier occurrences of their last tokens (faster where the output "
+                                  "copies its input; the same tokens as without)")
+    speculative.add_argument("--speculative-model", default=None, metavar="PATH",
+                             help="speculative decoding with a draft model: a small checkpoint (folder or hub id) "
+                                  "of the same tokenizer drafts the next tokens, the model checks them all in one "
+                                  "step (the same tokens as without)")
+    group.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                       help="with --speculative-model: most tokens drafted a step (default 5)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -80,8 +87,19 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
                 quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 compile=args.compile, enforce_eager=args.enforce_eager, seed=args.engine_seed,
-                revision=args.revision, speculative_config=None if args.speculative_ngram is None else
-                {"method": "ngram", "num_speculative_tokens": args.speculative_ngram})
+                revision=args.revision, speculative_config=_speculative_config(args))
+
+
+def _speculative_config(args: argparse.Namespace) -> dict | None:
+    if args.num_speculative_tokens is not None and args.speculative_model is None:
+        raise InvalidArgumentError("--num-speculative-tokens needs --speculative-model (--speculative-ngram K "
+                                   "takes its own)")
+    if args.speculative_ngram is not None:
+        return {"method": "ngram", "num_speculative_tokens": args.speculative_ngram}
+    if args.speculative_model is not None:
+        k = args.num_speculative_tokens
+        return {"model": args.speculative_model, **({} if k is None else {"num_speculative_tokens": k})}
+    return None
 
 
 def add_quantization_args(group: argparse._ArgumentGroup) -> None:

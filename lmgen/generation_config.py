@@ -30,6 +30,9 @@ DEFAULTS: dict[str, Any] = {
     "suppress_tokens": None, "begin_suppress_tokens": None, "length_penalty": 1.0, "max_time": None,
     "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+    # speculative decoding: prompt lookup (drafts per step, longest n-gram looked up: None means 2) and an
+    # assistant_model's drafts per step (lmgen adapts it per request from there)
+    "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "num_assistant_tokens": 20,
 }
 
 # Warpers: transformers warns when they are set without do_sample (and ignores them).

@@ -106,3 +106,21 @@ def build_checkpoint(folder: Path, variant: str, dtype: torch.dtype = torch.floa
     model.save_pretrained(folder)
     build_tokenizer(folder)
     return folder
+
+
+def truncated_copy(source: Path, folder: Path, num_layers: int) -> Path:
+    """A copy of a Llama-shaped checkpoint keeping its first `num_layers` layers: a draft model that agrees
+    with its source often but not always (speculative decoding's tests)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    tensors = load_file(folder / "model.safetensors")
+    kept = {name: tensor for name, tensor in tensors.items()
+            if ".layers." not in name or int(name.split(".layers.")[1].split(".")[0]) < num_layers}
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": num_layers}))
+    return folder

@@ -1,6 +1,6 @@
 import pytest
 
-from checkpoints import VARIANTS, build_checkpoint
+from checkpoints import VARIANTS, build_checkpoint, truncated_copy
 from lmgen import kernels
 
 # Loaded once for the session (engines load them too): which kernels a layer uses must not
@@ -36,6 +36,12 @@ def checkpoint_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_path(checkpoint_factory):
     return checkpoint_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def llama_draft_path(llama_path, tmp_path_factory):
+    """The tiny Llama's first layer alone: a draft model for it (speculative decoding) that agrees often."""
+    return truncated_copy(llama_path, tmp_path_factory.mktemp("drafts") / "llama-1-layer", num_layers=1)
 
 
 ALL_VARIANTS = list(VARIANTS)

@@ -275,3 +275,49 @@ def test_return_dict_without_outputs_holds_only_the_sequences(pair):
     out = model.generate(**tokenizer(["Hi"], return_tensors="pt"), max_new_tokens=3, return_dict_in_generate=True)
     assert out.scores is None and out.logits is None and "scores" not in out
     assert torch.equal(out["sequences"], out.sequences) and out.to_tuple() == (out.sequences,)
+
+
+REPEATING_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The"
+
+
+@pytest.fixture(scope="module")
+def assistants(llama_path):
+    """(lmgen's, transformers') assistant model: the tiny Llama again, loaded apart (a draft that agrees)."""
+    return (lmgen.AutoModelForCausalLM.from_pretrained(str(llama_path), dtype="float32"),
+            transformers.AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("speculation", ["prompt lookup", "assistant model"])
+def test_speculative_generate_gives_transformers_tokens_at_any_batch_size(pair, assistants, speculation):
+    (model, tokenizer), (hf_model, hf_tokenizer) = pair
+    if speculation == "prompt lookup":
+        ours_args = theirs_args = dict(prompt_lookup_num_tokens=5, max_matching_ngram_size=3)
+    else:
+        ours_args, theirs_args = ({"assistant_model": assistant} for assistant in assistants)
+    engine = model.llm.engine
+    accepted = engine.num_accepted_draft_tokens
+    ours = model.generate(**tokenizer([REPEATING_PROMPT], return_tensors="pt"), max_new_tokens=30, **ours_args)
+    theirs = hf_model.generate(**hf_tokenizer([REPEATING_PROMPT], return_tensors="pt"), max_new_tokens=30,
+                               **theirs_args)
+    assert torch.equal(ours, theirs)
+    assert engine.num_accepted_draft_tokens > accepted and engine.proposer is None  # drafted for this call only
+    # a batch, which transformers' speculative generate refuses: its tokens without speculation
+    tokenizer.pad_token, hf_tokenizer.pad_token = tokenizer.eos_token, hf_tokenizer.eos_token
+    prompts = [*PROMPTS, REPEATING_PROMPT]
+    ours = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=30, **ours_args)
+    theirs = hf_model.generate(**hf_tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=30)
+    assert torch.equal(ours, theirs)
+    pool = assistants[0].llm.engine.pool  # the assistant's KV cache, lent for drafting: all given back
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_lookup_num_tokens=0), "`prompt_lookup_num_tokens` must be a positive integer, got 0"),
+    (dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=-1), "`max_matching_ngram_size` must be a positive"),
+    (dict(assistant_model="small"), "assistant_model must be an lmgen AutoModelForCausalLM .from_pretrained., got str"),
+    (dict(prompt_lookup_num_tokens=3, assistant_model="small"), "prompt_lookup_num_tokens or assistant_model, not both"),
+])
+def test_bad_speculation_arguments_are_named(pair, kwargs, message):
+    (model, tokenizer), _ = pair
+    with pytest.raises(InvalidArgumentError, match=message):
+        model.generate(**tokenizer(["Portugal is"], return_tensors="pt"), max_new_tokens=3, **kwargs)

@@ -35,11 +35,14 @@ def test_generate_streams_the_continuation(llama_path):
     assert result.stdout.startswith("Portugal is") and len(result.stdout) > len("Portugal is")
 
 
-def test_generate_with_prompt_lookup_gives_the_tokens_without(llama_path):
+def test_generate_with_speculation_gives_the_tokens_without(llama_path, llama_draft_path):
     args = ("generate", "Portugal is Portugal is Portugal", "--model", str(llama_path), "-n", "12", "-t", "0")
-    plain, fast = lmgen(*args), lmgen(*args, "--speculative-ngram", "3")
-    assert fast.returncode == 0, fast.stderr
-    assert fast.stdout == plain.stdout
+    plain = lmgen(*args)
+    for flags in (("--speculative-ngram", "3"),
+                  ("--speculative-model", str(llama_draft_path), "--num-speculative-tokens", "3")):
+        fast = lmgen(*args, *flags)
+        assert fast.returncode == 0, fast.stderr
+        assert fast.stdout == plain.stdout
 
 
 def test_generate_reads_the_prompt_from_stdin(llama_path):
@@ -63,6 +66,11 @@ def test_chat_keeps_history_and_resets(llama_path):
     (("generate", "x", "--log-level", "loud"), "argument --log-level: invalid choice: 'LOUD'"),
     (("perplexity", "--file", "x.txt", "--stride", "0"), "argument --stride: must be at least 1, got 0"),
     (("generate", "x", "--speculative-ngram", "0"), "num_speculative_tokens must be a positive integer"),
+    (("generate", "x", "--num-speculative-tokens", "3"), "--num-speculative-tokens needs --speculative-model"),
+    (("generate", "x", "--speculative-model", "./missing-draft"),
+     r"the draft model \(speculative_config 'model'\): no checkpoint folder at './missing-draft'"),
+    (("generate", "x", "--speculative-model", "d", "--speculative-ngram", "2"),
+     "argument --speculative-ngram: not allowed with argument --speculative-model"),
 ])
 def test_errors_are_one_line_without_traceback(llama_path, args, message):
     if "--model" not in args:

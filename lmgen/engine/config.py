@@ -66,6 +66,7 @@ class EngineConfig:
     seed: int | None = None  # seeds the requests that bring no seed of their own
     revision: str | None = None  # hub revision
     # speculative decoding, as vLLM's: {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
+    # or a draft model of the same tokenizer: {"model": "path/to/small-draft", "num_speculative_tokens": 4}
     speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self) -> None:

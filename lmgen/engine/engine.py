@@ -11,7 +11,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -21,14 +22,17 @@ from lmgen.cache.kv_cache import KVCache, bytes_per_block
 from lmgen.engine.beam import BeamGroup
 from lmgen.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig, parse_size
 from lmgen.engine.cuda_graphs import RECORDERS, GraphedDecode
+from lmgen.engine.draft_model import DraftModelProposer, check_same_vocabulary, load_draft_model
 from lmgen.engine.output import OutputState, with_token_text
 from lmgen.engine.request import Request
 from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from lmgen.engine.speculative import NgramProposer, Proposer, SpeculativeConfig
 from lmgen.errors import InvalidArgumentError
 from lmgen.loader.checkpoint import DEMO_MODEL_PATH, read_json, resolve_model_path
-from lmgen.loader.model import load_model
+from lmgen.loader.model import LoadedModel, load_model
 from lmgen.loader.tokenizer import Tokenizer
+from lmgen.models.contract import ModelSpec
 from lmgen.outputs import RequestOutput
 from lmgen.params import DEFAULT_MAX_TOKENS, SamplingParams
 from lmgen.sampling.processors import build_processors
@@ -58,7 +62,12 @@ class Engine:
         loaded = load_model(self.model_path, self.hf_config, self.device, self.dtype, config.max_model_len,
                             config.quant_config(), config.quantization_group_size is not None)
         self.model, self.max_model_len, self.quantization = loaded.model, loaded.max_model_len, loaded.quantization
-        self.kv_cache = self._allocate_kv_cache()
+        speculative = config.speculative_config
+        draft = (load_draft_model(speculative, self.tokenizer, self.device, self.dtype, self.max_model_len)
+                 if speculative is not None and speculative.model else None)
+        budget = self._kv_cache_budget()
+        draft_budget = 0 if draft is None else self._draft_share(budget, draft.model.spec)
+        self.kv_cache = self._allocate_kv_cache(self.model.spec, budget - draft_budget)
         graphs = self._graphed_decode()  # its padding rows write into the cache's last block, kept from the pool
         self.pool = BlockPool(self.kv_cache.num_blocks - (graphs is not None))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -69,6 +78,7 @@ class Engine:
                            "replayed slower (6.8 vs 2.4 ms per batch-1 step of bench-125m on an H200); add "
                            "enforce_eager=True to compile without graphs")
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, config.compile and graphs is None, graphs)
+        self.proposer = self._proposer(draft, draft_budget)  # what drafts the next tokens; None: no speculation
         self.eos_token_ids = self._eos_token_ids()
         self.default_max_tokens = int(self.generation_config.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
         self._rng = random.Random(config.seed)
@@ -85,22 +95,69 @@ class Engine:
                     self.kv_cache.num_blocks, config.block_size, self.kv_cache.nbytes / 2**20)
 
     # ---- loading -------------------------------------------------------------------------
-    def _allocate_kv_cache(self) -> KVCache:
-        spec, block_size = self.model.spec, self.config.block_size
-        per_block = bytes_per_block(spec.num_layers, block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
+    def _kv_cache_budget(self) -> int:
         if self.config.kv_cache_memory is not None:
-            budget = parse_size(self.config.kv_cache_memory)
-        elif self.device.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(self.device)[0] * DEFAULT_GPU_KV_CACHE_FRACTION)
-        else:
-            budget = DEFAULT_CPU_KV_CACHE_BYTES
-        useful = self.config.max_num_seqs * -(-self.max_model_len // block_size)
+            return parse_size(self.config.kv_cache_memory)
+        if self.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.device)[0] * DEFAULT_GPU_KV_CACHE_FRACTION)
+        return DEFAULT_CPU_KV_CACHE_BYTES
+
+    def _bytes_per_block(self, spec: ModelSpec) -> int:
+        return bytes_per_block(spec.num_layers, self.config.block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
+
+    def _draft_share(self, budget: int, draft_spec: ModelSpec) -> int:
+        """The draft model's part of the KV-cache budget: as many tokens as the target's part holds (a small
+        draft's tokens take little room)."""
+        draft_bytes = self._bytes_per_block(draft_spec)
+        return budget * draft_bytes // (draft_bytes + self._bytes_per_block(self.model.spec))
+
+    def _allocate_kv_cache(self, spec: ModelSpec, budget: int, num_draft_tokens: int = 0) -> KVCache:
+        """A cache of `budget` bytes at most, for a model of `spec` (the target's, or the draft model's, which
+        also holds `num_draft_tokens` drafts past a request's tokens)."""
+        block_size, per_block = self.config.block_size, self._bytes_per_block(spec)
+        useful = self.config.max_num_seqs * -(-(self.max_model_len + num_draft_tokens) // block_size)
         num_blocks = min(budget // per_block, useful)
         if num_blocks < 1:
-            raise InvalidArgumentError(
-                f"kv_cache_memory {budget} bytes is smaller than one KV block ({per_block} bytes); raise it")
+            owner = "the draft model's share of " if num_draft_tokens else ""
+            raise InvalidArgumentError(f"{owner}kv_cache_memory, {budget} bytes, is smaller than one KV block "
+                                       f"({per_block} bytes); raise kv_cache_memory")
         return KVCache(spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim,
                        self.dtype, self.device)
+
+    def _proposer(self, draft: LoadedModel | None, draft_budget: int) -> Proposer | None:
+        """What speculative_config asks for: prompt lookup, or the draft model on its own KV cache."""
+        speculative = self.config.speculative_config
+        if speculative is None:
+            return None
+        if draft is None:
+            return NgramProposer(speculative)
+        cache = self._allocate_kv_cache(draft.model.spec, draft_budget, speculative.num_speculative_tokens)
+        logger.info("draft model %s: KV cache %d blocks (%.0f MiB)", speculative.model, cache.num_blocks,
+                    cache.nbytes / 2**20)
+        return DraftModelProposer(speculative, ModelRunner(draft.model, cache, self.device),
+                                  BlockPool(cache.num_blocks), self.max_model_len, self.model.spec.vocab_size,
+                                  self.device)
+
+    def draft_proposer(self, draft: Engine, num_speculative_tokens: int) -> DraftModelProposer:
+        """A proposer that drafts with another engine's model, on that engine's KV cache (idle meanwhile): the
+        drop-in generate's assistant_model, loaded once."""
+        if draft.has_unfinished_requests():
+            raise InvalidArgumentError("the draft model's engine is generating: draft with an idle one")
+        check_same_vocabulary(self.tokenizer, draft.tokenizer, repr(str(draft.model_path)))
+        config = SpeculativeConfig(model=str(draft.model_path), num_speculative_tokens=num_speculative_tokens)
+        return DraftModelProposer(config, draft.runner, draft.pool, draft.max_model_len, self.model.spec.vocab_size,
+                                  self.device)
+
+    @contextmanager
+    def speculating(self, proposer: Proposer | None) -> Iterator[None]:
+        """Draft with `proposer` (None: no speculation) instead of the configured one while the block runs: the
+        drop-in generate's per-call prompt_lookup_num_tokens and assistant_model. Its requests must finish
+        inside the block."""
+        configured, self.proposer = self.proposer, proposer
+        try:
+            yield
+        finally:
+            self.proposer = configured
 
     def _graphed_decode(self) -> GraphedDecode | None:
         """Recorded graphs for the decode steps where the device has them (CUDA), unless asked not to or the
@@ -227,7 +284,7 @@ class Engine:
         del self._families[request_id]
         for slot in group.slots:
             slot.finish(reason or "stop")
-            self.scheduler.finish(slot)
+            self._finish(slot)
         leader = group.leader
         completions = group.completions(reason)
         for completion in completions:
@@ -287,7 +344,7 @@ class Engine:
         for request in family:
             if not request.finished:
                 request.finish("abort")
-                self.scheduler.finish(request)
+                self._finish(request)
                 self._ready.append(self._delta(request, None))
 
     def has_unfinished_requests(self) -> bool:
@@ -354,42 +411,59 @@ class Engine:
                     self._advance_grammar(request, token)
                 outputs.append(self._delta(request, None if logprobs is None else [logprobs]))
                 if request.finished:
-                    self.scheduler.finish(request)
+                    self._finish(request)
                     break
-            if not request.finished:
-                if request.draft_token_ids:
-                    self._settle_drafts(request, len(tokens) - 1)
-                self._draft(request)
+            if not request.finished and request.draft_token_ids:
+                self._settle_drafts(request, len(tokens) - 1)
+        self._draft([request for request, _, _ in sampled if not request.finished])
         return outputs
+
+    def _finish(self, request: Request) -> None:
+        """Free a finished request's blocks, and what drafting for it holds."""
+        self.scheduler.finish(request)
+        if self.proposer is not None:
+            self.proposer.release(request)
 
     def _settle_drafts(self, request: Request, accepted: int) -> None:
         """After a step that accepted `accepted` of the request's drafts: drop what it computed past them (their
         cache slots get written over), and set how many it may draft next."""
-        speculative = self.config.speculative_config
+        speculative = self.proposer.config
         request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
         request.draft_limit = speculative.next_limit(len(request.draft_token_ids), accepted)
         request.draft_pause = speculative.num_speculative_tokens if request.draft_limit == 0 else 0
-        request.draft_token_ids = []
+        request.draft_token_ids, request.draft_probs = [], None
 
-    def _draft(self, request: Request) -> None:
-        """Draft the request's next tokens where it speculates: greedy, and nothing computed per position (see
-        lmgen/engine/speculative.py); as many as its drafts' record allows, its max_tokens and the context."""
-        speculative, params = self.config.speculative_config, request.params
-        if (speculative is None or params.temperature != 0 or request.logits_processors or request.matcher
-                or request.beam or params.logprobs is not None or params.score_recorder is not None):
+    def _draft(self, requests: list[Request]) -> None:
+        """Draft the next tokens of those of `requests` that speculate, in one call of the proposer."""
+        if self.proposer is None:
             return
-        if request.draft_pause:  # its last drafts all failed
-            request.draft_pause -= 1
-            return
-        most = speculative.disable_by_batch_size
+        limits = [self._draft_limit(request) for request in requests]
+        most = self.proposer.config.disable_by_batch_size
         if most is not None and len(self.scheduler.running) > most:  # a full batch: drafts would cost more
             return
+        drafting = [(request, limit) for request, limit in zip(requests, limits) if limit > 0]
+        if drafting:
+            requests, limits = map(list, zip(*drafting))
+            for request, (token_ids, probs) in zip(requests, self.proposer.propose(requests, limits)):
+                request.draft_token_ids, request.draft_probs = token_ids, probs
+
+    def _draft_limit(self, request: Request) -> int:
+        """How many tokens the request may draft now: none unless it speculates (greedy, nothing computed per
+        position: see lmgen/engine/speculative.py); as many as its drafts' record allows, its max_tokens and
+        the context."""
+        speculative, params = self.proposer.config, request.params
+        if (params.temperature != 0 or request.logits_processors or request.matcher or request.beam
+                or params.logprobs is not None or params.score_recorder is not None):
+            return 0
+        if request.draft_pause:  # its last drafts all failed
+            request.draft_pause -= 1
+            return 0
         limit = speculative.num_speculative_tokens if request.draft_limit is None else max(request.draft_limit, 1)
         room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
         switch = self.model.spec.rope_switch_length
         if switch is not None and request.num_tokens <= switch:  # no draft past it: the sequence is recomputed there
             room = min(room, switch - request.num_tokens)
-        request.draft_token_ids = speculative.propose(request.all_token_ids, min(room, limit))
+        return max(min(room, limit), 0)
 
     def _advance_grammar(self, request: Request, token: int) -> None:
         """Feed the sampled token to the request's matcher, then append what the grammar forces next."""

@@ -91,10 +91,18 @@ class ModelRunner:
     @torch.inference_mode()
     def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [T, vocab] of every token in the batch (for scoring and perplexity)."""
+        return self.model.compute_logits(self._hidden(self.prepare(batch)))
+
+    @torch.inference_mode()
+    def last_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [N, vocab] after the last token of each request, whose tokens the batch computes to the end
+        (a draft model's step: its sequences never carry drafts of their own)."""
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta,
-                            self.kv_cache.layers)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(self._hidden(inputs)[inputs.sample_indices])
+
+    def _hidden(self, inputs: StepInputs) -> torch.Tensor:
+        return self.model(inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta,
+                          self.kv_cache.layers)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, grammar: GrammarBackend | None = None,

@@ -13,6 +13,11 @@ taken down to none): two more drafts after a step that accepted all, as many as 
 after one that did not; a request whose drafts all fail stops drafting for a while, so that
 speculation costs little where the output does not copy (a drafting step is a slower one).
 
+Two proposers draft, behind one small interface (``Proposer``): ``NgramProposer`` and a small
+draft model of the same vocabulary (``draft_model``, lmgen/engine/draft_model.py), which runs in the
+same engine on its own paged KV cache. The engine asks the proposer once per step, for all the
+requests that draft, and releases a request's drafting state when it finishes.
+
 Today drafts are made for greedy requests that need nothing per position (no logits
 processors, grammar, logprobs, beams or score recording); the others decode one token a step.
 """
@@ -21,17 +26,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Protocol
+
+import torch
 
 from lmgen.errors import InvalidArgumentError
 
-METHODS = ("ngram",)
+if TYPE_CHECKING:
+    from lmgen.engine.request import Request
+
+METHODS = ("ngram", "draft_model")
+
+#: A request's drafts: the token ids, and the distributions they were drawn from ([k, vocab] float32 on the
+#: target's device; None where they were chosen deterministically: n-gram lookup, a greedy request's argmax)
+Draft = tuple[list[int], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's ``speculative_config``: {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}."""
+    """vLLM's ``speculative_config``: {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
+    or {"model": "path/to/small-draft", "num_speculative_tokens": 4} (method "draft_model")."""
 
-    method: str = "ngram"
+    method: str | None = None  # "ngram", or "draft_model"; None: "draft_model" when a model is given
+    model: str | None = None  # the draft model's checkpoint (folder or hub id), of the target's vocabulary
     num_speculative_tokens: int = 5  # drafts per step at most
     prompt_lookup_max: int = 4  # the longest tail n-gram looked up
     prompt_lookup_min: int = 1  # the shortest
@@ -41,9 +58,20 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = 1
 
     def __post_init__(self) -> None:
+        if self.method is None:
+            object.__setattr__(self, "method", "ngram" if self.model is None else "draft_model")
         if self.method not in METHODS:
             raise InvalidArgumentError(f"speculative method {self.method!r} is not supported; use one of: "
-                                       f"{', '.join(METHODS)} (a draft model is not supported yet)")
+                                       f"{', '.join(METHODS)}")
+        if self.method == "draft_model" and self.model is None:
+            raise InvalidArgumentError("speculative_config method 'draft_model' needs a 'model': the draft "
+                                       "checkpoint's folder or hub id")
+        if self.model is not None and not isinstance(self.model, str):
+            raise InvalidArgumentError(f"speculative_config model must be a checkpoint's folder or hub id, got "
+                                       f"{type(self.model).__name__}")
+        if self.method == "ngram" and self.model is not None:
+            raise InvalidArgumentError("speculative_config 'model' is for method 'draft_model'; 'ngram' drafts "
+                                       "without a model")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
             value = getattr(self, name)
             if name == "disable_by_batch_size" and value is None:
@@ -56,15 +84,12 @@ class SpeculativeConfig:
 
     @classmethod
     def of(cls, value: "SpeculativeConfig | Mapping | None") -> "SpeculativeConfig | None":
-        """From a dict as vLLM takes it (unknown keys are errors, a draft ``model`` is not supported yet)."""
+        """From a dict as vLLM takes it (unknown keys are errors)."""
         if value is None or isinstance(value, cls):
             return value
         if not isinstance(value, Mapping):
             raise InvalidArgumentError(f"speculative_config must be a dict, got {type(value).__name__}")
         known = {f.name for f in fields(cls)}
-        if "model" in value:
-            raise InvalidArgumentError("speculative_config: a draft model is not supported yet; use "
-                                       '{"method": "ngram", ...} (prompt lookup)')
         unknown = sorted(set(value) - known)
         if unknown:
             raise InvalidArgumentError(f"speculative_config has unknown keys {unknown}; known: {sorted(known)}")
@@ -74,10 +99,31 @@ class SpeculativeConfig:
         """How many drafts a request may make next, after `accepted` of its `drafted` were accepted."""
         return min(self.num_speculative_tokens, drafted + 2) if accepted == drafted else accepted
 
-    def propose(self, token_ids: list[int], limit: int) -> list[int]:
-        """Up to min(num_speculative_tokens, limit) drafts for the sequence `token_ids`."""
-        return propose_ngram(token_ids, min(self.num_speculative_tokens, limit), self.prompt_lookup_min,
-                             self.prompt_lookup_max)
+
+class Proposer(Protocol):
+    """What drafts for the engine: asked once a step for all the requests that draft."""
+
+    config: SpeculativeConfig
+
+    def propose(self, requests: list[Request], limits: list[int]) -> list[Draft]:
+        """Each request's drafts, at most its limit (>= 1) of them (fewer, or none, where it has no guess)."""
+
+    def release(self, request: Request) -> None:
+        """Forget a finished (or aborted) request: free what drafting for it holds."""
+
+
+class NgramProposer:
+    """Prompt lookup: drafts copied from the request's own earlier tokens (no model, nothing to release)."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+
+    def propose(self, requests: list[Request], limits: list[int]) -> list[Draft]:
+        return [(propose_ngram(r.all_token_ids, limit, self.config.prompt_lookup_min, self.config.prompt_lookup_max),
+                 None) for r, limit in zip(requests, limits)]
+
+    def release(self, request: Request) -> None:
+        pass
 
 
 def propose_ngram(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:

@@ -1,12 +1,19 @@
-"""Speculative decoding (prompt lookup): greedy outputs are token for token the outputs without it."""
+"""Speculative decoding (prompt lookup, a draft model): greedy outputs are token for token the outputs without it."""
+
+import json
+import shutil
 
 import pytest
+import torch
 
 from conftest import ALL_VARIANTS
 from lmgen import LLM, InvalidArgumentError, SamplingParams
+from lmgen.errors import LmgenError
+from lmgen.engine.request import Request
 from lmgen.engine.speculative import SpeculativeConfig, accepted_tokens, propose_ngram
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "disable_by_batch_size": None}
+DRAFT = {"num_speculative_tokens": 4, "disable_by_batch_size": None}  # and "model": the draft's folder
 # prompts whose continuations repeat them, so that drafts are made and (some) accepted
 REPEATING = [[1, *([7, 8, 9, 10, 11] * 6)], [1, *range(20, 40), *range(20, 30)], [1, 5, 9, 5, 9, 5, 9, 5]]
 
@@ -30,20 +37,27 @@ def test_verification_accepts_the_agreeing_drafts_and_adds_the_target_token():
     assert accepted_tokens([4, 5, 6], [8, 5, 6, 7]) == [8]
 
 
-@pytest.mark.parametrize("variant", [*ALL_VARIANTS, "phi3-long"])  # phi3-long: the 8-token prompt crosses 16
-def test_greedy_output_with_prompt_lookup_is_the_output_without(checkpoint_factory, variant):
+# phi3-long: the 8-token prompt crosses 16. A draft model on a few architectures that run differently (a sliding
+# window, learned positions, a rope that changes with the length): each costs a second model
+@pytest.mark.parametrize("variant, method", [
+    *((v, "ngram") for v in [*ALL_VARIANTS, "phi3-long"]),
+    *((v, "draft_model") for v in ["llama", "mistral-sliding", "gpt2", "phi3-long"])])
+def test_greedy_output_with_speculation_is_the_output_without(checkpoint_factory, variant, method):
     path = str(checkpoint_factory(variant))
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     expected = _tokens(LLM(path, dtype="float32"), REPEATING, greedy)
-    llm = LLM(path, dtype="float32", speculative_config=NGRAM)
+    config = NGRAM if method == "ngram" else {**DRAFT, "model": path}  # the draft: the target's own weights
+    llm = LLM(path, dtype="float32", speculative_config=config)
     assert [_tokens(llm, [p], greedy)[0] for p in REPEATING] == expected  # alone
-    assert _tokens(llm, REPEATING, greedy) == expected  # in one batch
-    assert llm.engine.num_draft_tokens > 0
+    assert _tokens(llm, REPEATING, greedy) == expected  # in one batch (the prompts now hit the prefix cache)
+    assert llm.engine.num_accepted_draft_tokens > 0
 
 
-def test_a_busy_mixed_batch_with_speculation_gives_the_tokens_without(llama_path):
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_a_busy_mixed_batch_with_speculation_gives_the_tokens_without(llama_path, llama_draft_path, method):
     """16 requests: greedy ones that draft, sampled and logprob ones that do not, stop strings and
-    max_tokens inside drafts, a KV cache so small that requests are preempted, chunked prompts."""
+    max_tokens inside drafts, a KV cache so small that requests are preempted (and the draft model's
+    too small for all drafting requests at once), chunked prompts."""
     prompts = [REPEATING[i % 3] + [i + 3] * (i % 4) for i in range(16)]
     params = [SamplingParams(max_tokens=5 + i, temperature=0, ignore_eos=True) for i in range(8)]
     params += [SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[9], ignore_eos=True),
@@ -53,12 +67,15 @@ def test_a_busy_mixed_batch_with_speculation_gives_the_tokens_without(llama_path
     small = dict(dtype="float32", block_size=4, kv_cache_memory=2 * 2 * 2 * 16 * 4 * 4 * 40,
                  max_num_batched_tokens=24)
     plain = [o.outputs[0] for o in LLM(str(llama_path), **small).generate(prompts, params)]
-    llm = LLM(str(llama_path), speculative_config=NGRAM, **small)
+    config = NGRAM if method == "ngram" else {**DRAFT, "model": str(llama_draft_path)}
+    llm = LLM(str(llama_path), speculative_config=config, **small)
     fast = [o.outputs[0] for o in llm.generate(prompts, params)]
     assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
     assert [o.text for o in fast] == [o.text for o in plain]
     assert [o.finish_reason for o in fast] == [o.finish_reason for o in plain]
     assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.num_accepted_draft_tokens > 0
+    if method == "draft_model":  # finished requests gave their draft blocks back
+        assert llm.engine.proposer.pool.num_free_blocks == llm.engine.proposer.pool.num_blocks
 
 
 def test_stop_strings_inside_drafts_end_the_output_where_they_would_without():
@@ -73,12 +90,17 @@ def test_stop_strings_inside_drafts_end_the_output_where_they_would_without():
     ({"method": "eagle"}, "speculative method 'eagle' is not supported"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
     ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min .5. is more than"),
-    ({"model": "path/to/draft", "num_speculative_tokens": 4}, "a draft model is not supported yet"),
+    ({"model": "./missing-draft", "num_speculative_tokens": 4},
+     r"the draft model \(speculative_config 'model'\): no checkpoint folder at './missing-draft'"),
+    ({"model": "./missing-draft", "num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
+    ({"method": "draft_model"}, "method 'draft_model' needs a 'model'"),
+    ({"method": "ngram", "model": "./draft"}, "'model' is for method 'draft_model'"),
+    ({"model": 3}, "model must be a checkpoint's folder or hub id, got int"),
     ({"method": "ngram", "lookahead": 3}, "unknown keys"),
     ("ngram", "must be a dict"),
 ])
 def test_bad_speculative_configs_are_named(config, message):
-    with pytest.raises(InvalidArgumentError, match=message):
+    with pytest.raises(LmgenError, match=message):
         LLM(speculative_config=config)
 
 
@@ -115,3 +137,84 @@ def test_a_request_whose_drafts_fail_pauses_drafting(llama_path, monkeypatch):
     assert _tokens(llm, REPEATING[:1], greedy) == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING[:1], greedy)
     assert llm.engine.num_accepted_draft_tokens == 0
     assert llm.engine.num_draft_tokens <= 4 + 30 // 5 + 1  # 4 at first, then one try after each pause
+
+
+@pytest.fixture(scope="module")
+def other_tokenizers(llama_path, tmp_path_factory):
+    """Copies of the tiny Llama whose tokenizers differ from its own (one token more, two ids swapped), and
+    the size of its own."""
+    from tokenizers import Tokenizer
+
+    folder = tmp_path_factory.mktemp("other-tokenizers")
+    bigger, swapped = shutil.copytree(llama_path, folder / "bigger"), shutil.copytree(llama_path, folder / "swapped")
+    tokenizer = Tokenizer.from_file(str(bigger / "tokenizer.json"))
+    size = tokenizer.get_vocab_size()
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save(str(bigger / "tokenizer.json"))
+    data = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (swapped / "tokenizer.json").write_text(json.dumps(data))
+    return bigger, swapped, size
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(llama_path, other_tokenizers):
+    bigger, swapped, size = other_tokenizers
+    with pytest.raises(InvalidArgumentError, match=f"has a vocabulary of {size + 1} tokens, the target {size}: "
+                                                   "speculative decoding needs a draft model with the target's "
+                                                   "tokenizer"):
+        LLM(str(llama_path), speculative_config={"model": str(bigger)})
+    with pytest.raises(InvalidArgumentError, match=f"tokenizer gives 2 of its {size} tokens other ids than the "
+                                                   r"target's \(e.g. '[ab]': \d+ there, \d+ in the target\)"):
+        LLM(str(llama_path), speculative_config={"model": str(swapped)})
+
+
+def test_a_draft_model_whose_embedding_table_is_padded_larger_drafts_real_tokens(llama_path, tmp_path):
+    """Checkpoints of one tokenizer may pad their vocabulary differently: the draft's extra rows never win (here
+    they score NaN, which an argmax picks first)."""
+    from safetensors.torch import load_file, save_file
+
+    draft = shutil.copytree(llama_path, tmp_path / "padded")
+    tensors = load_file(draft / "model.safetensors")
+    embedding = tensors["model.embed_tokens.weight"]  # tied: the LM head too
+    tensors["model.embed_tokens.weight"] = torch.cat([embedding, torch.full((8, embedding.shape[1]), torch.nan)])
+    save_file(tensors, draft / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    llm = LLM(str(llama_path), dtype="float32", speculative_config={**DRAFT, "model": str(draft)})
+    assert _tokens(llm, REPEATING, greedy) == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING, greedy)
+    assert llm.engine.num_accepted_draft_tokens > 0
+
+
+def _requests(prompt: list[int], *params: SamplingParams) -> list[Request]:
+    return [Request(f"r{i}", prompt, p, 32, torch.Generator().manual_seed(p.seed or 0)) for i, p in enumerate(params)]
+
+
+def test_the_draft_model_drafts_its_greedy_continuation_or_samples_its_distribution(llama_path, llama_draft_path):
+    """One propose call for a greedy and two sampled requests (same seed): the greedy drafts are what the
+    draft model generates itself, the sampled ones come with the (warped) distributions they were drawn from."""
+    prompt = REPEATING[1]
+    own = _tokens(LLM(str(llama_draft_path), dtype="float32"), [prompt],
+                  SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    proposer = LLM(str(llama_path), dtype="float32",
+                   speculative_config={**DRAFT, "model": str(llama_draft_path)}).engine.proposer
+    sampled = SamplingParams(temperature=0.9, top_k=20, seed=5)
+    requests = _requests(prompt, SamplingParams(temperature=0), sampled, sampled)
+    (greedy, no_probs), (drawn, probs), (again, _) = proposer.propose(requests, [4, 3, 3])
+    assert greedy == own and no_probs is None
+    assert drawn == again  # the same seed draws the same drafts
+    assert probs.shape == (3, 512) and probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(dim=-1), torch.ones(3)) and (probs > 0).sum(dim=-1).max() <= 20  # top_k
+    assert all(probs[i, token] > 0 for i, token in enumerate(drawn))
+
+
+def test_an_aborted_request_frees_its_draft_blocks(llama_path, llama_draft_path):
+    llm = LLM(str(llama_path), dtype="float32", speculative_config={**DRAFT, "model": str(llama_draft_path)})
+    engine, pool = llm.engine, llm.engine.proposer.pool
+    engine.add_request(REPEATING[0], SamplingParams(max_tokens=30, temperature=0), request_id="a")
+    while engine.num_draft_tokens == 0:
+        engine.step()
+    assert pool.num_free_blocks < pool.num_blocks
+    engine.abort_request("a")
+    assert pool.num_free_blocks == pool.num_blocks
