@@ -6,10 +6,11 @@ edit : rename an argument of a function from lmgen's own source and give the who
 free : write a new short story, which repeats little (where drafts cost without paying).
 
 For each task and batch size the same chat prompts run, greedy, through lmgen without
-speculation, lmgen with the engine's speculative_config (``--speculative-ngram K``; prompt lookup
-with K = 8 when none is given), and with ``--compare transformers`` (batch 1: its speculative
-generate takes one prompt) through transformers' own prompt lookup, ``generate(
-prompt_lookup_num_tokens=K)``, on the same weights. Decode tokens/s counts each run's tokens after
+speculation, lmgen with the engine's speculative_config (``--speculative-ngram K`` or
+``--speculative-model PATH``; prompt lookup with K = 8 when none is given), and with ``--compare
+transformers`` (batch 1: its speculative generate takes one prompt) through transformers' own
+prompt lookup, ``generate(prompt_lookup_num_tokens=K)``, or assisted generation with the same
+draft, ``generate(assistant_model=...)``, on the same weights. Decode tokens/s counts each run's tokens after
 the first over the time after the first; acceptance is accepted drafts over drafted tokens, and
 the mean accepted length the tokens a verifying step gave (accepted drafts plus the model's own).
 Prefix caching is off in both engines: a batch repeats the smaller batches' prompts.
@@ -27,6 +28,7 @@ import torch
 from lmgen.bench import load_transformers
 from lmgen.errors import InvalidArgumentError
 from lmgen.llm import LLM
+from lmgen.loader.checkpoint import resolve_model_path
 from lmgen.params import SamplingParams
 
 #: the files whose first function with an argument the edit task asks to rewrite
@@ -95,14 +97,15 @@ def lmgen_run(llm: LLM, prompts: list[list[int]], new_tokens: int) -> dict:
             "accepted_length": (accepted + drafts) / drafts if drafts else None}
 
 
-def transformers_run(model, prompt: list[int], new_tokens: int, lookup: int) -> dict:
-    """transformers' prompt lookup for one prompt; its prefill (a 1-token generate, timed first) taken off."""
+def transformers_run(model, prompt: list[int], new_tokens: int, speculative: dict) -> dict:
+    """transformers' speculative generate for one prompt (`speculative`: its prompt_lookup_num_tokens or
+    assistant_model); its prefill (a 1-token generate, timed first) taken off."""
     ids = torch.tensor([prompt], device=model.device)
     with torch.inference_mode():
         started = time.perf_counter()
         model.generate(ids, max_new_tokens=1, do_sample=False)
         first = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, prompt_lookup_num_tokens=lookup)
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **speculative)
         end = time.perf_counter()
     tokens = out.shape[1] - len(prompt)
     return {"decode_tok_s": (tokens - 1) / (end - first - (first - started)), "tokens": tokens,
@@ -116,8 +119,14 @@ def speculative_rows(model: str | None, engine_kwargs: dict, sizes: list[int], n
     kwargs = {**engine_kwargs, "enable_prefix_caching": False}
     plain = LLM(model, **{**kwargs, "speculative_config": None})
     fast = LLM(model, **{**kwargs, "speculative_config": speculative})
-    lookup = fast.engine.config.speculative_config.num_speculative_tokens
-    hf = load_transformers(str(plain.engine.model_path), plain.engine.dtype, plain.engine.device) if compare else None
+    config, engine = fast.engine.config.speculative_config, plain.engine
+    hf, peer = None, {}
+    if compare:
+        hf = load_transformers(str(engine.model_path), engine.dtype, engine.device)
+        peer = ({"assistant_model": load_transformers(str(resolve_model_path(config.model)), engine.dtype,
+                                                      engine.device),
+                 "num_assistant_tokens": config.num_speculative_tokens, "num_assistant_tokens_schedule": "constant"}
+                if config.model else {"prompt_lookup_num_tokens": config.num_speculative_tokens})
     warm = [plain.tokenizer.encode("Warm up")]
     for llm in (plain, fast):
         lmgen_run(llm, warm, 4)  # the kernels' first calls and allocations, outside the timings
@@ -126,9 +135,10 @@ def speculative_rows(model: str | None, engine_kwargs: dict, sizes: list[int], n
         for size in sizes:
             prompts = prompts_of_task[:size]
             runs = [("lmgen", lmgen_run(plain, prompts, new_tokens)),
-                    (f"lmgen {fast.engine.config.speculative_config.method}", lmgen_run(fast, prompts, new_tokens))]
+                    (f"lmgen {config.method}", lmgen_run(fast, prompts, new_tokens))]
             if hf is not None and size == 1:
-                runs.append(("transformers prompt lookup", transformers_run(hf, prompts[0], new_tokens, lookup)))
+                runs.append((f"transformers {'assisted' if config.model else 'prompt lookup'}",
+                             transformers_run(hf, prompts[0], new_tokens, peer)))
             for system, figures in runs:
                 rows.append({"workload": f"{task} n={size}", "system": system, **figures,
                              "ratio": round(figures["decode_tok_s"] / runs[0][1]["decode_tok_s"], 2)})
