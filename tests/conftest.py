@@ -56,9 +56,9 @@ def qwen_tools_path(tmp_path_factory):
     build_qwen2(folder, Backends())
     tokenizer = Tokenizer.from_pretrained(folder)
     config = transformers.Qwen2Config(**{
-        **BASE, "vocab_size": -(-len(tokenizer) // 64) * 64, "max_position_embeddings": 2048, "tie_word_embeddings": True,
-        "bos_token_id": None,
-        "eos_token_id": tokenizer.token_to_id("<|im_end|>"), "pad_token_id": tokenizer.token_to_id("<|endoftext|>")})
+        **BASE, "vocab_size": -(-len(tokenizer) // 64) * 64, "max_position_embeddings": 2048,
+        "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": tokenizer.token_to_id("<|im_end|>"),
+        "pad_token_id": tokenizer.token_to_id("<|endoftext|>")})
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder

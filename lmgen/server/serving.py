@@ -301,7 +301,8 @@ def structured_spec(request: SamplingFields) -> dict[str, Any] | None:
 def _reject_unsupported_chat_fields(request: ChatCompletionRequest) -> None:
     for field, replacement in (("functions", "tools"), ("function_call", "tool_choice")):
         if getattr(request, field) not in (None, [], "none"):
-            raise bad_request(f"{field} is OpenAI's deprecated form of {replacement}: send {replacement} instead", field)
+            raise bad_request(f"{field} is OpenAI's deprecated form of {replacement}: send {replacement} instead",
+                              field)
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     if request.stream_options is not None and not request.stream:
