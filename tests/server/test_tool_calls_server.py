@@ -6,11 +6,16 @@ the reply a fixed text, and the server must read the calls in it as it would a m
 
 import json
 import re
+import time
 
 import jsonschema
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
+from lmgen import Engine, EngineConfig
+from lmgen.server.app import build_app
+from lmgen.server.serving import ServerSettings
 from serverutil import serve
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -135,11 +140,12 @@ def test_a_conversation_with_a_tool_result_renders_and_runs(server, client):
     first = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required",
                                            parallel_tool_calls=False, seed=3, max_tokens=400).choices[0].message
     [call] = first.tool_calls
-    history = [*MESSAGES, first.model_dump(exclude_none=True),
-               {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
-    reply = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=5,
-                                           extra_body={"ignore_eos": True})
+    result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}
+    # the reply's message object goes back as it is, as OpenAI's examples do
+    reply = client.chat.completions.create(model="tiny", messages=[*MESSAGES, first, result], tools=TOOLS,
+                                           max_tokens=5, extra_body={"ignore_eos": True})
     assert reply.choices[0].finish_reason == "length"
+    history = [*MESSAGES, first.model_dump(exclude_none=True), result]
     tokens = server.post("/tokenize", json={"messages": history}).json()["tokens"]
     text = server.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
     # the call's arguments rendered as the object they are (not as quoted JSON text), then the result
@@ -165,3 +171,23 @@ def test_bad_tool_fields_are_a_400_naming_the_field(client, fields, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(**{"model": "tiny", "messages": MESSAGES, **fields})
     assert caught.value.body["param"] == param, caught.value.body
+
+
+@pytest.mark.parametrize("parser", ["llama3_json", "mistral", None])
+def test_the_tool_call_parser_setting_names_the_format(llama_path, parser):
+    """The tiny Llama's chat template shows no call format: tools need the server's --tool-call-parser."""
+    settings = ServerSettings(served_model_names=("tiny",), tool_call_parser=parser)
+    with TestClient(build_app(settings, lambda: Engine(EngineConfig(model=str(llama_path))))) as http:
+        deadline = time.monotonic() + 120
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = http.post("/v1/chat/completions", json={
+            "messages": MESSAGES, "tools": TOOLS, "seed": 0, "max_tokens": 200,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    if parser is None:
+        assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
+        return
+    [choice] = response.json()["choices"]
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and choice["finish_reason"] == "tool_calls"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
