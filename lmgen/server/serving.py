@@ -194,7 +194,8 @@ class OpenAIServing:
     # ---- /v1/chat/completions -------------------------------------------------------------
     def _chat_prompt(self, request: ChatCompletionRequest) -> _Prompt:
         messages = [template_message(i, m) for i, m in enumerate(request.messages)]
-        tools = None if request.tools is None else [tool.model_dump(exclude_none=True) for tool in request.tools]
+        # as the client wrote them, like transformers' apply_chat_template(tools=...) passes dicts
+        tools = None if request.tools is None else [tool.model_dump(exclude_unset=True) for tool in request.tools]
         try:
             ids = self.tokenizer.encode_chat(
                 messages, add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
@@ -237,7 +238,7 @@ class OpenAIServing:
         if choice is None or not isinstance(choice, str):
             choice = "auto" if choice is None else choice.model_dump()
         try:
-            calling = ToolCalling([tool.model_dump(exclude_none=True) for tool in request.tools or []],
+            calling = ToolCalling([tool.model_dump(exclude_unset=True) for tool in request.tools or []],
                                   self.tool_parser, choice, request.parallel_tool_calls is not False)
         except ToolArgumentError as exc:
             raise bad_request(str(exc), exc.field) from None
@@ -557,7 +558,7 @@ class _ChatFormatter(_Formatter):
                 ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
                 for call in calls] or None)
             choices.append(ChatChoice(index=output.index, message=message, logprobs=self._logprobs(output),
-                                      finish_reason=_finish_reason(output, bool(calls)),
+                                      finish_reason=self._finish_reason(output, bool(calls)),
                                       stop_reason=output.stop_reason))
         choices.sort(key=lambda c: c.index)
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
@@ -585,13 +586,14 @@ class _ChatFormatter(_Formatter):
                 for call in calls] or None)
             called = stream.called
         return self._chunk([ChatChunkChoice(index=output.index, delta=delta, logprobs=self._logprobs(output),
-                                            finish_reason=_finish_reason(output, called),
+                                            finish_reason=self._finish_reason(output, called),
                                             stop_reason=output.stop_reason)])
+
+    def _finish_reason(self, output: CompletionOutput, called: bool) -> str | None:
+        """OpenAI's "tool_calls" for a reply that ended by itself with calls the model chose to make (a call to
+        a function named in tool_choice ends with "stop", as in OpenAI's API and vLLM)."""
+        chose = self.tooling is not None and isinstance(self.tooling.tool_choice, str)
+        return "tool_calls" if called and chose and output.finish_reason == "stop" else output.finish_reason
 
     def usage_chunk(self) -> BaseModel:
         return self._chunk([], self.usage(self.num_completion_tokens))
-
-
-def _finish_reason(output: CompletionOutput, called: bool) -> str | None:
-    """OpenAI's "tool_calls" for a reply that ended by itself with calls; the engine's reason otherwise."""
-    return "tool_calls" if called and output.finish_reason == "stop" else output.finish_reason

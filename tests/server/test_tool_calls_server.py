@@ -88,6 +88,7 @@ def test_named_tool_choice_gives_one_call_to_that_function(client):
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     [call] = response.choices[0].message.tool_calls
     assert call.function.name == "get_weather"
+    assert response.choices[0].finish_reason == "stop"  # as OpenAI ends a call it was told to make
     jsonschema.validate(json.loads(call.function.arguments), WEATHER)
 
 
@@ -189,5 +190,5 @@ def test_the_tool_call_parser_setting_names_the_format(llama_path, parser):
         return
     [choice] = response.json()["choices"]
     [call] = choice["message"]["tool_calls"]
-    assert call["function"]["name"] == "get_weather" and choice["finish_reason"] == "tool_calls"
+    assert call["function"]["name"] == "get_weather" and choice["finish_reason"] == "stop"
     jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
