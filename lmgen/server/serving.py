@@ -578,7 +578,9 @@ class _ChatFormatter(_Formatter):
         self.num_completion_tokens += len(output.token_ids)
         delta, called = DeltaMessage(content=output.text), False
         if self.tooling is not None:
-            stream = self.tool_streams.setdefault(output.index, self.tooling.stream())
+            if output.index not in self.tool_streams:
+                self.tool_streams[output.index] = self.tooling.stream()
+            stream = self.tool_streams[output.index]
             content, calls = stream.feed(output.text, output.finished)
             delta = DeltaMessage(content=content or None, tool_calls=[
                 DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
