@@ -30,6 +30,8 @@ _WHITESPACE = " \t\r\n"
 #: The layout forced calls are written in: json.dumps' default, as the families' templates show calls.
 _CALL_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _SCALAR = re.compile(r"[^,\]}\s]*")
+#: What a JSON value's structure is made of: whole strings, brackets, or the quote of an unclosed string.
+_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]|"', re.DOTALL)
 
 
 class ToolArgumentError(InvalidArgumentError):
@@ -72,31 +74,23 @@ def _skip_whitespace(text: str, pos: int) -> int:
 def _value_end(text: str, pos: int) -> int | None:
     """The index just past the JSON value that starts at text[pos]; None when the text ends first.
 
-    Only the structure is followed (strings, nesting); json.loads judges the complete call.
+    Only the structure is followed (strings, nesting); json.loads judges the complete call. A stream
+    scans its calls again at every delta, so strings are skipped by a regular expression, not by Python.
     """
     if text[pos] not in '{["':
         end = _SCALAR.match(text, pos).end()
         return end if end < len(text) else None
-    depth, in_string, escaped = 0, False, False
-    for i in range(pos, len(text)):
-        char = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-                if depth == 0:
-                    return i + 1
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
+    depth = 0
+    for match in _STRUCTURE.finditer(text, pos):
+        token = match.group()
+        if token == '"':  # a string the text has not closed yet
+            return None
+        if token in ("{", "["):
             depth += 1
-        elif char in "}]":
+        elif token in ("}", "]"):
             depth -= 1
-            if depth == 0:
-                return i + 1
+        if depth == 0:  # a closed string at the top, or the bracket that closes the value
+            return match.end()
     return None
 
 
