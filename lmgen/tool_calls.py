@@ -29,6 +29,8 @@ from lmgen.params import StructuredOutputs
 _WHITESPACE = " \t\r\n"
 #: The layout forced calls are written in: json.dumps' default, as the families' templates show calls.
 _CALL_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+#: Where JSON schemas keep the definitions their "$ref"s name.
+_DEFINITIONS = ("$defs", "definitions")
 _SCALAR = re.compile(r"[^,\]}\s]*")
 #: What a JSON value's structure is made of: whole strings, brackets, or the quote of an unclosed string.
 _STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]|"', re.DOTALL)
@@ -175,14 +177,14 @@ class ToolParser:
         raise NotImplementedError
 
     def call_grammar(self, call_schema: dict[str, Any], parallel: bool) -> str:
-        """A Lark grammar for one call (or several, if `parallel`) whose object follows `call_schema`."""
+        """A Lark grammar for one call (or several, if `parallel`) whose object follows `call_schema` (whose
+        root may hold the definitions its references name)."""
         raise NotImplementedError
 
-    def call_schema(self, function: dict[str, Any]) -> dict[str, Any]:
-        """The JSON schema of one call object to `function` in this format."""
+    def call_schema(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        """The JSON schema of one call object in this format, to the function `name` taking `parameters`."""
         arguments_key = self.argument_keys[0]
-        return {"type": "object", "properties": {"name": {"const": function["name"]},
-                                                 arguments_key: _parameters(function)},
+        return {"type": "object", "properties": {"name": {"const": name}, arguments_key: parameters},
                 "required": ["name", arguments_key], "additionalProperties": False}
 
     def new_call_id(self) -> str:
@@ -330,7 +332,10 @@ class MistralToolParser(ToolParser):
         return uuid.uuid4().hex[:9]
 
     def call_grammar(self, call_schema: dict[str, Any], parallel: bool) -> str:
-        calls = {"type": "array", "items": call_schema, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+        items = {key: value for key, value in call_schema.items() if key not in _DEFINITIONS}
+        definitions = {key: call_schema[key] for key in _DEFINITIONS if key in call_schema}  # to the root
+        calls = {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1}),
+                 **definitions}
         return f"start: {self._marker(self.MARKER)} {_json_rule(calls)}\n"
 
 
@@ -416,10 +421,19 @@ class ToolCalling:
         """The grammar that forces a call, for "required" and a named function; None otherwise."""
         if not self.forced:
             return None
-        schemas = [self.parser.call_schema(function) for function in self.forced]
+        schemas, definitions = [], {}
+        for function in self.forced:
+            # References (pydantic writes "#/$defs/Model") name the schema's root, which the call object becomes.
+            parameters = dict(_parameters(function))
+            for key in _DEFINITIONS:
+                for name, definition in (parameters.pop(key, None) or {}).items():
+                    if definitions.setdefault(key, {}).setdefault(name, definition) != definition:
+                        raise ToolArgumentError(f"two functions define {key}/{name} differently, which one forced "
+                                                "call cannot hold: rename one", "tools")
+            schemas.append(self.parser.call_schema(function["name"], parameters))
         schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
         parallel = self.parallel_tool_calls and isinstance(self.tool_choice, str)  # a named function: one call
-        return StructuredOutputs(grammar=self.parser.call_grammar(schema, parallel))
+        return StructuredOutputs(grammar=self.parser.call_grammar({**schema, **definitions}, parallel))
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The reply's content and its calls (new ids); all of it is content when it holds no valid calls."""

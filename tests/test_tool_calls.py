@@ -193,6 +193,26 @@ def test_the_forced_grammar_takes_calls_in_the_format_and_refuses_others(parser,
     assert not _accepts(backend, grammar, tokenizer, one.replace('": ', '":'))  # json.dumps' layout only
 
 
+def test_forced_calls_take_schemas_with_definitions(parser, tokenizer):
+    """Pydantic writes models as {"$defs": {...}, "$ref": "#/$defs/..."}: the root the references name moves."""
+    city = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+            "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "visit", "parameters": {
+        "type": "object", "$defs": {"City": city}, "properties": {"city": {"$ref": "#/$defs/City"}},
+        "required": ["city"], "additionalProperties": False}}}, TOOLS[1]]
+    backend = LLGuidanceBackend(tokenizer, len(tokenizer), frozenset([tokenizer.eos_token_id]))
+    grammar = backend.compile(ToolCalling(tools, parser, "required", parallel_tool_calls=False).structured())
+    call = '{"name": "visit", "%s": {"city": {"name": "Porto"}}}' % parser.argument_keys[0]
+    text = {"hermes": f"<tool_call>\n{call}\n</tool_call>", "llama3_json": call,
+            "mistral": f"[TOOL_CALLS][{call}]"}[parser.name]
+    assert _accepts(backend, grammar, tokenizer, text)
+    assert not _accepts(backend, grammar, tokenizer, text.replace('"name": "Porto"', '"nome": "Porto"'))
+    clash = {**tools[0], "function": {**tools[0]["function"], "name": "move"}}
+    clash["function"]["parameters"] = {**clash["function"]["parameters"], "$defs": {"City": WEATHER}}
+    with pytest.raises(ToolArgumentError, match="City"):
+        ToolCalling([tools[0], clash], parser, "required").structured()
+
+
 def _accepts(backend, grammar, tokenizer, text: str) -> bool:
     matcher = backend.new_matcher(grammar)
     return all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))

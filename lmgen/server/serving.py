@@ -222,6 +222,7 @@ class OpenAIServing:
                 raise bad_request(f"{renames['structured']} cannot be combined with a tool_choice that forces a call",
                                   "tool_choice")
             params = dataclasses.replace(params, structured=tooling.structured())
+            renames["structured"] = "tools"  # a schema the grammar engine refuses is a function's parameters
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start([prompt], params, request_id, renames, "messages")
         formatter = _ChatFormatter(self, request, [prompt], request_id, model, tooling=tooling)

@@ -164,6 +164,8 @@ def test_a_conversation_with_a_tool_result_renders_and_runs(server, client):
     (dict(tools=[{"type": "retrieval", "function": {"name": "f"}}]), "tools.0.type"),
     (dict(tools=TOOLS, tool_choice="sometimes"), "tool_choice"),
     (dict(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}), "tool_choice"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
+          tool_choice="required"), "tools"),
     (dict(messages=[{"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]),
      "messages.0.tool_calls.0.function.arguments"),
