@@ -176,7 +176,7 @@ def test_bad_tool_fields_are_a_400_naming_the_field(client, fields, param):
     assert caught.value.body["param"] == param, caught.value.body
 
 
-@pytest.mark.parametrize("parser", ["llama3_json", "mistral", None])
+@pytest.mark.parametrize("parser", ["llama3_json", None])
 def test_the_tool_call_parser_setting_names_the_format(llama_path, parser):
     """The tiny Llama's chat template shows no call format: tools need the server's --tool-call-parser."""
     settings = ServerSettings(served_model_names=("tiny",), tool_call_parser=parser)
