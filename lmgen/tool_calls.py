@@ -59,6 +59,7 @@ class PartialCall:
 
     name: str | None = None
     arguments: str = ""
+    arguments_open: bool = False  # the arguments run on to the end of the text
     complete: bool = False
 
 
@@ -123,7 +124,7 @@ def _scan_call(text: str, pos: int, argument_keys: tuple[str, ...]) -> tuple[Par
         value_start = _skip_whitespace(text, pos + 1)
         value_end = _value_end(text, value_start) if value_start < len(text) else None
         if key in argument_keys:
-            call.arguments = text[value_start:value_end]
+            call.arguments, call.arguments_open = text[value_start:value_end], value_end is None
         elif key == "name" and value_end is not None:
             name = json.loads(text[value_start:value_end]) if text[value_start] == '"' else None
             call.name = name if isinstance(name, str) else None
@@ -500,12 +501,41 @@ class ToolCallDelta:
     name: str | None = None
 
 
+class _OpenValue:
+    """Where a JSON object or array ends, followed as its text arrives with each character read once."""
+
+    def __init__(self) -> None:
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def end(self, text: str) -> int | None:
+        """Read `text`, the value's next characters: the index just past the value's end in it, or None."""
+        for i, char in enumerate(text):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        return None
+
+
 class ToolCallStream:
     """Turns a reply's text deltas into content deltas and call deltas, as OpenAI streams them.
 
     Content is passed on until the calls begin (holding back what might be their start); then each
     call's id and name go out once its name is read, and its arguments' text as it grows. If the reply
-    ends without valid calls and none went out, the held text goes out as content.
+    ends without valid calls and none went out, the held text goes out as content. While a call's
+    arguments run on, new text is only checked for their end (a long argument is not scanned again
+    at every delta); the calls are read again from the start once they close.
     """
 
     def __init__(self, parser: ToolParser, max_calls: int | None) -> None:
@@ -515,6 +545,7 @@ class ToolCallStream:
         self.num_sent_chars = 0  # of content
         self.sent: list[int] = []  # per call sent: characters of its arguments sent
         self.broken = False  # the calls turned out malformed: nothing more goes out as calls
+        self.open_arguments: _OpenValue | None = None  # the last sent call's arguments, while they run on
 
     @property
     def called(self) -> bool:
@@ -523,6 +554,10 @@ class ToolCallStream:
     def feed(self, text: str, finished: bool) -> tuple[str, list[ToolCallDelta]]:
         """The content and call deltas that `text` (the reply's next delta) lets out."""
         self.text += text
+        if self.open_arguments is not None and self.open_arguments.end(text) is None:
+            self.sent[-1] += len(text)
+            return "", [ToolCallDelta(len(self.sent) - 1, text)] if text else []
+        self.open_arguments = None
         start = self.parser.section_start(self.text)
         if start is None:
             end = len(self.text) if finished else len(self.text) - self.parser.holdback(self.text)
@@ -554,4 +589,8 @@ class ToolCallStream:
             if len(call.arguments) > self.sent[index]:
                 deltas.append(ToolCallDelta(index, call.arguments[self.sent[index]:]))
                 self.sent[index] = len(call.arguments)
+        last = calls[len(self.sent) - 1] if self.sent else None
+        if last is not None and last.arguments_open and last.arguments[:1] in ("{", "["):
+            self.open_arguments = _OpenValue()
+            self.open_arguments.end(last.arguments)  # catch up with the arguments so far
         return deltas

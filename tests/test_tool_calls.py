@@ -109,6 +109,18 @@ def test_streamed_deltas_add_up_to_the_parsed_calls(parser, size):
     assert called
 
 
+@pytest.mark.parametrize("size", [1, 2, 5])
+def test_streamed_arguments_with_brackets_and_escapes_in_strings(tokenizer, size):
+    """A call's arguments are followed to their end as they arrive; quotes, brackets and backslashes
+    inside strings must not end them early."""
+    arguments = json.dumps({"text": 'say "}" and {brace} [x] \\ }]', "items": [1, {"k": "}"}], "last": "\\"})
+    text = f'<tool_call>\n{{"name": "write", "arguments": {arguments}}}\n</tool_call>\n' + CALLS["hermes"][13:]
+    calling = ToolCalling(TOOLS, HermesToolParser(tokenizer))
+    _, calls, _ = streamed(calling, text, size)
+    assert [(name, args) for _, name, args in calls] == [(c.name, c.arguments) for c in calling.parse(text)[1]]
+    assert calls[0][2] == arguments and len(calls) == 3
+
+
 @pytest.mark.parametrize("text", ["Sunny, 21 degrees.", '<tool_call>\n{"name": oops}\n</tool_call>',
                                   "[1, 2, 3]", " <|python_tag|"])
 def test_streamed_replies_without_valid_calls_are_all_content(parser, text):
