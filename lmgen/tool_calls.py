@@ -32,8 +32,6 @@ _CALL_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 #: Where JSON schemas keep the definitions their "$ref"s name.
 _DEFINITIONS = ("$defs", "definitions")
 _SCALAR = re.compile(r"[^,\]}\s]*")
-#: What a JSON value's structure is made of: whole strings, brackets, or the quote of an unclosed string.
-_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]|"', re.DOTALL)
 
 
 class ToolArgumentError(InvalidArgumentError):
@@ -74,27 +72,46 @@ def _skip_whitespace(text: str, pos: int) -> int:
     return pos
 
 
+class _OpenValue:
+    """Where a JSON string, object or array ends, followed as its text arrives with each character read once
+    (a stream reads a long argument that way rather than scanning its calls again at every delta)."""
+
+    def __init__(self) -> None:
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def end(self, text: str) -> int | None:
+        """Read `text`, the value's next characters: the index just past the value's end in it, or None."""
+        for i, char in enumerate(text):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+                    if self.depth == 0:  # the value was this string
+                        return i + 1
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        return None
+
+
 def _value_end(text: str, pos: int) -> int | None:
     """The index just past the JSON value that starts at text[pos]; None when the text ends first.
 
-    Only the structure is followed (strings, nesting); json.loads judges the complete call. A stream
-    scans its calls again at every delta, so strings are skipped by a regular expression, not by Python.
+    Only the structure is followed (strings, nesting); json.loads judges the complete call.
     """
     if text[pos] not in '{["':
         end = _SCALAR.match(text, pos).end()
         return end if end < len(text) else None
-    depth = 0
-    for match in _STRUCTURE.finditer(text, pos):
-        token = match.group()
-        if token == '"':  # a string the text has not closed yet
-            return None
-        if token in ("{", "["):
-            depth += 1
-        elif token in ("}", "]"):
-            depth -= 1
-        if depth == 0:  # a closed string at the top, or the bracket that closes the value
-            return match.end()
-    return None
+    end = _OpenValue().end(text[pos:])
+    return None if end is None else pos + end
 
 
 def _scan_call(text: str, pos: int, argument_keys: tuple[str, ...]) -> tuple[PartialCall, int | None]:
@@ -499,33 +516,6 @@ class ToolCallDelta:
     arguments: str
     id: str | None = None
     name: str | None = None
-
-
-class _OpenValue:
-    """Where a JSON object or array ends, followed as its text arrives with each character read once."""
-
-    def __init__(self) -> None:
-        self.depth, self.in_string, self.escaped = 0, False, False
-
-    def end(self, text: str) -> int | None:
-        """Read `text`, the value's next characters: the index just past the value's end in it, or None."""
-        for i, char in enumerate(text):
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif char == "\\":
-                    self.escaped = True
-                elif char == '"':
-                    self.in_string = False
-            elif char == '"':
-                self.in_string = True
-            elif char in "{[":
-                self.depth += 1
-            elif char in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    return i + 1
-        return None
 
 
 class ToolCallStream:
