@@ -194,13 +194,14 @@ class OpenAIServing:
     # ---- /v1/chat/completions -------------------------------------------------------------
     def _chat_prompt(self, request: ChatCompletionRequest) -> _Prompt:
         messages = [template_message(i, m) for i, m in enumerate(request.messages)]
-        # as the client wrote them, like transformers' apply_chat_template(tools=...) passes dicts
-        tools = None if request.tools is None else [tool.model_dump(exclude_unset=True) for tool in request.tools]
+        template_kwargs = dict(request.chat_template_kwargs or {})
+        if request.tools is not None:  # as the client wrote them, as transformers' apply_chat_template passes dicts
+            template_kwargs["tools"] = [tool.model_dump(exclude_unset=True) for tool in request.tools]
         try:
             ids = self.tokenizer.encode_chat(
                 messages, add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
                 continue_final_message=request.continue_final_message, chat_template=request.chat_template,
-                tools=tools, **(request.chat_template_kwargs or {}))
+                **template_kwargs)
         except Exception as exc:  # the template (or its kwargs) rejected the client's conversation
             raise bad_request(f"the chat template could not render these messages: {exc}", "messages") from None
         return _Prompt(None, ids)
