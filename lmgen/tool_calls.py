@@ -132,7 +132,7 @@ def _scan_call(text: str, pos: int, argument_keys: tuple[str, ...]) -> tuple[Par
         key_end = _value_end(text, pos)
         if key_end is None:
             return call, None
-        key = json.loads(text[pos:key_end]) if text[pos] == '"' else None
+        key = _string(text[pos:key_end])
         pos = _skip_whitespace(text, key_end)
         if pos == len(text):
             return call, None
@@ -143,11 +143,19 @@ def _scan_call(text: str, pos: int, argument_keys: tuple[str, ...]) -> tuple[Par
         if key in argument_keys:
             call.arguments, call.arguments_open = text[value_start:value_end], value_end is None
         elif key == "name" and value_end is not None:
-            name = json.loads(text[value_start:value_end]) if text[value_start] == '"' else None
-            call.name = name if isinstance(name, str) else None
+            call.name = _string(text[value_start:value_end])
         if value_end is None:
             return call, None
         pos = value_end
+
+
+def _string(source: str) -> str | None:
+    """The JSON string `source` decoded; None if it is not one."""
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _complete(call: PartialCall, source: str, argument_keys: tuple[str, ...]) -> PartialCall:
@@ -489,7 +497,10 @@ def template_tool_calls(tool_calls: Sequence[dict[str, Any]]) -> list[dict[str, 
     """
     calls = []
     for index, call in enumerate(tool_calls):
-        function = dict(call.get("function") or {})
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise ToolArgumentError('a tool call must be {"id": ..., "type": "function", "function": {"name": ..., '
+                                    '"arguments": ...}}', f"tool_calls.{index}")
+        function = dict(call["function"])
         arguments = function.get("arguments")
         if isinstance(arguments, str):
             try:

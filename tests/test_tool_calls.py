@@ -71,6 +71,8 @@ def test_the_formats_without_their_special_markers(tokenizer):
     '<tool_call>\n{"name": "f", "arguments": {"x": 1}\n</tool_call>',  # unbalanced
     '<tool_call>\n{"name": "f", "arguments": "{\\"x\\": 1}"}\n</tool_call>',  # arguments not an object
     '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name
+    '<tool_call>\n{"na\\qme": "f", "arguments": {}}\n</tool_call>',  # a key that is no JSON string
+    '<tool_call>\n{"name": "\\q", "arguments": {}}\n</tool_call>',  # a name that is no JSON string
     '<tool_call>\n{"name": "f", "arguments": {"x": "unfinish',  # cut short
     "no call here, only <tool_call",
 ])
