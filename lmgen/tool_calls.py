@@ -545,7 +545,7 @@ class ToolCallStream:
         self.text = ""
         self.num_sent_chars = 0  # of content
         self.sent: list[int] = []  # per call sent: characters of its arguments sent
-        self.broken = False  # the calls turned out malformed: nothing more goes out as calls
+        self.broken_at: int | None = None  # where calls seemed to begin that turned out malformed
         self.open_arguments: _OpenValue | None = None  # the last sent call's arguments, while they run on
 
     @property
@@ -564,7 +564,7 @@ class ToolCallStream:
             end = len(self.text) if finished else len(self.text) - self.parser.holdback(self.text)
             return self._content(end), []
         content = self._content(start)
-        deltas = [] if self.broken else self._call_deltas(self.text[start:])
+        deltas = [] if start == self.broken_at else self._call_deltas(start)
         if finished and not self.sent:  # no calls after all: what was held is content
             content += self._content(len(self.text))
         return content, deltas
@@ -574,11 +574,11 @@ class ToolCallStream:
         self.num_sent_chars = max(self.num_sent_chars, end)
         return piece
 
-    def _call_deltas(self, section: str) -> list[ToolCallDelta]:
+    def _call_deltas(self, start: int) -> list[ToolCallDelta]:
         try:
-            calls = self.parser.scan(section)
-        except _Malformed:
-            self.broken = True
+            calls = self.parser.scan(self.text[start:])
+        except _Malformed:  # nothing more goes out as calls, unless they turn out to begin elsewhere
+            self.broken_at = start
             return []
         deltas = []
         for index, call in enumerate(calls[:self.max_calls]):

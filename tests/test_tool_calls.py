@@ -1,6 +1,7 @@
 """Tool calls: each family's format read from fixed texts, streamed in pieces, forced by a grammar; LLM.chat."""
 
 import json
+import random
 
 import jsonschema
 import pytest
@@ -127,6 +128,34 @@ def test_streamed_arguments_with_brackets_and_escapes_in_strings(tokenizer, size
                                   "[1, 2, 3]", " <|python_tag|"])
 def test_streamed_replies_without_valid_calls_are_all_content(parser, text):
     assert streamed(ToolCalling(TOOLS, parser), text, 2) == (text, [], False)
+
+
+def test_mutated_replies_never_raise_and_stream_as_they_parse(parser):
+    """Bounded fuzzing: each format's calls with characters deleted, inserted or cut off, read whole
+    and streamed in random pieces: never an exception, and the same calls either way."""
+    rng = random.Random(0)
+    alphabet = '{}[]":,;\\ \n<>/|' + "tool_call name arguments parameters [TOOL_CALLS] 0123456789"
+    calling = ToolCalling(TOOLS, parser)
+    for _ in range(400):
+        chars = list(CALLS[parser.name])
+        for _ in range(rng.randint(1, 3)):
+            if not chars:
+                break
+            at = rng.randrange(len(chars))
+            if rng.random() < 0.1:
+                del chars[max(at, 1):]
+            elif rng.random() < 0.5:
+                del chars[at]
+            else:
+                chars.insert(at, rng.choice(alphabet))
+        text = "".join(chars)
+        content, calls = calling.parse(text)
+        streamed_content, streamed_calls, _ = streamed(calling, text, rng.randint(1, 6))
+        if calls:
+            assert [(name, arguments) for _, name, arguments in streamed_calls] == [
+                (c.name, c.arguments) for c in calls], text
+        else:
+            assert content == text
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call(tokenizer):
