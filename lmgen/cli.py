@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from lmgen.errors import InvalidArgumentError, LmgenError
 from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QUANTIZATION_METHODS
+from lmgen.tool_calls import PARSERS as TOOL_CALL_PARSERS
 
 logger = logging.getLogger("lmgen")
 
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "429 with Retry-After (default: no limit)")
     server.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long in-flight requests may finish before they are aborted (default: 30)")
+    server.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
+                        help="the format the model writes tool calls in (default: the one its chat template shows)")
     add_engine_args(serve)
     serve.set_defaults(run=run_serve)
 
@@ -380,7 +383,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     names = tuple(args.served_model_name or [args.model or "lmgen-demo"])
     settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("LMGEN_API_KEY"),
-                              max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout)
+                              max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
+                              tool_call_parser=args.tool_call_parser)
     return serve(config, settings, host=args.host, port=args.port)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -11,6 +13,7 @@ from lmgen.errors import InvalidArgumentError
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.outputs import RequestOutput
 from lmgen.params import BeamSearchParams, SamplingParams
+from lmgen.tool_calls import ToolCalling, ToolParser, template_messages, tool_parser_for
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
@@ -55,6 +58,14 @@ class LLM:
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    @functools.cached_property
+    def tool_parser(self) -> ToolParser | None:
+        """The reader of the model's tool calls, chosen from its chat template (None: no known format).
+
+        ``content, calls = llm.tool_parser.parse(output.text)`` reads a reply of :meth:`chat` with tools.
+        """
+        return tool_parser_for(self.tokenizer)
+
     def default_sampling_params(self, **overrides: Any) -> SamplingParams:
         """The model's generation_config.json sampling defaults, with `overrides` on top.
 
@@ -79,10 +90,16 @@ class LLM:
         yield from self._run(self._add(prompts, params))
 
     def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None, *,
-             add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template: str | None = None, **template_kwargs: Any) -> RequestOutput | list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] = "auto",
+             parallel_tool_calls: bool = True, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template: str | None = None,
+             **template_kwargs: Any) -> RequestOutput | list[RequestOutput]:
         """Reply to a conversation (a list of {"role", "content"} dicts) using the model's chat template.
 
+        ``tools`` (OpenAI's: ``{"type": "function", "function": {"name", "parameters"}}``) are rendered
+        by the template; ``tool_choice`` "required" or ``{"type": "function", "function": {"name": ...}}``
+        makes the reply valid calls in the model's format (see :class:`lmgen.tool_calls.ToolCalling`),
+        which ``self.tool_parser.parse`` reads. Assistant messages may carry OpenAI ``tool_calls``.
         Returns one RequestOutput for one conversation, a list for a list of conversations.
         """
         if not messages:
@@ -90,9 +107,15 @@ class LLM:
         single = isinstance(messages[0], dict)
         conversations = [messages] if single else messages
         prompts = [self.tokenizer.encode_chat(
-            conversation, add_generation_prompt=add_generation_prompt and not continue_final_message,
-            continue_final_message=continue_final_message, chat_template=chat_template, **template_kwargs)
-            for conversation in conversations]
+            template_messages(conversation), add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message, chat_template=chat_template, tools=tools,
+            **template_kwargs) for conversation in conversations]
+        calling = ToolCalling(tools or [], self.tool_parser, tool_choice, parallel_tool_calls)
+        if calling.forced:
+            params = params or self.default_sampling_params()
+            if params.structured is not None:
+                raise InvalidArgumentError("params.structured cannot be combined with a tool_choice that forces a call")
+            params = dataclasses.replace(params, structured=calling.structured())
         outputs = self.generate(prompts, params)
         return outputs[0] if single else outputs
 

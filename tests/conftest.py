@@ -45,3 +45,26 @@ def llama_draft_path(llama_path, tmp_path_factory):
 
 
 ALL_VARIANTS = list(VARIANTS)
+
+
+@pytest.fixture(scope="session")
+def qwen_tools_path(tmp_path_factory):
+    """A tiny random Qwen2 with Qwen 2.5's tokenizer layout and chat template, which renders tools and
+    shows the Hermes call format (<tool_call>): tool calling end to end on random weights."""
+    import torch
+    import transformers
+
+    from checkpoints import BASE
+    from lmgen.loader.tokenizer import Tokenizer
+    from tests.loader.tokenizer_fixtures import Backends, build_qwen2
+
+    folder = tmp_path_factory.mktemp("qwen-tools")
+    build_qwen2(folder, Backends())
+    tokenizer = Tokenizer.from_pretrained(folder)
+    config = transformers.Qwen2Config(**{
+        **BASE, "vocab_size": -(-len(tokenizer) // 64) * 64, "max_position_embeddings": 2048,
+        "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": tokenizer.token_to_id("<|im_end|>"),
+        "pad_token_id": tokenizer.token_to_id("<|endoftext|>")})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder

@@ -74,9 +74,11 @@ def from_invalid_argument(exc: ValueError, renames: dict[str, str] | None = None
 
 
 def _field_path(loc: tuple) -> str | None:
-    """"messages.0.content" from pydantic's loc, without "body" and the tags of union members."""
+    """"messages.0.content" from pydantic's loc, without "body" and the tags of union members (types, and
+    models, whose names are capitalized where the API's fields are snake_case)."""
     parts = [str(part) for part in loc if part != "body"
-             and not (isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith("function-")))]
+             and not (isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith("function-")
+                                                 or part[:1].isupper()))]
     return ".".join(parts) or None
 
 

@@ -8,6 +8,7 @@ engine's deltas are reshaped into OpenAI's JSON or Server-Sent Events.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -26,9 +27,11 @@ from lmgen.server.errors import APIError, bad_request, from_invalid_argument, ss
 from lmgen.server.metrics import Metrics
 from lmgen.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatLogprobs, ChatMessage, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-    DeltaMessage, SamplingFields, TokenLogprob, TopLogprob, Usage,
+    ChatLogprobs, ChatMessage, ChatToolCall, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, SamplingFields, TokenLogprob,
+    TopLogprob, Usage,
 )
+from lmgen.tool_calls import ToolArgumentError, ToolCalling, ToolCallStream, template_tool_calls, tool_parser_for
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -42,6 +45,7 @@ class ServerSettings:
     api_key: str | None = None
     max_queued_requests: int | None = None  # None: no limit
     shutdown_timeout: float = 30.0  # seconds in-flight requests may run on after SIGTERM
+    tool_call_parser: str | None = None  # None: the format the chat template shows (lmgen.tool_calls)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
+        self.tool_parser = tool_parser_for(self.tokenizer, settings.tool_call_parser)
 
     # ---- shared checks and conversions ----------------------------------------------------
     def check_model(self, name: str | None) -> str:
@@ -189,11 +194,14 @@ class OpenAIServing:
     # ---- /v1/chat/completions -------------------------------------------------------------
     def _chat_prompt(self, request: ChatCompletionRequest) -> _Prompt:
         messages = [template_message(i, m) for i, m in enumerate(request.messages)]
+        template_kwargs = dict(request.chat_template_kwargs or {})
+        if request.tools is not None:  # as the client wrote them, as transformers' apply_chat_template passes dicts
+            template_kwargs["tools"] = [tool.model_dump(exclude_unset=True) for tool in request.tools]
         try:
             ids = self.tokenizer.encode_chat(
                 messages, add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
                 continue_final_message=request.continue_final_message, chat_template=request.chat_template,
-                **(request.chat_template_kwargs or {}))
+                **template_kwargs)
         except Exception as exc:  # the template (or its kwargs) rejected the client's conversation
             raise bad_request(f"the chat template could not render these messages: {exc}", "messages") from None
         return _Prompt(None, ids)
@@ -209,16 +217,38 @@ class OpenAIServing:
         prompt = self._chat_prompt(request)
         self._check_fits(prompt, max_tokens, max_tokens_field, "messages")
         params = self._sampling_params(request, max_tokens, logprobs, renames)
+        tooling = self._tool_calling(request)
+        if tooling is not None and tooling.forced:
+            if params.structured is not None:
+                raise bad_request(f"{renames['structured']} cannot be combined with a tool_choice that forces a call",
+                                  "tool_choice")
+            params = dataclasses.replace(params, structured=tooling.structured())
+            renames["structured"] = "tools"  # a schema the grammar engine refuses is a function's parameters
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start([prompt], params, request_id, renames, "messages")
-        return await _respond(_ChatFormatter(self, request, [prompt], request_id, model), streams, raw_request)
+        formatter = _ChatFormatter(self, request, [prompt], request_id, model, tooling=tooling)
+        return await _respond(formatter, streams, raw_request)
+
+    def _tool_calling(self, request: ChatCompletionRequest) -> ToolCalling | None:
+        """The request's tools and tool_choice, checked; None when it reads no calls and forces none."""
+        choice = request.tool_choice
+        if request.tools is None and choice in (None, "none", "auto"):
+            return None
+        if self.tool_parser is None and request.tools and choice != "none":
+            raise bad_request("this model's chat template shows no tool-call format lmgen knows, so its calls cannot "
+                              "be read: start the server with --tool-call-parser, or drop tools", "tools")
+        if choice is None or not isinstance(choice, str):
+            choice = "auto" if choice is None else choice.model_dump()
+        try:
+            calling = ToolCalling([tool.model_dump(exclude_unset=True) for tool in request.tools or []],
+                                  self.tool_parser, choice, request.parallel_tool_calls is not False)
+        except ToolArgumentError as exc:
+            raise bad_request(str(exc), exc.field) from None
+        return calling if calling.parses else None
 
 
 def template_message(index: int, message: ChatMessage) -> dict[str, Any]:
-    """A chat message as the chat template expects it: role and plain-text content."""
-    if message.tool_calls:
-        raise bad_request("tool calls are not supported yet: remove tool_calls from the messages",
-                          f"messages.{index}.tool_calls")
+    """A chat message as the chat template expects it: role, plain-text content, tool calls and call id."""
     content = message.content
     if isinstance(content, list):
         for number, part in enumerate(content):
@@ -230,6 +260,13 @@ def template_message(index: int, message: ChatMessage) -> dict[str, Any]:
     result = {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
     if message.name:
         result["name"] = message.name
+    if message.tool_calls:
+        try:
+            result["tool_calls"] = template_tool_calls([call.model_dump() for call in message.tool_calls])
+        except ToolArgumentError as exc:
+            raise bad_request(str(exc), f"messages.{index}.{exc.field}") from None
+    if message.tool_call_id is not None:
+        result["tool_call_id"] = message.tool_call_id
     return result
 
 
@@ -265,13 +302,10 @@ def structured_spec(request: SamplingFields) -> dict[str, Any] | None:
 
 
 def _reject_unsupported_chat_fields(request: ChatCompletionRequest) -> None:
-    for field in ("tools", "functions"):
-        if getattr(request, field):
-            raise bad_request(f"{field} is not supported yet: remove the field (for JSON output, use "
-                              "response_format)", field)
-    for field in ("tool_choice", "function_call"):
-        if getattr(request, field) not in (None, "none"):
-            raise bad_request(f"{field} is not supported yet: there are no tools to call; remove the field", field)
+    for field, replacement in (("functions", "tools"), ("function_call", "tool_choice")):
+        if getattr(request, field) not in (None, [], "none"):
+            raise bad_request(f"{field} is OpenAI's deprecated form of {replacement}: send {replacement} instead",
+                              field)
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     if request.stream_options is not None and not request.stream:
@@ -498,6 +532,11 @@ class _CompletionFormatter(_Formatter):
 
 
 class _ChatFormatter(_Formatter):
+    def __init__(self, *args: Any, tooling: ToolCalling | None) -> None:
+        super().__init__(*args)
+        self.tooling = tooling
+        self.tool_streams: dict[int, ToolCallStream] = {}  # choice index -> its calls so far
+
     def _logprobs(self, output: CompletionOutput) -> ChatLogprobs | None:
         if not self.request.logprobs or output.logprobs is None:
             return None
@@ -516,8 +555,12 @@ class _ChatFormatter(_Formatter):
         choices = []
         for output in finals[0].outputs:
             self.num_completion_tokens += len(output.token_ids)
-            choices.append(ChatChoice(index=output.index, message=AssistantMessage(content=output.text),
-                                      logprobs=self._logprobs(output), finish_reason=output.finish_reason,
+            content, calls = self.tooling.parse(output.text) if self.tooling else (output.text, [])
+            message = AssistantMessage(content=content, tool_calls=[
+                ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+                for call in calls] or None)
+            choices.append(ChatChoice(index=output.index, message=message, logprobs=self._logprobs(output),
+                                      finish_reason=self._finish_reason(output, bool(calls)),
                                       stop_reason=output.stop_reason))
         choices.sort(key=lambda c: c.index)
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
@@ -535,9 +578,26 @@ class _ChatFormatter(_Formatter):
         if not (output.text or output.token_ids or output.finish_reason):
             return None
         self.num_completion_tokens += len(output.token_ids)
-        return self._chunk([ChatChunkChoice(index=output.index, delta=DeltaMessage(content=output.text),
-                                            logprobs=self._logprobs(output), finish_reason=output.finish_reason,
+        delta, called = DeltaMessage(content=output.text), False
+        if self.tooling is not None:
+            if output.index not in self.tool_streams:
+                self.tool_streams[output.index] = self.tooling.stream()
+            stream = self.tool_streams[output.index]
+            content, calls = stream.feed(output.text, output.finished)
+            delta = DeltaMessage(content=content or None, tool_calls=[
+                DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
+                              function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
+                for call in calls] or None)
+            called = stream.called
+        return self._chunk([ChatChunkChoice(index=output.index, delta=delta, logprobs=self._logprobs(output),
+                                            finish_reason=self._finish_reason(output, called),
                                             stop_reason=output.stop_reason)])
+
+    def _finish_reason(self, output: CompletionOutput, called: bool) -> str | None:
+        """OpenAI's "tool_calls" for a reply that ended by itself with calls the model chose to make (a call to
+        a function named in tool_choice ends with "stop", as in OpenAI's API and vLLM)."""
+        chose = self.tooling is not None and isinstance(self.tooling.tool_choice, str)
+        return "tool_calls" if called and chose and output.finish_reason == "stop" else output.finish_reason
 
     def usage_chunk(self) -> BaseModel:
         return self._chunk([], self.usage(self.num_completion_tokens))
