@@ -154,8 +154,8 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, f"n must be a positive integer, got {self.n!r}")
-        _check(self.max_tokens is None or self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs
-                                                                   is not None and self.num_beams == 1),
+        scores_only = self.max_tokens == 0 and self.prompt_logprobs is not None and self.num_beams == 1
+        _check(self.max_tokens is None or self.max_tokens >= 1 or scores_only,
                f"max_tokens must be at least 1, got {self.max_tokens}; omit it to use the model's default (0, to "
                "score the prompt without generating, only with prompt_logprobs and without beam search)")
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from checkpoints import VARIANTS, build_checkpoint
 from lmgen import kernels
@@ -39,3 +40,17 @@ def llama_path(checkpoint_factory):
 
 
 ALL_VARIANTS = list(VARIANTS)
+
+
+@pytest.fixture(scope="session")
+def llama_log_softmax(llama_path):
+    """transformers' float32 log-softmax [len, vocab] at every position of a token-id prompt, on the tiny Llama."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32)
+
+    def log_softmax(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
+
+    return log_softmax

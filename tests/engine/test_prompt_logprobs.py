@@ -12,20 +12,6 @@ SCORE = SamplingParams(max_tokens=0, prompt_logprobs=3)
 
 
 @pytest.fixture(scope="module")
-def reference(llama_path):
-    """transformers' log-softmax at every position of a prompt's token ids (float32)."""
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32)
-
-    def log_softmax(ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            return model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
-
-    return log_softmax
-
-
-@pytest.fixture(scope="module")
 def llm(llama_path):
     return LLM(str(llama_path), dtype="float32")
 
@@ -45,9 +31,9 @@ def check_against(reference: torch.Tensor, ids: list[int], scored: list, k: int)
         assert all(lp.decoded_token is not None for lp in entry.values())
 
 
-def test_equal_to_transformers_with_and_without_generating(llm, reference):
+def test_equal_to_transformers_with_and_without_generating(llm, llama_log_softmax):
     ids = llm.tokenizer.encode(PROMPT)
-    expected = reference(ids)
+    expected = llama_log_softmax(ids)
     [scored] = llm.generate(PROMPT, SCORE)
     check_against(expected, ids, scored.prompt_logprobs, 3)
     assert scored.outputs[0].token_ids == [] and scored.outputs[0].finish_reason == "length" and scored.finished
@@ -56,15 +42,15 @@ def test_equal_to_transformers_with_and_without_generating(llm, reference):
     check_against(expected, ids, generated.prompt_logprobs, 0)
 
 
-def test_chunked_prefill_accumulates_across_chunks(llama_path, reference):
+def test_chunked_prefill_accumulates_across_chunks(llama_path, llama_log_softmax):
     chunked = LLM(str(llama_path), dtype="float32", max_num_batched_tokens=8)
     ids = chunked.tokenizer.encode(PROMPT)
     assert len(ids) > 3 * 8
     [scored] = chunked.generate(PROMPT, SCORE)
-    check_against(reference(ids), ids, scored.prompt_logprobs, 3)
+    check_against(llama_log_softmax(ids), ids, scored.prompt_logprobs, 3)
 
 
-def test_a_prefix_cache_hit_still_scores_the_whole_prompt(llama_path, reference):
+def test_a_prefix_cache_hit_still_scores_the_whole_prompt(llama_path, llama_log_softmax):
     llm = LLM(str(llama_path), dtype="float32", block_size=4)
     ids = llm.tokenizer.encode(PROMPT)
     llm.generate(PROMPT, SamplingParams(max_tokens=1))
@@ -73,7 +59,7 @@ def test_a_prefix_cache_hit_still_scores_the_whole_prompt(llama_path, reference)
     llm.generate(PROMPT, SamplingParams(max_tokens=1))
     assert scheduler.num_prefix_hit_tokens - hits >= len(ids) - 4  # the prompt's blocks are cached
     [scored] = llm.generate(PROMPT, SCORE)
-    check_against(reference(ids), ids, scored.prompt_logprobs, 3)
+    check_against(llama_log_softmax(ids), ids, scored.prompt_logprobs, 3)
 
 
 def test_n_sequences_and_beams_share_one_list(llm):
