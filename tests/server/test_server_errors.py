@@ -186,6 +186,14 @@ def test_a_full_queue_is_429_with_retry_after(server):
     assert response.status_code == 200
 
 
+def test_a_bad_prompt_among_several_leaves_none_running(server):
+    """A request's prompts are queued together, all or nothing: the good ones are aborted."""
+    aborted = server.metric("lmgen_requests_total", status="abort")
+    body = {"model": "tiny", "prompt": [[5, 6], [999999], [7, 8]], **LONG}
+    assert_error(server.post("/v1/completions", json=body), 400, "prompt")
+    assert server.wait_for_metric("lmgen_requests_total", lambda v: v >= aborted + 2, status="abort") == aborted + 2
+
+
 def test_no_500_for_odd_requests(server):
     odd = [
         ("/v1/completions", {"prompt": ["a", [1, 2]]}),
