@@ -59,6 +59,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     add_quantization_args(group)
     group.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                        help="recompute shared prompt beginnings instead of reusing their KV blocks")
+    group.add_argument("--max-logprobs", type=int, default=20,
+                       help="the most alternatives a request's logprobs or prompt_logprobs may ask for")
     group.add_argument("--compile", action="store_true",
                        help="compile the decode step with torch.compile (Inductor): decode runs faster after "
                             "a first start that takes a minute or more (cached on disk for later runs); on a CPU "
@@ -85,7 +87,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
+                enable_prefix_caching=args.enable_prefix_caching, max_logprobs=args.max_logprobs,
+                quantization=args.quantization,
                 quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 compile=args.compile, enforce_eager=args.enforce_eager, seed=args.engine_seed,
                 revision=args.revision, speculative_config=_speculative_config(args))

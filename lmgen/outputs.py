@@ -50,6 +50,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    # with SamplingParams.prompt_logprobs: per prompt token, its entry and the top k at its position (None for the
+    # first token, which nothing predicts); shared by the n completions, in the first delta after the prompt is computed
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def text(self) -> str:
@@ -58,6 +61,8 @@ class RequestOutput:
 
     def merge(self, delta: RequestOutput) -> None:
         """Append a later delta of the same request to this accumulated output."""
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         by_index = {o.index: o for o in self.outputs}
         for new in delta.outputs:
             mine = by_index.get(new.index)

@@ -101,6 +101,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus top-k alternatives
+    # None: off; k >= 0: each prompt token's logprob and rank plus the top-k at its position (the first token's
+    # entry is None), from the raw logits (no processors), in RequestOutput.prompt_logprobs as vLLM's
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0  # OpenAI: subtract once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the output
     repetition_penalty: float = 1.0  # transformers/CTRL: shrink logits of tokens in prompt or output
@@ -151,8 +154,10 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, f"n must be a positive integer, got {self.n!r}")
-        _check(self.max_tokens is None or self.max_tokens >= 1,
-               f"max_tokens must be at least 1, got {self.max_tokens}; omit it to use the model's default")
+        scores_only = self.max_tokens == 0 and self.prompt_logprobs is not None and self.num_beams == 1
+        _check(self.max_tokens is None or self.max_tokens >= 1 or scores_only,
+               f"max_tokens must be at least 1, got {self.max_tokens}; omit it to use the model's default (0, to "
+               "score the prompt without generating, only with prompt_logprobs and without beam search)")
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
@@ -161,7 +166,10 @@ class SamplingParams:
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}; use 1 to disable it")
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
+                   f"{name} must be an integer >= 0 (or None: off), got {value!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from checkpoints import VARIANTS, build_checkpoint, truncated_copy
 from lmgen import kernels
@@ -51,7 +52,6 @@ ALL_VARIANTS = list(VARIANTS)
 def qwen_tools_path(tmp_path_factory):
     """A tiny random Qwen2 with Qwen 2.5's tokenizer layout and chat template, which renders tools and
     shows the Hermes call format (<tool_call>): tool calling end to end on random weights."""
-    import torch
     import transformers
 
     from checkpoints import BASE
@@ -68,3 +68,17 @@ def qwen_tools_path(tmp_path_factory):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def llama_log_softmax(llama_path):
+    """transformers' float32 log-softmax [len, vocab] at every position of a token-id prompt, on the tiny Llama."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32)
+
+    def log_softmax(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
+
+    return log_softmax

@@ -58,6 +58,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     block_size: int = 16
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared beginnings
+    max_logprobs: int = 20  # the most alternatives a request's logprobs or prompt_logprobs may ask for (vLLM's)
     quantization: str | None = None  # weight-only: "int8" (per output channel) or "int4" (per group)
     quantization_group_size: int | None = None  # int4: input columns per scale (32, 64, 128, 256); None: 64
     quantize_lm_head: bool = True  # with quantization, the LM head and embedding table too (int8)
@@ -79,6 +80,8 @@ class EngineConfig:
             raise InvalidArgumentError(f"device {self.device!r} was asked for but no CUDA GPU is available; use cpu")
         self.quant_config()  # validates the quantization settings
         object.__setattr__(self, "speculative_config", SpeculativeConfig.of(self.speculative_config))
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise InvalidArgumentError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             _positive(name, getattr(self, name))
         if self.kv_cache_memory is not None and parse_size(self.kv_cache_memory) <= 0:

@@ -33,7 +33,7 @@ from lmgen.loader.checkpoint import DEMO_MODEL_PATH, read_json, resolve_model_pa
 from lmgen.loader.model import LoadedModel, load_model
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.models.contract import ModelSpec
-from lmgen.outputs import RequestOutput
+from lmgen.outputs import Logprob, RequestOutput
 from lmgen.params import DEFAULT_MAX_TOKENS, SamplingParams
 from lmgen.sampling.processors import build_processors
 from lmgen.sampling.structured import GrammarBackend, LLGuidanceBackend
@@ -205,7 +205,8 @@ class Engine:
             raise InvalidArgumentError(f"request id {request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._check_logit_bias(params)
-        max_tokens = params.max_tokens or self.default_max_tokens
+        self._check_logprobs(params)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.default_max_tokens
         self._check_fits(len(prompt_ids), max_tokens)
         if params.num_beams > 1:
             self._add_beam_group(request_id, prompt_text, prompt_ids, params, max_tokens)
@@ -290,7 +291,8 @@ class Engine:
         for completion in completions:
             if completion.logprobs is not None:
                 completion.logprobs = with_token_text(completion.logprobs, self.tokenizer)
-        return RequestOutput(request_id, leader.prompt, leader.prompt_token_ids, completions, finished=True)
+        return RequestOutput(request_id, leader.prompt, leader.prompt_token_ids, completions, finished=True,
+                             prompt_logprobs=self._take_prompt_logprobs(leader))
 
     @property
     def grammar_backend(self) -> GrammarBackend:
@@ -305,6 +307,14 @@ class Engine:
         bad = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab]
         if bad:
             raise InvalidArgumentError(f"logit_bias token ids must be in [0, {vocab}); got {bad[:5]}")
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        most = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > most:
+                raise InvalidArgumentError(f"{name} asks for the top {value} tokens, more than max_logprobs ({most}) "
+                                           "allows: ask for fewer, or raise max_logprobs (--max-logprobs)")
 
     def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -363,7 +373,16 @@ class Engine:
             del self._outputs[request.request_id]
         if done:
             del self._families[request.parent_id]
-        return RequestOutput(request.parent_id, request.prompt, request.prompt_token_ids, [completion], finished=done)
+        return RequestOutput(request.parent_id, request.prompt, request.prompt_token_ids, [completion], finished=done,
+                             prompt_logprobs=self._take_prompt_logprobs(request))
+
+    def _take_prompt_logprobs(self, request: Request) -> list[dict[int, Logprob] | None] | None:
+        """The request's prompt logprobs with their tokens' text, once all are scored; handed out once."""
+        scored = request.prompt_logprobs
+        if scored is None or len(scored) < request.num_prompt_tokens:
+            return None
+        request.prompt_logprobs = None
+        return [None, *with_token_text(scored[1:], self.tokenizer)]
 
     def score(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Logits [len(prompt), vocab] (float32) at every position of each token-id prompt.
@@ -397,6 +416,7 @@ class Engine:
             return outputs
         sampled = self.runner.execute(batch, self._grammar_backend)
         self.scheduler.commit(batch)
+        outputs.extend(self._finish_scored(batch))
         if self._prompt_forks:
             self._fork_prompts(sampled)
         if self._beam_groups:
@@ -423,6 +443,18 @@ class Engine:
         self.scheduler.finish(request)
         if self.proposer is not None:
             self.proposer.release(request)
+
+    def _finish_scored(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Requests with max_tokens=0 finish ("length") once their prompt is computed: its logprobs were all
+        they asked for; the other n - 1 sequences, which would have shared it, finish with the first."""
+        outputs = []
+        for request in batch.requests:
+            if request.max_tokens == 0 and request.num_computed_tokens == request.num_tokens:
+                for sequence in (request, *self._prompt_forks.pop(request, ())):
+                    sequence.finish("length")
+                    self._finish(sequence)
+                    outputs.append(self._delta(sequence, None))
+        return outputs
 
     def _settle_drafts(self, request: Request, accepted: int) -> None:
         """After a step that accepted `accepted` of the request's drafts: drop what it computed past them (their

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmgen.cache.block_pool import chain_hash
+from lmgen.outputs import Logprob
 from lmgen.params import SamplingParams
 from lmgen.sampling.structured import Matcher
 
@@ -61,12 +62,17 @@ class Request:
     logits_processors: list = field(default_factory=list)  # see lmgen.sampling.processors
     matcher: Matcher | None = None  # the grammar state of a structured-output request
     beam: BeamGroup | None = None  # the beam-search group this request is a beam of
+    # params.prompt_logprobs, scored so far (position 0's entry is None), until handed out; the first of n
+    # sequences (or beams) computes them for all
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.parent_id = self.parent_id or self.request_id
         self.all_token_ids = list(self.prompt_token_ids)
         eos = frozenset() if self.params.ignore_eos else self.eos_token_ids
         self.stop_token_ids = eos | frozenset(self.params.stop_token_ids)
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,8 +17,29 @@ from lmgen.engine.scheduler import ScheduledBatch
 from lmgen.engine.speculative import accepted_tokens
 from lmgen.layers.attention import AttentionMetadata, reads_cache_in_place
 from lmgen.outputs import Logprob
-from lmgen.sampling.sampler import SamplingBatch, greedy_tokens, sample
+from lmgen.sampling.sampler import SamplingBatch, greedy_tokens, sample, top_logprobs
 from lmgen.sampling.structured import GrammarBackend, allocate_bitmask, apply_bitmask
+
+
+@dataclass
+class PromptScoring:
+    """The step's rows whose logits score the prompt token after them (SamplingParams.prompt_logprobs)."""
+
+    rows: list[int] = field(default_factory=list)  # among the step's tokens
+    targets: list[int] = field(default_factory=list)  # the prompt token each row predicts
+    requests: list[Request] = field(default_factory=list)  # whose rows, in order
+    counts: list[int] = field(default_factory=list)  # how many rows each
+
+    def add(self, request: Request, start: int, end: int, first_row: int) -> None:
+        """The rows of the request's positions start..end-1 (the first at `first_row`) that predict a prompt
+        token not scored yet: a preempted request computes its scored positions again."""
+        first = max(start, len(request.prompt_logprobs) - 1)
+        last = min(end, request.num_prompt_tokens - 1)  # the last prompt position predicts the first output token
+        if first < last:
+            self.rows += range(first_row + first - start, first_row + last - start)
+            self.targets += request.prompt_token_ids[first + 1:last + 1]
+            self.requests.append(request)
+            self.counts.append(last - first)
 
 
 @dataclass
@@ -30,6 +51,7 @@ class StepInputs:
     sample_indices: torch.Tensor  # [N + D] rows whose next token is chosen: one per sampled request, then
     sampled_requests: list[Request]  # each drafting request's last token and drafts (speculative decoding)
     drafting_requests: list[Request]
+    prompt_scoring: PromptScoring
 
 
 class ModelRunner:
@@ -49,7 +71,7 @@ class ModelRunner:
         bs = self.block_size
         ids, positions, seq_lens, slots, token_request, token_offset = [], [], [], [], [], []
         tables, query_starts, request_lens, sample_indices, sampled = [], [], [], [], []
-        draft_rows, drafting = [], []
+        draft_rows, drafting, scoring = [], [], PromptScoring()
         max_blocks = max(len(r.block_ids) for r in batch.requests)
         # Python ints rather than numpy arrays: a decode step has one token per request, and numpy's
         # cost per call (ten calls per request) was most of this function's
@@ -66,12 +88,14 @@ class ModelRunner:
                          else [request.num_tokens] * n)
             token_request += [i] * n
             token_offset += range(n)
+            if request.prompt_logprobs is not None:
+                scoring.add(request, start, end, len(ids) - n)
             query_starts.append(start)
             request_lens.append(end)
             if end == len(tokens) and drafts:  # the target's choice after the last token and after each draft
                 draft_rows += range(len(ids) - 1 - len(drafts), len(ids))
                 drafting.append(request)
-            elif end == len(tokens):  # the whole sequence is in the cache: time for a new token
+            elif end == len(tokens) and request.max_tokens > 0:  # the whole sequence is in the cache: a new token
                 sample_indices.append(len(ids) - 1)
                 sampled.append(request)
         # all of them in one tensor (one copy to a GPU), cut into views
@@ -86,7 +110,7 @@ class ModelRunner:
             max_query_len=max(batch.num_new_tokens), block_size=bs)
         if masks and not reads_cache_in_place(meta, self.model.spec.head_dim, self.device):
             meta.build_masks(self._windows)
-        return StepInputs(input_ids, positions, token_seq_lens, meta, sample_indices, sampled, drafting)
+        return StepInputs(input_ids, positions, token_seq_lens, meta, sample_indices, sampled, drafting, scoring)
 
     @torch.inference_mode()
     def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -127,6 +151,8 @@ class ModelRunner:
         forward = self._decode if compiled else self.model
         step_args = inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta, self.kv_cache.layers
         hidden = self.graphs(forward, *step_args) if graphed else forward(*step_args)
+        if inputs.prompt_scoring.rows:
+            self._score_prompts(hidden, inputs.prompt_scoring)
         if not inputs.sampled_requests and not inputs.drafting_requests:
             return []
         if inputs.drafting_requests or len(inputs.sampled_requests) < hidden.shape[0]:  # else every row, in order
@@ -159,6 +185,16 @@ class ModelRunner:
             request.params.score_recorder.add(request.index, raw[row], scores[row])
         chosen = [(request, [token], entry) for request, token, entry in zip(requests, tokens.tolist(), logprobs)]
         return chosen + verified
+
+    def _score_prompts(self, hidden: torch.Tensor, scoring: PromptScoring) -> None:
+        """Append each scoring request's new prompt logprobs: the float32 log-softmax of the raw logits (before
+        any processor, as vLLM's) at its rows, for the prompt token that follows each."""
+        rows = torch.tensor(scoring.rows, device=self.device)
+        logprobs = self.model.compute_logits(hidden[rows]).log_softmax(dim=-1)
+        num_top = [r.params.prompt_logprobs for r, count in zip(scoring.requests, scoring.counts) for _ in range(count)]
+        entries = iter(top_logprobs(logprobs, torch.tensor(scoring.targets), num_top))
+        for request, count in zip(scoring.requests, scoring.counts):
+            request.prompt_logprobs += itertools.islice(entries, count)
 
 
 def _verify_drafts(logits: torch.Tensor, drafting: list[Request]) -> list[tuple[Request, list[int], None]]:

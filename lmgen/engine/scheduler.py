@@ -100,7 +100,10 @@ class Scheduler:
             request = self.waiting[0]
             if self._change_rope_regime(request):
                 self._release(request)
-            if request.num_computed_tokens == 0 and self.config.enable_prefix_caching:
+            # Prompt logprobs need every prompt position's logits: such a request looks nothing up, nor do the
+            # other sequences of its family, so the first (which scores the prompt) is done with the prompt first
+            looks_up = self.config.enable_prefix_caching and request.params.prompt_logprobs is None
+            if request.num_computed_tokens == 0 and looks_up:
                 self._reuse_cached_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._allocate(request, request.num_computed_tokens + n, batch):
@@ -109,7 +112,7 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
-            if self.config.enable_prefix_caching:  # counted once admitted, not per attempt
+            if looks_up:  # counted once admitted, not per attempt
                 self.num_prefix_query_tokens += request.num_tokens
                 self.num_prefix_hit_tokens += request.num_computed_tokens
             request.status = RequestStatus.RUNNING

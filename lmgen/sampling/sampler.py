@@ -224,21 +224,25 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
 
 
 def top_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, num: list[int | None]) -> list[dict[int, Logprob] | None]:
-    """For rows that asked: the chosen token's logprob and rank, and the top-n alternatives."""
-    results: list[dict[int, Logprob] | None] = []
-    wanted = [n for n in num if n is not None]
-    top = logprobs.topk(max(wanted), dim=-1) if wanted and max(wanted) > 0 else None
-    for row, n in enumerate(num):
-        if n is None:
-            results.append(None)
-            continue
-        token = int(tokens[row])
-        chosen = logprobs[row, token]
-        entry = {token: Logprob(float(chosen), int((logprobs[row] > chosen).sum()) + 1)}
-        if top is not None:
-            for rank, (value, tid) in enumerate(zip(top.values[row, :n].tolist(), top.indices[row, :n].tolist()), 1):
-                entry.setdefault(tid, Logprob(value, rank))
-        results.append(entry)
+    """For rows that asked (`num` not None): the token's logprob and rank (1 + how many are likelier), and the
+    top-n alternatives. One pass over all asking rows (a prompt scores hundreds at once)."""
+    results: list[dict[int, Logprob] | None] = [None] * len(num)
+    rows = [row for row, n in enumerate(num) if n is not None]
+    if not rows:
+        return results
+    tokens = tokens.to(logprobs.device)
+    if len(rows) < len(num):
+        index = torch.tensor(rows, device=logprobs.device)
+        logprobs, tokens = logprobs[index], tokens[index]
+    chosen = logprobs.gather(-1, tokens[:, None])
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    top = logprobs.topk(min(max(num[row] for row in rows), logprobs.shape[-1]), dim=-1)
+    values, ids = top.values.tolist(), top.indices.tolist()
+    for i, (row, token, value) in enumerate(zip(rows, tokens.tolist(), chosen.squeeze(-1).tolist())):
+        entry = {token: Logprob(value, ranks[i])}
+        for rank, (alternative, tid) in enumerate(zip(values[i][:num[row]], ids[i][:num[row]]), 1):
+            entry.setdefault(tid, Logprob(alternative, rank))
+        results[row] = entry
     return results
 
 

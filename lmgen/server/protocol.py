@@ -75,6 +75,7 @@ class SamplingFields(_Request):
     use_beam_search: bool = False  # the n best of n beams (temperature defaults to 0: plain beam search)
     length_penalty: float | None = None  # beams: rank by sum of logprobs / length ** length_penalty
     early_stopping: bool | Literal["never"] | None = None  # beams: transformers' meaning
+    prompt_logprobs: int | None = None  # each prompt token's logprob and the top k (not with stream)
 
 
 class CompletionRequest(SamplingFields):
@@ -82,8 +83,8 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = None  # None: the model's generation_config, else 256 (never a silent 16)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    logprobs: int | None = None  # at most the server's --max-logprobs
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt's logprobs too)
     best_of: int | None = None  # only best_of == n (the default) is supported
     suffix: str | None = None  # not supported
 
@@ -148,7 +149,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # wins over max_tokens when both are set
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = None  # at most the server's --max-logprobs
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -194,12 +195,24 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one entry of prompt_logprobs (keyed by token id)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -247,6 +260,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaFunctionCall(BaseModel):

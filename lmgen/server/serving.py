@@ -28,8 +28,8 @@ from lmgen.server.metrics import Metrics
 from lmgen.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatLogprobs, ChatMessage, ChatToolCall, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, SamplingFields, TokenLogprob,
-    TopLogprob, Usage,
+    CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, PromptLogprob,
+    PromptLogprobs, SamplingFields, TokenLogprob, TopLogprob, Usage,
 )
 from lmgen.tool_calls import ToolArgumentError, ToolCalling, ToolCallStream, template_tool_calls, tool_parser_for
 
@@ -86,7 +86,7 @@ class OpenAIServing:
         return name
 
     def _sampling_params(self, request: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                         renames: dict[str, str]) -> SamplingParams:
+                         renames: dict[str, str], prompt_logprobs: int | None = None) -> SamplingParams:
         bias = None
         if request.logit_bias is not None:
             try:
@@ -101,6 +101,7 @@ class OpenAIServing:
             repetition_penalty=request.repetition_penalty, min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos, skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             stop_token_ids=tuple(request.stop_token_ids) if request.stop_token_ids else None,
             structured=structured_spec(request))
         fields.update(beam_fields(request))
@@ -136,21 +137,22 @@ class OpenAIServing:
 
     async def _start(self, prompts: list[_Prompt], params: SamplingParams, base_id: str,
                      renames: dict[str, str], prompt_field: str) -> list[RequestStream]:
-        """Queue one engine request per prompt; all or nothing."""
+        """Queue one engine request per prompt, all at once (so that they share the engine's next step); all or
+        nothing."""
         self._check_queue(params.n * len(prompts))
-        streams: list[RequestStream] = []
-        try:
-            for i, prompt in enumerate(prompts):
-                streams.append(await self.engine.add_request(prompt.token_ids, params, f"{base_id}-{i}"))
-        except BaseException as exc:
-            for stream in streams:
-                stream.abort()
-            if isinstance(exc, InvalidArgumentError):
-                raise from_invalid_argument(exc, renames, prompt_field) from None
-            if isinstance(exc, EngineStoppedError):
-                raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
-            raise
-        return streams
+        added = await asyncio.gather(*(self.engine.add_request(prompt.token_ids, params, f"{base_id}-{i}")
+                                       for i, prompt in enumerate(prompts)), return_exceptions=True)
+        streams = [item for item in added if isinstance(item, RequestStream)]
+        exc = next((item for item in added if isinstance(item, BaseException)), None)
+        if exc is None:
+            return streams
+        for stream in streams:
+            stream.abort()
+        if isinstance(exc, InvalidArgumentError):
+            raise from_invalid_argument(exc, renames, prompt_field) from None
+        if isinstance(exc, EngineStoppedError):
+            raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
+        raise exc
 
     # ---- /v1/completions ------------------------------------------------------------------
     def _completion_prompts(self, request: CompletionRequest) -> list[_Prompt]:
@@ -177,16 +179,18 @@ class OpenAIServing:
             raise bad_request("suffix is not supported: lmgen completes prompts left to right only", "suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise bad_request("best_of is not supported: ask for n completions and choose among them", "best_of")
-        if request.echo and request.logprobs is not None:
-            raise bad_request("echo with logprobs needs the prompt's logprobs, which lmgen does not compute yet: "
-                              "drop one of them", "logprobs")
+        if request.max_tokens == 0 and not request.echo and request.prompt_logprobs is None:
+            raise bad_request("max_tokens must be at least 1; 0 (nothing generated) only with echo or "
+                              "prompt_logprobs, to score the prompt", "max_tokens")
         if request.stream_options is not None and not request.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+        _check_prompt_logprobs(request)
         prompts = self._completion_prompts(request)
         for prompt in prompts:
             self._check_fits(prompt, request.max_tokens, "max_tokens", "prompt")
         renames = {"structured": "structured_outputs"}
-        params = self._sampling_params(request, request.max_tokens, request.logprobs, renames)
+        params = self._sampling_params(request, request.max_tokens, request.logprobs, renames,
+                                       _echo_prompt_logprobs(request))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._start(prompts, params, request_id, renames, "prompt")
         return await _respond(_CompletionFormatter(self, request, prompts, request_id, model), streams, raw_request)
@@ -216,7 +220,7 @@ class OpenAIServing:
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         prompt = self._chat_prompt(request)
         self._check_fits(prompt, max_tokens, max_tokens_field, "messages")
-        params = self._sampling_params(request, max_tokens, logprobs, renames)
+        params = self._sampling_params(request, max_tokens, logprobs, renames, request.prompt_logprobs)
         tooling = self._tool_calling(request)
         if tooling is not None and tooling.forced:
             if params.structured is not None:
@@ -245,6 +249,21 @@ class OpenAIServing:
         except ToolArgumentError as exc:
             raise bad_request(str(exc), exc.field) from None
         return calling if calling.parses else None
+
+
+def _echo_prompt_logprobs(request: CompletionRequest) -> int | None:
+    """The prompt logprobs a completion computes: those asked for, and with echo those its logprobs show (or,
+    echoing without generating, none shown: the engine takes max_tokens 0 only to score a prompt)."""
+    if not request.echo or (request.logprobs is None and request.max_tokens != 0):
+        return request.prompt_logprobs
+    return max(request.logprobs or 0, request.prompt_logprobs or 0)
+
+
+def _check_prompt_logprobs(request: SamplingFields) -> None:
+    if request.prompt_logprobs is not None and request.stream:
+        raise bad_request("prompt_logprobs are not available with stream: true (as in vLLM): drop one of them (a "
+                          "streamed completion with echo and logprobs shows the prompt's logprobs)",
+                          "prompt_logprobs")
 
 
 def template_message(index: int, message: ChatMessage) -> dict[str, Any]:
@@ -310,6 +329,7 @@ def _reject_unsupported_chat_fields(request: ChatCompletionRequest) -> None:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+    _check_prompt_logprobs(request)
 
 
 # ---- running the streams ------------------------------------------------------------------
@@ -400,10 +420,8 @@ async def _sse_stream(formatter: _Formatter, streams: list[RequestStream], inclu
         for chunk in formatter.opening_chunks():
             yield sse(chunk)
         async for index, delta in _merge(streams):
-            for output in delta.outputs:
-                chunk = formatter.chunk(index, output)
-                if chunk is not None:
-                    yield sse(chunk)
+            for chunk in formatter.chunks(index, delta):
+                yield sse(chunk)
         if include_usage:
             yield sse(formatter.usage_chunk())
     except (EngineStepError, EngineStoppedError) as exc:
@@ -448,11 +466,15 @@ class _Formatter:
         raise NotImplementedError
 
     def opening_chunks(self) -> list[BaseModel]:
-        """Chunks sent before any token (chat: the assistant role; completions: the echoed prompt)."""
+        """Chunks sent before any token (chat: the assistant role)."""
         return []
 
+    def chunks(self, prompt_index: int, delta: RequestOutput) -> list[BaseModel]:
+        """The chunks for one delta of the request of a prompt."""
+        return [chunk for output in delta.outputs if (chunk := self.chunk(prompt_index, output)) is not None]
+
     def chunk(self, prompt_index: int, output: CompletionOutput) -> BaseModel | None:
-        """The chunk for one delta, or None when it carries nothing."""
+        """The chunk for one completion's delta, or None when it carries nothing."""
         raise NotImplementedError
 
     def usage_chunk(self) -> BaseModel:
@@ -462,28 +484,43 @@ class _Formatter:
 class _CompletionFormatter(_Formatter):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.text_offsets: dict[int, int] = {}  # choice index -> characters sent so far
+        # choice index -> the text_offset of its next token: the characters of its tokens' text so far, as the
+        # whole response counts them (the prompt's BOS token, say, has text the echoed prompt lacks)
+        self.text_offsets: dict[int, int] = {}
+        self.prompt_logprobs: dict[int, list[dict[int, Logprob] | None]] = {}  # prompt index -> its scored prompt
 
     def _choice_index(self, prompt_index: int, output: CompletionOutput) -> int:
         return prompt_index * self.request.n + output.index
 
-    def _echo(self, prompt: _Prompt) -> str:
+    def _with_echo(self, prompt_index: int, output: CompletionOutput,
+                   prompt_logprobs: list[dict[int, Logprob] | None] | None,
+                   ) -> tuple[str, list[int], list[dict[int, Logprob] | None] | None]:
+        """A choice's text, token ids and logprob entries so far: with echo, the prompt's lead (as OpenAI's and
+        vLLM's legacy completions return them)."""
         if not self.request.echo:
-            return ""
-        return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+            return output.text, output.token_ids, output.logprobs
+        prompt = self.prompts[prompt_index]
+        text = prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+        entries = None
+        if self.request.logprobs is not None:  # a request ended before its prompt was scored shows no values
+            entries = [*(prompt_logprobs or [None] * len(prompt.token_ids)), *(output.logprobs or [])]
+        return text + output.text, [*prompt.token_ids, *output.token_ids], entries
 
-    def _logprobs(self, output: CompletionOutput, offset: int) -> CompletionLogprobs | None:
-        if self.request.logprobs is None or output.logprobs is None:
+    def _logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob] | None] | None,
+                  offset: int) -> CompletionLogprobs | None:
+        if self.request.logprobs is None or entries is None:
             return None
         result = CompletionLogprobs()
-        for token_id, entry in zip(output.token_ids, output.logprobs):
-            chosen = entry.get(token_id)
+        for token_id, entry in zip(token_ids, entries):
+            chosen = None if entry is None else entry[token_id]
             token = self._token(token_id, chosen)
             result.tokens.append(token)
-            result.token_logprobs.append(chosen.logprob if chosen else None)
-            top: dict[str, float] = {}
-            for t, lp in _top(entry, self.request.logprobs):
-                top.setdefault(self._token(t, lp), lp.logprob)  # two ids may decode alike: keep the likelier
+            result.token_logprobs.append(None if chosen is None else chosen.logprob)
+            top: dict[str, float] | None = None
+            if entry is not None:  # None: the prompt's first token, which nothing predicts
+                top = {}
+                for t, lp in [*_top(entry, self.request.logprobs), (token_id, chosen)]:  # OpenAI's: the top k and
+                    top.setdefault(self._token(t, lp), lp.logprob)  # the chosen one; of ids alike, the likelier
             result.top_logprobs.append(top)
             result.text_offset.append(offset)
             offset += len(token)
@@ -492,13 +529,14 @@ class _CompletionFormatter(_Formatter):
     def response(self, finals: list[RequestOutput]) -> CompletionResponse:
         choices = []
         for prompt_index, (final, prompt) in enumerate(zip(finals, self.prompts)):
-            echo = self._echo(prompt)
+            shown = _prompt_logprobs_field(self.request, prompt.token_ids, final.prompt_logprobs)
             for output in final.outputs:
                 self.num_completion_tokens += len(output.token_ids)
+                text, token_ids, entries = self._with_echo(prompt_index, output, final.prompt_logprobs)
                 choices.append(CompletionChoice(
-                    index=self._choice_index(prompt_index, output), text=echo + output.text,
-                    logprobs=self._logprobs(output, len(echo)), finish_reason=output.finish_reason,
-                    stop_reason=output.stop_reason))
+                    index=self._choice_index(prompt_index, output), text=text,
+                    logprobs=self._logprobs(token_ids, entries, 0), finish_reason=output.finish_reason,
+                    stop_reason=output.stop_reason, prompt_logprobs=shown))
         choices.sort(key=lambda c: c.index)
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
                                   usage=self.usage(self.num_completion_tokens))
@@ -507,28 +545,40 @@ class _CompletionFormatter(_Formatter):
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
                                   usage=usage)
 
-    def opening_chunks(self) -> list[BaseModel]:
-        chunks = []
-        for prompt_index, prompt in enumerate(self.prompts):
-            echo = self._echo(prompt)
-            for i in range(self.request.n if echo else 0):
-                index = prompt_index * self.request.n + i
-                self.text_offsets[index] = len(echo)
-                chunks.append(self._chunk([CompletionChoice(index=index, text=echo)]))
-        return chunks
+    def chunks(self, prompt_index: int, delta: RequestOutput) -> list[BaseModel]:
+        if delta.prompt_logprobs is not None:  # in the prompt's first delta; its other choices echo them too
+            self.prompt_logprobs[prompt_index] = delta.prompt_logprobs
+        return super().chunks(prompt_index, delta)
 
     def chunk(self, prompt_index: int, output: CompletionOutput) -> BaseModel | None:
         if not (output.text or output.token_ids or output.finish_reason):
             return None
         self.num_completion_tokens += len(output.token_ids)
         index = self._choice_index(prompt_index, output)
-        offset = self.text_offsets.get(index, 0)
-        self.text_offsets[index] = offset + len(output.text)
-        return self._chunk([CompletionChoice(index=index, text=output.text, logprobs=self._logprobs(output, offset),
+        if index in self.text_offsets:
+            offset, text, token_ids, entries = self.text_offsets[index], output.text, output.token_ids, output.logprobs
+        else:  # the choice's first chunk: the echoed prompt leads
+            offset = 0
+            text, token_ids, entries = self._with_echo(prompt_index, output, self.prompt_logprobs.get(prompt_index))
+        logprobs = self._logprobs(token_ids, entries, offset)
+        self.text_offsets[index] = offset + sum(map(len, logprobs.tokens)) if logprobs else 0
+        return self._chunk([CompletionChoice(index=index, text=text, logprobs=logprobs,
                                              finish_reason=output.finish_reason, stop_reason=output.stop_reason)])
 
     def usage_chunk(self) -> BaseModel:
         return self._chunk([], self.usage(self.num_completion_tokens))
+
+
+def _prompt_logprobs_field(request: SamplingFields, prompt_ids: list[int],
+                           entries: list[dict[int, Logprob] | None] | None) -> PromptLogprobs | None:
+    """vLLM's prompt_logprobs field, where the request asked for it: per prompt token, its entry and the top k."""
+    k = request.prompt_logprobs
+    if k is None or entries is None:
+        return None
+    return [None if entry is None else
+            {t: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+             for t, lp in entry.items() if t == token or lp.rank <= k}
+            for token, entry in zip(prompt_ids, entries)]
 
 
 class _ChatFormatter(_Formatter):
@@ -563,8 +613,9 @@ class _ChatFormatter(_Formatter):
                                       finish_reason=self._finish_reason(output, bool(calls)),
                                       stop_reason=output.stop_reason))
         choices.sort(key=lambda c: c.index)
+        prompt_logprobs = _prompt_logprobs_field(self.request, self.prompts[0].token_ids, finals[0].prompt_logprobs)
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
-                                      usage=self.usage(self.num_completion_tokens))
+                                      usage=self.usage(self.num_completion_tokens), prompt_logprobs=prompt_logprobs)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices,

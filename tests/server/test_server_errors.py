@@ -88,7 +88,11 @@ COMPLETION_ERRORS = [
     ({"temprature": 0.5}, "temprature"),  # a typo is named, not ignored
     ({"suffix": "end"}, "suffix"),
     ({"best_of": 3}, "best_of"),
-    ({"echo": True, "logprobs": 1}, "logprobs"),
+    ({"max_tokens": 0, "logprobs": 1}, "max_tokens"),  # 0 only with echo or prompt_logprobs
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),  # more than --max-logprobs
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ({"echo": True, "logprobs": 21}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"length_penalty": 2.0}, "length_penalty"),  # without use_beam_search
 ]
@@ -121,6 +125,8 @@ CHAT_ERRORS = [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"prompt_logprobs": 1.5}, "prompt_logprobs"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ({"temperature": -0.5}, "temperature"),
     ({"chat_template": "{{ raise_exception('no such conversation') }}"}, "messages"),
     ({"chat_template_kwargs": {"add_generation_prompt": 3, "messages": []}}, "messages"),
@@ -179,6 +185,14 @@ def test_a_full_queue_is_429_with_retry_after(server):
         assert time.monotonic() < deadline, "the aborted streams still count as in flight"
         time.sleep(0.2)
     assert response.status_code == 200
+
+
+def test_a_bad_prompt_among_several_leaves_none_running(server):
+    """A request's prompts are queued together, all or nothing: the good ones are aborted."""
+    aborted = server.metric("lmgen_requests_total", status="abort")
+    body = {"model": "tiny", "prompt": [[5, 6], [999999], [7, 8]], **LONG}
+    assert_error(server.post("/v1/completions", json=body), 400, "prompt")
+    assert server.wait_for_metric("lmgen_requests_total", lambda v: v >= aborted + 2, status="abort") == aborted + 2
 
 
 def test_no_500_for_odd_requests(server):
