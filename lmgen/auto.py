@@ -27,7 +27,7 @@ from lmgen.outputs import RequestOutput
 from lmgen.params import StructuredOutputs
 from lmgen.quantization_config import quantization_engine_args
 from lmgen.loader.checkpoint import resolve_model_path
-from lmgen.loader.model import read_checkpoint
+from lmgen.loader.model import read_tokenizer
 from lmgen.loader.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class AutoTokenizer:
         if padding_side not in ("left", "right"):
             raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         path = resolve_model_path(name_or_path, revision, gguf_file)
-        return cls(read_checkpoint(path).tokenizer, padding_side)
+        return cls(read_tokenizer(path), padding_side)
 
     def __getattr__(self, name: str) -> Any:  # bos_token, eos_token_id, chat_template, ...
         return getattr(self.tokenizer, name)

@@ -161,12 +161,11 @@ class GGUFCheckpoint:
     def hf_config(self) -> dict:
         """The config.json this file's model would have (the keys lmgen's family reads)."""
         family, meta = self.family(), _Metadata(self)
-        config = {"architectures": [family.architecture], **family.config(meta),
-                  "vocab_size": self._shape("token_embd.weight")[0],
-                  "tie_word_embeddings": "output.weight" not in self.tensors,
-                  "bos_token_id": meta.token_id("bos"), "eos_token_id": meta.token_id("eos"),
-                  "pad_token_id": meta.token_id("padding"), "torch_dtype": self._dtype_name()}
-        return config
+        return {"architectures": [family.architecture], **family.config(meta),
+                "vocab_size": self._shape("token_embd.weight")[0],
+                "tie_word_embeddings": "output.weight" not in self.tensors,
+                "bos_token_id": meta.token_id("bos"), "eos_token_id": meta.token_id("eos"),
+                "pad_token_id": meta.token_id("padding"), "torch_dtype": self._dtype_name()}
 
     def generation_config(self) -> dict:
         """generation_config.json's ids: generation ends at the end-of-sequence, -turn and -message tokens."""
@@ -215,9 +214,8 @@ def _tensor_info(path: Path, name: str, dims: list[int], kind: int, start: int, 
     try:
         ggml_type = gguf.GGMLQuantizationType(kind)
     except ValueError:
-        raise UnsupportedModelError(f"{path}: tensor {name} is stored as ggml type {kind}, which lmgen does not "
-                                    f"know (the gguf package {gguf.__version__ if hasattr(gguf, '__version__') else ''}"
-                                    " may be older than the file)") from None
+        raise UnsupportedModelError(f"{path}: tensor {name} is stored as ggml type {kind}, which lmgen cannot read "
+                                    "(the installed gguf package does not know it)") from None
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
     if dims[0] % block_size:
         raise malformed(path, f"tensor {name} has rows of {dims[0]} values, not whole blocks of {block_size} "

@@ -17,6 +17,7 @@ from lmgen.huge_pages import place_weights_in_huge_pages
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
 from lmgen.loader.checkpoint import is_gguf_file, iter_tensors, load_weights, read_json
 from lmgen.loader.gguf import GGUFCheckpoint
+from lmgen.loader.gguf_tokenizer import gguf_tokenizer
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.models import build_context, model_class
 from lmgen.models.contract import CausalLM, check_contract
@@ -38,12 +39,15 @@ class Checkpoint:
 def read_checkpoint(path: Path) -> Checkpoint:
     """The config, generation config and tokenizer of a folder, or of a GGUF file's metadata."""
     if is_gguf_file(path):
-        from lmgen.loader.gguf_tokenizer import gguf_tokenizer
-
         gguf = GGUFCheckpoint.open(path)
         return Checkpoint(path, gguf.hf_config(), gguf.generation_config(), gguf_tokenizer(gguf), gguf)
     return Checkpoint(path, read_json(path, "config.json", required=True), read_json(path, "generation_config.json"),
                       Tokenizer.from_pretrained(path))
+
+
+def read_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a folder (tokenizer.json; no config.json needed) or of a GGUF file."""
+    return gguf_tokenizer(GGUFCheckpoint.open(path)) if is_gguf_file(path) else Tokenizer.from_pretrained(path)
 
 
 @dataclass(frozen=True)

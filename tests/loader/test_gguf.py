@@ -240,3 +240,19 @@ def test_hub_repo_gguf_file_is_read_from_the_cache_offline(monkeypatch, tmp_path
         resolve_model_path("org/tiny-gguf", gguf_file="tiny-Q4_K_M.gguf")
     with pytest.raises(ModelNotFoundError, match="no GGUF file 'other.gguf' in"):
         resolve_model_path(str(file.parent), gguf_file="other.gguf")
+
+
+def test_without_the_gguf_package_the_error_names_the_install(monkeypatch, gguf_model):
+    _, file = gguf_model("llama", "llama")
+    monkeypatch.setattr(lmgen_gguf, "gguf", None)
+    with pytest.raises(UnsupportedModelError, match=r'pip install "lmgen\[gguf\]"'):
+        LLM(str(file))
+
+
+def test_lmgen_quantize_refuses_a_gguf_file(gguf_model, tmp_path):
+    from lmgen.errors import InvalidArgumentError
+    from lmgen.quantize import quantize_checkpoint
+
+    _, file = gguf_model("llama", "llama")
+    with pytest.raises(InvalidArgumentError, match="is a GGUF file"):
+        quantize_checkpoint(str(file), tmp_path / "out")
