@@ -134,12 +134,22 @@ class TensorRef:
         else:
             dest.copy_(self.load())
 
-    def _read_into(self, dest: torch.Tensor) -> None:
-        buffer = memoryview(dest.reshape(-1).view(torch.uint8).numpy()) if self.nbytes else memoryview(b"")
+    def row_chunks(self, rows: int) -> Iterator[torch.Tensor]:
+        """The tensor `rows` rows at a time (quantizing while loading then holds no whole float copy)."""
+        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
+        for first in range(0, self.shape[0], rows):
+            out = torch.empty((min(rows, self.shape[0] - first), *self.shape[1:]), dtype=self.dtype)
+            self._read_into(out, self.start + first * row_bytes)
+            yield out
+
+    def _read_into(self, dest: torch.Tensor, start: int | None = None) -> None:
+        """Fill `dest` with the file's bytes from `start` (default: the tensor's first)."""
+        nbytes = dest.numel() * dest.element_size()
+        buffer = memoryview(dest.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
         with open(self.file, "rb") as f:
-            f.seek(self.start)
+            f.seek(self.start if start is None else start)
             done = 0
-            while done < self.nbytes:
+            while done < nbytes:
                 n = f.readinto(buffer[done:])
                 if not n:
                     raise UnsupportedModelError(f"{self.file} is truncated")

@@ -179,9 +179,9 @@ class GGUFCheckpoint:
         for info in self.tensors.values():
             if info.name in CONFIG_TENSORS:
                 continue
-            name = lmgen_name(info.name, family)
-            yield name, GGUFTensor(self._buffer, info, dtype, _row_order(info, family, config),
-                                   family.norm_shift if info.name.endswith("norm.weight") else 0.0)
+            shift = family.norm_shift if info.name.endswith("norm.weight") else 0.0
+            yield lmgen_name(info.name, family), GGUFTensor(self._buffer, info, dtype,
+                                                            *_permuted_rows(info, family, config), shift)
 
     def read_floats(self, name: str) -> list[float]:
         """A small tensor's values (rope factors the config needs)."""
@@ -231,14 +231,15 @@ def _tensor_info(path: Path, name: str, dims: list[int], kind: int, start: int, 
 class GGUFTensor:
     """One tensor of a GGUF file, dequantized to `dtype` when read.
 
-    `row_order[i]` is the row stored row i belongs in (llama.cpp's q/k permutation undone);
-    `shift` is added to every value (Gemma's norms are stored as 1 + w).
+    `row_source[r]` is the stored row that row r is (llama.cpp's q/k permutation undone: it moves rows
+    within a head, `head_rows` rows); `shift` is added to every value (Gemma's norms are stored as 1 + w).
     """
 
     buffer: mmap.mmap
     info: TensorInfo
     dtype: torch.dtype
-    row_order: torch.Tensor | None = None
+    row_source: torch.Tensor | None = None
+    head_rows: int = 1
     shift: float = 0.0
 
     @property
@@ -256,24 +257,33 @@ class GGUFTensor:
             raise UnsupportedModelError(f"GGUF tensor {self.info.name} of shape {list(self.shape)} does not fit "
                                         f"parameter of shape {list(dest.shape)}")
         rows = dest.view(self.shape[0], -1)  # a 1-D tensor: one value per row
-        for first, values in self._chunks():
-            values = values.view(-1, rows.shape[1])
+        for first, values in self._rows(max(1, _CHUNK_VALUES // rows.shape[1])):
+            rows[first:first + len(values)].copy_(values)
+
+    def row_chunks(self, rows: int) -> Iterator[torch.Tensor]:
+        """The tensor about `rows` rows at a time, in `dtype` (quantizing while loading holds no whole copy)."""
+        for _, values in self._rows(rows):
+            yield values.to(self.dtype).view(-1, *self.shape[1:])
+
+    def _rows(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, values of the rows from there [n, values per row]) in their places, the chunks cut at
+        whole heads (a head's rows move only within it); the file's pages are dropped once read."""
+        rows = -(-rows // self.head_rows) * self.head_rows
+        for first, values in self._stored_rows(rows):
             if self.shift:
                 values = values.float() + self.shift
-            values = values.to(dest.device, dest.dtype)
-            if self.row_order is None:
-                rows[first:first + len(values)].copy_(values)
-            else:
-                rows.index_copy_(0, self.row_order[first:first + len(values)].to(dest.device), values)
-        self.buffer.madvise(mmap.MADV_DONTNEED, *_page_span(self.info))  # read once: drop the file's pages
+            if self.row_source is not None:
+                values = values[self.row_source[first:first + len(values)] - first]
+            yield first, values
+        self.buffer.madvise(mmap.MADV_DONTNEED, *_page_span(self.info))
 
-    def _chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, its rows' values) over the tensor, about _CHUNK_VALUES values at a time."""
-        num_rows = self.shape[0] if len(self.shape) > 1 else 1
-        row_bytes, row_values = self.info.nbytes // num_rows, math.prod(self.shape) // num_rows
-        step = max(1, _CHUNK_VALUES // row_values)
-        for first in range(0, num_rows, step):
-            count = min(step, num_rows - first)
+    def _stored_rows(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        if len(self.shape) == 1:  # one row of values in the file
+            yield 0, self._decode(np.frombuffer(self.buffer, np.uint8, self.info.nbytes, self.info.start)[None])[0, :, None]
+            return
+        row_bytes = self.info.nbytes // self.shape[0]
+        for first in range(0, self.shape[0], rows):
+            count = min(rows, self.shape[0] - first)
             raw = np.frombuffer(self.buffer, np.uint8, count * row_bytes, self.info.start + first * row_bytes)
             yield first, self._decode(raw.reshape(count, row_bytes))
 
@@ -317,15 +327,15 @@ def lmgen_name(name: str, family: "Family") -> str:
     return name
 
 
-def _row_order(info: TensorInfo, family: "Family", config: dict) -> torch.Tensor | None:
-    """Where each stored row of q or k belongs: llama.cpp's converter interleaves each head's two
-    rotary halves for llama-style models (its rope pairs neighbouring dimensions, transformers' pairs halves)."""
+def _permuted_rows(info: TensorInfo, family: "Family", config: dict) -> tuple[torch.Tensor | None, int]:
+    """(the stored row of each row, the rows of a head) of q or k, whose rows llama.cpp's converter
+    interleaves for llama-style models (its rope pairs neighbouring dimensions, transformers' halves)."""
     match = _BLOCK.match(info.name)
     if not (family.permuted_qk and match and match.group(2) in ("attn_q", "attn_k")):
-        return None
+        return None, 1
     heads = config["num_attention_heads"] if match.group(2) == "attn_q" else config["num_key_value_heads"]
     rows = info.shape[0]
-    return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+    return torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1), rows // heads
 
 
 # ---- metadata -> config.json --------------------------------------------------------------------

@@ -166,12 +166,20 @@ def test_dequantization_equals_the_gguf_package(tmp_path, monkeypatch, kind):
         assert torch.equal(loaded, expected.to(dtype))
 
 
-def test_requantized_to_int8_while_loading_as_from_the_checkpoint(gguf_model):
-    """quantization="int8" quantizes each dequantized tensor as it loads: the same weights, the same tokens,
-    as quantizing the float checkpoint."""
-    folder, file = gguf_model("qwen2", "qwen2")
-    from_gguf = LLM(str(file), dtype="float32", quantization="int8", kv_cache_memory="16MiB")
-    from_folder = LLM(str(folder), dtype="float32", quantization="int8", kv_cache_memory="16MiB")
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_requantized_while_loading_as_from_the_checkpoint(gguf_model, monkeypatch, method):
+    """quantization= quantizes the dequantized tensors a few rows at a time as they load (here: a row or
+    one head's rows, q/k rows put back in place first): the same weights, the same tokens, as quantizing
+    the float checkpoint."""
+    import lmgen.layers.quant
+
+    monkeypatch.setattr(lmgen.layers.quant, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(lmgen_gguf, "_CHUNK_VALUES", 64)
+    folder, file = gguf_model("llama", "llama")
+    from_gguf = LLM(str(file), dtype="float32", quantization=method, quantization_group_size=32,
+                    kv_cache_memory="16MiB")
+    from_folder = LLM(str(folder), dtype="float32", quantization=method, quantization_group_size=32,
+                      kv_cache_memory="16MiB")
     assert greedy(from_gguf, PROMPTS) == greedy(from_folder, PROMPTS)
 
 
