@@ -3,8 +3,8 @@
     python benchmarks/gguf_real.py                    # every load below, then the comparisons
     python benchmarks/gguf_real.py --only lmgen-int8  # one load
 
-For each load: the time, the peak resident memory above the process's baseline (after imports),
-the prompt ids and 32 greedy tokens for a few prompts. Then: lmgen reading the file in float32 must
+For each load: the time, the model's weight bytes, the peak resident memory above the process's
+baseline (after imports), the prompt ids and 32 greedy tokens for a few prompts. Then: lmgen reading the file in float32 must
 give transformers' tokens for the same file (``gguf_file=``, float32), and lmgen reading it as
 bfloat16 the tokens of lmgen on the float folder transformers converts it to (bfloat16).
 """
@@ -54,7 +54,10 @@ def run_one(name: str) -> dict:
         prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
         outputs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
         tokens = [o.outputs[0].token_ids for o in outputs]
-    return {"load_s": round(seconds, 1), "peak_rss_mib": round(peak / 2**20), "prompts": prompts, "tokens": tokens}
+        model = llm.engine.model
+    weights = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    return {"load_s": round(seconds, 1), "peak_rss_mib": round(peak / 2**20), "weights_mib": round(weights / 2**20),
+            "prompts": prompts, "tokens": tokens}
 
 
 def main() -> None:
@@ -71,8 +74,8 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--only", name], capture_output=True, text=True, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[name]
-        print(f"{name:24s} load {r['load_s']:6.1f} s   peak RSS above baseline {r['peak_rss_mib']:6d} MiB "
-              f"({r['peak_rss_mib'] * 2**20 / size:.2f}x the file)")
+        print(f"{name:24s} load {r['load_s']:6.1f} s   weights {r['weights_mib']:5d} MiB   peak RSS above baseline "
+              f"{r['peak_rss_mib']:5d} MiB ({r['peak_rss_mib'] * 2**20 / size:.2f}x the file)")
     for a, b in SAME:
         same = results[a]["prompts"] == results[b]["prompts"] and results[a]["tokens"] == results[b]["tokens"]
         print(f"{a} vs {b}: {'identical prompt ids and greedy tokens' if same else 'DIFFERENT'}")

@@ -62,10 +62,13 @@ class _Cursor:
 
     def take(self, nbytes: int, what: str) -> int:
         if self.pos + nbytes > len(self.buffer):
-            raise malformed(self.path, f"{what} runs past the end of the file ({len(self.buffer)} bytes): "
-                                       "the file is truncated")
+            raise self.truncated(what)
         start, self.pos = self.pos, self.pos + nbytes
         return start
+
+    def truncated(self, what: str) -> UnsupportedModelError:
+        return malformed(self.path, f"{what} runs past the end of the file ({len(self.buffer)} bytes): "
+                                    "the file is truncated")
 
     def scalar(self, kind: int, what: str) -> Any:
         fmt = _SCALARS[kind]
@@ -79,6 +82,23 @@ class _Cursor:
         except UnicodeDecodeError:
             raise malformed(self.path, f"{what} is not UTF-8 text") from None
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """`string` `count` times, inlined: vocabularies hold 100k-250k tokens and as many merges. Each string
+        is bound-checked before the list grows."""
+        buffer, pos, end, out = self.buffer, self.pos, len(self.buffer), []
+        length = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(count):
+                size = length(buffer, pos)[0] if pos + 8 <= end else end
+                if pos + 8 + size > end:
+                    raise self.truncated(what)
+                out.append(buffer[pos + 8:pos + 8 + size].decode("utf-8"))
+                pos += 8 + size
+        except UnicodeDecodeError:
+            raise malformed(self.path, f"{what} is not UTF-8 text") from None
+        self.pos = pos
+        return out
+
     def value(self, kind: int, what: str) -> Any:
         if kind in _SCALARS:
             return self.scalar(kind, what)
@@ -91,8 +111,8 @@ class _Cursor:
             dtype = np.dtype(_SCALARS[item_kind].replace("?", "b1"))
             start = self.take(count * dtype.itemsize, what)
             return np.frombuffer(self.buffer, dtype, count, start).copy()
-        if item_kind == _STRING:  # each string is read (and bound-checked) before the list grows
-            return [self.string(what) for _ in range(count)]
+        if item_kind == _STRING:
+            return self.strings(count, what)
         raise malformed(self.path, f"{what} is an array of value type {item_kind}, which lmgen does not read")
 
 
@@ -117,9 +137,9 @@ class GGUFCheckpoint:
         _require_gguf_package()
         if not path.is_file():
             raise ModelNotFoundError(f"no GGUF file at {path}")
+        if path.stat().st_size == 0:
+            raise malformed(path, "it is empty")
         with open(path, "rb") as f:
-            if path.stat().st_size == 0:
-                raise malformed(path, "it is empty")
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         cursor = _Cursor(path, buffer)
         magic = buffer[:4]
@@ -142,9 +162,6 @@ class GGUFCheckpoint:
         tensors = {name: _tensor_info(path, name, dims, kind, data_start + offset, len(buffer))
                    for name, dims, kind, offset in infos}
         return cls(path, buffer, metadata, tensors)
-
-    def close(self) -> None:
-        self._buffer.close()
 
     @property
     def architecture(self) -> str:

@@ -204,6 +204,7 @@ def test_malformed_files_are_clear_errors(gguf_model, tmp_path):
     cases = {
         "truncated.gguf": (data[: len(data) - 100], "truncated"),
         "header-cut.gguf": (data[:300], "truncated"),
+        "vocabulary-cut.gguf": (data[:data.index(b"tokenizer.ggml.token_type") - 11], "tokenizer.ggml.tokens runs past"),
         "magic.gguf": (b"GGML" + data[4:], "not the magic b'GGUF'"),
         "empty.gguf": (b"", "empty"),
     }
