@@ -284,7 +284,7 @@ class GGUFTensor:
 
     def _rows(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, values of the rows from there [n, values per row]) in their places, the chunks cut at
-        whole heads (a head's rows move only within it); the file's pages are dropped once read."""
+        whole heads (a head's rows move only within it)."""
         rows = -(-rows // self.head_rows) * self.head_rows
         for first, values in self._stored_rows(rows):
             if self.shift:
@@ -292,28 +292,29 @@ class GGUFTensor:
             if self.row_source is not None:
                 values = values[self.row_source[first:first + len(values)] - first]
             yield first, values
-        self.buffer.madvise(mmap.MADV_DONTNEED, *_page_span(self.info))
 
     def _stored_rows(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The rows as stored, decoded; the file's pages are dropped once read (the values are copies)."""
         if len(self.shape) == 1:  # one row of values in the file
-            yield 0, self._decode(np.frombuffer(self.buffer, np.uint8, self.info.nbytes, self.info.start)[None])[0, :, None]
+            yield 0, self._decode(self.info.start, self.info.nbytes, 1).view(-1, 1)
             return
         row_bytes = self.info.nbytes // self.shape[0]
         for first in range(0, self.shape[0], rows):
             count = min(rows, self.shape[0] - first)
-            raw = np.frombuffer(self.buffer, np.uint8, count * row_bytes, self.info.start + first * row_bytes)
-            yield first, self._decode(raw.reshape(count, row_bytes))
+            yield first, self._decode(self.info.start + first * row_bytes, count * row_bytes, count).view(count, -1)
 
-    def _decode(self, raw: np.ndarray) -> torch.Tensor:
+    def _decode(self, start: int, nbytes: int, rows: int) -> torch.Tensor:
+        """The values of the `rows` file rows stored at bytes [start, start + nbytes), flat."""
+        raw = np.frombuffer(self.buffer, np.uint8, nbytes, start).reshape(rows, -1)
         float_type = _FLOAT_TYPES.get(self.info.ggml_type)
         if float_type is not None:  # stored as values: reinterpreted, copied out of the read-only mapping
-            return torch.from_numpy(raw.copy()).view(float_type)
-        return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(self.info.ggml_type)))
-
-
-def _page_span(info: TensorInfo) -> tuple[int, int]:
-    start = info.start - info.start % mmap.PAGESIZE
-    return start, info.start + info.nbytes - start
+            values = torch.from_numpy(raw.copy()).view(float_type)
+        else:
+            values = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(self.info.ggml_type)))
+        del raw  # the mapping's pages are no longer viewed
+        page = start - start % mmap.PAGESIZE
+        self.buffer.madvise(mmap.MADV_DONTNEED, page, start + nbytes - page)
+        return values.reshape(-1)
 
 
 # ---- llama.cpp's names and layouts -> lmgen's --------------------------------------------------
