@@ -190,18 +190,18 @@ def bpe_metadata(folder: Path, pre: str = "gpt2") -> dict:
             "tokenizer.chat_template": config["chat_template"]}
 
 
-def sentencepiece_metadata(folder: Path, chat_template: str) -> dict:
-    """A SentencePiece-style tokenizer.json (▁ pieces, <0xNN> bytes) as llama.cpp writes a Llama 2
-    vocabulary: scores (the merge order) and token types, no merges."""
+def sentencepiece_metadata(folder: Path, chat_template: str, specials: dict[str, str]) -> dict:
+    """A SentencePiece-style tokenizer.json (▁ pieces, <0xNN> bytes) as llama.cpp writes a Llama 2 or Gemma
+    vocabulary: scores (the merge order) and token types, no merges. `specials`: bos_token, ... -> token."""
     data = json.loads((folder / "tokenizer.json").read_text())
-    vocab = data["model"]["vocab"]
+    vocab = {**data["model"]["vocab"], **{t["content"]: t["id"] for t in data["added_tokens"]}}
     tokens = sorted(vocab, key=vocab.get)
-    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    kinds = {"<unk>": UNKNOWN, "<s>": CONTROL, "</s>": CONTROL, "<pad_unused>": UNUSED}
-    types = [kinds.get(t, BYTE if t.startswith("<0x") else NORMAL) for t in tokens]
+    control = {t["content"] for t in data["added_tokens"] if t["special"]} - {specials.get("unk_token")}
+    types = [UNKNOWN if t == specials.get("unk_token") else CONTROL if t in control else
+             BYTE if t.startswith("<0x") else UNUSED if t.startswith("<pad") else NORMAL for t in tokens]
     scores = [-float(i) if kind == NORMAL else 0.0 for i, kind in enumerate(types)]
     return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types, **_special_ids(vocab, config),
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types, **_special_ids(vocab, specials),
             "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
             "tokenizer.chat_template": chat_template}
 

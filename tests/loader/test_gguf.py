@@ -22,7 +22,7 @@ from lmgen.loader import gguf as lmgen_gguf
 from lmgen.loader.checkpoint import resolve_model_path
 from lmgen.loader.gguf import GGUFCheckpoint
 from lmgen.loader.model import read_checkpoint
-from tokenizer_fixtures import MISTRAL_TEMPLATE, Backends, build_mistral
+from tokenizer_fixtures import GEMMA_TEMPLATE, MISTRAL_TEMPLATE, Backends, build_gemma, build_mistral
 
 PROMPTS = [[1, 17, 230, 45, 99], [1, 400, 3, 3, 72, 5, 9]]
 TEXTS = ["Hello world! The quick brown fox, 12345 café 🙂.", "  two leading spaces\nand a newline\ttab",
@@ -96,16 +96,26 @@ def test_llama_gguf_matches_transformers_gguf_load(gguf_model):
     assert ours.tolist() == theirs.tolist()
 
 
-def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
+SENTENCEPIECE = {  # llama.cpp architecture -> (tokenizer fixture, its template, special tokens, tiny variant)
+    "llama": (build_mistral, MISTRAL_TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, {}),
+    "phi3": (build_mistral, MISTRAL_TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, {}),
+    "gemma2": (build_gemma, GEMMA_TEMPLATE, {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+                                             "pad_token": "<pad>"}, {"query_pre_attn_scalar": 16}),
+}
+
+
+@pytest.mark.parametrize("arch", list(SENTENCEPIECE))
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path, arch):
     """A Llama 2 style vocabulary (scores and token types, no merges: they are derived from the scores;
-    byte fallback; BOS added) gives transformers' ids, decoded text and chat template rendering."""
-    spm = build_mistral(tmp_path / "spm", Backends())
-    metadata = sentencepiece_metadata(spm, MISTRAL_TEMPLATE)
-    folder = build_checkpoint(tmp_path / "model", "llama", vocab_size=len(metadata["tokenizer.ggml.tokens"]))
-    file = write_gguf(folder, tmp_path / "spm.gguf", "llama", tokenizer=metadata)
+    byte fallback; BOS added), Phi-3's (spaces by a normalizer) and Gemma's (merges in the file's order,
+    no prefix space) give transformers' ids, decoded text and chat template rendering."""
+    build, template, specials, changes = SENTENCEPIECE[arch]
+    metadata = sentencepiece_metadata(build(tmp_path / "spm", Backends()), template, specials)
+    folder = build_checkpoint(tmp_path / "model", arch, vocab_size=len(metadata["tokenizer.ggml.tokens"]), **changes)
+    file = write_gguf(folder, tmp_path / "spm.gguf", arch, tokenizer=metadata)
     ours = read_checkpoint(file).tokenizer
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)
-    texts = [*TEXTS, "日本語のテキスト Привет résumé", "I'm sure you're right: it's what we've said"]
+    texts = [*TEXTS, "日本語のテキスト Привет résumé", "I'm sure you're right: it's what we've said", "   spaced  out "]
     for text in texts:
         ids = ref(text)["input_ids"]
         assert ours.encode(text) == ids, text
