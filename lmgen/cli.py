@@ -42,7 +42,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags mirroring ``LLM(...)``'s arguments (EngineConfig)."""
     group = parser.add_argument_group("model and engine")
     group.add_argument("--model", "-m", default=None,
-                       help="checkpoint folder or Hugging Face hub id (default: the embedded demo model)")
+                       help="checkpoint folder, .gguf file or Hugging Face hub id (default: the embedded demo model)")
+    group.add_argument("--gguf-file", default=None,
+                       help="a GGUF file of the --model folder or hub repo, e.g. model-Q4_K_M.gguf")
     group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     group.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     group.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
@@ -91,7 +93,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 quantization=args.quantization,
                 quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 compile=args.compile, enforce_eager=args.enforce_eager, seed=args.engine_seed,
-                revision=args.revision, speculative_config=_speculative_config(args))
+                revision=args.revision, gguf_file=args.gguf_file, speculative_config=_speculative_config(args))
 
 
 def _speculative_config(args: argparse.Namespace) -> dict | None:

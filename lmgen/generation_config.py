@@ -51,9 +51,12 @@ class GenerationConfig:
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "GenerationConfig":
         file = Path(folder) / "generation_config.json"
-        data = json.loads(file.read_text()) if file.is_file() else {}
-        data.pop("transformers_version", None)
-        return cls(**data)
+        return cls.from_dict(json.loads(file.read_text()) if file.is_file() else {})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
+        """From generation_config.json's contents."""
+        return cls(**{key: value for key, value in data.items() if key != "transformers_version"})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}

@@ -33,6 +33,9 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, method
     """
     config = QuantConfig(method, group_size, lm_head)
     source = resolve_model_path(model, revision)
+    if not source.is_dir():
+        raise InvalidArgumentError(f"{source} is a GGUF file: lmgen quantize writes checkpoint folders; load the file "
+                                   "quantized instead (LLM(path, quantization=...), --quantize)")
     hf_config = read_json(source, "config.json", required=True)
     if QuantConfig.from_hf(hf_config) is not None:
         raise InvalidArgumentError(f"{source} is already quantized: quantize its full-precision checkpoint")

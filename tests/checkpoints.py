@@ -87,13 +87,13 @@ def build_tokenizer(folder: Path) -> None:
     }))
 
 
-def build_checkpoint(folder: Path, variant: str, dtype: torch.dtype = torch.float32) -> Path:
-    """Save a random `variant` model (and a tokenizer) into `folder`; returns it."""
+def build_checkpoint(folder: Path, variant: str, dtype: torch.dtype = torch.float32, **changes) -> Path:
+    """Save a random `variant` model (and a tokenizer) into `folder`, its config changed by `changes`."""
     import transformers
 
     config_class, overrides = {**VARIANTS, **EXTRA_VARIANTS}[variant]
     config = getattr(transformers, config_class)(**{**(GPT2_BASE if config_class == "GPT2Config" else BASE),
-                                                    **overrides})
+                                                    **overrides, **changes})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     # Norms start as ones (Gemma's as zeros): make their weights matter. Not in "llama", whose seed-0

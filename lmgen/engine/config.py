@@ -49,7 +49,8 @@ def _positive(name: str, value: int | None) -> None:
 class EngineConfig:
     """Validated on creation; every field maps to an argument of ``LLM(...)`` and a CLI flag."""
 
-    model: str | None = None  # folder or hub id; None: the embedded demo model
+    model: str | None = None  # folder, .gguf file or hub id; None: the embedded demo model
+    gguf_file: str | None = None  # a GGUF file of the folder or hub repo `model` (transformers' gguf_file)
     dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16, float16
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     kv_cache_memory: int | str | None = None  # bytes or "2GiB"; None: see DEFAULT_*

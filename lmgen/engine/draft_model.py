@@ -28,8 +28,8 @@ from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import ScheduledBatch
 from lmgen.engine.speculative import Draft, SpeculativeConfig
 from lmgen.errors import InvalidArgumentError, ModelNotFoundError
-from lmgen.loader.checkpoint import read_json, resolve_model_path
-from lmgen.loader.model import LoadedModel, load_model
+from lmgen.loader.checkpoint import resolve_model_path
+from lmgen.loader.model import LoadedModel, load_model, read_checkpoint
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.sampling.sampler import Warpers, _draw, greedy_tokens
 
@@ -42,8 +42,9 @@ def load_draft_model(config: SpeculativeConfig, target_tokenizer: Tokenizer, dev
         path = resolve_model_path(config.model)
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(f"the draft model (speculative_config 'model'): {exc}") from None
-    check_same_vocabulary(target_tokenizer, Tokenizer.from_pretrained(path), repr(config.model))
-    return load_model(path, read_json(path, "config.json", required=True), device, dtype, max_model_len)
+    checkpoint = read_checkpoint(path)  # a folder or a GGUF file, like the target
+    check_same_vocabulary(target_tokenizer, checkpoint.tokenizer, repr(config.model))
+    return load_model(checkpoint, device, dtype, max_model_len)
 
 
 def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, draft_name: str) -> None:
@@ -72,6 +73,8 @@ class DraftSequence:
     num_computed_tokens: int = 0
     num_drafted: int = 0  # trailing tokens that are drafts, not (yet) the request's
     draft_token_ids: tuple[int, ...] = ()  # the draft model checks no drafts of its own
+    prompt_logprobs: None = None  # nor scores prompts
+    max_tokens: int = 1  # and always chooses a next token
 
     @property
     def num_tokens(self) -> int:

@@ -29,9 +29,8 @@ from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from lmgen.engine.speculative import NgramProposer, Proposer, SpeculativeConfig
 from lmgen.errors import InvalidArgumentError
-from lmgen.loader.checkpoint import DEMO_MODEL_PATH, read_json, resolve_model_path
-from lmgen.loader.model import LoadedModel, load_model
-from lmgen.loader.tokenizer import Tokenizer
+from lmgen.loader.checkpoint import DEMO_MODEL_PATH, resolve_model_path
+from lmgen.loader.model import LoadedModel, load_model, read_checkpoint
 from lmgen.models.contract import ModelSpec
 from lmgen.outputs import Logprob, RequestOutput
 from lmgen.params import DEFAULT_MAX_TOKENS, SamplingParams
@@ -53,14 +52,14 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         started = time.perf_counter()
-        self.model_path = resolve_model_path(config.model or DEMO_MODEL_PATH, config.revision)
-        self.hf_config = read_json(self.model_path, "config.json", required=True)
-        self.generation_config = read_json(self.model_path, "generation_config.json")
-        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        self.model_path = resolve_model_path(config.model or DEMO_MODEL_PATH, config.revision, config.gguf_file)
+        checkpoint = read_checkpoint(self.model_path)
+        self.hf_config, self.generation_config = checkpoint.hf_config, checkpoint.generation_config
+        self.tokenizer = checkpoint.tokenizer
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.hf_config.get("dtype") or self.hf_config.get("torch_dtype"), self.device)
-        loaded = load_model(self.model_path, self.hf_config, self.device, self.dtype, config.max_model_len,
-                            config.quant_config(), config.quantization_group_size is not None)
+        loaded = load_model(checkpoint, self.device, self.dtype, config.max_model_len, config.quant_config(),
+                            config.quantization_group_size is not None)
         self.model, self.max_model_len, self.quantization = loaded.model, loaded.max_model_len, loaded.quantization
         speculative = config.speculative_config
         draft = (load_draft_model(speculative, self.tokenizer, self.device, self.dtype, self.max_model_len)

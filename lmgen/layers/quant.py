@@ -216,11 +216,13 @@ def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return (grouped * scales.float()[..., None] + zeros.float()[..., None]).view(rows, -1)
 
 
-def quantize_weight(weight: torch.Tensor, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, torch.Tensor]:
-    """The storage-form tensors of one float weight [N, K], by name ("weight", "scales", ...)."""
+def quantize_weight(weight: torch.Tensor | TensorRef, method: str, group_size: int = DEFAULT_GROUP_SIZE
+                    ) -> dict[str, torch.Tensor]:
+    """The storage-form tensors of one float weight [N, K], by name ("weight", "scales", ...); a file's
+    tensor (TensorRef, GGUFTensor) is read a chunk of rows at a time."""
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // weight.shape[1])
-    chunks = [quantize_int8(part) if method == "int8" else quantize_int4(part, group_size)
-              for part in weight.split(rows_per_chunk)]
+    parts = weight.split(rows_per_chunk) if isinstance(weight, torch.Tensor) else weight.row_chunks(rows_per_chunk)
+    chunks = [quantize_int8(part) if method == "int8" else quantize_int4(part, group_size) for part in parts]
     return {name: torch.cat(parts) for name, parts in zip(_STORAGE_NAMES[method], zip(*chunks))}
 
 
@@ -235,8 +237,7 @@ def quantize_tensors(tensors: Iterable[tuple[str, TensorRef | torch.Tensor]], co
         prefix = name.removesuffix("weight")
         if method == "int4":
             check_group_size(prefix.rstrip("."), ref.shape[1], config.group_size)
-        weight = ref.load() if hasattr(ref, "load") else ref  # a file's tensor, or one already in memory
-        for storage_name, tensor in quantize_weight(weight, method, config.group_size).items():
+        for storage_name, tensor in quantize_weight(ref, method, config.group_size).items():
             yield prefix + storage_name, tensor
 
 

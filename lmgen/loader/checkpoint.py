@@ -37,31 +37,46 @@ DEMO_MODEL_PATH = Path(__file__).resolve().parent.parent / "demo_model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local checkpoint folder for a folder path or a Hugging Face hub id."""
+def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = None,
+                       gguf_file: str | None = None) -> Path:
+    """A local checkpoint folder or GGUF file for a folder, a .gguf file or a Hugging Face hub id; with
+    `gguf_file`, that file of the folder or hub repo (as transformers' ``from_pretrained(..., gguf_file=)``)."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
     text = str(name_or_path)
+    if gguf_file is not None and path.is_dir():
+        if not (path / gguf_file).is_file():
+            raise ModelNotFoundError(f"no GGUF file {gguf_file!r} in {text!r}")
+        return path / gguf_file
+    if gguf_file is None and (path.is_dir() or is_gguf_file(path)):
+        return path
     if path.exists() or text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
         raise ModelNotFoundError(
-            f"no checkpoint folder at {text!r}: pass a folder holding config.json and *.safetensors, or a hub id like 'org/name'")
-    return _download(text, revision)
+            f"no checkpoint folder at {text!r}: pass a folder holding config.json and *.safetensors, a .gguf file, "
+            "or a hub id like 'org/name'")
+    return _download(text, revision, gguf_file)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+def is_gguf_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def _download(repo_id: str, revision: str | None, gguf_file: str | None) -> Path:
+    """The repo's checkpoint files (or only its file `gguf_file`) from the Hub, or from the cache."""
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
+        if gguf_file is not None:
+            return Path(hf_hub_download(repo_id, gguf_file, revision=revision, local_files_only=offline))
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILES,
                                       local_files_only=offline))
     except LocalEntryNotFoundError as exc:
         how = ("HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached")
         raise ModelNotFoundError(
             f"model {repo_id!r} is not in the Hugging Face cache and {how}: download it where there is network "
-            f"(`{_hub_download_command(repo_id)}`) or pass a local folder") from exc
+            f"(`{_hub_download_command(repo_id)}{'' if gguf_file is None else ' ' + gguf_file}`) or pass a local "
+            "folder") from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelNotFoundError(f"could not fetch model {repo_id!r} from the Hugging Face Hub: {exc}") from exc
 
@@ -119,12 +134,22 @@ class TensorRef:
         else:
             dest.copy_(self.load())
 
-    def _read_into(self, dest: torch.Tensor) -> None:
-        buffer = memoryview(dest.reshape(-1).view(torch.uint8).numpy()) if self.nbytes else memoryview(b"")
+    def row_chunks(self, rows: int) -> Iterator[torch.Tensor]:
+        """The tensor `rows` rows at a time (quantizing while loading then holds no whole float copy)."""
+        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
+        for first in range(0, self.shape[0], rows):
+            out = torch.empty((min(rows, self.shape[0] - first), *self.shape[1:]), dtype=self.dtype)
+            self._read_into(out, self.start + first * row_bytes)
+            yield out
+
+    def _read_into(self, dest: torch.Tensor, start: int | None = None) -> None:
+        """Fill `dest` with the file's bytes from `start` (default: the tensor's first)."""
+        nbytes = dest.numel() * dest.element_size()
+        buffer = memoryview(dest.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
         with open(self.file, "rb") as f:
-            f.seek(self.start)
+            f.seek(self.start if start is None else start)
             done = 0
-            while done < self.nbytes:
+            while done < nbytes:
                 n = f.readinto(buffer[done:])
                 if not n:
                     raise UnsupportedModelError(f"{self.file} is truncated")
@@ -213,7 +238,7 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, TensorRef]]:
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torch.Tensor]]) -> None:
     """Fill the model's parameters by name, fused modules included; every tensor and parameter must meet.
 
-    Tensors come from a file (TensorRef) or from memory (quantized or transposed while loading),
+    Tensors come from a file (TensorRef, or a GGUF file's GGUFTensor) or from memory (quantized or transposed while loading),
     under lmgen's names (the family's ``checkpoint_tensors``). ``model.packed_modules`` maps a
     checkpoint module name (``q_proj``) to the fused module and shard that hold it
     (``("qkv_proj", 0)``); shard ``i`` fills rows ``sum(shard_sizes[:i])`` on, of each of the fused
@@ -237,10 +262,10 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torc
         if tuple(source.shape) != tuple(dest.shape):
             raise UnsupportedModelError(f"checkpoint tensor {name} has shape {list(source.shape)}, but the model "
                                         f"loads it into {target} of shape {list(dest.shape)}")
-        if isinstance(source, TensorRef):
-            source.load_into(dest)
-        else:
+        if isinstance(source, torch.Tensor):
             dest.copy_(source)
+        else:  # a file's tensor (TensorRef, GGUFTensor) reads itself into place
+            source.load_into(dest)
         loaded.setdefault(target, set()).add(shard)
     missing = [n for n, shards in expected.items() if loaded.get(n, set()) != shards]
     if missing:

@@ -1,4 +1,4 @@
-"""A checkpoint folder -> a ready model: built, quantized, placed, loaded and packed.
+"""A checkpoint (a folder, or a GGUF file) -> a ready model: built, quantized, placed, loaded and packed.
 
 The engine receives the result and never reaches back into loading.
 """
@@ -6,6 +6,7 @@ The engine receives the result and never reaches back into loading.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +15,39 @@ import torch
 from lmgen import kernels
 from lmgen.huge_pages import place_weights_in_huge_pages
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
-from lmgen.loader.checkpoint import iter_tensors, load_weights
+from lmgen.loader.checkpoint import is_gguf_file, iter_tensors, load_weights, read_json
+from lmgen.loader.gguf import GGUFCheckpoint
+from lmgen.loader.gguf_tokenizer import gguf_tokenizer
+from lmgen.loader.tokenizer import Tokenizer
 from lmgen.models import build_context, model_class
 from lmgen.models.contract import CausalLM, check_contract
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model's source, read but for its weights: config.json, generation_config.json, the tokenizer."""
+
+    path: Path  # a checkpoint folder or a GGUF file
+    hf_config: dict
+    generation_config: dict
+    tokenizer: Tokenizer
+    gguf: GGUFCheckpoint | None = None  # the file's header, when the source is a GGUF file
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The config, generation config and tokenizer of a folder, or of a GGUF file's metadata."""
+    if is_gguf_file(path):
+        gguf = GGUFCheckpoint.open(path)
+        return Checkpoint(path, gguf.hf_config(), gguf.generation_config(), gguf_tokenizer(gguf), gguf)
+    return Checkpoint(path, read_json(path, "config.json", required=True), read_json(path, "generation_config.json"),
+                      Tokenizer.from_pretrained(path))
+
+
+def read_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a folder (tokenizer.json; no config.json needed) or of a GGUF file."""
+    return gguf_tokenizer(GGUFCheckpoint.open(path)) if is_gguf_file(path) else Tokenizer.from_pretrained(path)
 
 
 @dataclass(frozen=True)
@@ -28,23 +57,22 @@ class LoadedModel:
     quantization: QuantConfig | None  # the quantization in effect
 
 
-def load_model(path: Path, hf_config: dict, device: torch.device, dtype: torch.dtype, max_model_len: int | None = None,
+def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, max_model_len: int | None = None,
                quantization: QuantConfig | None = None, group_size_given: bool = False) -> LoadedModel:
-    """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors files.
+    """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors or GGUF tensors.
 
     `quantization` asks for int8/int4 (a checkpoint saved quantized loads as it is saved, and may only
     be asked for the same); `max_model_len` defaults to the checkpoint's context length.
     """
-    cls = model_class(hf_config)
-    spec = cls.spec_from_config(hf_config)
+    cls = model_class(checkpoint.hf_config)
+    spec = cls.spec_from_config(checkpoint.hf_config)
     max_model_len = max_model_len or spec.context_length
     with build_context(device, dtype):
         model = cls(spec, max_model_len)
     check_contract(model)
-    saved = QuantConfig.from_hf(hf_config)
+    saved = QuantConfig.from_hf(checkpoint.hf_config)
     quantization = resolve_quantization(quantization, saved, group_size_given)
-    # lmgen's quantized checkpoints hold lmgen's own names (lmgen quantize writes them so)
-    tensors = iter_tensors(path) if saved is not None else cls.checkpoint_tensors(iter_tensors(path))
+    tensors = _tensors(checkpoint, cls, dtype, saved is not None)
     if quantization is not None:
         prepare_quantized(model, quantization)
         if saved is None:  # quantize each float tensor as it is read
@@ -55,3 +83,11 @@ def load_model(path: Path, hf_config: dict, device: torch.device, dtype: torch.d
     load_weights(model, tensors)
     pack_quantized(model)
     return LoadedModel(model.eval(), max_model_len, quantization)
+
+
+def _tensors(checkpoint: Checkpoint, cls: type, dtype: torch.dtype, saved_quantized: bool) -> Iterable[tuple[str, object]]:
+    """The checkpoint's tensors under lmgen's names (lmgen's quantized checkpoints hold them already)."""
+    if checkpoint.gguf is not None:
+        return checkpoint.gguf.weights(dtype)
+    tensors = iter_tensors(checkpoint.path)
+    return tensors if saved_quantized else cls.checkpoint_tensors(tensors)
