@@ -213,7 +213,7 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.pool.free(request.block_ids)
-        request.block_ids, request.draft_token_ids = [], []
+        request.block_ids, request.draft_token_ids, request.draft_probs = [], [], None
         request.num_computed_tokens = request.num_cached_blocks = 0
 
     def finish(self, request: Request) -> None:

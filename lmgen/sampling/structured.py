@@ -5,7 +5,9 @@ grammar. Every step the runner asks for the allowed-token bitmask of each constr
 row (computed in parallel, off the GIL, while the model runs) and sets the other
 logits to -inf before the request's processors and the sampler see them; the engine
 then feeds the chosen token to the matcher and appends the tokens the grammar forces
-next without running the model for them.
+next without running the model for them. A request that drafted tokens (speculative
+decoding) gets a mask after each draft too, so a draft the grammar forbids has
+probability 0 and is rejected; the matcher only ever consumes accepted tokens.
 
 The engine needs only :class:`GrammarBackend` and :class:`Matcher`, so another grammar
 engine (xgrammar, say) can be added beside llguidance.
@@ -14,6 +16,7 @@ engine (xgrammar, say) can be added beside llguidance.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from typing import Protocol
 
@@ -79,8 +82,11 @@ class GrammarBackend(Protocol):
 
     def new_matcher(self, grammar: Grammar) -> Matcher: ...
 
-    def fill_bitmask(self, matchers: list[Matcher], bitmask: torch.Tensor) -> None:
-        """Write row i of `bitmask` [N, ceil(vocab / 32)] int32: bit t set = token t allowed for matchers[i]."""
+    def fill_bitmask(self, matchers: list[Matcher], drafts: list[list[int]], bitmask: torch.Tensor) -> None:
+        """Write the rows of `bitmask` [rows, ceil(vocab / 32)] int32, bit t set = token t allowed: for each
+        matcher in turn, the row of its next token, then (speculative decoding) the row after each of its
+        `drafts` as if it had consumed the drafts before (left as they are after a draft it refuses).
+        The matchers end as they were."""
 
 
 class LLGuidanceBackend:
@@ -131,18 +137,22 @@ class LLGuidanceBackend:
                 raise InvalidArgumentError(f"structured output: {matcher.get_error()}")
         return matchers[0] if len(matchers) == 1 else _AllOf(*matchers)
 
-    def fill_bitmask(self, matchers: list[Matcher], bitmask: torch.Tensor) -> None:
-        self._fill([(m.first if isinstance(m, _AllOf) else m, i) for i, m in enumerate(matchers)], bitmask)
-        seconds = [(m.second, i) for i, m in enumerate(matchers) if isinstance(m, _AllOf)]
+    def fill_bitmask(self, matchers: list[Matcher], drafts: list[list[int]], bitmask: torch.Tensor) -> None:
+        starts = itertools.accumulate([0, *(1 + len(d) for d in drafts[:-1])])
+        rows = list(zip(matchers, starts, drafts))
+        self._fill([(m.first if isinstance(m, _AllOf) else m, start, d) for m, start, d in rows], bitmask)
+        seconds = [(m.second, start, d) for m, start, d in rows if isinstance(m, _AllOf)]
         if seconds:  # a token is allowed where both grammars allow it
             allowed = torch.full_like(bitmask, -1)
             self._fill(seconds, allowed)
             with torch.inference_mode():  # the engine's bitmask is an inference tensor; this is another thread
                 bitmask &= allowed
 
-    def _fill(self, rows: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
+    def _fill(self, rows: list[tuple[Matcher, int, list[int]]], bitmask: torch.Tensor) -> None:
         row_bytes = bitmask.shape[1] * bitmask.element_size()
-        self.executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
+        # llguidance consumes each matcher's drafts while it writes their rows, then rolls them back
+        self.executor.unsafe_compute_mask_ptr_with_draft_token(rows, bitmask.data_ptr(), row_bytes,
+                                                               bitmask.shape[0])
 
 
 class _AllOf:

@@ -4,7 +4,8 @@ import pytest
 
 from conftest import ALL_VARIANTS
 from lmgen import LLM, InvalidArgumentError, SamplingParams
-from lmgen.engine.speculative import SpeculativeConfig, accepted_tokens, propose_ngram
+from lmgen.engine.speculative import SpeculativeConfig, propose_ngram
+from lmgen.sampling.sampler import accept_greedy
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "disable_by_batch_size": None}
 # prompts whose continuations repeat them, so that drafts are made and (some) accepted
@@ -25,9 +26,9 @@ def test_ngram_proposals_follow_the_latest_earlier_occurrence_of_the_longest_tai
 
 
 def test_verification_accepts_the_agreeing_drafts_and_adds_the_target_token():
-    assert accepted_tokens([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7]
-    assert accepted_tokens([4, 5, 6], [4, 9, 6, 7]) == [4, 9]
-    assert accepted_tokens([4, 5, 6], [8, 5, 6, 7]) == [8]
+    assert accept_greedy([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7]
+    assert accept_greedy([4, 5, 6], [4, 9, 6, 7]) == [4, 9]
+    assert accept_greedy([4, 5, 6], [8, 5, 6, 7]) == [8]
 
 
 @pytest.mark.parametrize("variant", [*ALL_VARIANTS, "phi3-long"])  # phi3-long: the 8-token prompt crosses 16

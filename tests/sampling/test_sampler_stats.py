@@ -47,7 +47,7 @@ def draw_counts(settings: dict) -> torch.Tensor:
     params = [SamplingParams(**settings)] * NUM_DRAWS
     batch = SamplingBatch.build(params, [generator] * NUM_DRAWS, torch.device("cpu"))
     tokens, _, _ = sample(LOGITS.expand(NUM_DRAWS, -1).clone(), batch)
-    return torch.bincount(tokens, minlength=len(LOGITS)).double()
+    return torch.bincount(torch.tensor(tokens).flatten(), minlength=len(LOGITS)).double()
 
 
 def fits(counts: torch.Tensor, probs: torch.Tensor) -> bool:
