@@ -150,9 +150,13 @@ class LLGuidanceBackend:
 
     def _fill(self, rows: list[tuple[Matcher, int, list[int]]], bitmask: torch.Tensor) -> None:
         row_bytes = bitmask.shape[1] * bitmask.element_size()
-        # llguidance consumes each matcher's drafts while it writes their rows, then rolls them back
-        self.executor.unsafe_compute_mask_ptr_with_draft_token(rows, bitmask.data_ptr(), row_bytes,
-                                                               bitmask.shape[0])
+        plain = [(matcher, start) for matcher, start, drafts in rows if not drafts]
+        if plain:
+            self.executor.unsafe_compute_mask_ptr(plain, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
+        drafted = [row for row in rows if row[2]]
+        if drafted:  # llguidance consumes each matcher's drafts as it writes their rows, then rolls them back
+            self.executor.unsafe_compute_mask_ptr_with_draft_token(drafted, bitmask.data_ptr(), row_bytes,
+                                                                   bitmask.shape[0])
 
 
 class _AllOf:
