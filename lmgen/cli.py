@@ -68,9 +68,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "CUDA graphs (slower; for debugging)")
     group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
     group.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
-                       help="speculative decoding by prompt lookup: greedy requests draft up to K tokens a step "
+                       help="speculative decoding by prompt lookup: requests draft up to K tokens a step "
                             "from earlier occurrences of their last tokens (faster where the output copies "
-                            "its input; the same tokens as without)")
+                            "its input; greedy: the same tokens as without, sampled: the same distribution)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
