@@ -17,7 +17,7 @@ from lmgen.engine.scheduler import ScheduledBatch
 from lmgen.layers.attention import AttentionMetadata, reads_cache_in_place
 from lmgen.outputs import Logprob
 from lmgen.sampling.processors import WithDrafts
-from lmgen.sampling.sampler import SamplingBatch, sample
+from lmgen.sampling.sampler import SamplingBatch, row_starts, sample
 from lmgen.sampling.structured import GrammarBackend, allocate_bitmask, apply_bitmask
 
 
@@ -103,7 +103,7 @@ class ModelRunner:
         graphed = self.graphs is not None and self.graphs.takes(batch.num_new_tokens)
         inputs = self.prepare(batch, masks=not graphed)  # a graph builds its masks itself
         requests = inputs.choosing_requests
-        starts = list(itertools.accumulate([0, *(1 + len(r.draft_token_ids) for r in requests[:-1])]))
+        starts = row_starts([r.draft_token_ids for r in requests])
         constrained = [(r, start) for r, start in zip(requests, starts) if r.matcher is not None]
         if constrained:  # the grammar engine fills the masks off the GIL while the model runs
             bitmask = allocate_bitmask(sum(1 + len(r.draft_token_ids) for r, _ in constrained),

@@ -153,6 +153,12 @@ class Warpers:
         return scores
 
 
+def row_starts(drafts: list[list[int]]) -> list[int]:
+    """Each request's first logits row, where request i has 1 + len(drafts[i]) rows: its next token's and
+    (speculative decoding) the one after each of its drafts."""
+    return list(itertools.accumulate([0, *(1 + len(d) for d in drafts[:-1])]))
+
+
 @dataclass(frozen=True)
 class SamplingBatch:
     """Per-request settings. Request i owns ``1 + len(drafts[i])`` consecutive rows of the logits: its
@@ -174,9 +180,8 @@ class SamplingBatch:
               drafts: list[list[int]] | None = None, draft_probs: list[torch.Tensor | None] | None = None,
               ) -> "SamplingBatch":
         drafts = drafts if drafts is not None else [[] for _ in params]
-        spans = [1 + len(d) for d in drafts]
-        starts = list(itertools.accumulate([0, *spans[:-1]]))
-        rows = [list(range(start, start + span)) for start, span in zip(starts, spans)]
+        starts = row_starts(drafts)
+        rows = [range(start, start + 1 + len(d)) for start, d in zip(starts, drafts)]
         sampled = [i for i, p in enumerate(params) if p.temperature > 0]
         return cls(
             starts=starts, drafts=drafts, draft_probs=draft_probs or [None] * len(params),

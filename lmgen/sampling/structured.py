@@ -16,7 +16,6 @@ engine (xgrammar, say) can be added beside llguidance.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 from typing import Protocol
 
@@ -25,6 +24,7 @@ import torch
 from lmgen.errors import InvalidArgumentError
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.params import StructuredOutputs
+from lmgen.sampling.sampler import row_starts
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ class LLGuidanceBackend:
         return matchers[0] if len(matchers) == 1 else _AllOf(*matchers)
 
     def fill_bitmask(self, matchers: list[Matcher], drafts: list[list[int]], bitmask: torch.Tensor) -> None:
-        starts = itertools.accumulate([0, *(1 + len(d) for d in drafts[:-1])])
-        rows = list(zip(matchers, starts, drafts))
+        rows = list(zip(matchers, row_starts(drafts), drafts))
         self._fill([(m.first if isinstance(m, _AllOf) else m, start, d) for m, start, d in rows], bitmask)
         seconds = [(m.second, start, d) for m, start, d in rows if isinstance(m, _AllOf)]
         if seconds:  # a token is allowed where both grammars allow it
