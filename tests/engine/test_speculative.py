@@ -125,7 +125,10 @@ def test_seeded_sampled_requests_repeat_themselves_with_speculation(llama_path):
 def test_structured_output_with_speculation_is_valid(llama_path):
     """Sampled JSON always matches its schema (greedy JSON is what it is without: the mixed batch's test)."""
     strings = {"type": "array", "items": {"type": "string", "maxLength": 5}, "minItems": 6, "maxItems": 6}
-    schemas = [INTEGERS, INTEGERS, strings, strings]
+    records = {"type": "array", "items": {"type": "object", "properties": {  # the grammar forces the keys
+        "name": {"type": "string", "maxLength": 6}, "id": {"type": "integer", "minimum": 0, "maximum": 999}},
+        "required": ["name", "id"], "additionalProperties": False}, "minItems": 3, "maxItems": 3}
+    schemas = [INTEGERS, strings, records, records]
     params = [SamplingParams(max_tokens=200, temperature=0.7, seed=seed, structured={"json_schema": schema})
               for seed, schema in enumerate(schemas)]
     llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
