@@ -351,13 +351,13 @@ class Engine:
         """Append a step's tokens (several when drafts were accepted), each checked for stops as if it came alone
         (one delta per token); then settle the request's drafts and draft again. The tokens after one that the
         grammar follows with forced tokens are dropped: they were chosen without those before them."""
-        deltas, num_tokens = [], request.num_tokens
+        deltas, num_before = [], request.num_tokens
         for i, token in enumerate(tokens):
             request.append_token(token, self.max_model_len)
             if request.matcher is not None:
                 self._advance_grammar(request, token)
             deltas.append(self._delta(request, None if logprobs is None else [logprobs[i]]))
-            if request.finished or request.num_tokens > num_tokens + i + 1:
+            if request.finished or request.num_tokens > num_before + i + 1:  # the grammar forced tokens
                 break
         accepted = min(i + 1, len(tokens) - 1)  # drafts now in the sequence
         self.num_draft_tokens += len(request.draft_token_ids)
@@ -366,7 +366,7 @@ class Engine:
             self.scheduler.finish(request)
         else:
             if request.draft_token_ids:
-                self._settle_drafts(request, num_tokens + accepted, accepted)
+                self._settle_drafts(request, num_before + accepted, accepted)
             self._draft(request)
         return deltas
 
