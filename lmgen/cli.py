@@ -74,13 +74,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
     speculative = group.add_mutually_exclusive_group()
     speculative.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
-                             help="speculative decoding by prompt lookup: greedy requests draft up to K tokens a "
-                                  "step from earlier occurrences of their last tokens (faster where the output "
-                                  "copies its input; the same tokens as without)")
+                             help="speculative decoding by prompt lookup: requests draft up to K tokens a step "
+                                  "from earlier occurrences of their last tokens (faster where the output copies "
+                                  "its input; greedy: the same tokens as without, sampled: the same distribution)")
     speculative.add_argument("--speculative-model", default=None, metavar="PATH",
                              help="speculative decoding with a draft model: a small checkpoint (folder or hub id) "
                                   "of the same tokenizer drafts the next tokens, the model checks them all in one "
-                                  "step (the same tokens as without)")
+                                  "step (greedy: the same tokens as without, sampled: the same distribution)")
     group.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                        help="with --speculative-model: most tokens drafted a step (default 5)")
 

@@ -421,21 +421,31 @@ class Engine:
         if self._beam_groups:
             outputs.extend(self._advance_beams())
         for request, tokens, logprobs in sampled:
-            self.num_drafts += bool(request.draft_token_ids)
-            self.num_draft_tokens += len(request.draft_token_ids)
-            self.num_accepted_draft_tokens += len(tokens) - 1
-            for token in tokens:  # several when drafts were accepted: each checked for stops as if alone
-                request.append_token(token, self.max_model_len)
-                if request.matcher is not None:
-                    self._advance_grammar(request, token)
-                outputs.append(self._delta(request, None if logprobs is None else [logprobs]))
-                if request.finished:
-                    self._finish(request)
-                    break
-            if not request.finished and request.draft_token_ids:
-                self._settle_drafts(request, len(tokens) - 1)
+            outputs.extend(self._append_tokens(request, tokens, logprobs))
         self._draft([request for request, _, _ in sampled if not request.finished])
         return outputs
+
+    def _append_tokens(self, request: Request, tokens: list[int], logprobs: list | None) -> list[RequestOutput]:
+        """Append a step's tokens (several when drafts were accepted), each checked for stops as if it came alone
+        (one delta per token); then settle the request's drafts. The tokens after one that the grammar follows
+        with forced tokens are dropped: they were chosen without those before them."""
+        deltas, num_before = [], request.num_tokens
+        for i, token in enumerate(tokens):
+            request.append_token(token, self.max_model_len)
+            if request.matcher is not None:
+                self._advance_grammar(request, token)
+            deltas.append(self._delta(request, None if logprobs is None else [logprobs[i]]))
+            if request.finished or request.num_tokens > num_before + i + 1:  # the grammar forced tokens
+                break
+        accepted = min(i + 1, len(tokens) - 1)  # drafts now in the sequence
+        self.num_drafts += bool(request.draft_token_ids)
+        self.num_draft_tokens += len(request.draft_token_ids)
+        self.num_accepted_draft_tokens += accepted
+        if request.finished:
+            self._finish(request)
+        elif request.draft_token_ids:
+            self._settle_drafts(request, num_before + accepted, accepted)
+        return deltas
 
     def _finish(self, request: Request) -> None:
         """Free a finished request's blocks, and what drafting for it holds."""
@@ -455,11 +465,11 @@ class Engine:
                     outputs.append(self._delta(sequence, None))
         return outputs
 
-    def _settle_drafts(self, request: Request, accepted: int) -> None:
-        """After a step that accepted `accepted` of the request's drafts: drop what it computed past them (their
-        cache slots get written over), and set how many it may draft next."""
+    def _settle_drafts(self, request: Request, num_valid: int, accepted: int) -> None:
+        """After a step that accepted `accepted` of the request's drafts: drop what it computed past its first
+        `num_valid` tokens (their cache slots get written over), and set how many it may draft next."""
         speculative = self.proposer.config
-        request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+        request.num_computed_tokens = min(request.num_computed_tokens, num_valid)
         request.draft_limit = speculative.next_limit(len(request.draft_token_ids), accepted)
         request.draft_pause = speculative.num_speculative_tokens if request.draft_limit == 0 else 0
         request.draft_token_ids, request.draft_probs = [], None
@@ -479,12 +489,10 @@ class Engine:
                 request.draft_token_ids, request.draft_probs = token_ids, probs
 
     def _draft_limit(self, request: Request) -> int:
-        """How many tokens the request may draft now: none unless it speculates (greedy, nothing computed per
-        position: see lmgen/engine/speculative.py); as many as its drafts' record allows, its max_tokens and
-        the context."""
-        speculative, params = self.proposer.config, request.params
-        if (params.temperature != 0 or request.logits_processors or request.matcher or request.beam
-                or params.logprobs is not None or params.score_recorder is not None):
+        """How many tokens the request may draft now (any request but a beam: a beam group chooses its tokens
+        across its beams); as many as its drafts' record allows, its max_tokens and the context."""
+        speculative = self.proposer.config
+        if request.beam:
             return 0
         if request.draft_pause:  # its last drafts all failed
             request.draft_pause -= 1

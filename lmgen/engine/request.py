@@ -50,8 +50,8 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of the full blocks so far
     hash_salt: bytes | None = None  # what else its blocks' contents depend on (the rope regime: Scheduler)
     draft_token_ids: list[int] = field(default_factory=list)  # speculated next tokens, checked by the next step
-    # the distributions the drafts were drawn from, [k, vocab] float32 (the first len(draft_token_ids) rows count:
-    # the scheduler may cut drafts); None when they were chosen deterministically (see speculative.Draft)
+    # [len(drafts), vocab] float32: the distribution each draft was drawn from (a draft model's); None: the
+    # drafts were chosen, not drawn (prompt lookup). Rows past len(draft_token_ids) (drafts cut) are ignored
     draft_probs: torch.Tensor | None = None
     draft_limit: int | None = None  # how many it may draft next (None: the configured most)
     draft_pause: int = 0  # steps before a request whose drafts all failed drafts again

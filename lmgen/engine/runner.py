@@ -14,10 +14,10 @@ from lmgen.engine.compiled import CompiledDecode
 from lmgen.engine.cuda_graphs import GraphedDecode
 from lmgen.engine.request import Request
 from lmgen.engine.scheduler import ScheduledBatch
-from lmgen.engine.speculative import accepted_tokens
 from lmgen.layers.attention import AttentionMetadata, reads_cache_in_place
 from lmgen.outputs import Logprob
-from lmgen.sampling.sampler import SamplingBatch, greedy_tokens, sample, top_logprobs
+from lmgen.sampling.processors import WithDrafts
+from lmgen.sampling.sampler import SamplingBatch, row_starts, sample, top_logprobs
 from lmgen.sampling.structured import GrammarBackend, allocate_bitmask, apply_bitmask
 
 
@@ -48,9 +48,8 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     token_seq_lens: torch.Tensor  # [T] the length of each token's request (all its tokens, computed or not)
     meta: AttentionMetadata
-    sample_indices: torch.Tensor  # [N + D] rows whose next token is chosen: one per sampled request, then
-    sampled_requests: list[Request]  # each drafting request's last token and drafts (speculative decoding)
-    drafting_requests: list[Request]
+    sample_indices: torch.Tensor  # [R] rows whose next token is chosen: each choosing request's last token,
+    choosing_requests: list[Request]  # then (speculative decoding) each of its drafts
     prompt_scoring: PromptScoring
 
 
@@ -70,8 +69,8 @@ class ModelRunner:
         """The step's tensors; with `masks`, attention's masks too where its kernel reads none."""
         bs = self.block_size
         ids, positions, seq_lens, slots, token_request, token_offset = [], [], [], [], [], []
-        tables, query_starts, request_lens, sample_indices, sampled = [], [], [], [], []
-        draft_rows, drafting, scoring = [], [], PromptScoring()
+        tables, query_starts, request_lens, sample_indices, choosing = [], [], [], [], []
+        scoring = PromptScoring()
         max_blocks = max(len(r.block_ids) for r in batch.requests)
         # Python ints rather than numpy arrays: a decode step has one token per request, and numpy's
         # cost per call (ten calls per request) was most of this function's
@@ -92,15 +91,12 @@ class ModelRunner:
                 scoring.add(request, start, end, len(ids) - n)
             query_starts.append(start)
             request_lens.append(end)
-            if end == len(tokens) and drafts:  # the target's choice after the last token and after each draft
-                draft_rows += range(len(ids) - 1 - len(drafts), len(ids))
-                drafting.append(request)
-            elif end == len(tokens) and request.max_tokens > 0:  # the whole sequence is in the cache: a new token
-                sample_indices.append(len(ids) - 1)
-                sampled.append(request)
+            if end == len(tokens) and request.max_tokens > 0:  # the whole sequence is in the cache: time for a new token (and its drafts')
+                sample_indices += range(len(ids) - 1 - len(drafts), len(ids))
+                choosing.append(request)
         # all of them in one tensor (one copy to a GPU), cut into views
         parts = (ids, positions, seq_lens, slots, tables, query_starts, request_lens, token_request, token_offset,
-                 sample_indices + draft_rows)
+                 sample_indices)
         (input_ids, positions, token_seq_lens, slot_mapping, tables, query_starts, request_lens, token_request,
          token_offset, sample_indices) = torch.from_numpy(np.fromiter(
             itertools.chain.from_iterable(parts), dtype=np.int64)).to(self.device).split(list(map(len, parts)))
@@ -110,7 +106,7 @@ class ModelRunner:
             max_query_len=max(batch.num_new_tokens), block_size=bs)
         if masks and not reads_cache_in_place(meta, self.model.spec.head_dim, self.device):
             meta.build_masks(self._windows)
-        return StepInputs(input_ids, positions, token_seq_lens, meta, sample_indices, sampled, drafting, scoring)
+        return StepInputs(input_ids, positions, token_seq_lens, meta, sample_indices, choosing, scoring)
 
     @torch.inference_mode()
     def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -130,21 +126,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, grammar: GrammarBackend | None = None,
-                ) -> list[tuple[Request, list[int], dict[int, Logprob] | None]]:
-        """Run one step; returns (request, new tokens, logprobs) for each request that chose tokens: one
-        sampled token, or a drafting request's accepted drafts and the target's next token.
+                ) -> list[tuple[Request, list[int], list[dict[int, Logprob]] | None]]:
+        """Run one step; returns (request, new tokens, their logprobs) for each request that chose tokens: one,
+        or a drafting request's accepted drafts and one token more.
 
         Requests with a grammar matcher get their logits masked by `grammar` first.
         """
         self.kv_cache.copy_blocks(batch.block_copies)  # forked sequences' shared blocks about to be written
         graphed = self.graphs is not None and self.graphs.takes(batch.num_new_tokens)
         inputs = self.prepare(batch, masks=not graphed)  # a graph builds its masks itself
-        constrained = [row for row, r in enumerate(inputs.sampled_requests) if r.matcher is not None]
+        requests = inputs.choosing_requests
+        starts = row_starts([r.draft_token_ids for r in requests])
+        constrained = [(r, start) for r, start in zip(requests, starts) if r.matcher is not None]
         if constrained:  # the grammar engine fills the masks off the GIL while the model runs
-            bitmask = allocate_bitmask(len(constrained), self.model.spec.vocab_size)
-            masks_done = self._mask_worker.submit(grammar.fill_bitmask,
-                                                  [inputs.sampled_requests[row].matcher for row in constrained],
-                                                  bitmask)
+            bitmask = allocate_bitmask(sum(1 + len(r.draft_token_ids) for r, _ in constrained),
+                                       self.model.spec.vocab_size)
+            masks_done = self._mask_worker.submit(grammar.fill_bitmask, [r.matcher for r, _ in constrained],
+                                                  [list(r.draft_token_ids) for r, _ in constrained], bitmask)
         # A decode step whose layers run in one kernel call is faster eager than compiled
         compiled = (self._decode is not None and inputs.meta.decode_only
                     and self.model.one_call_layers(inputs.meta, self.kv_cache.layers) is None)
@@ -153,38 +151,35 @@ class ModelRunner:
         hidden = self.graphs(forward, *step_args) if graphed else forward(*step_args)
         if inputs.prompt_scoring.rows:
             self._score_prompts(hidden, inputs.prompt_scoring)
-        if not inputs.sampled_requests and not inputs.drafting_requests:
+        if not requests:
             return []
-        if inputs.drafting_requests or len(inputs.sampled_requests) < hidden.shape[0]:  # else every row, in order
+        if len(inputs.sample_indices) < hidden.shape[0]:  # else every row, in order
             hidden = hidden[inputs.sample_indices]
         logits = self.model.compute_logits(hidden)
-        requests = inputs.sampled_requests
-        verified = _verify_drafts(logits[len(requests):], inputs.drafting_requests)
-        if not requests:
-            return verified
-        logits = logits[: len(requests)]
         recording = any(r.params.score_recorder is not None for r in requests)
         raw = logits.clone() if recording else None  # masks and processors below change logits in place
         if constrained:
             masks_done.result()
-            apply_bitmask(logits, constrained, bitmask)
-        for row, request in enumerate(requests):
-            if request.beam is not None:  # transformers' beam search runs the processors on log-probabilities
-                logits[row] = logits[row].log_softmax(dim=-1)
-            for process in request.logits_processors:
-                logits[row] = process(request.all_token_ids, logits[row])
-        beam_rows = [row for row, r in enumerate(requests) if r.beam is not None]
-        if beam_rows:
-            logits, raw, requests = _hand_to_beams(logits, raw, requests, beam_rows)
+            apply_bitmask(logits, [start + j for r, start in constrained for j in range(1 + len(r.draft_token_ids))],
+                          bitmask)
+        _process(logits, requests, starts)
+        if any(r.beam is not None for r in requests):
+            logits, raw, requests = _hand_to_beams(logits, raw, requests, starts)
             if not requests:
-                return verified
-        recorded = [(row, r) for row, r in enumerate(requests) if r.params.score_recorder is not None]
-        params = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device)
+                return []
+        return self._sample(logits, raw, requests)
+
+    def _sample(self, logits: torch.Tensor, raw: torch.Tensor | None, requests: list[Request],
+                ) -> list[tuple[Request, list[int], list[dict[int, Logprob]] | None]]:
+        """Choose the requests' tokens from their processed logits; hand recorders their rows (one per token)."""
+        params = SamplingBatch.build([r.params for r in requests], [r.generator for r in requests], self.device,
+                                     [r.draft_token_ids for r in requests], [r.draft_probs for r in requests])
         tokens, logprobs, scores = sample(logits, params)
-        for row, request in recorded:
-            request.params.score_recorder.add(request.index, raw[row], scores[row])
-        chosen = [(request, [token], entry) for request, token, entry in zip(requests, tokens.tolist(), logprobs)]
-        return chosen + verified
+        for request, start, chosen in zip(requests, params.starts, tokens):
+            if request.params.score_recorder is not None:
+                for row in range(start, start + len(chosen)):
+                    request.params.score_recorder.add(request.index, raw[row], scores[row])
+        return list(zip(requests, tokens, logprobs))
 
     def _score_prompts(self, hidden: torch.Tensor, scoring: PromptScoring) -> None:
         """Append each scoring request's new prompt logprobs: the float32 log-softmax of the raw logits (before
@@ -197,24 +192,30 @@ class ModelRunner:
             request.prompt_logprobs += itertools.islice(entries, count)
 
 
-def _verify_drafts(logits: torch.Tensor, drafting: list[Request]) -> list[tuple[Request, list[int], None]]:
-    """Each drafting request's accepted drafts and the target's own next token (greedy verification); logits
-    hold, per request in order, the rows after its last token and after each of its drafts."""
-    if not drafting:
-        return []
-    targets, row, verified = greedy_tokens(logits).tolist(), 0, []
-    for request in drafting:
-        count = len(request.draft_token_ids) + 1
-        verified.append((request, accepted_tokens(request.draft_token_ids, targets[row:row + count]), None))
-        row += count
-    return verified
+def _process(logits: torch.Tensor, requests: list[Request], starts: list[int]) -> None:
+    """Run each request's logits processors on its rows (in place): on the row after each draft as if the
+    drafts before it were accepted."""
+    for request, start in zip(requests, starts):
+        if request.beam is not None:  # transformers' beam search runs the processors on log-probabilities
+            logits[start] = logits[start].log_softmax(dim=-1)
+        if not request.logits_processors:
+            continue
+        drafts = request.draft_token_ids
+        for j in range(len(drafts) + 1):
+            token_ids = WithDrafts(request.all_token_ids + drafts[:j], j) if j else request.all_token_ids
+            for process in request.logits_processors:
+                logits[start + j] = process(token_ids, logits[start + j])
 
 
-def _hand_to_beams(logits: torch.Tensor, raw: torch.Tensor | None, requests: list[Request], beam_rows: list[int],
+def _hand_to_beams(logits: torch.Tensor, raw: torch.Tensor | None, requests: list[Request], starts: list[int],
                    ) -> tuple[torch.Tensor, torch.Tensor | None, list[Request]]:
-    """Give each beam's processed log-probabilities to its group (which chooses its tokens); the other rows
-    go on to the sampler."""
-    for row in beam_rows:
-        requests[row].beam.receive(requests[row], logits[row], None if raw is None else raw[row])
-    rest = [row for row, r in enumerate(requests) if r.beam is None]
-    return logits[rest], None if raw is None else raw[rest], [requests[row] for row in rest]
+    """Give each beam's processed log-probabilities to its group (which chooses its tokens); the other
+    requests' rows go on to the sampler."""
+    rows, rest = [], []
+    for request, start in zip(requests, starts):
+        if request.beam is not None:  # one row: beams do not draft
+            request.beam.receive(request, logits[start], None if raw is None else raw[start])
+        else:
+            rows += range(start, start + 1 + len(request.draft_token_ids))
+            rest.append(request)
+    return logits[rows], None if raw is None else raw[rows], rest

@@ -3,10 +3,27 @@
 ``ngram`` (prompt lookup) drafts with no model: the tokens that followed the latest earlier
 occurrence of the sequence's last n tokens, where the output copies its input (editing,
 quoting, code). A drafting request computes its last token and its k drafts in one step,
-like a prompt chunk; the target's argmax at each position accepts drafts while they agree,
-and the first disagreement (or the token after the last draft) is the target's own: so a
-greedy request's output is token for token what it is without speculation, and a step
-yields 1 to k + 1 tokens. Rejected drafts' cache slots are simply written again later.
+like a prompt chunk, and the target scores the position after the last token and after each
+draft exactly as it would without speculation had the drafts before been accepted: logits
+processors and penalties see those drafts in the sequence, the grammar masks each position
+(a draft it forbids has probability 0), then temperature and the warpers. The sampler then
+verifies the drafts (``accept_greedy``, ``accept_sampled`` in lmgen/sampling/sampler.py):
+
+- a greedy request accepts drafts while they are the argmax; the first disagreement (or the
+  token after the last draft) is the target's own, so its output is token for token the
+  output without speculation;
+- a sampled request uses rejection sampling (Leviathan et al. 2023, Chen et al. 2023): draft
+  x is accepted with probability min(1, p(x) / q(x)), p the target's distribution and q the
+  one the draft came from (``Request.draft_probs``; one-hot for prompt lookup, which chooses
+  its drafts), and the first rejected one is replaced by a draw from max(p - q, 0)
+  renormalised. Every token follows exactly the distribution it follows without speculation;
+  the draws come from the request's own generator, so a seed repeats its tokens.
+
+A step yields 1 to k + 1 tokens, appended one at a time as if each came alone (stop tokens and
+strings, max_tokens, one logprobs entry and one recorded score row per token). The tokens after
+one that the grammar follows with forced tokens are dropped, as they were chosen without those.
+Rejected drafts' cache slots are simply written again later. Beams do not draft: a beam group
+chooses its tokens across its beams, one a step.
 
 Drafting adapts per request (``SpeculativeConfig.next_limit``, transformers' "heuristic" schedule
 taken down to none): two more drafts after a step that accepted all, as many as were accepted
@@ -17,9 +34,6 @@ Two proposers draft, behind one small interface (``Proposer``): ``NgramProposer`
 draft model of the same vocabulary (``draft_model``, lmgen/engine/draft_model.py), which runs in the
 same engine on its own paged KV cache. The engine asks the proposer once per step, for all the
 requests that draft, and releases a request's drafting state when it finishes.
-
-Today drafts are made for greedy requests that need nothing per position (no logits
-processors, grammar, logprobs, beams or score recording); the others decode one token a step.
 """
 
 from __future__ import annotations
@@ -140,11 +154,3 @@ def propose_ngram(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[
                 return token_ids[start + n:start + n + k]
     return []
 
-
-def accepted_tokens(drafts: list[int], targets: list[int]) -> list[int]:
-    """Greedy verification: the drafts the target agrees with, then the target's own next token
-    (targets[i] is the target's choice after the sequence and drafts[:i]; len(targets) == len(drafts) + 1)."""
-    accepted = 0
-    while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
-        accepted += 1
-    return drafts[:accepted] + [targets[accepted]]

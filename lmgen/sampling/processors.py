@@ -6,6 +6,11 @@ transformers' order (see :func:`build_processors`), so the sampler never needs t
 what a setting means. Stateful ones index tokens incrementally, so a step costs
 O(new tokens), not O(sequence). Warpers (temperature, top-k, ...) are batched in
 :mod:`lmgen.sampling.sampler` and run after these.
+
+With speculative decoding a processor also scores the positions after drafts: it is then
+given a :class:`WithDrafts`, the sequence followed by the drafts before that position.
+Drafts may be rejected, so stateful processors index only the tokens before them (a
+request's own tokens only grow) and take the drafts into account afresh at each call.
 """
 
 from __future__ import annotations
@@ -20,6 +25,19 @@ from lmgen.params import SamplingParams
 
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 NEG_INF = float("-inf")
+
+
+class WithDrafts(list):
+    """A request's tokens followed by the last `num_drafts` of them: drafts not accepted yet."""
+
+    def __init__(self, token_ids: Sequence[int], num_drafts: int) -> None:
+        super().__init__(token_ids)
+        self.num_drafts = num_drafts
+
+
+def num_settled(token_ids: Sequence[int]) -> int:
+    """How many of `token_ids` are the request's own (the rest are drafts, which may still be rejected)."""
+    return len(token_ids) - getattr(token_ids, "num_drafts", 0)
 
 
 def _on_device(tensor: torch.Tensor) -> Callable[[torch.device], torch.Tensor]:
@@ -47,16 +65,20 @@ def min_tokens_processor(num_prompt_tokens: int, min_tokens: int, stop_ids: froz
 
 
 def _token_counter(start: int, vocab_size: int) -> Callable[[Sequence[int], torch.device], torch.Tensor]:
-    """Counts of each token id in token_ids[start:], updated incrementally."""
+    """Counts of each token id in token_ids[start:], updated incrementally (drafts counted at each call)."""
     counts = torch.zeros(vocab_size)
     seen = start
 
     def update(token_ids: Sequence[int], device: torch.device) -> torch.Tensor:
         nonlocal counts, seen
-        if len(token_ids) > seen:
-            new = torch.tensor(token_ids[seen:], dtype=torch.long)
+        settled = num_settled(token_ids)
+        if settled > seen:
+            new = torch.tensor(token_ids[seen:settled], dtype=torch.long)
             counts = counts.index_add(0, new, torch.ones(len(new)))
-            seen = len(token_ids)
+            seen = settled
+        drafts = token_ids[max(settled, start):]
+        if drafts:
+            return counts.index_add(0, torch.tensor(drafts, dtype=torch.long), torch.ones(len(drafts))).to(device)
         return counts.to(device)
 
     return update
@@ -135,12 +157,15 @@ def no_repeat_ngram_processor(n: int) -> LogitsProcessor:
 
     def process(token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         nonlocal num_indexed
-        for end in range(num_indexed, len(token_ids)):
+        settled = num_settled(token_ids)
+        for end in range(num_indexed, settled):
             followers[tuple(token_ids[end - n + 1:end])].add(token_ids[end])
-        num_indexed = max(num_indexed, len(token_ids))
+        num_indexed = max(num_indexed, settled)
         if len(token_ids) < n:
             return logits
-        banned = followers.get(tuple(token_ids[len(token_ids) - n + 1:]))
+        tail = tuple(token_ids[len(token_ids) - n + 1:])
+        banned = followers.get(tail, set()) | {token_ids[end] for end in range(max(settled, n - 1), len(token_ids))
+                                               if tuple(token_ids[end - n + 1:end]) == tail}  # n-grams ending in drafts
         if not banned:
             return logits
         return logits.index_fill(0, torch.tensor(sorted(banned), device=logits.device), NEG_INF)

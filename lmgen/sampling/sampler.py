@@ -1,14 +1,20 @@
-"""The batched sampler: a pure function of logits and per-row settings.
+"""The batched sampler: a pure function of logits and per-request settings.
 
 Warpers follow transformers' definitions and order (temperature, top-h, top-k, top-p,
 min-p, typical-p, epsilon, eta), vectorised over rows that each carry their own values;
-a warper that no row of the batch uses costs nothing. Every row draws from its own
+a warper that no row of the batch uses costs nothing. Every request draws from its own
 ``torch.Generator``, so a seeded request gets the same tokens whatever else shares its
 batch.
+
+A request that drafted tokens (speculative decoding) brings a row after each draft too,
+processed as if the drafts before it were accepted; the sampler verifies its drafts
+against those rows' distributions (:func:`accept_greedy`, :func:`accept_sampled`), so
+its tokens follow exactly the distribution they would follow without drafts.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,28 +153,46 @@ class Warpers:
         return scores
 
 
+def row_starts(drafts: list[list[int]]) -> list[int]:
+    """Each request's first logits row, where request i has 1 + len(drafts[i]) rows: its next token's and
+    (speculative decoding) the one after each of its drafts."""
+    return list(itertools.accumulate([0, *(1 + len(d) for d in drafts[:-1])]))
+
+
 @dataclass(frozen=True)
 class SamplingBatch:
-    """Per-row settings: which rows sample (temperature > 0) and with what; the rest take the argmax."""
+    """Per-request settings. Request i owns ``1 + len(drafts[i])`` consecutive rows of the logits: its
+    next token's and, when it drafted (speculative decoding), the one after each of its drafts."""
 
-    sampled_rows: list[int]
+    starts: list[int]  # each request's first row
+    drafts: list[list[int]]
+    draft_probs: list[torch.Tensor | None]  # [len(drafts), vocab]: what the drafts were drawn from; None: chosen
+    sampling: list[bool]  # temperature > 0; the others take the argmax
+    sampled_rows: list[int]  # the rows of the sampling requests
     warpers: Warpers | None  # settings of the sampled rows, in their order
-    generators: list[torch.Generator]  # of the sampled rows
+    generators: list[torch.Generator]
     num_logprobs: list[int | None]
-    keep_scores: bool = False  # some row records its processed scores: write the warped rows back
-    renormalized_rows: list[int] = field(default_factory=list)  # recorded rows that renormalize_logits
+    keep_scores: bool = False  # some request records its processed scores: write the warped rows back
+    renormalized_rows: list[int] = field(default_factory=list)  # rows of recorded requests that renormalize_logits
 
     @classmethod
-    def build(cls, params: list[SamplingParams], generators: list[torch.Generator],
-              device: torch.device) -> "SamplingBatch":
-        rows = [row for row, p in enumerate(params) if p.temperature > 0]
+    def build(cls, params: list[SamplingParams], generators: list[torch.Generator], device: torch.device,
+              drafts: list[list[int]] | None = None, draft_probs: list[torch.Tensor | None] | None = None,
+              ) -> "SamplingBatch":
+        drafts = drafts if drafts is not None else [[] for _ in params]
+        starts = row_starts(drafts)
+        rows = [range(start, start + 1 + len(d)) for start, d in zip(starts, drafts)]
+        sampled = [i for i, p in enumerate(params) if p.temperature > 0]
         return cls(
-            sampled_rows=rows,
-            warpers=Warpers.build([params[r] for r in rows], device) if rows else None,
-            generators=[generators[r] for r in rows],
+            starts=starts, drafts=drafts, draft_probs=draft_probs or [None] * len(params),
+            sampling=[p.temperature > 0 for p in params],
+            sampled_rows=[row for i in sampled for row in rows[i]],
+            warpers=Warpers.build([params[i] for i in sampled for _ in rows[i]], device) if sampled else None,
+            generators=generators,
             num_logprobs=[p.logprobs for p in params],
             keep_scores=any(p.score_recorder is not None and p.score_recorder.keep_scores for p in params),
-            renormalized_rows=[row for row, p in enumerate(params) if p.renormalize_logits and p.score_recorder],
+            renormalized_rows=[row for i, p in enumerate(params) if p.renormalize_logits and p.score_recorder
+                               for row in rows[i]],
         )
 
 
@@ -246,25 +270,102 @@ def top_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, num: list[int | N
     return results
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch,
-           ) -> tuple[torch.Tensor, list[dict[int, Logprob] | None], torch.Tensor]:
-    """logits [N, vocab] float32 (already processed per request) -> (tokens [N], logprobs per row, scores).
+def accept_greedy(drafts: list[int], targets: list[int]) -> list[int]:
+    """Greedy verification: the drafts the target agrees with, then the target's own next token
+    (targets[i] is the target's choice after the sequence and drafts[:i]; len(targets) == len(drafts) + 1)."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
+        accepted += 1
+    return drafts[:accepted] + [targets[accepted]]
 
-    Logprobs are those of the distribution before temperature and warpers. ``scores``
-    is ``logits`` itself; when ``batch.keep_scores``, its sampled rows are overwritten
+
+def accept_sampled(probs: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
+                   generator: torch.Generator) -> list[int]:
+    """Rejection sampling (Leviathan et al. 2023; Chen et al. 2023): the accepted drafts, then one drawn token.
+
+    probs [k + 1, vocab] are the target's distributions after the sequence and after each of the k
+    drafts; draft_probs [k, vocab] the distributions q the drafts were drawn from (None: the drafts were
+    chosen, not drawn, so q is one-hot). Draft i is accepted with probability min(1, p(x) / q(x)); the
+    first rejected one is replaced by a draw from max(p - q, 0) renormalised (for a one-hot q: p without
+    x), and after k accepted drafts one more token is drawn from probs[k]. Each returned token is thus
+    distributed exactly as the target's next token given the ones before it. The draws come from
+    `generator` (k uniforms, then one for the last token), so a seeded request repeats itself.
+    """
+    k = len(drafts)
+    ids = torch.tensor(drafts, dtype=torch.long, device=probs.device)[:, None]
+    p = probs[:k].gather(-1, ids).squeeze(-1)
+    q = (torch.ones_like(p) if draft_probs is None
+         else draft_probs[:k].to(probs.device, probs.dtype).gather(-1, ids).squeeze(-1))
+    uniform = torch.rand(k, generator=generator, device=generator.device).to(p)
+    rejected = (uniform * q >= p).nonzero()  # u < p / q accepts; q = 0 < p too, p = 0 never
+    accepted = int(rejected[0]) if len(rejected) else k
+    last = probs[accepted]
+    if accepted < k:
+        if draft_probs is None:
+            residual = last.index_fill(0, ids[accepted], 0.0)
+        else:
+            residual = (last - draft_probs[accepted].to(last)).clamp(min=0)
+        last = torch.where(residual.sum() > 0, residual, last)  # p == q up to rounding: nothing is left over
+    return drafts[:accepted] + _draw(last[None], [generator]).tolist()
+
+
+def _choose(batch: SamplingBatch, greedy: list[int], probs: torch.Tensor | None) -> list[list[int]]:
+    """Each request's tokens: the argmax, or a draw from `probs` (the sampled rows' warped distributions), after
+    verifying its drafts, if any. Sampling requests that did not draft are drawn together."""
+    chosen: list[list[int]] = []
+    undrafted, row = [], 0  # row: the request's first row in probs
+    for i, (start, drafts) in enumerate(zip(batch.starts, batch.drafts)):
+        if not batch.sampling[i]:
+            chosen.append(accept_greedy(drafts, greedy[start:start + len(drafts) + 1]))
+            continue
+        if drafts:
+            chosen.append(accept_sampled(probs[row:row + len(drafts) + 1], drafts, batch.draft_probs[i],
+                                         batch.generators[i]))
+        else:
+            undrafted.append((i, row))
+            chosen.append([])
+        row += len(drafts) + 1
+    if undrafted:
+        rows = [row for _, row in undrafted]
+        drawn = _draw(probs if len(rows) == len(probs) else probs[rows], [batch.generators[i] for i, _ in undrafted])
+        for (i, _), token in zip(undrafted, drawn.tolist()):
+            chosen[i] = [token]
+    return chosen
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch,
+           ) -> tuple[list[list[int]], list[list[dict[int, Logprob]] | None], torch.Tensor]:
+    """logits [rows, vocab] float32 (already processed per row) -> (each request's tokens, their logprobs,
+    scores). A request that drafted gets its accepted drafts and one token more, the others one token.
+
+    Logprobs (one entry per token) are those of the distribution before temperature and warpers.
+    ``scores`` is ``logits`` itself; when ``batch.keep_scores``, its sampled rows are overwritten
     with their warped values, so it holds what each token was chosen from (log-softmaxed
     for rows with ``renormalize_logits``, which changes no choice).
     """
     logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in batch.num_logprobs) else None
-    tokens = greedy_tokens(logits)
+    probs = None
     if batch.sampled_rows:
         rows = (slice(None) if len(batch.sampled_rows) == len(logits)  # a view: no gather, no scatter
                 else torch.tensor(batch.sampled_rows, device=logits.device))
         warped = batch.warpers(logits[rows])
-        tokens[rows] = _draw(warped.softmax(dim=-1), batch.generators)
+        probs = warped.softmax(dim=-1)
         if batch.keep_scores:
             logits[rows] = warped
+    chosen = _choose(batch, greedy_tokens(logits).tolist(), probs)
     for row in batch.renormalized_rows:
         logits[row] = logits[row].log_softmax(dim=-1)
-    lp = top_logprobs(logprobs, tokens, batch.num_logprobs) if logprobs is not None else [None] * len(tokens)
-    return tokens, lp, logits
+    if logprobs is None:
+        return chosen, [None] * len(chosen), logits
+    return chosen, _chosen_logprobs(logprobs, batch, chosen), logits
+
+
+def _chosen_logprobs(logprobs: torch.Tensor, batch: SamplingBatch, chosen: list[list[int]],
+                     ) -> list[list[dict[int, Logprob]] | None]:
+    """The logprob entries of each chosen token (at the row it was chosen at), per request that asked."""
+    rows = [start + j for start, tokens in zip(batch.starts, chosen) for j in range(len(tokens))]
+    entries = iter(top_logprobs(logprobs if len(rows) == len(logprobs) else logprobs[rows],
+                                torch.tensor([t for tokens in chosen for t in tokens]),
+                                [n for n, tokens in zip(batch.num_logprobs, chosen) for _ in tokens]))
+    per_request = [[next(entries) for _ in tokens] for tokens in chosen]
+    return [None if n is None else lps for n, lps in zip(batch.num_logprobs, per_request)]

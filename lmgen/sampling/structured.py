@@ -5,7 +5,9 @@ grammar. Every step the runner asks for the allowed-token bitmask of each constr
 row (computed in parallel, off the GIL, while the model runs) and sets the other
 logits to -inf before the request's processors and the sampler see them; the engine
 then feeds the chosen token to the matcher and appends the tokens the grammar forces
-next without running the model for them.
+next without running the model for them. A request that drafted tokens (speculative
+decoding) gets a mask after each draft too, so a draft the grammar forbids has
+probability 0 and is rejected; the matcher only ever consumes accepted tokens.
 
 The engine needs only :class:`GrammarBackend` and :class:`Matcher`, so another grammar
 engine (xgrammar, say) can be added beside llguidance.
@@ -23,6 +25,7 @@ import torch
 from lmgen.errors import InvalidArgumentError
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.params import StructuredOutputs
+from lmgen.sampling.sampler import row_starts
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +82,11 @@ class GrammarBackend(Protocol):
 
     def new_matcher(self, grammar: Grammar) -> Matcher: ...
 
-    def fill_bitmask(self, matchers: list[Matcher], bitmask: torch.Tensor) -> None:
-        """Write row i of `bitmask` [N, ceil(vocab / 32)] int32: bit t set = token t allowed for matchers[i]."""
+    def fill_bitmask(self, matchers: list[Matcher], drafts: list[list[int]], bitmask: torch.Tensor) -> None:
+        """Write the rows of `bitmask` [rows, ceil(vocab / 32)] int32, bit t set = token t allowed: for each
+        matcher in turn, the row of its next token, then (speculative decoding) the row after each of its
+        `drafts` as if it had consumed the drafts before (left as they are after a draft it refuses).
+        The matchers end as they were."""
 
 
 class LLGuidanceBackend:
@@ -135,17 +141,19 @@ class LLGuidanceBackend:
     def _probes(self) -> "_Probes":
         return _Probes.of(self.tokenizer)
 
-    def fill_bitmask(self, matchers: list[Matcher], bitmask: torch.Tensor) -> None:
-        self._fill([(m.first if isinstance(m, _AllOf) else m, i) for i, m in enumerate(matchers)], bitmask)
-        seconds = [(m.second, i) for i, m in enumerate(matchers) if isinstance(m, _AllOf)]
+    def fill_bitmask(self, matchers: list[Matcher], drafts: list[list[int]], bitmask: torch.Tensor) -> None:
+        rows = list(zip(matchers, row_starts(drafts), drafts))
+        self._fill([(m.first if isinstance(m, _AllOf) else m, start, d) for m, start, d in rows], bitmask)
+        seconds = [(m.second, start, d) for m, start, d in rows if isinstance(m, _AllOf)]
         if seconds:  # a token is allowed where both grammars allow it
             allowed = torch.full_like(bitmask, -1)
             self._fill(seconds, allowed)
             with torch.inference_mode():  # the engine's bitmask is an inference tensor; this is another thread
                 bitmask &= allowed
-                for _, row in seconds:
-                    if matchers[row].newline_leads_nowhere():
-                        self._forbid_leading_newlines(bitmask[row])
+                for matcher, start, draft in rows:
+                    if isinstance(matcher, _AllOf):
+                        for position in matcher.where_newlines_lead_nowhere(draft):
+                            self._forbid_leading_newlines(bitmask[start + position])
 
     def _forbid_leading_newlines(self, row: torch.Tensor) -> None:
         """Clear the bits of the tokens that start with a newline among those `row` allows (a few where it is
@@ -155,9 +163,15 @@ class LLGuidanceBackend:
             if self.tokenizer.decode_bytes([word * 32 + bit]).startswith(b"\n"):
                 row[word] &= ~(torch.tensor(1, dtype=torch.int32) << bit)
 
-    def _fill(self, rows: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
+    def _fill(self, rows: list[tuple[Matcher, int, list[int]]], bitmask: torch.Tensor) -> None:
         row_bytes = bitmask.shape[1] * bitmask.element_size()
-        self.executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
+        plain = [(matcher, start) for matcher, start, drafts in rows if not drafts]
+        if plain:
+            self.executor.unsafe_compute_mask_ptr(plain, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
+        drafted = [row for row in rows if row[2]]
+        if drafted:  # llguidance consumes each matcher's drafts as it writes their rows, then rolls them back
+            self.executor.unsafe_compute_mask_ptr_with_draft_token(drafted, bitmask.data_ptr(), row_bytes,
+                                                                   bitmask.shape[0])
 
 
 @dataclass(frozen=True)
@@ -186,6 +200,20 @@ class _AllOf:
             return matcher.validate_tokens(tokens) == len(tokens)
 
         return takes(self.second, self.probes.comma) and not any(takes(self.first, t) for t in self.probes.closers)
+
+    def where_newlines_lead_nowhere(self, drafts: list[int]) -> list[int]:
+        """The positions (0: the next token, j: after drafts[:j]) where newline_leads_nowhere, as far as both
+        grammars take the drafts; the matchers end as they were."""
+        taken = min(self.first.validate_tokens(drafts), self.second.validate_tokens(drafts))
+        positions = [0] if self.newline_leads_nowhere() else []
+        for position, token in enumerate(drafts[:taken], 1):
+            self.consume_token(token)
+            if self.newline_leads_nowhere():
+                positions.append(position)
+        if taken:
+            self.first.rollback(taken)
+            self.second.rollback(taken)
+        return positions
 
     def consume_token(self, token_id: int) -> bool:
         return self.first.consume_token(token_id) and self.second.consume_token(token_id)

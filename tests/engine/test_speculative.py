@@ -1,16 +1,19 @@
-"""Speculative decoding (prompt lookup, a draft model): greedy outputs are token for token the outputs without it."""
+"""Speculative decoding (prompt lookup, a draft model): greedy outputs are token for token the outputs without
+it, sampled ones repeat with a seed, and every per-position setting sees the drafts before the position."""
 
 import json
 import shutil
 
+import jsonschema
 import pytest
 import torch
 
 from conftest import ALL_VARIANTS
-from lmgen import LLM, InvalidArgumentError, SamplingParams
-from lmgen.errors import LmgenError
+from lmgen import LLM, BeamSearchParams, InvalidArgumentError, SamplingParams
 from lmgen.engine.request import Request
-from lmgen.engine.speculative import SpeculativeConfig, accepted_tokens, propose_ngram
+from lmgen.engine.speculative import SpeculativeConfig, propose_ngram
+from lmgen.errors import LmgenError
+from lmgen.sampling.sampler import ScoreRecorder, accept_greedy
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "disable_by_batch_size": None}
 DRAFT = {"num_speculative_tokens": 4, "disable_by_batch_size": None}  # and "model": the draft's folder
@@ -18,8 +21,16 @@ DRAFT = {"num_speculative_tokens": 4, "disable_by_batch_size": None}  # and "mod
 REPEATING = [[1, *([7, 8, 9, 10, 11] * 6)], [1, *range(20, 40), *range(20, 30)], [1, 5, 9, 5, 9, 5, 9, 5]]
 
 
+INTEGERS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 8, "maxItems": 8}
+
+
 def _tokens(llm: LLM, prompts, params) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def _logprob_values(output) -> list[float]:
+    """Each token's entries (the chosen token's and the top ones'), in token id order, one after another."""
+    return [entry[t].logprob for entry in output.logprobs for t in sorted(entry)]
 
 
 def test_ngram_proposals_follow_the_latest_earlier_occurrence_of_the_longest_tail():
@@ -32,9 +43,9 @@ def test_ngram_proposals_follow_the_latest_earlier_occurrence_of_the_longest_tai
 
 
 def test_verification_accepts_the_agreeing_drafts_and_adds_the_target_token():
-    assert accepted_tokens([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7]
-    assert accepted_tokens([4, 5, 6], [4, 9, 6, 7]) == [4, 9]
-    assert accepted_tokens([4, 5, 6], [8, 5, 6, 7]) == [8]
+    assert accept_greedy([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7]
+    assert accept_greedy([4, 5, 6], [4, 9, 6, 7]) == [4, 9]
+    assert accept_greedy([4, 5, 6], [8, 5, 6, 7]) == [8]
 
 
 # phi3-long: the 8-token prompt crosses 16. A draft model on a few architectures that run differently (a sliding
@@ -55,27 +66,115 @@ def test_greedy_output_with_speculation_is_the_output_without(checkpoint_factory
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_a_busy_mixed_batch_with_speculation_gives_the_tokens_without(llama_path, llama_draft_path, method):
-    """16 requests: greedy ones that draft, sampled and logprob ones that do not, stop strings and
-    max_tokens inside drafts, a KV cache so small that requests are preempted (and the draft model's
-    too small for all drafting requests at once), chunked prompts."""
+    """16 requests that all draft: greedy ones (with logprobs, penalties, a grammar), sampled ones, stop ids,
+    stop strings and max_tokens inside drafts, a KV cache so small that requests are preempted (and the draft
+    model's too small for all drafting requests at once), chunked prompts. The deterministic ones give the
+    tokens they give without; the seeded ones repeat themselves."""
     prompts = [REPEATING[i % 3] + [i + 3] * (i % 4) for i in range(16)]
-    params = [SamplingParams(max_tokens=5 + i, temperature=0, ignore_eos=True) for i in range(8)]
-    params += [SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[9], ignore_eos=True),
-               SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True),
-               SamplingParams(max_tokens=20, temperature=0, logprobs=2, ignore_eos=True),
-               SamplingParams(max_tokens=20, temperature=0, repetition_penalty=1.3, ignore_eos=True)] * 2
+    greedy = dict(temperature=0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=5 + i, **greedy) for i in range(4)]
+    params += [SamplingParams(max_tokens=20, stop=["aïve" * 5], include_stop_str_in_output=True, **greedy),
+               SamplingParams(max_tokens=20, stop_token_ids=[208], **greedy),
+               SamplingParams(max_tokens=9, **greedy),
+               SamplingParams(max_tokens=20, repetition_penalty=1.3, **greedy),
+               SamplingParams(max_tokens=20, logprobs=2, **greedy),
+               SamplingParams(max_tokens=20, structured={"json_schema": INTEGERS}, **greedy),
+               SamplingParams(max_tokens=20, min_tokens=10, stop_token_ids=[431], logprobs=0, **greedy),
+               SamplingParams(max_tokens=20, no_repeat_ngram_size=2, **greedy)]
+    params += [SamplingParams(max_tokens=20, temperature=0.5, top_p=0.9, seed=i, logprobs=1) for i in range(3)]
+    params += [SamplingParams(max_tokens=60, temperature=0.7, seed=3, structured={"json_schema": INTEGERS})]
     small = dict(dtype="float32", block_size=4, kv_cache_memory=2 * 2 * 2 * 16 * 4 * 4 * 40,
                  max_num_batched_tokens=24)
     plain = [o.outputs[0] for o in LLM(str(llama_path), **small).generate(prompts, params)]
     config = NGRAM if method == "ngram" else {**DRAFT, "model": str(llama_draft_path)}
     llm = LLM(str(llama_path), speculative_config=config, **small)
-    fast = [o.outputs[0] for o in llm.generate(prompts, params)]
-    assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
-    assert [o.text for o in fast] == [o.text for o in plain]
+    fast, again = ([o.outputs[0] for o in llm.generate(prompts, params)] for _ in range(2))
+    deterministic = slice(0, 12)
+    assert [o.token_ids for o in fast[deterministic]] == [o.token_ids for o in plain[deterministic]]
+    assert [o.text for o in fast[deterministic]] == [o.text for o in plain[deterministic]]
     assert [o.finish_reason for o in fast] == [o.finish_reason for o in plain]
+    assert _logprob_values(fast[8]) == pytest.approx(_logprob_values(plain[8]), abs=1e-4)
+    assert [o.token_ids for o in again] == [o.token_ids for o in fast]  # the seeded ones too
+    assert [len(o.logprobs) for o in fast[12:15]] == [len(o.token_ids) for o in fast[12:15]]
+    assert fast[15].finish_reason == "stop" and len(json.loads(fast[15].text)) == 8
+    assert plain[4].text.endswith("aïve" * 5) and plain[4].finish_reason == "stop"
     assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.num_accepted_draft_tokens > 0
     if method == "draft_model":  # finished requests gave their draft blocks back
         assert llm.engine.proposer.pool.num_free_blocks == llm.engine.proposer.pool.num_blocks
+
+
+# settings that change these prompts' greedy outputs at positions drafts are checked at (or, top_k=1, do not)
+PER_POSITION = [dict(repetition_penalty=1.3), dict(presence_penalty=0.5, frequency_penalty=0.3),
+                dict(no_repeat_ngram_size=3), dict(logit_bias={326: -5.0}), dict(bad_words_ids=[[326, 326, 326]]),
+                dict(sequence_bias={(236, 236): -4.0}), dict(min_tokens=20, stop_token_ids=[208]),
+                dict(temperature=1.0, top_k=1)]
+
+
+def test_processors_penalties_and_logprobs_see_the_drafts_before_each_position(llama_path):
+    """Greedy requests with per-position settings, and logprobs, give with speculation what they give without."""
+    params = [SamplingParams(max_tokens=20, ignore_eos=True, logprobs=3, **({"temperature": 0} | setting))
+              for setting in [{}, *PER_POSITION]]
+    prompts = [prompt for prompt in REPEATING for _ in params]
+    plain = [o.outputs[0] for o in LLM(str(llama_path), dtype="float32").generate(prompts, params * 3)]
+    llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
+    fast = [o.outputs[0] for o in llm.generate(prompts, params * 3)]
+    assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
+    assert [v for o in fast for v in _logprob_values(o)] == pytest.approx([v for o in plain
+                                                                           for v in _logprob_values(o)], abs=1e-4)
+    assert llm.engine.num_accepted_draft_tokens > 0
+    by_setting = [[plain[p * len(params) + i].token_ids for p in range(3)] for i in range(len(params))]
+    assert all(outputs != by_setting[0] for outputs in by_setting[1:-1])  # each setting bites
+    assert by_setting[-1] == by_setting[0]  # top_k=1 samples the argmax
+
+
+def test_seeded_sampled_requests_repeat_themselves_with_speculation(llama_path):
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, seed=seed, temperature=0.4, **setting)
+              for seed in range(2) for setting in ({}, {"top_p": 0.8}, {"min_p": 0.1, "repetition_penalty": 1.1})]
+    llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
+    first, second = (_tokens(llm, [prompt for prompt in REPEATING for _ in params], params * 3) for _ in range(2))
+    assert first == second and llm.engine.num_accepted_draft_tokens > 0
+    assert len({tuple(tokens) for tokens in first}) > len(first) // 2  # not the argmax each time
+
+
+def test_structured_output_with_speculation_is_valid(llama_path):
+    """Sampled JSON always matches its schema (greedy JSON is what it is without: the mixed batch's test)."""
+    strings = {"type": "array", "items": {"type": "string", "maxLength": 5}, "minItems": 6, "maxItems": 6}
+    records = {"type": "array", "items": {"type": "object", "properties": {  # the grammar forces the keys
+        "name": {"type": "string", "maxLength": 6}, "id": {"type": "integer", "minimum": 0, "maximum": 999}},
+        "required": ["name", "id"], "additionalProperties": False}, "minItems": 3, "maxItems": 3}
+    schemas = [INTEGERS, strings, records, records]
+    params = [SamplingParams(max_tokens=200, temperature=0.7, seed=seed, structured={"json_schema": schema})
+              for seed, schema in enumerate(schemas)]
+    llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
+    for output, schema in zip(llm.generate(["Answer:"] * len(params), params), schemas):
+        assert output.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(output.outputs[0].text), schema)
+    assert llm.engine.num_accepted_draft_tokens > 0
+
+
+def test_recorded_scores_have_a_row_per_token_as_without(llama_path):
+    """transformers' output_scores / output_logits through the engine: the rows of the accepted tokens."""
+    def recorded(llm: LLM, temperature: float) -> ScoreRecorder:
+        recorder = ScoreRecorder(scores=True, logits=True)
+        llm.generate(REPEATING[:1], SamplingParams(max_tokens=16, temperature=temperature, seed=0, ignore_eos=True,
+                                                   repetition_penalty=1.2, score_recorder=recorder))
+        return recorder
+
+    llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
+    fast, plain = recorded(llm, 0), recorded(LLM(str(llama_path), dtype="float32"), 0)
+    assert llm.engine.num_accepted_draft_tokens > 0
+    for kind in ("scores", "logits"):
+        assert torch.allclose(torch.stack(getattr(fast, kind)[0]), torch.stack(getattr(plain, kind)[0]), atol=1e-4)
+    assert len(recorded(llm, 0.8).scores[0]) == 16
+
+
+def test_beams_do_not_draft(llama_path):
+    params = BeamSearchParams(beam_width=2, max_tokens=10, ignore_eos=True)
+    llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
+    outputs = llm.beam_search(REPEATING, params)
+    plain = LLM(str(llama_path), dtype="float32").beam_search(REPEATING, params)
+    assert [[c.token_ids for c in o.outputs] for o in outputs] == [[c.token_ids for c in o.outputs] for o in plain]
+    assert llm.engine.num_draft_tokens == 0
 
 
 def test_stop_strings_inside_drafts_end_the_output_where_they_would_without():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmgen import LLM, InvalidArgumentError, SamplingParams
-from lmgen.sampling.processors import build_processors
+from lmgen.sampling.processors import WithDrafts, build_processors
 from lmgen.sampling.sampler import ScoreRecorder, Warpers
 
 
@@ -86,3 +86,30 @@ def test_score_recorder_keeps_each_completion_apart(llm):
         for step, token in enumerate(completion.token_ids):
             assert int(scores[step].isfinite().sum()) <= 3 and scores[step][token].isfinite()
             assert bool(logits[step].isfinite().all())
+
+
+@pytest.mark.parametrize("setting", [dict(repetition_penalty=1.3), dict(presence_penalty=0.5, frequency_penalty=0.3),
+                                     dict(no_repeat_ngram_size=2), dict(bad_words_ids=[[5, 6, 7]]),
+                                     dict(min_tokens=4, stop_token_ids=[7])])
+def test_processors_count_drafts_only_while_they_are_drafts(setting):
+    """Speculative decoding calls a request's processors after each draft, then goes on from the accepted ones:
+    each call must give what processors that saw only that sequence give."""
+    params = SamplingParams(**setting)
+
+    def build() -> list:
+        return build_processors(params, 3, 12, frozenset(params.stop_token_ids), 50)
+
+    def run(processors: list, token_ids: list[int]) -> torch.Tensor:
+        logits = torch.linspace(-2, 3, 12)
+        for process in processors:
+            logits = process(token_ids, logits)
+        return logits
+
+    kept, bites = build(), False
+    calls = [WithDrafts([1, 2, 3, 5, 6, 7, 5, 6][:n], n - 5) if n > 5 else [1, 2, 3, 5, 6][:n] for n in range(3, 9)]
+    calls += [[1, 2, 3, 5, 6, 9], WithDrafts([1, 2, 3, 5, 6, 9, 5], 1), [1, 2, 3, 5, 6, 9, 6, 7, 7]]  # 7, 5, 6 rejected
+    for token_ids in calls:
+        expected = run(build(), list(token_ids))
+        assert torch.equal(run(kept, token_ids), expected), token_ids
+        bites |= not torch.equal(expected, run([], token_ids))
+    assert bites

@@ -5,6 +5,8 @@ softmax(transformers-warped logits): no draw outside the kept tokens, and a chi-
 statistic under a bound that a correct sampler stays below (the seed is fixed, so the
 test cannot flake). The same draws must reject the distributions that keep one token
 more or one fewer, which shows the test would catch, say, top_p off by one token.
+Speculative decoding's rejection sampling is checked the same way: its tokens must follow
+the target's distributions whatever the drafts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from lmgen import SamplingParams
-from lmgen.sampling.sampler import SamplingBatch, greedy_tokens, sample
+from lmgen.sampling.sampler import SamplingBatch, accept_sampled, greedy_tokens, sample
 from transformers_reference import transformers_processors
 
 LOGITS = torch.tensor([3.0, 2.6, 2.2, 2.0, 1.5, 1.0, 0.4, 0.0, -0.5, -1.5, -3.0, -6.0])
@@ -47,7 +49,7 @@ def draw_counts(settings: dict) -> torch.Tensor:
     params = [SamplingParams(**settings)] * NUM_DRAWS
     batch = SamplingBatch.build(params, [generator] * NUM_DRAWS, torch.device("cpu"))
     tokens, _, _ = sample(LOGITS.expand(NUM_DRAWS, -1).clone(), batch)
-    return torch.bincount(tokens, minlength=len(LOGITS)).double()
+    return torch.bincount(torch.tensor(tokens).flatten(), minlength=len(LOGITS)).double()
 
 
 def fits(counts: torch.Tensor, probs: torch.Tensor) -> bool:
@@ -55,7 +57,7 @@ def fits(counts: torch.Tensor, probs: torch.Tensor) -> bool:
     support = probs > 0
     if counts[~support].sum() > 0:
         return False
-    expected = probs[support].double() * NUM_DRAWS
+    expected = probs[support].double() * counts.sum()
     chi_square = float(((counts[support] - expected) ** 2 / expected).sum())
     dof = int(support.sum()) - 1
     return chi_square <= dof + 6 * math.sqrt(2 * max(dof, 1)) + 6  # ~ 1e-6 false-alarm rate for any seed
@@ -97,3 +99,53 @@ def test_greedy_tokens_choose_as_torch_argmax_does():
     for logits in (rows, wide, wide[:, ::3], wide.T, rows.bfloat16()):  # ties, NaNs, strided, half precision
         tokens = greedy_tokens(logits)
         assert tokens.dtype == torch.int64 and torch.equal(tokens, logits.argmax(dim=-1))
+
+
+# the target's distributions after a sequence, after a first draft and after a second one (speculative decoding);
+# the first two leave out their least likely tokens
+TARGETS = torch.stack([LOGITS.masked_fill(LOGITS < -1, float("-inf")), LOGITS.flip(0).masked_fill(LOGITS.flip(0) < -1,
+                       float("-inf")), LOGITS.roll(5)]).softmax(-1)
+NUM_VERIFIED = 10_000  # each a call of accept_sampled
+
+
+def rejection_counts(drafts: torch.Tensor, draft_probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of the first token, and of the second where the first draft was accepted, over the drafts' rows."""
+    generator = torch.Generator().manual_seed(1234)
+    first, second = torch.zeros(len(LOGITS)), torch.zeros(len(LOGITS))
+    for row in drafts.tolist():
+        tokens = accept_sampled(TARGETS, row, draft_probs, generator)
+        first[tokens[0]] += 1
+        if len(tokens) > 1:
+            second[tokens[1]] += 1
+    return first, second
+
+
+def test_rejection_sampling_of_chosen_drafts_gives_the_target_distribution():
+    """Prompt lookup's drafts are chosen (q one-hot): the most likely first draft, then one the target forbids."""
+    forbidden = int(TARGETS[1].argmin())
+    first, second = rejection_counts(torch.tensor([[0, forbidden]]).expand(NUM_VERIFIED, -1), None)
+    assert TARGETS[1, forbidden] == 0 and second[forbidden] == 0
+    assert fits(first, TARGETS[0]) and fits(second, TARGETS[1])
+    assert second.sum() == first[0]  # the first draft accepted each time it came out
+    # drawing from p itself, not p without the draft, after a rejection would give the draft too often
+    naive = TARGETS[0] * (1 - TARGETS[0, 0])
+    naive[0] += TARGETS[0, 0]
+    assert not fits(first, naive)
+
+
+def test_rejection_sampling_of_drawn_drafts_gives_the_target_distribution():
+    """A draft model's drafts are drawn from its own distributions q, which differ from the target's."""
+    generator = torch.Generator().manual_seed(99)
+    draft_probs = torch.randn(2, len(LOGITS), generator=generator).mul(1.5).softmax(-1)
+    drafts = torch.stack([torch.multinomial(q, NUM_VERIFIED, replacement=True, generator=generator)
+                          for q in draft_probs], dim=1)
+    first, second = rejection_counts(drafts, draft_probs)
+    assert fits(first, TARGETS[0]) and fits(second, TARGETS[1]) and second.sum() > NUM_VERIFIED / 10
+    assert not fits(first, draft_probs[0])  # the drafts' own distribution is told apart
+
+
+def test_rejection_sampling_repeats_itself_with_a_seed():
+    drafts, draft_probs = [3, 4], TARGETS[1:].flip(0)
+    runs = [[accept_sampled(TARGETS, drafts, draft_probs, torch.Generator().manual_seed(seed)) for seed in range(50)]
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len({tuple(tokens) for tokens in runs[0]}) > 5

@@ -276,28 +276,32 @@ def test_json_grammars_take_what_json_writers_write_and_refuse_padding(demo_llm)
     assert _accepts(demo_llm, {"json_schema": {"type": "integer"}}, "12")
 
 
-def _mask_allows(llm: LLM, spec: dict, prefix: str, token_text: str) -> bool:
-    """Whether, after the tokens of `prefix`, the grammar's mask allows the token `token_text` (one token)."""
+def _mask_allows(llm: LLM, spec: dict, prefix: str, token_text: str, drafted: bool) -> bool:
+    """Whether, after the tokens of `prefix`, the grammar's mask allows the token `token_text` (one token): the
+    matcher having consumed them, or (`drafted`) their row after them as speculative drafts."""
     backend = llm.engine.grammar_backend
     matcher = backend.new_matcher(backend.compile(StructuredOutputs(**spec)))
-    assert all(matcher.consume_token(token) for token in backend.tokenizer.tokenize_str(prefix))
+    tokens = backend.tokenizer.tokenize_str(prefix)
+    drafts = tokens if drafted else []
+    assert drafted or all(matcher.consume_token(token) for token in tokens)
     (token,) = backend.tokenizer.tokenize_str(token_text)
-    bitmask = allocate_bitmask(1, llm.engine.model.spec.vocab_size)
-    backend.fill_bitmask([matcher], bitmask)
-    return bool(bitmask[0, token // 32] >> (token % 32) & 1)
+    bitmask = allocate_bitmask(1 + len(drafts), llm.engine.model.spec.vocab_size)
+    backend.fill_bitmask([matcher], [drafts], bitmask)
+    return bool(bitmask[len(drafts), token // 32] >> (token % 32) & 1)
 
 
-def test_a_newline_after_a_value_is_allowed_only_where_the_schema_may_close(demo_llm):
+@pytest.mark.parametrize("drafted", [False, True])
+def test_a_newline_after_a_value_is_allowed_only_where_the_schema_may_close(demo_llm, drafted):
     """A newline after a value leads only to `}` or `]`: masked where a required member or item must come first,
-    so the two grammars never leave a token with no continuation."""
+    so the two grammars never leave a token with no continuation (at a drafted position too)."""
     required = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                 "required": ["a", "b"]}
     optional = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
     items = {"type": "array", "items": {"type": "integer"}, "minItems": 2}
-    assert not _mask_allows(demo_llm, {"json_schema": required}, '{"a": 1', "\n")
-    assert _mask_allows(demo_llm, {"json_schema": required}, '{"a": 1', ",")
-    assert _mask_allows(demo_llm, {"json_schema": optional}, '{"a": 1', "\n")
-    assert _mask_allows(demo_llm, {"json_schema": required}, '{"a": 1, "b": 2', "\n")
-    assert not _mask_allows(demo_llm, {"json_schema": items}, "[1", "\n")
-    assert _mask_allows(demo_llm, {"json_schema": items}, "[1, 2", "\n")
-    assert _mask_allows(demo_llm, {"json_schema": required}, "{", "\n")  # the indent after `{` is not after a value
+    assert not _mask_allows(demo_llm, {"json_schema": required}, '{"a": 1', "\n", drafted)
+    assert _mask_allows(demo_llm, {"json_schema": required}, '{"a": 1', ",", drafted)
+    assert _mask_allows(demo_llm, {"json_schema": optional}, '{"a": 1', "\n", drafted)
+    assert _mask_allows(demo_llm, {"json_schema": required}, '{"a": 1, "b": 2', "\n", drafted)
+    assert not _mask_allows(demo_llm, {"json_schema": items}, "[1", "\n", drafted)
+    assert _mask_allows(demo_llm, {"json_schema": items}, "[1, 2", "\n", drafted)
+    assert _mask_allows(demo_llm, {"json_schema": required}, "{", "\n", drafted)  # the indent after `{` is not after a value
