@@ -25,6 +25,7 @@ from lmgen.server.metrics import CONTENT_TYPE, Metrics
 from lmgen.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
 )
+from lmgen.server.responses import ResponsesRequest, create_response
 from lmgen.server.serving import OpenAIServing, ServerSettings, template_message
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,10 @@ def _api_router(state: ServerState) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await state.ready_serving().chat_completions(request, raw_request)
+
+    @router.post("/v1/responses")
+    async def responses(request: ResponsesRequest, raw_request: Request) -> Response:
+        return await create_response(state.ready_serving(), request, raw_request)
 
     @router.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> dict:

@@ -187,7 +187,7 @@ class OpenAIServing:
         return await _respond(_CompletionFormatter(self, request, prompts, request_id, model), streams, raw_request)
 
     # ---- /v1/chat/completions -------------------------------------------------------------
-    def _chat_prompt(self, request: ChatCompletionRequest) -> _Prompt:
+    def _chat_prompt(self, request: ChatCompletionRequest, field: str = "messages") -> _Prompt:
         messages = [template_message(i, m) for i, m in enumerate(request.messages)]
         try:
             ids = self.tokenizer.encode_chat(
@@ -195,7 +195,7 @@ class OpenAIServing:
                 continue_final_message=request.continue_final_message, chat_template=request.chat_template,
                 **(request.chat_template_kwargs or {}))
         except Exception as exc:  # the template (or its kwargs) rejected the client's conversation
-            raise bad_request(f"the chat template could not render these messages: {exc}", "messages") from None
+            raise bad_request(f"the chat template could not render these messages: {exc}", field) from None
         return _Prompt(None, ids)
 
     async def chat_completions(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
