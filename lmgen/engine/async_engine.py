@@ -12,6 +12,9 @@ Invariants:
 - Everything in the Engine and ``_active`` is touched only on the engine thread.
 - A request that fails (bad input, or a step that raised) fails alone or, for a step,
   with the batch it ran in; the loop itself keeps serving.
+- With ``max_backlog``, a request whose caller has left more than that many deltas
+  unread is aborted (:class:`StreamBacklogError`): a client that stops reading a stream
+  holds neither a batch slot nor a growing queue.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ class EngineStoppedError(LmgenError, RuntimeError):
 
 class EngineStepError(LmgenError, RuntimeError):
     """A model step failed; the requests in it were aborted, the engine keeps serving."""
+
+
+class StreamBacklogError(LmgenError, RuntimeError):
+    """The caller stopped reading a request's deltas; the request was aborted to free its resources."""
+
+
+#: what iterating a RequestStream may raise besides cancellation: the request ended without finishing
+STREAM_ERRORS = (EngineStepError, EngineStoppedError, StreamBacklogError)
 
 
 @dataclass(frozen=True)
@@ -128,8 +139,10 @@ class AsyncEngine:
     >>> await engine.shutdown()
     """
 
-    def __init__(self, engine: Engine, observer: EngineObserver | None = None) -> None:
+    def __init__(self, engine: Engine, observer: EngineObserver | None = None, max_backlog: int | None = None) -> None:
+        """`max_backlog`: most unread deltas a request may queue before it is aborted (None: no limit)."""
         self.engine = engine
+        self.max_backlog = max_backlog
         self.stats = EngineStats()
         self._observer = observer
         self._cond = threading.Condition()
@@ -233,6 +246,10 @@ class AsyncEngine:
             if output.finished:
                 del self._streams[output.request_id]
                 self._num_sequences -= stream.num_sequences
+            elif self.max_backlog is not None and stream.queue.qsize() > self.max_backlog:
+                self.abort(output.request_id)
+                stream.queue.put_nowait(StreamBacklogError(
+                    f"request {output.request_id} was aborted: its reader left {self.max_backlog} deltas unread"))
 
     def _fail(self, request_ids: list[str], error: BaseException) -> None:
         for request_id in request_ids:

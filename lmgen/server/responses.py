@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 
-from lmgen.engine.async_engine import EngineStepError, EngineStoppedError, RequestStream
+from lmgen.engine.async_engine import STREAM_ERRORS, RequestStream
 from lmgen.outputs import CompletionOutput, RequestOutput
 from lmgen.server.errors import bad_request
 from lmgen.server.protocol import (
@@ -297,7 +297,7 @@ class _ResponsesFormatter(_ChatFormatter):
                     final = delta
                 else:
                     final.merge(delta)
-        except (EngineStepError, EngineStoppedError) as exc:
+        except STREAM_ERRORS as exc:
             error = ResponseError(code="server_error", message=str(exc))
             response = self._response("failed", [], None)
             response.error = error
