@@ -1,13 +1,15 @@
 """A server that survives abuse: oversized bodies, clients that never read, a storm of disconnects."""
 
 import asyncio
+import copy
 import json
 import random
 import socket
-import time
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lmgen import LLM, SamplingParams
 from serverutil import long_llama_path, serve  # noqa: F401 (fixture)
@@ -108,3 +110,96 @@ def test_64_streams_half_disconnecting_leave_the_others_whole_and_the_server_idl
                             [SamplingParams(max_tokens=lengths[i], ignore_eos=True, temperature=0) for i in stayed])
     assert [texts[i] for i in stayed] == [output.outputs[0].text for output in expected]
     assert all(texts[i] is None for i in range(NUM_STORM_CLIENTS) if leave_after[i] is not None)
+
+
+# ---- fuzzing every route's schema -------------------------------------------------------------
+FUZZ_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize")
+# Integer fields capped so that the requests the fuzzer makes valid stay quick to serve;
+# the output limits always set (left out, they default to hundreds of tokens).
+SMALL_LIMITS = {"max_tokens": 8, "max_completion_tokens": 8, "max_output_tokens": 8, "min_tokens": 8, "n": 4,
+                "logprobs": 5, "top_logprobs": 5}
+OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10)
+
+
+def from_json_schema(schema: dict, models: dict) -> st.SearchStrategy:
+    """Values that follow a JSON schema as pydantic writes them (refs to `models`, anyOf, bounds)."""
+    if "$ref" in schema:
+        return st.deferred(lambda: from_json_schema(models[schema["$ref"].rsplit("/", 1)[1]], models))
+    if "anyOf" in schema:
+        return st.one_of([from_json_schema(branch, models) for branch in schema["anyOf"]])
+    if "const" in schema or "enum" in schema:
+        return st.sampled_from(schema.get("enum", [schema.get("const")]))
+    kind = schema.get("type")
+    if kind == "object" and "properties" in schema:
+        # A few of the optional fields at a time: with dozens set at random one would always be refused.
+        fields = {name: from_json_schema(value, models) for name, value in schema["properties"].items()}
+        required = {name: fields[name] for name in schema.get("required", ())}
+        optional = sorted(set(fields) - set(required))
+        return st.lists(st.sampled_from(optional), unique=True, max_size=3).flatmap(
+            lambda names: st.fixed_dictionaries({**required, **{name: fields[name] for name in names}}))
+    if kind == "object":
+        values = schema.get("additionalProperties", {})
+        return st.dictionaries(st.text(max_size=8), from_json_schema(values if isinstance(values, dict) else {}, models),
+                               max_size=3 if values is not False else 0)
+    if kind == "array":
+        min_size = schema.get("minItems", 0)
+        return st.lists(from_json_schema(schema.get("items", {}), models), min_size=min_size, max_size=min_size + 3)
+    simple = {"string": st.text(min_size=1, max_size=30), "number": st.floats(allow_nan=False, allow_infinity=False),
+              "boolean": st.booleans(), "null": st.none(),
+              "integer": st.integers(schema.get("minimum"), schema.get("maximum"))}
+    return simple.get(kind, JSON_VALUES)  # no type: any JSON
+
+
+def capped(schema: dict, bound: int) -> None:
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = min(branch.get("maximum", bound), bound)
+
+
+@pytest.fixture(scope="module")
+def body_strategies(server) -> dict:
+    """Per route: bodies that follow its OpenAPI schema (half), such bodies with one field set to any JSON, any JSON."""
+    openapi = httpx.get(server.url + "/openapi.json").json()
+    components = copy.deepcopy(openapi["components"])
+    for model in components["schemas"].values():
+        properties = model.get("properties", {})
+        for name, bound in SMALL_LIMITS.items():
+            if name in properties:
+                capped(properties[name], bound)
+        for name in OUTPUT_LIMITS:
+            if name in properties:
+                properties[name] = {"type": "integer", "minimum": 1, "maximum": SMALL_LIMITS[name]}
+                model["required"] = [*model.get("required", ()), name]
+        if "model" in properties:
+            properties["model"] = {"const": "tiny"}  # a wrong name is a plain 404
+    strategies = {}
+    for path in FUZZ_ROUTES:
+        reference = openapi["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        valid = from_json_schema(reference, components["schemas"])
+        fields = st.sampled_from([*components["schemas"][reference["$ref"].rsplit("/", 1)[1]]["properties"], "typo"])
+        mutated = st.tuples(valid, fields, JSON_VALUES).map(lambda t: {**t[0], t[1]: t[2]})
+        strategies[path] = st.sampled_from([valid, valid, mutated, JSON_VALUES]).flatmap(lambda strategy: strategy)
+    return strategies
+
+
+@pytest.mark.parametrize("path", FUZZ_ROUTES)
+@settings(max_examples=25, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_bodies_get_an_answer_and_never_a_500(server, body_strategies, path, data):
+    body = data.draw(body_strategies[path], label="body")
+    # json.dumps writes NaN and Infinity, which the server's parser reads as floats: fuzzed too.
+    response = server.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert "server_error" not in response.text  # nor a stream that failed after it began
+
+
+def test_after_the_fuzzing_the_server_is_idle_and_serves(server):
+    wait_until_idle(server)
+    assert server.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2}).status_code == 200
