@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -156,8 +157,9 @@ class SamplingParams:
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        _check(self.temperature >= 0.0,
-               f"temperature must be >= 0, got {self.temperature}; use 0 for greedy decoding")
+        # Infinite values pass the range checks below but make NaN of masked logits (-inf / inf).
+        _check(0.0 <= self.temperature < math.inf,
+               f"temperature must be >= 0 and finite, got {self.temperature}; use 0 for greedy decoding")
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}; use 1 to disable it")
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
@@ -167,7 +169,8 @@ class SamplingParams:
         _check(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         _check(-2.0 <= self.frequency_penalty <= 2.0,
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check(0.0 < self.repetition_penalty < math.inf,
+               f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
         _check(all(-100.0 <= v <= 100.0 for v in (self.logit_bias or {}).values()),
                "logit_bias values must be in [-100, 100]")
 
@@ -221,6 +224,7 @@ class SamplingParams:
     def _validate_beams(self) -> None:
         _check(isinstance(self.num_beams, int) and self.num_beams >= 1,
                f"num_beams must be a positive integer, got {self.num_beams!r}")
+        _check(math.isfinite(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty}")
         _check(self.early_stopping in (True, False, "never"),
                f"`early_stopping` must be a boolean or 'never', but is {self.early_stopping}.")
         if self.num_beams == 1:

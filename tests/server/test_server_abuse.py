@@ -200,6 +200,17 @@ def test_fuzzed_bodies_get_an_answer_and_never_a_500(server, body_strategies, pa
     assert "server_error" not in response.text  # nor a stream that failed after it began
 
 
+@pytest.mark.parametrize("fields, param", [
+    ('"temperature": Infinity, "min_tokens": 2', "temperature"),  # found by fuzzing: NaN logits failed the batch
+    ('"repetition_penalty": Infinity', "repetition_penalty"),
+    ('"length_penalty": NaN, "use_beam_search": true, "n": 2', "length_penalty"),
+])
+def test_non_finite_numbers_are_a_400_naming_the_field(server, fields, param):
+    body = '{"model": "tiny", "prompt": "Hi", "max_tokens": 4, %s}' % fields  # JSON as Python's json.dumps writes it
+    response = server.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
 def test_after_the_fuzzing_the_server_is_idle_and_serves(server):
     wait_until_idle(server)
     assert server.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2}).status_code == 200
