@@ -76,7 +76,8 @@ async def chat_stream(client: httpx.AsyncClient, model: str, prompt: str, max_to
             return False
         events = await sse_events(response)
     finishes = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]]
-    return events[-1] == "[DONE]" and finishes[-1] == "length" and events[-2]["usage"]["completion_tokens"] == max_tokens
+    usage = events[-2]["usage"]
+    return events[-1] == "[DONE]" and finishes[-1] == "length" and usage["completion_tokens"] == max_tokens
 
 
 async def completion(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> bool:

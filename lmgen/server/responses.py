@@ -25,7 +25,7 @@ from lmgen.server.errors import bad_request
 from lmgen.server.protocol import (
     ChatCompletionRequest, ChatMessage, CoreSamplingFields, JsonSchemaFormat, ResponseFormat, TokenLogprob,
 )
-from lmgen.server.serving import SSE_HEADERS, OpenAIServing, _ChatFormatter, _collect, json_response
+from lmgen.server.serving import SSE_HEADERS, OpenAIServing, _ChatFormatter, _collect, _Prompt, json_response
 
 #: the `include` value that asks for the output's logprobs (the only one with a meaning here)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -92,7 +92,8 @@ class ResponsesRequest(CoreSamplingFields):
 
     def chat_request(self) -> ChatCompletionRequest:
         """The same request as a chat completion: what the server runs."""
-        shared = {name: getattr(self, name) for name in CoreSamplingFields.model_fields if name in self.model_fields_set}
+        shared = {name: getattr(self, name) for name in CoreSamplingFields.model_fields
+                  if name in self.model_fields_set}
         return ChatCompletionRequest(
             **shared, messages=self._messages(), max_completion_tokens=self.max_output_tokens,
             logprobs=LOGPROBS_INCLUDE in (self.include or ()), top_logprobs=self.top_logprobs,
@@ -228,7 +229,7 @@ class _ResponsesFormatter(_ChatFormatter):
     """One engine request's deltas as a Response object or as Responses stream events."""
 
     def __init__(self, serving: OpenAIServing, request: ResponsesRequest, chat: ChatCompletionRequest,
-                 prompt: Any, response_id: str, model: str) -> None:
+                 prompt: _Prompt, response_id: str, model: str) -> None:
         super().__init__(serving, chat, [prompt], response_id, model)
         self.responses_request = request
         self.message_id = f"msg_{uuid.uuid4().hex}"
@@ -238,9 +239,10 @@ class _ResponsesFormatter(_ChatFormatter):
         request = self.responses_request
         fields = request.model_dump(include={"instructions", "max_output_tokens", "temperature", "top_p",
                                              "top_logprobs", "metadata"})
-        text = request.text.model_dump(by_alias=True, exclude_none=True) if request.text and request.text.format else None
+        if request.text is not None and request.text.format is not None:
+            fields["text"] = request.text.model_dump(by_alias=True, exclude_none=True)
         response = ResponseObject(id=self.request_id, created_at=self.created, status=status, model=self.model,
-                                  output=output, **fields, **({"text": text} if text else {}))
+                                  output=output, **fields)
         if final is not None:
             response.usage = self._usage(len(final.token_ids))
             if final.finish_reason == "length":

@@ -45,7 +45,8 @@ class ServerSettings:
     shutdown_timeout: float = 30.0  # seconds in-flight requests may run on after SIGTERM
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies are a 413
     # A stream whose client leaves this many deltas unread (beyond what the sockets buffer)
-    # has stopped reading: its request is aborted rather than queueing its output in memory.
+    # and reads none for a while has stopped reading: its request is aborted rather than
+    # queueing its output in memory (AsyncEngine.max_backlog).
     stream_backlog: int = 256
 
 

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from lmgen import Engine, EngineConfig, InvalidArgumentError, SamplingParams
+from lmgen.engine import async_engine as async_engine_module
 from lmgen.engine.async_engine import AsyncEngine, EngineStepError, EngineStoppedError, StreamBacklogError
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -105,11 +106,12 @@ def test_leaving_early_aborts_and_frees_the_kv_blocks(engine):
     assert not engine.has_unfinished_requests()
 
 
-def test_a_stream_nobody_reads_is_aborted_at_the_backlog_and_the_others_go_on(engine):
+def test_a_stream_nobody_reads_is_aborted_at_the_backlog_and_the_others_go_on(engine, monkeypatch):
+    monkeypatch.setattr(async_engine_module, "STALL_SECONDS", 0.0)  # past the backlog is stalled at once
     max_backlog = 8
 
     async def scenario(e):
-        unread = await e.add_request("nobody reads this", SamplingParams(max_tokens=200, ignore_eos=True))
+        unread = await e.add_request("nobody reads this", SamplingParams(max_tokens=240, ignore_eos=True))
         read = await collect(e, "this one is read")
         while e.num_unfinished_sequences:
             await asyncio.sleep(0.01)
@@ -123,6 +125,22 @@ def test_a_stream_nobody_reads_is_aborted_at_the_backlog_and_the_others_go_on(en
     assert read[-1].finished and sum(len(d.outputs[0].token_ids) for d in read) == 6
     assert len(deltas) == max_backlog + 1 and not deltas[-1].finished  # what was queued, then the error
     assert not engine.has_unfinished_requests()
+
+
+def test_a_reader_that_is_behind_but_reading_is_not_aborted(engine, monkeypatch):
+    monkeypatch.setattr(async_engine_module, "STALL_SECONDS", 5.0)  # far more than one read takes
+
+    async def scenario(e):
+        num_tokens, largest_backlog = 0, 0
+        stream = await e.add_request("read slowly", SamplingParams(max_tokens=20, ignore_eos=True))
+        async for delta in stream:
+            num_tokens += len(delta.outputs[0].token_ids)
+            await asyncio.sleep(0.1)  # slower than the engine
+            largest_backlog = max(largest_backlog, stream._stream.queue.qsize())
+        return num_tokens, largest_backlog
+
+    num_tokens, largest_backlog = run(engine, scenario, max_backlog=2)
+    assert num_tokens == 20 and largest_backlog > 2
 
 
 def test_a_cancelled_consumer_aborts_its_request(engine):

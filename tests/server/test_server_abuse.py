@@ -20,7 +20,8 @@ NUM_STORM_CLIENTS = 64
 
 @pytest.fixture(scope="module")
 def server(long_llama_path):
-    with serve(long_llama_path, "--served-model-name", "tiny", "--max-request-bytes", str(MAX_REQUEST_BYTES)) as process:
+    with serve(long_llama_path, "--served-model-name", "tiny",
+               "--max-request-bytes", str(MAX_REQUEST_BYTES)) as process:
         yield process
 
 
@@ -143,7 +144,8 @@ def from_json_schema(schema: dict, models: dict) -> st.SearchStrategy:
             lambda names: st.fixed_dictionaries({**required, **{name: fields[name] for name in names}}))
     if kind == "object":
         values = schema.get("additionalProperties", {})
-        return st.dictionaries(st.text(max_size=8), from_json_schema(values if isinstance(values, dict) else {}, models),
+        value_schema = values if isinstance(values, dict) else {}
+        return st.dictionaries(st.text(max_size=8), from_json_schema(value_schema, models),
                                max_size=3 if values is not False else 0)
     if kind == "array":
         min_size = schema.get("minItems", 0)
