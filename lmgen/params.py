@@ -79,11 +79,16 @@ class StructuredOutputs:
         return cls(**value)
 
 
+#: below this, temperature is 0 (greedy), as in vLLM: logits divided by 1e-183 are inf, then NaN
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request chooses its tokens and when it stops.
 
-    ``temperature=0`` means greedy decoding (as in vLLM and the OpenAI API).
+    ``temperature=0`` means greedy decoding (as in vLLM and the OpenAI API), and so does
+    any temperature below :data:`MIN_SAMPLING_TEMPERATURE`.
     ``max_tokens=None`` means "the model's generation_config max_new_tokens, else
     256" (see :data:`DEFAULT_MAX_TOKENS`); lmgen never cuts output at a silent 20.
     """
@@ -149,6 +154,8 @@ class SamplingParams:
         self._normalize_processor_fields()
         self._validate()
         self._validate_processor_fields()
+        if self.temperature < MIN_SAMPLING_TEMPERATURE:  # greedy but for ties; dividing by it overflows
+            object.__setattr__(self, "temperature", 0.0)
 
     def _validate(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, f"n must be a positive integer, got {self.n!r}")

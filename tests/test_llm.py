@@ -152,6 +152,12 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
 
 
+def test_a_temperature_too_small_to_sample_with_is_greedy(llm):
+    cold = SamplingParams(max_tokens=24, temperature=3.6e-183)  # found by fuzzing the server: NaN probabilities
+    assert cold.temperature == 0.0 and cold.greedy
+    assert llm.generate("Portugal is", cold)[0].outputs[0].text == llm.generate("Portugal is", GREEDY)[0].outputs[0].text
+
+
 @pytest.mark.parametrize("bad_prompt, message", [("", "empty"), ([], "empty"), ([1, 10**6], "token ids")])
 def test_bad_prompts_are_rejected_and_the_engine_keeps_serving(llm, bad_prompt, message):
     with pytest.raises(InvalidArgumentError, match=message):
