@@ -172,12 +172,14 @@ class SamplingParams:
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
         _check(self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
-        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(self.seed is None or isinstance(self.seed, int) and -2**63 <= self.seed < 2**64,
+               f"seed must be an integer in [-2**63, 2**64) (a generator's seed), got {self.seed!r}")
         _check(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         _check(-2.0 <= self.frequency_penalty <= 2.0,
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(0.0 < self.repetition_penalty < math.inf,
-               f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
+        # Below the floor, dividing logits by the penalty overflows them to inf, as for temperature.
+        _check(MIN_SAMPLING_TEMPERATURE <= self.repetition_penalty < math.inf,
+               f"repetition_penalty must be >= {MIN_SAMPLING_TEMPERATURE:g} and finite, got {self.repetition_penalty}")
         _check(all(-100.0 <= v <= 100.0 for v in (self.logit_bias or {}).values()),
                "logit_bias values must be in [-100, 100]")
 

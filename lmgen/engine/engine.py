@@ -147,6 +147,7 @@ class Engine:
             raise InvalidArgumentError(f"request id {request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._check_logit_bias(params)
+        self._check_logprobs(params)
         max_tokens = params.max_tokens or self.default_max_tokens
         self._check_fits(len(prompt_ids), max_tokens)
         if params.num_beams > 1:
@@ -247,6 +248,12 @@ class Engine:
         bad = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab]
         if bad:
             raise InvalidArgumentError(f"logit_bias token ids must be in [0, {vocab}); got {bad[:5]}")
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        vocab = self.model.spec.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise InvalidArgumentError(f"logprobs must be at most the vocabulary's {vocab} tokens, "
+                                       f"got {params.logprobs}")
 
     def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -206,8 +206,10 @@ def test_fuzzed_bodies_get_an_answer_and_never_a_500(server, body_strategies, pa
     ('"temperature": Infinity, "min_tokens": 2', "temperature"),  # found by fuzzing: NaN logits failed the batch
     ('"repetition_penalty": Infinity', "repetition_penalty"),
     ('"length_penalty": NaN, "use_beam_search": true, "n": 2', "length_penalty"),
+    ('"repetition_penalty": 1e-300', "repetition_penalty"),  # logits divided by it overflow too
+    ('"seed": 1180591620717411303424', "seed"),  # more than a generator takes
 ])
-def test_non_finite_numbers_are_a_400_naming_the_field(server, fields, param):
+def test_numbers_that_would_break_sampling_are_a_400_naming_the_field(server, fields, param):
     body = '{"model": "tiny", "prompt": "Hi", "max_tokens": 4, %s}' % fields  # JSON as Python's json.dumps writes it
     response = server.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["param"] == param
