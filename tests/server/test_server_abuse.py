@@ -120,10 +120,14 @@ FUZZ_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tok
 SMALL_LIMITS = {"max_tokens": 8, "max_completion_tokens": 8, "max_output_tokens": 8, "min_tokens": 8, "n": 4,
                 "logprobs": 5, "top_logprobs": 5}
 OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=10)
+
+
+def json_containers(inner: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           json_containers, max_leaves=10)
 
 
 def from_json_schema(schema: dict, models: dict) -> st.SearchStrategy:
