@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="run the OpenAI-compatible HTTP server and web chat page",
         description="Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-                    "/v1/models, /tokenize, /detokenize, /health, /metrics) with a web chat page at /. "
+                    "/v1/responses, /v1/models, /tokenize, /detokenize, /health, /metrics) with a web chat page at /. "
                     "All requests share one continuously batched engine.")
     server = serve.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, how long in-flight requests may finish before they are aborted (default: 30)")
     server.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
                         help="the format the model writes tool calls in (default: the one its chat template shows)")
+    server.add_argument("--max-request-bytes", default=None, metavar="SIZE",
+                        help="largest request body, e.g. 1048576 or 64MiB; larger ones get 413 before they are "
+                             "read (default: 16MiB)")
     add_engine_args(serve)
     serve.set_defaults(run=run_serve)
 
@@ -379,17 +382,22 @@ def require_extra(extra: str, command: str) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     require_extra("server", "lmgen serve")
-    from lmgen.engine.config import EngineConfig
+    from lmgen.engine.config import EngineConfig, parse_size
     from lmgen.server.launch import serve
     from lmgen.server.serving import ServerSettings
 
     config = EngineConfig(model=args.model, **engine_kwargs(args))  # bad flags fail here, before listening
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise InvalidArgumentError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    limits = {}
+    if args.max_request_bytes is not None:
+        limits["max_request_bytes"] = parse_size(args.max_request_bytes)
+        if limits["max_request_bytes"] < 1:
+            raise InvalidArgumentError(f"--max-request-bytes must be at least 1 byte, got {args.max_request_bytes!r}")
     names = tuple(args.served_model_name or [args.model or "lmgen-demo"])
     settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("LMGEN_API_KEY"),
                               max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
-                              tool_call_parser=args.tool_call_parser)
+                              tool_call_parser=args.tool_call_parser, **limits)
     return serve(config, settings, host=args.host, port=args.port)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -78,11 +79,16 @@ class StructuredOutputs:
         return cls(**value)
 
 
+#: below this, temperature is 0 (greedy), as in vLLM: logits divided by 1e-183 are inf, then NaN
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request chooses its tokens and when it stops.
 
-    ``temperature=0`` means greedy decoding (as in vLLM and the OpenAI API).
+    ``temperature=0`` means greedy decoding (as in vLLM and the OpenAI API), and so does
+    any temperature below :data:`MIN_SAMPLING_TEMPERATURE`.
     ``max_tokens=None`` means "the model's generation_config max_new_tokens, else
     256" (see :data:`DEFAULT_MAX_TOKENS`); lmgen never cuts output at a silent 20.
     """
@@ -151,6 +157,8 @@ class SamplingParams:
         self._normalize_processor_fields()
         self._validate()
         self._validate_processor_fields()
+        if self.temperature < MIN_SAMPLING_TEMPERATURE:  # greedy but for ties; dividing by it overflows
+            object.__setattr__(self, "temperature", 0.0)
 
     def _validate(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, f"n must be a positive integer, got {self.n!r}")
@@ -161,8 +169,9 @@ class SamplingParams:
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        _check(self.temperature >= 0.0,
-               f"temperature must be >= 0, got {self.temperature}; use 0 for greedy decoding")
+        # Infinite values pass the range checks below but make NaN of masked logits (-inf / inf).
+        _check(0.0 <= self.temperature < math.inf,
+               f"temperature must be >= 0 and finite, got {self.temperature}; use 0 for greedy decoding")
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}; use 1 to disable it")
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
@@ -171,11 +180,14 @@ class SamplingParams:
             _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
                    f"{name} must be an integer >= 0 (or None: off), got {value!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
-        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(self.seed is None or isinstance(self.seed, int) and -2**63 <= self.seed < 2**64,
+               f"seed must be an integer in [-2**63, 2**64) (a generator's seed), got {self.seed!r}")
         _check(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         _check(-2.0 <= self.frequency_penalty <= 2.0,
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # Below the floor, dividing logits by the penalty overflows them to inf, as for temperature.
+        _check(MIN_SAMPLING_TEMPERATURE <= self.repetition_penalty < math.inf,
+               f"repetition_penalty must be >= {MIN_SAMPLING_TEMPERATURE:g} and finite, got {self.repetition_penalty}")
         _check(all(-100.0 <= v <= 100.0 for v in (self.logit_bias or {}).values()),
                "logit_bias values must be in [-100, 100]")
 
@@ -229,6 +241,7 @@ class SamplingParams:
     def _validate_beams(self) -> None:
         _check(isinstance(self.num_beams, int) and self.num_beams >= 1,
                f"num_beams must be a positive integer, got {self.num_beams!r}")
+        _check(math.isfinite(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty}")
         _check(self.early_stopping in (True, False, "never"),
                f"`early_stopping` must be a boolean or 'never', but is {self.early_stopping}.")
         if self.num_beams == 1:

@@ -144,10 +144,26 @@ def test_default_length_is_256_without_generation_config(llm):
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-3), "max_tokens"), (dict(temperature=-0.1), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"), (dict(min_p=2.0), "min_p"),
     (dict(stop=[""]), "stop"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(temperature=float("inf")), "temperature"), (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(length_penalty=float("nan")), "length_penalty"), (dict(repetition_penalty=1e-300), "repetition_penalty"),
+    (dict(seed=2**70), "seed"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidArgumentError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_more_logprobs_than_the_vocabulary_is_refused_before_queueing(llm):
+    with pytest.raises(InvalidArgumentError, match="logprobs"):
+        llm.generate("Portugal is", SamplingParams(max_tokens=2, logprobs=10**6))
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_temperature_too_small_to_sample_with_is_greedy(llm):
+    cold = SamplingParams(max_tokens=24, temperature=3.6e-183)  # found by fuzzing the server: NaN probabilities
+    assert cold.temperature == 0.0 and cold.greedy
+    [cold_output], [greedy_output] = llm.generate("Portugal is", cold), llm.generate("Portugal is", GREEDY)
+    assert cold_output.outputs[0].text == greedy_output.outputs[0].text
 
 
 @pytest.mark.parametrize("bad_prompt, message", [("", "empty"), ([], "empty"), ([1, 10**6], "token ids")])

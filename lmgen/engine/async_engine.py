@@ -12,6 +12,9 @@ Invariants:
 - Everything in the Engine and ``_active`` is touched only on the engine thread.
 - A request that fails (bad input, or a step that raised) fails alone or, for a step,
   with the batch it ran in; the loop itself keeps serving.
+- With ``max_backlog``, a request whose caller has left more than that many deltas
+  unread, and taken none for ``STALL_SECONDS``, is aborted (:class:`StreamBacklogError`):
+  a client that stops reading a stream holds neither a batch slot nor a growing queue.
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ class EngineStoppedError(LmgenError, RuntimeError):
 
 class EngineStepError(LmgenError, RuntimeError):
     """A model step failed; the requests in it were aborted, the engine keeps serving."""
+
+
+class StreamBacklogError(LmgenError, RuntimeError):
+    """The caller stopped reading a request's deltas; the request was aborted to free its resources."""
+
+
+#: what iterating a RequestStream may raise besides cancellation: the request ended without finishing
+STREAM_ERRORS = (EngineStepError, EngineStoppedError, StreamBacklogError)
+#: A reader past its backlog that took nothing for this long has stopped reading. A reader that
+#: is merely behind (the event loop was busy while the engine made steps) catches up far sooner.
+STALL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,7 @@ class _Stream:
     def __init__(self, num_sequences: int) -> None:
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.num_sequences = num_sequences
+        self.last_read = time.monotonic()  # when the reader last took a delta
 
 
 class RequestStream:
@@ -105,6 +120,7 @@ class RequestStream:
         if self._done:
             raise StopAsyncIteration
         item = await self._stream.queue.get()
+        self._stream.last_read = time.monotonic()
         if isinstance(item, BaseException):
             self._done = True
             raise item
@@ -128,8 +144,10 @@ class AsyncEngine:
     >>> await engine.shutdown()
     """
 
-    def __init__(self, engine: Engine, observer: EngineObserver | None = None) -> None:
+    def __init__(self, engine: Engine, observer: EngineObserver | None = None, max_backlog: int | None = None) -> None:
+        """`max_backlog`: most unread deltas a request may queue while its reader is stalled (None: no limit)."""
         self.engine = engine
+        self.max_backlog = max_backlog
         self.stats = EngineStats()
         self._observer = observer
         self._cond = threading.Condition()
@@ -233,6 +251,15 @@ class AsyncEngine:
             if output.finished:
                 del self._streams[output.request_id]
                 self._num_sequences -= stream.num_sequences
+            elif self._stalled(stream):
+                self.abort(output.request_id)
+                stream.queue.put_nowait(StreamBacklogError(
+                    f"request {output.request_id} was aborted: its reader left {self.max_backlog} deltas unread "
+                    f"and took none for {STALL_SECONDS:g} s"))
+
+    def _stalled(self, stream: _Stream) -> bool:
+        return (self.max_backlog is not None and stream.queue.qsize() > self.max_backlog
+                and time.monotonic() - stream.last_read > STALL_SECONDS)
 
     def _fail(self, request_ids: list[str], error: BaseException) -> None:
         for request_id in request_ids:

@@ -308,12 +308,14 @@ class Engine:
             raise InvalidArgumentError(f"logit_bias token ids must be in [0, {vocab}); got {bad[:5]}")
 
     def _check_logprobs(self, params: SamplingParams) -> None:
-        most = self.config.max_logprobs
+        most, vocab = self.config.max_logprobs, self.model.spec.vocab_size
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > most:
                 raise InvalidArgumentError(f"{name} asks for the top {value} tokens, more than max_logprobs ({most}) "
                                            "allows: ask for fewer, or raise max_logprobs (--max-logprobs)")
+            if value is not None and value > vocab:
+                raise InvalidArgumentError(f"{name} must be at most the vocabulary's {vocab} tokens, got {value}")
 
     def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -21,10 +21,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from lmgen.engine.async_engine import AsyncEngine, EngineStats
 from lmgen.engine.engine import Engine
 from lmgen.server.errors import APIError, bad_request, install_handlers
+from lmgen.server.limits import install_size_limit
 from lmgen.server.metrics import CONTENT_TYPE, Metrics
 from lmgen.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
 )
+from lmgen.server.responses import ResponsesRequest, create_response
 from lmgen.server.serving import OpenAIServing, ServerSettings, template_message
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ def build_app(settings: ServerSettings, load_engine: Callable[[], Engine], *,
     app = FastAPI(title="lmgen", summary="OpenAI-compatible text generation", lifespan=lifespan)
     app.state.lmgen = state
     install_handlers(app)
+    install_size_limit(app, settings.max_request_bytes)
     page = _chat_page()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -129,7 +132,7 @@ def _start_loading(state: ServerState, load_engine: Callable[[], Engine], on_rea
     loop = asyncio.get_running_loop()
 
     def ready(engine: Engine) -> None:
-        state.engine = AsyncEngine(engine, observer=state.metrics)
+        state.engine = AsyncEngine(engine, observer=state.metrics, max_backlog=state.settings.stream_backlog)
         state.engine.start()
         state.serving = OpenAIServing(state.engine, state.settings, state.metrics)
         if on_ready is not None:
@@ -186,6 +189,10 @@ def _api_router(state: ServerState) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await state.ready_serving().chat_completions(request, raw_request)
+
+    @router.post("/v1/responses")
+    async def responses(request: ResponsesRequest, raw_request: Request) -> Response:
+        return await create_response(state.ready_serving(), request, raw_request)
 
     @router.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> dict:

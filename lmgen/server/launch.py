@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -16,6 +17,10 @@ from lmgen.server.serving import ServerSettings
 
 # uvicorn's own hard limit comes this long after ours, as a backstop only.
 _HARD_TIMEOUT_MARGIN_S = 10.0
+# Each connection's kernel send buffer (Linux doubles it). Token streams need little, and a
+# fixed size bounds what a client that stops reading pins in the kernel (autotuned: up to
+# 4 MiB) before the server sees its backlog (ServerSettings.stream_backlog).
+SEND_BUFFER_BYTES = 128 * 1024
 
 
 class _Server(uvicorn.Server):
@@ -55,10 +60,12 @@ def serve(engine_config: EngineConfig, settings: ServerSettings, *, host: str = 
                             access_log=verbose,
                             timeout_graceful_shutdown=settings.shutdown_timeout + _HARD_TIMEOUT_MARGIN_S)
     server = _Server(config, app.state.lmgen)
+    listener = config.bind_socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)  # accepted sockets inherit it
     # After its graceful shutdown uvicorn re-raises the signal it caught; with a handler
     # in place that re-raise is harmless, so a SIGTERM'd server exits 0 as services expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+    server.run(sockets=[listener])
     if failures:
         raise failures[0]
     return 0

@@ -47,21 +47,31 @@ class ResponseFormat(_Request):
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingFields(_Request):
-    """Fields shared by completions and chat: OpenAI's plus the extras vLLM accepts."""
+class IgnoredFields(_Request):
+    """OpenAI's optional fields that mean nothing to a local server: accepted so clients that
+    always send them work, and ignored (README, "Serving")."""
+
+    store: bool | None = None  # nothing is stored: every response is returned once
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None  # lmgen's prefix cache finds shared prefixes by itself
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+
+
+class CoreSamplingFields(IgnoredFields):
+    """Fields of every generating route, /v1/responses included: OpenAI's plus the extras vLLM accepts."""
 
     model: str | None = None  # None: the served model
-    n: int = Field(1, ge=1, le=128)
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None  # accepted for compatibility; not used
     # extras (vLLM names)
     top_k: int | None = None
     min_p: float | None = None
@@ -72,6 +82,13 @@ class SamplingFields(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     structured_outputs: StructuredOutputsField | None = None
+
+
+class SamplingFields(CoreSamplingFields):
+    """Fields shared by completions and chat, which answer with n choices."""
+
+    n: int = Field(1, ge=1, le=128)
+    stream_options: StreamOptions | None = None
     use_beam_search: bool = False  # the n best of n beams (temperature defaults to 0: plain beam search)
     length_penalty: float | None = None  # beams: rank by sum of logprobs / length ** length_penalty
     early_stopping: bool | Literal["never"] | None = None  # beams: transformers' meaning

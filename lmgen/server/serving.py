@@ -19,11 +19,12 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from lmgen.engine.async_engine import AsyncEngine, EngineStepError, EngineStoppedError, RequestStream
+from lmgen.engine.async_engine import STREAM_ERRORS, AsyncEngine, EngineStoppedError, RequestStream
 from lmgen.errors import InvalidArgumentError
 from lmgen.outputs import CompletionOutput, Logprob, RequestOutput
 from lmgen.params import SamplingParams
 from lmgen.server.errors import APIError, bad_request, from_invalid_argument, sse_error
+from lmgen.server.limits import DEFAULT_MAX_REQUEST_BYTES
 from lmgen.server.metrics import Metrics
 from lmgen.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -46,6 +47,11 @@ class ServerSettings:
     max_queued_requests: int | None = None  # None: no limit
     shutdown_timeout: float = 30.0  # seconds in-flight requests may run on after SIGTERM
     tool_call_parser: str | None = None  # None: the format the chat template shows (lmgen.tool_calls)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies are a 413
+    # A stream whose client leaves this many deltas unread (beyond what the sockets buffer)
+    # and reads none for a while has stopped reading: its request is aborted rather than
+    # queueing its output in memory (AsyncEngine.max_backlog).
+    stream_backlog: int = 256
 
 
 @dataclass
@@ -196,7 +202,7 @@ class OpenAIServing:
         return await _respond(_CompletionFormatter(self, request, prompts, request_id, model), streams, raw_request)
 
     # ---- /v1/chat/completions -------------------------------------------------------------
-    def _chat_prompt(self, request: ChatCompletionRequest) -> _Prompt:
+    def _chat_prompt(self, request: ChatCompletionRequest, field: str = "messages") -> _Prompt:
         messages = [template_message(i, m) for i, m in enumerate(request.messages)]
         template_kwargs = dict(request.chat_template_kwargs or {})
         if request.tools is not None:  # as the client wrote them, as transformers' apply_chat_template passes dicts
@@ -207,7 +213,7 @@ class OpenAIServing:
                 continue_final_message=request.continue_final_message, chat_template=request.chat_template,
                 **template_kwargs)
         except Exception as exc:  # the template (or its kwargs) rejected the client's conversation
-            raise bad_request(f"the chat template could not render these messages: {exc}", "messages") from None
+            raise bad_request(f"the chat template could not render these messages: {exc}", field) from None
         return _Prompt(None, ids)
 
     async def chat_completions(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
@@ -339,15 +345,17 @@ async def _merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, R
         async for delta in streams[0]:
             yield 0, delta
         return
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+    # Bounded, so that deltas a slow reader has not taken wait in their requests' own queues,
+    # where the engine sees the backlog (AsyncEngine.max_backlog).
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue(maxsize=len(streams))
 
     async def pump(index: int, stream: RequestStream) -> None:
         try:
             async for delta in stream:
-                queue.put_nowait((index, delta))
-            queue.put_nowait((index, None))
+                await queue.put((index, delta))
+            await queue.put((index, None))
         except Exception as exc:
-            queue.put_nowait((index, exc))
+            await queue.put((index, exc))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
@@ -391,7 +399,7 @@ async def _collect(streams: list[RequestStream], raw_request: Request) -> list[R
             return None
         try:
             work.result()
-        except (EngineStepError, EngineStoppedError) as exc:
+        except STREAM_ERRORS as exc:
             raise APIError(500, str(exc), type="server_error", code="generation_failed") from None
         return finals
     finally:
@@ -424,7 +432,7 @@ async def _sse_stream(formatter: _Formatter, streams: list[RequestStream], inclu
                 yield sse(chunk)
         if include_usage:
             yield sse(formatter.usage_chunk())
-    except (EngineStepError, EngineStoppedError) as exc:
+    except STREAM_ERRORS as exc:
         yield sse_error(APIError(500, str(exc), type="server_error", code="generation_failed"))
     finally:
         # Runs on normal end, on error, and when the client disconnects (the task is cancelled).

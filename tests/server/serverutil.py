@@ -132,6 +132,13 @@ def _wait_until_healthy(server: ServerProcess) -> None:
     raise AssertionError(f"lmgen serve was not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log()}")
 
 
+@pytest.fixture(scope="module")
+def tiny_server(llama_path) -> Iterator[ServerProcess]:
+    """`lmgen serve` of the tiny random Llama (256-token context) as model "tiny"."""
+    with serve(llama_path, "--served-model-name", "tiny") as process:
+        yield process
+
+
 @pytest.fixture(scope="session")
 def long_llama_path(tmp_path_factory) -> Path:
     """The tiny random Llama with a 2048-token context: requests that must still be running

@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from lmgen import Engine, EngineConfig, InvalidArgumentError, SamplingParams
-from lmgen.engine.async_engine import AsyncEngine, EngineStepError, EngineStoppedError
+from lmgen.engine import async_engine as async_engine_module
+from lmgen.engine.async_engine import AsyncEngine, EngineStepError, EngineStoppedError, StreamBacklogError
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -33,11 +34,11 @@ class StepRecorder:
         self.failed.append(request_id)
 
 
-def run(engine, scenario, observer=None):
+def run(engine, scenario, observer=None, max_backlog=None):
     """Run `scenario(async_engine)` on a fresh AsyncEngine around `engine`, then shut it down."""
 
     async def main():
-        async_engine = AsyncEngine(engine, observer)
+        async_engine = AsyncEngine(engine, observer, max_backlog)
         async_engine.start()
         try:
             return await scenario(async_engine)
@@ -103,6 +104,41 @@ def test_leaving_early_aborts_and_frees_the_kv_blocks(engine):
     in_flight, stats = run(engine, scenario)
     assert in_flight == 0 and stats.kv_cache_usage == 0 and stats.num_running == 0
     assert not engine.has_unfinished_requests()
+
+
+def test_a_stream_nobody_reads_is_aborted_at_the_backlog_and_the_others_go_on(engine, monkeypatch):
+    monkeypatch.setattr(async_engine_module, "STALL_SECONDS", 0.0)  # past the backlog is stalled at once
+    max_backlog = 8
+
+    async def scenario(e):
+        unread = await e.add_request("nobody reads this", SamplingParams(max_tokens=240, ignore_eos=True))
+        read = await collect(e, "this one is read")
+        while e.num_unfinished_sequences:
+            await asyncio.sleep(0.01)
+        deltas = []
+        with pytest.raises(StreamBacklogError, match="unread"):
+            async for delta in unread:
+                deltas.append(delta)
+        return read, deltas
+
+    read, deltas = run(engine, scenario, max_backlog=max_backlog)
+    assert read[-1].finished and sum(len(d.outputs[0].token_ids) for d in read) == 6
+    assert len(deltas) == max_backlog + 1 and not deltas[-1].finished  # what was queued, then the error
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_reader_that_is_behind_but_reading_is_not_aborted(engine, monkeypatch):
+    monkeypatch.setattr(async_engine_module, "STALL_SECONDS", 5.0)  # far longer than the engine needs for 3 steps
+
+    async def scenario(e):
+        stream = await e.add_request("read late", SamplingParams(max_tokens=20, ignore_eos=True))
+        deltas = [await anext(stream)]
+        while stream._stream.queue.qsize() <= 2:  # fall behind: the backlog passes max_backlog
+            await asyncio.sleep(0.01)
+        return deltas + [delta async for delta in stream]
+
+    deltas = run(engine, scenario, max_backlog=2)
+    assert deltas[-1].finished and sum(len(d.outputs[0].token_ids) for d in deltas) == 20
 
 
 def test_a_cancelled_consumer_aborts_its_request(engine):

@@ -24,7 +24,8 @@ def help_flags(capsys, command: str) -> tuple[set[str], str]:
 def test_serve_help_documents_every_flag_and_the_engine_flags_of_llm(capsys):
     serve_flags, text = help_flags(capsys, "serve")
     assert {"--host", "--port", "--served-model-name", "--api-key", "--max-queued-requests",
-            "--shutdown-timeout", "--tool-call-parser"} <= serve_flags
+            "--shutdown-timeout", "--tool-call-parser",
+            "--max-request-bytes"} <= serve_flags
     generate_flags, _ = help_flags(capsys, "generate")
     assert generate_flags - SAMPLING_FLAGS <= serve_flags  # the engine flags of `generate`, i.e. of LLM(...)
     assert "127.0.0.1" in text and "8000" in text and "LMGEN_API_KEY" in text
@@ -37,6 +38,10 @@ def test_bad_flags_fail_before_listening(capsys):
         main(["serve", "--tool-call-parser", "qwen"])
     assert exited.value.code == 2
     assert "hermes" in capsys.readouterr().err  # the choices are listed
+    assert main(["serve", "--max-request-bytes", "lots"]) == 2
+    assert "'lots'" in capsys.readouterr().err
+    assert main(["serve", "--max-request-bytes", "0"]) == 2
+    assert "max-request-bytes" in capsys.readouterr().err
 
 
 def test_a_model_that_cannot_load_is_one_error_line_and_exit_2():
