@@ -5,9 +5,10 @@ validated when it is made (a missing or inconsistent piece is an error naming it
 wrong model). Everything outside lmgen/models reads a model through it:
 
 - the engine and the KV cache: ``vocab_size``, ``num_layers``, ``num_kv_heads``, ``head_dim``,
-  ``layer_windows`` (per-layer sliding windows), ``context_length``, ``rope_computed_on_host``
-  (no CUDA graphs: such ropes are computed on the CPU each step), ``rope_switch_length`` (a request
-  crossing it recomputes its cache);
+  ``layer_windows`` (per-layer sliding windows), ``context_length``, ``rope_computed_on_host`` and
+  ``routes_on_host`` (no CUDA graphs: such ropes are computed, and mixture-of-experts layers group
+  their tokens, on the host each step), ``rope_switch_length`` (a request crossing it recomputes its
+  cache);
 - the one-call CPU decode step: ``one_call_settings()`` and, per layer, its tensors by name
   (lmgen/models/transformer.py ``_layer_tensors``; lmgen/kernels/cpu.cpp ``DecodeLayers``);
 - the loader: the model class's ``checkpoint_tensors`` (names, transposes) and
@@ -26,6 +27,7 @@ import torch
 
 from lmgen.errors import UnsupportedModelError
 from lmgen.layers.linear import Activation
+from lmgen.layers.moe import MoEConfig
 from lmgen.layers.norm import Norm, NormKind
 from lmgen.layers.rotary import RopeConfig
 
@@ -48,6 +50,7 @@ class QkNorm(enum.IntEnum):  # the values are the kernels' (cpu.cpp: QkNorm)
 class LayerSpec:
     window: int | None = None  # sliding window in tokens; None: full attention
     rope: int | None = 0  # which of ModelSpec.ropes rotates q and k; None: no rotary (SmolLM3's NoPE layers)
+    moe: MoEConfig | None = None  # a mixture of experts in place of the MLP (lmgen/layers/moe.py); None: the MLP
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class ModelSpec:
                                             f"{len(self.ropes)}")
             if layer.window is not None and layer.window < 1:
                 raise UnsupportedModelError(f"model spec: layer {i} has sliding window {layer.window}")
+            if layer.moe is not None and not (isinstance(layer.moe, MoEConfig) and self.gated_mlp):
+                raise UnsupportedModelError(f"model spec: layer {i}'s experts must be a MoEConfig of gated MLPs")
         for rope in self.ropes:
             if rope.head_dim != self.head_dim or rope.rotary_dim % 2 or not 0 < rope.rotary_dim <= self.head_dim:
                 raise UnsupportedModelError(f"model spec: a rope rotates {rope.rotary_dim} of {rope.head_dim} "
@@ -118,6 +123,12 @@ class ModelSpec:
     def rope_computed_on_host(self) -> bool:
         """Whether some rope's frequencies are computed on the CPU each step (which a CUDA graph cannot replay)."""
         return any(rope.computed_on_host for rope in self.ropes)
+
+    @property
+    def routes_on_host(self) -> bool:
+        """Whether some layer is a mixture of experts, whose tokens are grouped by expert on the host each
+        step (which a CUDA graph cannot replay)."""
+        return any(layer.moe is not None for layer in self.layers)
 
     @property
     def rope_switch_length(self) -> int | None:
