@@ -448,7 +448,9 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> None:
     """Quantize an already loaded float model in place (loading a checkpoint quantizes on the way in)."""
     for name, float_module in prepare_quantized(model, config):
         quantized = model.get_submodule(name)
-        for storage_name, tensor in quantize_weight(float_module.weight.data, quantized.method,
-                                                    config.group_size).items():
-            getattr(quantized, storage_name).data.copy_(tensor)
+        weight = float_module.weight.data
+        for index, one in enumerate(weight.view(-1, *weight.shape[-2:])):  # the weight, or each expert's of a stack
+            for storage_name, tensor in quantize_weight(one, quantized.method, config.group_size).items():
+                storage = getattr(quantized, storage_name).data
+                storage.view(-1, *storage.shape[len(quantized.stack):])[index].copy_(tensor)
     pack_quantized(model)
