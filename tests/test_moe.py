@@ -1,5 +1,5 @@
 """Mixture-of-experts checkpoints beyond the shared parity tests (tests/test_model_parity.py runs every
-MoE variant against transformers): loading experts by index, the memory check, the decode path."""
+MoE variant against transformers): loading experts by index, the memory check, router statistics from the one-call decode."""
 
 import json
 import shutil
@@ -10,9 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from lmgen import LLM, SamplingParams, UnsupportedModelError
 from lmgen.errors import InsufficientMemoryError
+from lmgen.layers.moe import tokens_per_expert
 from lmgen.layers.quant import QuantConfig
 from lmgen.loader import model as loader
 from lmgen.models import model_class
+from lmgen.models.transformer import TransformerForCausalLM
 
 
 def _edited(source, folder, config_changes=None, drop=()):
@@ -53,8 +55,20 @@ def test_weights_beyond_free_memory_are_refused_naming_both_sizes(checkpoint_fac
 
 
 @pytest.mark.usefixtures("cpu_kernels")
-def test_moe_layers_decode_module_by_module(checkpoint_factory, monkeypatch):
-    """cpu.cpp's one-call decode has no MoE step: such models run their layers as modules."""
-    llm = LLM(str(checkpoint_factory("mixtral")), dtype="float32")
-    monkeypatch.setattr(torch.ops.lmgen, "decode_layers", lambda *args: pytest.fail("called"), raising=False)
-    assert llm.generate([[1, 5, 9]], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids
+def test_the_one_call_decode_counts_the_tokens_per_expert_as_the_modules_do(checkpoint_factory, monkeypatch):
+    llm = LLM(str(checkpoint_factory("qwen2-moe")), dtype="float32", enable_prefix_caching=False)
+    prompts, greedy = [[1, 5, 9], list(range(3, 30))], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    def counts() -> list[list[int]]:
+        stats = tokens_per_expert(llm.engine.model)
+        result = [t.tolist() for t in stats.values()]
+        for t in stats.values():
+            t.zero_()
+        return result
+
+    llm.generate(prompts, greedy)
+    one_call = counts()
+    assert [sum(c) for c in one_call] == [(3 + 27 + 2 * 5) * 2] * 2  # every token computed, top 2, both layers
+    monkeypatch.setattr(TransformerForCausalLM, "one_call_layers", lambda *_: None)
+    llm.generate(prompts, greedy)
+    assert counts() == one_call

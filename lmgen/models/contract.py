@@ -106,6 +106,8 @@ class ModelSpec:
                 raise UnsupportedModelError(f"model spec: layer {i} has sliding window {layer.window}")
             if layer.moe is not None and not (isinstance(layer.moe, MoEConfig) and self.gated_mlp):
                 raise UnsupportedModelError(f"model spec: layer {i}'s experts must be a MoEConfig of gated MLPs")
+        if len({layer.moe for layer in self.layers} - {None}) > 1:  # as every family's config.json describes them
+            raise UnsupportedModelError("model spec: the mixture-of-experts layers must share one MoEConfig")
         for rope in self.ropes:
             if rope.head_dim != self.head_dim or rope.rotary_dim % 2 or not 0 < rope.rotary_dim <= self.head_dim:
                 raise UnsupportedModelError(f"model spec: a rope rotates {rope.rotary_dim} of {rope.head_dim} "
@@ -150,11 +152,16 @@ class ModelSpec:
 
     def one_call_settings(self) -> dict[str, float]:
         """The model-wide settings decode_layers reads (cpu.cpp: DecodeLayers), by name."""
-        return {"num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "norm_kind": int(self.norm),
-                "norm_eps": self.norm_eps, "norm_offset": self.norm_offset, "qk_norm": int(self.qk_norm),
-                "activation": int(self.activation), "gated": float(self.gated_mlp),
-                "scale": self.attention_scale or self.head_dim ** -0.5, "softcap": self.attention_softcap or 0.0,
-                "residual_scale": self.residual_scale}
+        settings = {"num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "norm_kind": int(self.norm),
+                    "norm_eps": self.norm_eps, "norm_offset": self.norm_offset, "qk_norm": int(self.qk_norm),
+                    "activation": int(self.activation), "gated": float(self.gated_mlp),
+                    "scale": self.attention_scale or self.head_dim ** -0.5, "softcap": self.attention_softcap or 0.0,
+                    "residual_scale": self.residual_scale}
+        moe = next((layer.moe for layer in self.layers if layer.moe is not None), None)
+        if moe is not None:  # the experts' sizes and whether there is a shared expert come with the tensors
+            settings.update(moe_top_k=moe.top_k, moe_norm_topk=float(moe.norm_topk),
+                            moe_float32_weights=float(moe.float32_weights))
+        return settings
 
 
 class CausalLM(Protocol):

@@ -250,9 +250,7 @@ class TransformerForCausalLM(nn.Module):
 
 def _layer_tensors(layer: DecoderLayer) -> dict[str, torch.Tensor] | None:
     """A layer's weights under the names decode_layers reads (cpu.cpp: DecodeLayers::add_layer); None
-    where it cannot run there (a mixture of experts: cpu.cpp has no MoE step)."""
-    if isinstance(layer.mlp, MoE):
-        return None
+    where some linear cannot run on lmgen's kernels."""
     tensors = {}
     norms = {f"{place}_norm": layer.norm_at(place) for place in NORM_PLACES}
     norms.update(q_norm=layer.self_attn.q_norm, k_norm=layer.self_attn.k_norm)
@@ -261,8 +259,16 @@ def _layer_tensors(layer: DecoderLayer) -> dict[str, torch.Tensor] | None:
             tensors[f"{name}.weight"] = norm.weight
             if norm.bias is not None:
                 tensors[f"{name}.bias"] = norm.bias
-    linears = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj, "up": layer.mlp.up,
-               "down": layer.mlp.down_proj}
+    linears = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj}
+    if isinstance(layer.mlp, MoE):
+        moe = layer.mlp
+        linears.update(router=moe.router, experts_up=moe.experts.gate_up_proj, experts_down=moe.experts.down_proj)
+        if moe.shared_expert is not None:
+            linears.update(shared_up=moe.shared_expert.up, shared_down=moe.shared_expert.down_proj,
+                           shared_gate=moe.shared_expert_gate)
+        tensors["moe_counts"] = moe.tokens_per_expert
+    else:
+        linears.update(up=layer.mlp.up, down=layer.mlp.down_proj)
     for name, linear in linears.items():
         operands = linear.kernel_operands()
         if operands is None:
