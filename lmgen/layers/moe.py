@@ -80,7 +80,8 @@ class Experts(nn.Module):
         self._views: list[tuple[nn.Module, nn.Module]] = []  # per expert (gate_up, down), made on first use
 
     def views(self) -> list[tuple[nn.Module, nn.Module]]:
-        """Each expert's (gate_up, down) linears; made again if quantizing replaced the stacks."""
+        """Each expert's (gate_up, down) linears, made on the first step (after loading and packing, so they
+        take the stacks' final layout); made again if quantizing replaced the stacks."""
         if not self._views or self._views[0][0].weight.data_ptr() != self.gate_up_proj.weight.data_ptr():
             self._views = [(expert_view(self.gate_up_proj, e), expert_view(self.down_proj, e))
                            for e in range(self.num_experts)]
