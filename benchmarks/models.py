@@ -3,6 +3,7 @@
     python benchmarks/models.py                 # bench-125m into benchmarks/models/
     python benchmarks/models.py --shape qwen2.5-0.5b
     python benchmarks/models.py --shape qwen3-125m       # other families at bench-125m's size
+    python benchmarks/models.py --shape qwen3-moe-1b-a150m  # a mixture of experts, beside qwen3-150m
 
 Speed does not depend on weight values, so random weights measure it faithfully.
 The weights are never committed (benchmarks/models/ is git-ignored).
@@ -40,6 +41,16 @@ SHAPES = {
                                              num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
                                              head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
                                              max_position_embeddings=4096)),
+    # Qwen3-30B-A3B scaled down: 64 experts of 320 (top 8) in 14 layers, ~0.95B parameters of which ~150M are
+    # read per token besides the embedding (tied, 33M)
+    "qwen3-moe-1b-a150m": ("Qwen3MoeConfig", dict(
+        vocab_size=32000, hidden_size=1024, num_hidden_layers=14, num_attention_heads=16, num_key_value_heads=4,
+        head_dim=64, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=320, intermediate_size=2560,
+        norm_topk_prob=True, tie_word_embeddings=True, max_position_embeddings=4096)),
+    # the dense model of its active parameters: an MLP as wide as its 8 chosen experts together
+    "qwen3-150m": ("Qwen3Config", dict(vocab_size=32000, hidden_size=1024, intermediate_size=2560, num_hidden_layers=14,
+                                       num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                                       tie_word_embeddings=True, max_position_embeddings=4096)),
 }
 
 

@@ -20,3 +20,7 @@ class ModelNotFoundError(LmgenError, FileNotFoundError):
 
 class UnsupportedModelError(LmgenError, ValueError):
     """The checkpoint exists but lmgen cannot run it (architecture, format)."""
+
+
+class InsufficientMemoryError(LmgenError, MemoryError):
+    """The model would not fit the memory free on its device; the message names both sizes."""

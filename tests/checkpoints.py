@@ -56,7 +56,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4, tie_word_embeddings=True)),  # layer 3 without rotary
     "gpt2": ("GPT2Config", {}),
     "gpt2-untied": ("GPT2Config", dict(tie_word_embeddings=False)),
+    # mixtures of experts: 8 experts (4 for Mixtral), so that a batch leaves some unchosen
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         shared_expert_intermediate_size=128, tie_word_embeddings=True)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_hidden_layers=3, head_dim=32, num_experts=8, num_experts_per_tok=3,
+                                         moe_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[1])),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2)),
 }
+MOE_VARIANTS = ("mixtral", "qwen2-moe", "qwen3-moe", "olmoe")
 # Checkpoints for tests of their own (not every parity test's prompts suit them)
 EXTRA_VARIANTS: dict[str, tuple[str, dict]] = {
     # longrope with prompts past the original length (transformers recomputes a sequence that crosses it)

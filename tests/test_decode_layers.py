@@ -26,6 +26,9 @@ def _tokens_and_logprobs(llm: LLM) -> list[tuple[list[int], list]]:
     ("qwen3", "bfloat16", None), ("gemma2", "bfloat16", None), ("gemma3", "float32", None), ("phi3", "bfloat16", None),
     ("olmo2", "bfloat16", None), ("granite", "bfloat16", None), ("smollm3", "float32", None),
     ("gpt2", "bfloat16", None), ("gemma3", "bfloat16", "int4"),
+    # mixtures of experts: float32 routing weights, a gated shared expert, dense and MoE layers, int8/int4 experts
+    ("mixtral", "bfloat16", None), ("qwen2-moe", "bfloat16", None), ("qwen3-moe", "bfloat16", "int4"),
+    ("olmoe", "float32", "int8"),
 ])
 def test_one_call_for_all_layers_gives_the_modules_bits(checkpoint_factory, monkeypatch, variant, dtype, quantization):
     # no prefix cache: the second run must prefill as the first did (a cached prefix leaves a chunk short
@@ -74,6 +77,14 @@ def test_decode_layers_handle_names_what_is_missing_or_unknown():
         handle.add_layer({**layer, "q_nrom.weight": torch.ones(64)}, 0, 0)
     with pytest.raises(RuntimeError, match="q_norm and k_norm go together with the qk_norm setting"):
         handle.add_layer({**layer, "q_norm.weight": torch.ones(64), "k_norm.weight": torch.ones(64)}, 0, 0)
+    experts = {"router.weight": torch.ones(4, 64), "experts_up.weight": torch.ones(4, 64, 64),
+               "experts_down.weight": torch.ones(4, 64, 32), "moe_counts": torch.zeros(4, dtype=torch.int64)}
+    moe_layer = {**{k: v for k, v in layer.items() if k not in ("up.weight", "down.weight")}, **experts}
+    with pytest.raises(RuntimeError, match="a MoE layer needs the moe_top_k setting"):
+        handle.add_layer(moe_layer, 0, 0)
+    with pytest.raises(RuntimeError, match="shared_up, shared_down and shared_gate go together"):
+        torch.classes.lmgen.DecodeLayers({**SETTINGS, "moe_top_k": 2.0}).add_layer(
+            {**moe_layer, "shared_up.weight": torch.ones(64, 64)}, 0, 0)
     handle.add_layer(layer, 0, 0)
 
 

@@ -98,7 +98,7 @@ def test_a_model_missing_a_piece_of_the_contract_is_named():
         check_contract(Forgetful())
 
 
-FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite", "smollm3", "gpt2"]
+FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite", "smollm3", "gpt2", "qwen2-moe", "qwen3-moe"]
 FEATURE_PROMPTS = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((5, 19, 40))]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 

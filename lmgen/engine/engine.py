@@ -160,9 +160,11 @@ class Engine:
 
     def _graphed_decode(self) -> GraphedDecode | None:
         """Recorded graphs for the decode steps where the device has them (CUDA), unless asked not to or the
-        model's rope frequencies depend on the context length (chosen on the CPU, which a graph cannot replay)."""
+        model's rope frequencies depend on the context length or its experts are chosen per step (decided on the
+        CPU, which a graph cannot replay)."""
         record = RECORDERS.get(self.device.type)
-        if (record is None or self.config.enforce_eager or self.model.spec.rope_computed_on_host
+        spec = self.model.spec
+        if (record is None or self.config.enforce_eager or spec.rope_computed_on_host or spec.routes_on_host
                 or self.kv_cache.num_blocks < 2):
             return None
         block_size = self.config.block_size

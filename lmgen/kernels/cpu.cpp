@@ -26,6 +26,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
@@ -1204,9 +1205,18 @@ struct NormOperands {
   std::optional<at::Tensor> bias;  // LayerNorm's
 };
 
+// A mixture of experts in place of the MLP (lmgen/layers/moe.py): the experts' projections stacked
+// [E, ...] (each expert's slice is a weight as product takes it), an optional gated shared expert.
+struct MoeOperands {
+  LinearOperands router, experts_up, experts_down;
+  std::optional<LinearOperands> shared_up, shared_down, shared_gate;
+  at::Tensor counts;  // tokens routed to each expert: the step adds its own (router statistics)
+};
+
 struct Layer {
   std::optional<NormOperands> input_norm, post_attention_norm, pre_mlp_norm, post_mlp_norm, q_norm, k_norm;
-  LinearOperands qkv, o, up, down;
+  LinearOperands qkv, o, up, down;  // up and down: the MLP's, undefined where the layer has experts
+  std::optional<MoeOperands> moe;
   at::Tensor k_cache, v_cache;
   int64_t window = 0, rotary = -1;  // rotary: which of the step's (cos, sin) pairs, -1 none
 };
@@ -1240,7 +1250,8 @@ struct Entries {
 struct DecodeLayers : torch::CustomClassHolder {
   std::vector<Layer> layers;
   int64_t num_heads, num_kv_heads, qk_norm, activation;
-  bool gated;
+  int64_t moe_top_k;  // the MoE layers' routing (one for the model); 0: no MoE layers
+  bool gated, moe_norm_topk, moe_float32_weights;
   NormSpec norm;
   double scale, softcap, residual_scale;
 
@@ -1256,6 +1267,9 @@ struct DecodeLayers : torch::CustomClassHolder {
     scale = settings.required("scale");
     softcap = settings.required("softcap");
     residual_scale = settings.required("residual_scale");
+    moe_top_k = static_cast<int64_t>(settings.optional("moe_top_k").value_or(0));
+    moe_norm_topk = settings.optional("moe_norm_topk").value_or(0) != 0;
+    moe_float32_weights = settings.optional("moe_float32_weights").value_or(0) != 0;
     settings.finish();
     TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0 && qk_norm >= kNoQkNorm &&
                     qk_norm <= kWholeProjection && norm.kind >= kRms && norm.kind <= kLayer,
@@ -1282,8 +1296,27 @@ struct DecodeLayers : torch::CustomClassHolder {
     layer.k_norm = norm_of("k_norm");
     layer.qkv = linear("qkv");
     layer.o = linear("o");
-    layer.up = linear("up");
-    layer.down = linear("down");
+    if (tensors.dict.contains("router.weight")) {
+      auto maybe_linear = [&](const std::string& name) -> std::optional<LinearOperands> {
+        if (!tensors.dict.contains(name + ".weight")) return std::nullopt;
+        return linear(name);
+      };
+      layer.moe = MoeOperands{linear("router"), linear("experts_up"), linear("experts_down"), maybe_linear("shared_up"),
+                              maybe_linear("shared_down"), maybe_linear("shared_gate"), tensors.required("moe_counts")};
+      const MoeOperands& moe = *layer.moe;
+      const int64_t E = moe.router.weight.size(0);
+      TORCH_CHECK(moe_top_k > 0 && moe_top_k <= E, "DecodeLayers: a MoE layer needs the moe_top_k setting");
+      TORCH_CHECK(moe.experts_up.weight.dim() == 3 && moe.experts_up.weight.size(0) == E &&
+                      moe.experts_down.weight.dim() == 3 && moe.experts_down.weight.size(0) == E &&
+                      moe.counts.scalar_type() == at::kLong && moe.counts.numel() == E,
+                  "DecodeLayers: the experts must be stacked [experts, ...], one count each");
+      TORCH_CHECK(moe.shared_up.has_value() == moe.shared_down.has_value() &&
+                      moe.shared_up.has_value() == moe.shared_gate.has_value(),
+                  "DecodeLayers: shared_up, shared_down and shared_gate go together");
+    } else {
+      layer.up = linear("up");
+      layer.down = linear("down");
+    }
     layer.k_cache = tensors.required("k_cache");
     layer.v_cache = tensors.required("v_cache");
     layer.window = window;
@@ -1362,6 +1395,45 @@ at::Tensor finish(const at::Tensor& out, const std::optional<NormOperands>& norm
   return model.residual_scale != 1.0 ? y.mul(model.residual_scale) : y;
 }
 
+// One expert's slice of stacked expert weights.
+LinearOperands expert(const LinearOperands& stack, int64_t e) {
+  auto slice = [e](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    return t ? std::optional<at::Tensor>(t->select(0, e)) : std::nullopt;
+  };
+  return {stack.weight.select(0, e), slice(stack.scales), slice(stack.zeros), slice(stack.bias)};
+}
+
+// A mixture of experts over x [T, hidden]: lmgen/layers/moe.py MoE.forward op for op (so the same bits).
+at::Tensor mixture_of_experts(const at::Tensor& x, const MoeOperands& moe, const DecodeLayers& model) {
+  const int64_t k = model.moe_top_k, E = moe.router.weight.size(0);
+  const at::Tensor probs = product(x, moe.router).to(at::kFloat).softmax(-1);
+  auto [top, chosen] = probs.topk(k, -1);
+  at::Tensor weights = model.moe_norm_topk ? top.div(top.sum(-1, true)) : top;
+  if (!model.moe_float32_weights) weights = weights.to(x.scalar_type());
+  // each (token, choice) slot, sorted by expert: its token, and how many slots each expert has
+  const at::Tensor slots = chosen.flatten();
+  const at::Tensor order = slots.argsort(/*stable=*/true, 0, /*descending=*/false);
+  const at::Tensor counts = slots.bincount({}, E);
+  moe.counts.add_(counts);
+  const at::Tensor tokens = order.floor_divide(k);
+  const at::Tensor rows = x.index_select(0, tokens);
+  at::Tensor outputs = at::empty_like(rows);
+  const int64_t* count = counts.data_ptr<int64_t>();
+  for (int64_t e = 0, start = 0; e < E; ++e) {
+    if (!count[e]) continue;  // an expert no token chose is never read
+    const at::Tensor up = product(rows.narrow(0, start, count[e]), expert(moe.experts_up, e));
+    outputs.narrow(0, start, count[e]).copy_(product(activation(up, model.activation, true), expert(moe.experts_down, e)));
+    start += count[e];
+  }
+  const at::Tensor weighted = outputs.mul(weights.flatten().index_select(0, order).unsqueeze(1)).to(x.scalar_type());
+  at::Tensor out = at::zeros_like(x).index_add_(0, tokens, weighted);
+  if (moe.shared_up) {
+    const at::Tensor shared = product(activation(product(x, *moe.shared_up), model.activation, true), *moe.shared_down);
+    out = out.add(product(x, *moe.shared_gate).sigmoid().mul(shared));
+  }
+  return out;
+}
+
 // q [T, H, D] of a layer whose keys and values are now in its caches.
 void attention_inputs(const Layer& layer, const at::Tensor& x, const std::vector<at::Tensor>& rotary,
                       const at::Tensor& slot_mapping, const DecodeLayers& model, const at::Tensor& q) {
@@ -1402,8 +1474,10 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(const at::Tensor& x, const std:
       hidden = finish(product(attended.view({T, H * D}), layer.o), layer.post_attention_norm, model);
       auto [mlp_in, summed] = add_and_norm(hidden, stream, layer.pre_mlp_norm, model.norm);
       residual = summed;
-      const at::Tensor up = product(mlp_in, layer.up);
-      hidden = finish(product(activation(up, model.activation, model.gated), layer.down), layer.post_mlp_norm, model);
+      const at::Tensor mlp_out = layer.moe ? mixture_of_experts(mlp_in, *layer.moe, model)
+                                           : product(activation(product(mlp_in, layer.up), model.activation, model.gated),
+                                                     layer.down);
+      hidden = finish(mlp_out, layer.post_mlp_norm, model);
     }
   });
   return {hidden, residual};

@@ -61,7 +61,8 @@ CHECKPOINT_QUANT_METHOD = "lmgen"
 CHECKPOINT_FORMAT_VERSION = 1
 
 _HEAD_MODULES = ("embed_tokens", "lm_head")
-_FULL_PRECISION_TABLES = ("embed_positions",)  # GPT-2's learned positions: small, and added, not gathered
+# GPT-2's learned positions (small, and added, not gathered) and MoE routers, which choose the experts
+_FULL_PRECISION_MODULES = ("embed_positions", "router", "shared_expert_gate")
 _STORAGE_NAMES = {"int8": ("weight", "scales"), "int4": ("weight", "scales", "zeros")}
 _SCALE_DTYPE = torch.bfloat16  # what the kernels take with bfloat16 activations
 _MIN_SCALE = 1e-12  # keeps an all-zero row or group from dividing by zero
@@ -89,10 +90,10 @@ class QuantConfig:
     def method_for(self, name: str, ndim: int) -> str | None:
         """How checkpoint tensor `name` is stored: int8/int4, or None for full precision.
 
-        In the supported families every 2-D ``*.weight`` (lmgen's names) belongs to a linear layer,
-        except the embedding tables.
+        In the supported families every 2-D ``*.weight`` (lmgen's names) belongs to a linear layer (one
+        expert's, in a MoE), except the embedding tables and the routers.
         """
-        if ndim != 2 or not name.endswith(".weight") or name.split(".")[-2] in _FULL_PRECISION_TABLES:
+        if ndim != 2 or not name.endswith(".weight") or name.split(".")[-2] in _FULL_PRECISION_MODULES:
             return None
         if name.split(".")[-2] in _HEAD_MODULES:
             return "int8" if self.lm_head else None
@@ -250,7 +251,9 @@ class QuantizedLinear(nn.Module):
     """A linear layer over quantized weights; loading fills its storage-form parameters.
 
     Keeps the float layer's bias and ``shard_sizes`` (fused q/k/v, gate/up), so a
-    checkpoint's split tensors load into row slices as they do for float weights.
+    checkpoint's split tensors load into row slices as they do for float weights. A stack of
+    experts' linears (lmgen.layers.moe.ExpertLinear, weight [E, out, in]) keeps its leading
+    dimension (``stack``) on every storage tensor; each expert runs as ``moe.expert_view``.
     """
 
     method: str  # the storage form's QUANTIZATION_METHODS entry
@@ -259,7 +262,7 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, linear: Linear | Embedding) -> None:
         super().__init__()
-        self.out_features, self.in_features = linear.weight.shape
+        *self.stack, self.out_features, self.in_features = linear.weight.shape
         self.bias = getattr(linear, "bias", None)
         self.shard_sizes = getattr(linear, "shard_sizes", None)
         self.use_kernel = linear.weight.device.type == "cpu"
@@ -307,9 +310,9 @@ class Int8Linear(QuantizedLinear):
 
     def __init__(self, linear: Linear | Embedding) -> None:
         super().__init__(linear)
-        device = linear.weight.device
-        self.weight = _empty((self.out_features, self.in_features), torch.int8, device)
-        self.scales = _empty((self.out_features,), _SCALE_DTYPE, device)
+        rows, device = (*self.stack, self.out_features), linear.weight.device
+        self.weight = _empty((*rows, self.in_features), torch.int8, device)
+        self.scales = _empty(rows, _SCALE_DTYPE, device)
 
     def _lmgen_kernel(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.lmgen.gemv_int8(rows, self.weight, self.scales)
@@ -350,11 +353,12 @@ class Int4Linear(QuantizedLinear):
     def __init__(self, linear: Linear, group_size: int) -> None:
         super().__init__(linear)
         self.group_size = group_size
-        rows, device = self.out_features, linear.weight.device
-        self.weight = _empty((rows, self.in_features // 2), torch.uint8, device)
-        self.scales = _empty((rows, self.in_features // group_size), _SCALE_DTYPE, device)
-        self.zeros = _empty((rows, self.in_features // group_size), _SCALE_DTYPE, device)
-        self.use_kernel = rows % self._KERNEL_ROW_MULTIPLE == 0 and (
+        rows, device = (*self.stack, self.out_features), linear.weight.device
+        self.weight = _empty((*rows, self.in_features // 2), torch.uint8, device)
+        self.scales = _empty((*rows, self.in_features // group_size), _SCALE_DTYPE, device)
+        self.zeros = _empty((*rows, self.in_features // group_size), _SCALE_DTYPE, device)
+        # PyTorch's layouts are per weight: a stack of experts without lmgen's kernels dequantizes
+        self.use_kernel = not self.stack and self.out_features % self._KERNEL_ROW_MULTIPLE == 0 and (
             self.use_kernel or device.type == "cuda" and _inner_k_tiles(self.in_features) > 0)
 
     def pack(self) -> None:
@@ -366,9 +370,11 @@ class Int4Linear(QuantizedLinear):
         the vector width; its CUDA one, tinygemm's, on the tiles of K it reads at once).
         """
         if kernels.serve(self.weight.device) and self.out_features % INT4_KERNEL_ROWS == 0:
-            storage = self.weight, self.scales, self.zeros
-            for tensor, interleaved in zip(storage, interleave_int4(*(t.data for t in storage))):
-                tensor.data.copy_(interleaved)
+            # one weight, or each of a stack's (experts), interleaved in place
+            storage = [t.data.view(-1, *t.shape[-2:]) for t in (self.weight, self.scales, self.zeros)]
+            for weights in zip(*storage):
+                for tensor, interleaved in zip(weights, interleave_int4(*weights)):
+                    tensor.copy_(interleaved)
             self.lmgen_layout, self.use_kernel = True, False
             return
         if not self.use_kernel:
@@ -443,7 +449,9 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> None:
     """Quantize an already loaded float model in place (loading a checkpoint quantizes on the way in)."""
     for name, float_module in prepare_quantized(model, config):
         quantized = model.get_submodule(name)
-        for storage_name, tensor in quantize_weight(float_module.weight.data, quantized.method,
-                                                    config.group_size).items():
-            getattr(quantized, storage_name).data.copy_(tensor)
+        weight = float_module.weight.data
+        for index, one in enumerate(weight.view(-1, *weight.shape[-2:])):  # the weight, or each expert's of a stack
+            for storage_name, tensor in quantize_weight(one, quantized.method, config.group_size).items():
+                storage = getattr(quantized, storage_name).data
+                storage.view(-1, *storage.shape[len(quantized.stack):])[index].copy_(tensor)
     pack_quantized(model)

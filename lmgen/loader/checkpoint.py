@@ -242,22 +242,30 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torc
     under lmgen's names (the family's ``checkpoint_tensors``). ``model.packed_modules`` maps a
     checkpoint module name (``q_proj``) to the fused module and shard that hold it
     (``("qkv_proj", 0)``); shard ``i`` fills rows ``sum(shard_sizes[:i])`` on, of each of the fused
-    module's parameters.
+    module's parameters. One expert's tensor (``...experts.N.gate_proj.weight``) fills index N of its
+    layer's stacked experts (``...experts.gate_up_proj.weight[N]``, lmgen/layers/moe.py).
     """
     params = dict(model.named_parameters())
-    expected = {name: {0} for name in params}
-    loaded: dict[str, set[int]] = {}
+    expected = {name: {(None, 0)} for name in params}  # the (expert, shard) pieces each parameter needs
+    loaded: dict[str, set[tuple[int | None, int]]] = {}
     for name, source in tensors:
         if "rotary_emb." in name or (name.startswith("lm_head.") and getattr(model, "lm_head", None) is None):
             continue  # recomputed, or tied to the embedding
-        target, shard, shard_sizes = _target(model, name)
+        target, expert, shard, shard_sizes = _target(model, name)
         if target not in params:
             raise UnsupportedModelError(
                 f"checkpoint tensor {name} has no parameter to load into (lmgen looked for {target}): the checkpoint "
                 f"does not match its config.json's architecture, or lmgen's {type(model).__name__} lacks a piece")
         dest = params[target].data
+        experts = (None,) if expert is None else range(dest.shape[0])
+        if expert is not None:
+            if expert >= dest.shape[0]:
+                raise UnsupportedModelError(f"checkpoint tensor {name} is of expert {expert}, but {target} holds "
+                                            f"{dest.shape[0]} experts")
+            dest = dest[expert]
+        shards = range(len(shard_sizes)) if shard_sizes is not None else (0,)
+        expected[target] = {(e, s) for e in experts for s in shards}
         if shard_sizes is not None:
-            expected[target] = set(range(len(shard_sizes)))
             dest = dest.narrow(0, sum(shard_sizes[:shard]), shard_sizes[shard])
         if tuple(source.shape) != tuple(dest.shape):
             raise UnsupportedModelError(f"checkpoint tensor {name} has shape {list(source.shape)}, but the model "
@@ -266,7 +274,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torc
             dest.copy_(source)
         else:  # a file's tensor (TensorRef, GGUFTensor) reads itself into place
             source.load_into(dest)
-        loaded.setdefault(target, set()).add(shard)
+        loaded.setdefault(target, set()).add((expert, shard))
     missing = [n for n, shards in expected.items() if loaded.get(n, set()) != shards]
     if missing:
         raise UnsupportedModelError(
@@ -274,12 +282,21 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torc
             "(lmgen's names, after the family's renames of checkpoint names)")
 
 
-def _target(model: nn.Module, name: str) -> tuple[str, int, list[int] | None]:
-    """The parameter a checkpoint tensor loads into, its shard index and the fused module's shard sizes."""
+_EXPERT_MODULE = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)")  # a stacked layer's experts, expert, its projection
+
+
+def _target(model: nn.Module, name: str) -> tuple[str, int | None, int, list[int] | None]:
+    """The parameter a checkpoint tensor loads into, its expert index (None: not an expert's), its shard
+    index and the fused module's shard sizes (None: not fused)."""
     module_path, _, leaf = name.rpartition(".")
-    parent, _, module_name = module_path.rpartition(".")
+    expert_module = _EXPERT_MODULE.fullmatch(module_path)
+    if expert_module:
+        parent, expert, module_name = expert_module[1], int(expert_module[2]), expert_module[3]
+        name = f"{parent}.{module_name}.{leaf}"
+    else:
+        (parent, _, module_name), expert = module_path.rpartition("."), None
     packed = getattr(model, "packed_modules", {})
     if module_name not in packed:
-        return name, 0, None
+        return name, expert, 0, None
     fused, shard = packed[module_name]
-    return f"{parent}.{fused}.{leaf}", shard, model.get_submodule(f"{parent}.{fused}").shard_sizes
+    return f"{parent}.{fused}.{leaf}", expert, shard, model.get_submodule(f"{parent}.{fused}").shard_sizes

@@ -6,6 +6,7 @@ The engine receives the result and never reaches back into loading.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lmgen import kernels
+from lmgen.errors import InsufficientMemoryError
 from lmgen.huge_pages import place_weights_in_huge_pages
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
 from lmgen.loader.checkpoint import is_gguf_file, iter_tensors, load_weights, read_json
@@ -20,7 +22,7 @@ from lmgen.loader.gguf import GGUFCheckpoint
 from lmgen.loader.gguf_tokenizer import gguf_tokenizer
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.models import build_context, model_class
-from lmgen.models.contract import CausalLM, check_contract
+from lmgen.models.contract import CausalLM, ModelSpec, check_contract
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +69,12 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     cls = model_class(checkpoint.hf_config)
     spec = cls.spec_from_config(checkpoint.hf_config)
     max_model_len = max_model_len or spec.context_length
+    saved = QuantConfig.from_hf(checkpoint.hf_config)
+    quantization = resolve_quantization(quantization, saved, group_size_given)
+    check_weights_fit(weights_bytes(cls, spec, max_model_len, dtype, quantization), device)
     with build_context(device, dtype):
         model = cls(spec, max_model_len)
     check_contract(model)
-    saved = QuantConfig.from_hf(checkpoint.hf_config)
-    quantization = resolve_quantization(quantization, saved, group_size_given)
     tensors = _tensors(checkpoint, cls, dtype, saved is not None)
     if quantization is not None:
         prepare_quantized(model, quantization)
@@ -91,3 +94,39 @@ def _tensors(checkpoint: Checkpoint, cls: type, dtype: torch.dtype, saved_quanti
         return checkpoint.gguf.weights(dtype)
     tensors = iter_tensors(checkpoint.path)
     return tensors if saved_quantized else cls.checkpoint_tensors(tensors)
+
+
+def weights_bytes(cls: type, spec: ModelSpec, max_model_len: int, dtype: torch.dtype,
+                  quantization: QuantConfig | None) -> int:
+    """The bytes the model's weights will take, from the model built on the meta device (nothing allocated)."""
+    with build_context(torch.device("meta"), dtype):
+        model = cls(spec, max_model_len)
+    if quantization is not None:
+        prepare_quantized(model, quantization)
+    return sum(p.nbytes for p in model.parameters())
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (a CPU's MemAvailable: what can be had without swapping); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    except OSError:  # not Linux
+        return None
+    return int(found[1]) * 1024 if found else None
+
+
+def check_weights_fit(needed: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated or read, a model whose weights exceed the device's free memory."""
+    free = free_memory(device)
+    if free is not None and needed > free:
+        raise InsufficientMemoryError(
+            f"the model's weights need {_size(needed)} but only {_size(free)} of {device.type} memory is free: "
+            "quantize them (quantization='int8' or 'int4'), or free memory")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"

@@ -26,6 +26,10 @@ _REGISTRY = {
     "GraniteForCausalLM": "lmgen.models.granite:GraniteForCausalLM",
     "SmolLM3ForCausalLM": "lmgen.models.smollm3:SmolLM3ForCausalLM",
     "GPT2LMHeadModel": "lmgen.models.gpt2:GPT2LMHeadModel",
+    "MixtralForCausalLM": "lmgen.models.mixtral:MixtralForCausalLM",
+    "Qwen2MoeForCausalLM": "lmgen.models.qwen_moe:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "lmgen.models.qwen_moe:Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM": "lmgen.models.olmoe:OlmoeForCausalLM",
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_REGISTRY)

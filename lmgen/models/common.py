@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from lmgen.layers.linear import Activation
+from lmgen.layers.moe import MoEConfig
 from lmgen.layers.rotary import RopeConfig
 from lmgen.models.contract import LayerSpec
 
@@ -38,3 +41,11 @@ def common_fields(config: dict, activation_key: str = "hidden_act") -> dict:
         activation=Activation.from_hf(config.get(activation_key, "silu")),
         qkv_bias=bool(config.get("attention_bias", False)), o_bias=bool(config.get("attention_bias", False)),
         mlp_bias=bool(config.get("mlp_bias", False)))
+
+
+def sparse_layers(config: dict, layers: tuple[LayerSpec, ...], moe: MoEConfig) -> tuple[LayerSpec, ...]:
+    """`layers` with `moe` in place of the MLP where the config puts experts: every layer, or (Qwen-MoE)
+    every decoder_sparse_step-th layer not in mlp_only_layers."""
+    step, dense = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
+    return tuple(replace(layer, moe=moe) if i not in dense and (i + 1) % step == 0 else layer
+                 for i, layer in enumerate(layers))

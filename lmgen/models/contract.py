@@ -5,9 +5,10 @@ validated when it is made (a missing or inconsistent piece is an error naming it
 wrong model). Everything outside lmgen/models reads a model through it:
 
 - the engine and the KV cache: ``vocab_size``, ``num_layers``, ``num_kv_heads``, ``head_dim``,
-  ``layer_windows`` (per-layer sliding windows), ``context_length``, ``rope_computed_on_host``
-  (no CUDA graphs: such ropes are computed on the CPU each step), ``rope_switch_length`` (a request
-  crossing it recomputes its cache);
+  ``layer_windows`` (per-layer sliding windows), ``context_length``, ``rope_computed_on_host`` and
+  ``routes_on_host`` (no CUDA graphs: such ropes are computed, and mixture-of-experts layers group
+  their tokens, on the host each step), ``rope_switch_length`` (a request crossing it recomputes its
+  cache);
 - the one-call CPU decode step: ``one_call_settings()`` and, per layer, its tensors by name
   (lmgen/models/transformer.py ``_layer_tensors``; lmgen/kernels/cpu.cpp ``DecodeLayers``);
 - the loader: the model class's ``checkpoint_tensors`` (names, transposes) and
@@ -26,6 +27,7 @@ import torch
 
 from lmgen.errors import UnsupportedModelError
 from lmgen.layers.linear import Activation
+from lmgen.layers.moe import MoEConfig
 from lmgen.layers.norm import Norm, NormKind
 from lmgen.layers.rotary import RopeConfig
 
@@ -48,6 +50,7 @@ class QkNorm(enum.IntEnum):  # the values are the kernels' (cpu.cpp: QkNorm)
 class LayerSpec:
     window: int | None = None  # sliding window in tokens; None: full attention
     rope: int | None = 0  # which of ModelSpec.ropes rotates q and k; None: no rotary (SmolLM3's NoPE layers)
+    moe: MoEConfig | None = None  # a mixture of experts in place of the MLP (lmgen/layers/moe.py); None: the MLP
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,10 @@ class ModelSpec:
                                             f"{len(self.ropes)}")
             if layer.window is not None and layer.window < 1:
                 raise UnsupportedModelError(f"model spec: layer {i} has sliding window {layer.window}")
+            if layer.moe is not None and not (isinstance(layer.moe, MoEConfig) and self.gated_mlp):
+                raise UnsupportedModelError(f"model spec: layer {i}'s experts must be a MoEConfig of gated MLPs")
+        if len({layer.moe for layer in self.layers} - {None}) > 1:  # as every family's config.json describes them
+            raise UnsupportedModelError("model spec: the mixture-of-experts layers must share one MoEConfig")
         for rope in self.ropes:
             if rope.head_dim != self.head_dim or rope.rotary_dim % 2 or not 0 < rope.rotary_dim <= self.head_dim:
                 raise UnsupportedModelError(f"model spec: a rope rotates {rope.rotary_dim} of {rope.head_dim} "
@@ -118,6 +125,12 @@ class ModelSpec:
     def rope_computed_on_host(self) -> bool:
         """Whether some rope's frequencies are computed on the CPU each step (which a CUDA graph cannot replay)."""
         return any(rope.computed_on_host for rope in self.ropes)
+
+    @property
+    def routes_on_host(self) -> bool:
+        """Whether some layer is a mixture of experts, whose tokens are grouped by expert on the host each
+        step (which a CUDA graph cannot replay)."""
+        return any(layer.moe is not None for layer in self.layers)
 
     @property
     def rope_switch_length(self) -> int | None:
@@ -139,11 +152,16 @@ class ModelSpec:
 
     def one_call_settings(self) -> dict[str, float]:
         """The model-wide settings decode_layers reads (cpu.cpp: DecodeLayers), by name."""
-        return {"num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "norm_kind": int(self.norm),
-                "norm_eps": self.norm_eps, "norm_offset": self.norm_offset, "qk_norm": int(self.qk_norm),
-                "activation": int(self.activation), "gated": float(self.gated_mlp),
-                "scale": self.attention_scale or self.head_dim ** -0.5, "softcap": self.attention_softcap or 0.0,
-                "residual_scale": self.residual_scale}
+        settings = {"num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "norm_kind": int(self.norm),
+                    "norm_eps": self.norm_eps, "norm_offset": self.norm_offset, "qk_norm": int(self.qk_norm),
+                    "activation": int(self.activation), "gated": float(self.gated_mlp),
+                    "scale": self.attention_scale or self.head_dim ** -0.5, "softcap": self.attention_softcap or 0.0,
+                    "residual_scale": self.residual_scale}
+        moe = next((layer.moe for layer in self.layers if layer.moe is not None), None)
+        if moe is not None:  # the experts' sizes and whether there is a shared expert come with the tensors
+            settings.update(moe_top_k=moe.top_k, moe_norm_topk=float(moe.norm_topk),
+                            moe_float32_weights=float(moe.float32_weights))
+        return settings
 
 
 class CausalLM(Protocol):

@@ -23,6 +23,7 @@ from torch import nn
 from lmgen import kernels
 from lmgen.layers.attention import AttentionMetadata, paged_attention, reads_cache_in_place
 from lmgen.layers.linear import Embedding, FusedLinear, Linear, MLPActivation
+from lmgen.layers.moe import MoE, MoEConfig
 from lmgen.layers.norm import Norm
 from lmgen.layers.rotary import RotaryEmbedding, apply_rotary
 from lmgen.models.contract import NORM_PLACES, LayerSpec, ModelSpec, QkNorm
@@ -86,9 +87,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, size: int) -> None:
         super().__init__()
-        size = spec.intermediate_size
         if spec.gated_mlp:
             self.gate_up_proj = FusedLinear(spec.hidden_size, [size, size], bias=spec.mlp_bias)
         else:
@@ -105,13 +105,18 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up(x)))
 
 
+def moe_block(spec: ModelSpec, config: MoEConfig) -> MoE:
+    shared = MLP(spec, config.shared_expert_size) if config.shared_expert_size else None
+    return MoE(spec.hidden_size, config, spec.activation, shared)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: LayerSpec) -> None:
         super().__init__()
         for place, name in NORM_PLACES.items():
             setattr(self, name, spec.make_norm(spec.hidden_size) if place in spec.norm_places else None)
         self.self_attn = Attention(spec, layer)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, spec.intermediate_size) if layer.moe is None else moe_block(spec, layer.moe)
         self.residual_scale = spec.residual_scale
 
     def norm_at(self, place: str) -> Norm | None:
@@ -244,7 +249,8 @@ class TransformerForCausalLM(nn.Module):
 
 
 def _layer_tensors(layer: DecoderLayer) -> dict[str, torch.Tensor] | None:
-    """A layer's weights under the names decode_layers reads (cpu.cpp: DecodeLayers::add_layer)."""
+    """A layer's weights under the names decode_layers reads (cpu.cpp: DecodeLayers::add_layer); None
+    where some linear cannot run on lmgen's kernels."""
     tensors = {}
     norms = {f"{place}_norm": layer.norm_at(place) for place in NORM_PLACES}
     norms.update(q_norm=layer.self_attn.q_norm, k_norm=layer.self_attn.k_norm)
@@ -253,8 +259,16 @@ def _layer_tensors(layer: DecoderLayer) -> dict[str, torch.Tensor] | None:
             tensors[f"{name}.weight"] = norm.weight
             if norm.bias is not None:
                 tensors[f"{name}.bias"] = norm.bias
-    linears = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj, "up": layer.mlp.up,
-               "down": layer.mlp.down_proj}
+    linears = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj}
+    if isinstance(layer.mlp, MoE):
+        moe = layer.mlp
+        linears.update(router=moe.router, experts_up=moe.experts.gate_up_proj, experts_down=moe.experts.down_proj)
+        if moe.shared_expert is not None:
+            linears.update(shared_up=moe.shared_expert.up, shared_down=moe.shared_expert.down_proj,
+                           shared_gate=moe.shared_expert_gate)
+        tensors["moe_counts"] = moe.tokens_per_expert
+    else:
+        linears.update(up=layer.mlp.up, down=layer.mlp.down_proj)
     for name, linear in linears.items():
         operands = linear.kernel_operands()
         if operands is None:
