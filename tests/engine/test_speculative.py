@@ -61,7 +61,9 @@ def test_greedy_output_with_speculation_is_the_output_without(checkpoint_factory
     llm = LLM(path, dtype="float32", speculative_config=config)
     assert [_tokens(llm, [p], greedy)[0] for p in REPEATING] == expected  # alone
     assert _tokens(llm, REPEATING, greedy) == expected  # in one batch (the prompts now hit the prefix cache)
-    assert llm.engine.num_accepted_draft_tokens > 0
+    # drafts were checked; the target's own weights as the draft agree with it (whether a random model
+    # repeats its prompt, which prompt lookup needs, depends on its weights)
+    assert llm.engine.num_draft_tokens > 0 and (method == "ngram" or llm.engine.num_accepted_draft_tokens > 0)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
