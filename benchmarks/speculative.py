@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--new-tokens", type=int, default=160)
-    parser.add_argument("--k", type=int, default=8, help="num_speculative_tokens (and transformers' lookup)")
+    parser.add_argument("--k", type=int, default=5, help="num_speculative_tokens (and transformers' lookup)")
     parser.add_argument("--lookup-max", type=int, default=3, help="prompt_lookup_max")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--disable-by-batch-size", type=int, default=1,

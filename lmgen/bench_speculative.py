@@ -7,7 +7,7 @@ free : write a new short story, which repeats little (where drafts cost without 
 
 For each task and batch size the same chat prompts run, greedy, through lmgen without
 speculation, lmgen with the engine's speculative_config (``--speculative-ngram K`` or
-``--speculative-model PATH``; prompt lookup with K = 8 when none is given), and with ``--compare
+``--speculative-model PATH``; prompt lookup with K = 5 when none is given), and with ``--compare
 transformers`` (batch 1: its speculative generate takes one prompt) through transformers' own
 prompt lookup, ``generate(prompt_lookup_num_tokens=K)``, or assisted generation with the same
 draft, ``generate(assistant_model=...)``, on the same weights. Decode tokens/s counts each run's tokens after
@@ -37,7 +37,7 @@ SOURCES = ["engine/speculative.py", "models/transformer.py", "engine/scheduler.p
 TOPICS = ["a lighthouse keeper", "a city under the sea", "the first day of spring", "a clockmaker's apprentice",
           "a journey by train", "an old library", "a mountain village", "a lost letter"]
 #: num_speculative_tokens when the engine has no speculative_config of its own
-DEFAULT_NGRAM = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 3}
+DEFAULT_NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}
 
 
 def _function(path: Path, lines: int) -> tuple[str, str]:

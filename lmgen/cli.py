@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="latency: TTFT and decode tokens/s per batch size; throughput: N prompts at once; "
                             "prefix: TTFT of a repeated --prompt-len prefix with prefix caching on vs off; "
                             "serve: N concurrent streaming clients against --url; speculative: decode tokens/s "
-                            "without and with speculative decoding (--speculative-ngram K, default 8) on an "
+                            "without and with speculative decoding (--speculative-ngram K, default 5) on an "
                             "editing task whose output copies the prompt and on free writing (chat prompts)")
     bench.add_argument("--sizes", type=int, nargs="+", default=None,
                        help="batch sizes (latency, default 1; speculative, default 1 8), prompt counts "
