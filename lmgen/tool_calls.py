@@ -274,27 +274,36 @@ class HermesToolParser(ToolParser):
                 f'call: {self._marker(self.OPEN)} "\\n" {_json_rule(call_schema)} "\\n" {self._marker(self.CLOSE)}\n')
 
 
-class Llama3JsonToolParser(ToolParser):
-    """Llama 3.1-3.3: the reply is a call object (after <|python_tag|>, or alone), several joined by ';'."""
+class _MarkerOrBareJsonParser(ToolParser):
+    """A format whose calls follow a marker token, or stand alone as the reply's JSON (a reply whose first
+    non-blank character is `opening`): the marker may be a special token that decoding leaves out."""
 
-    name = "llama3_json"
-    TAG = "<|python_tag|>"
-    template_markers = (TAG, '{"name": function name, "parameters"')
-    argument_keys = ("parameters", "arguments")
+    MARKER: str
+    opening: str  # "{" or "["
 
     def section_start(self, text: str) -> int | None:
-        start = text.find(self.TAG)
+        start = text.find(self.MARKER)
         if start >= 0:
             return start
         begin = _skip_whitespace(text, 0)
-        return begin if text.startswith("{", begin) else None
+        return begin if text.startswith(self.opening, begin) else None
 
     def holdback(self, text: str) -> int:
-        return len(text) if not text.strip() else _partial_suffix(text, self.TAG)
+        return len(text) if not text.strip() else _partial_suffix(text, self.MARKER)
+
+
+class Llama3JsonToolParser(_MarkerOrBareJsonParser):
+    """Llama 3.1-3.3: the reply is a call object (after <|python_tag|>, or alone), several joined by ';'."""
+
+    name = "llama3_json"
+    MARKER = "<|python_tag|>"
+    opening = "{"
+    template_markers = (MARKER, '{"name": function name, "parameters"')
+    argument_keys = ("parameters", "arguments")
 
     def scan(self, section: str) -> list[PartialCall]:
         calls: list[PartialCall] = []
-        pos = len(self.TAG) if section.startswith(self.TAG) else 0
+        pos = len(self.MARKER) if section.startswith(self.MARKER) else 0
         while (pos := _skip_whitespace(section, pos)) < len(section):
             call, end = _scan_call(section, pos, self.argument_keys)
             calls.append(call)
@@ -311,7 +320,7 @@ class Llama3JsonToolParser(ToolParser):
         return f"start: call{repeat}\ncall: {_json_rule(call_schema)}\n"
 
 
-class MistralToolParser(ToolParser):
+class MistralToolParser(_MarkerOrBareJsonParser):
     """Mistral (v3 tokenizers): [TOOL_CALLS] and a JSON list of call objects.
 
     [TOOL_CALLS] is a special token, left out of the text unless skip_special_tokens is false, so a
@@ -320,17 +329,8 @@ class MistralToolParser(ToolParser):
 
     name = "mistral"
     MARKER = "[TOOL_CALLS]"
+    opening = "["
     template_markers = (MARKER,)
-
-    def section_start(self, text: str) -> int | None:
-        start = text.find(self.MARKER)
-        if start >= 0:
-            return start
-        begin = _skip_whitespace(text, 0)
-        return begin if text.startswith("[", begin) else None
-
-    def holdback(self, text: str) -> int:
-        return len(text) if not text.strip() else _partial_suffix(text, self.MARKER)
 
     def scan(self, section: str) -> list[PartialCall]:
         calls: list[PartialCall] = []
