@@ -510,12 +510,17 @@ class Engine:
 
     def _advance_grammar(self, request: Request, token: int) -> None:
         """Feed the sampled token to the request's matcher, then append what the grammar forces next."""
-        if not request.matcher.consume_token(token):
-            logger.error("request %s: grammar rejected token %d: %s", request.request_id, token,
-                         request.matcher.get_error())
-            request.finish("abort")
-        if not request.finished:
+        if self._consumed(request, token):
             self._append_forced_tokens(request)
+
+    @staticmethod
+    def _consumed(request: Request, token: int) -> bool:
+        """Feed `token` to the request's matcher; a token the grammar refuses aborts the request, said in the log."""
+        if request.matcher.consume_token(token):
+            return True
+        logger.error("request %s: grammar rejected token %d: %s", request.request_id, token, request.matcher.get_error())
+        request.finish("abort")
+        return False
 
     def _append_forced_tokens(self, request: Request) -> None:
         """Append the tokens the grammar leaves no choice about; finish the request when the grammar is complete.
@@ -527,7 +532,7 @@ class Engine:
         matcher = request.matcher
         forced = matcher.compute_ff_tokens() if request.params.logprobs is None else []
         for token in forced:
-            if request.finished or not matcher.consume_token(token):
+            if request.finished or not self._consumed(request, token):
                 break
             request.append_token(token, self.max_model_len)
         if matcher.is_stopped() and not request.finished:

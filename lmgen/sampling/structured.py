@@ -16,6 +16,7 @@ engine (xgrammar, say) can be added beside llguidance.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -89,6 +90,28 @@ class GrammarBackend(Protocol):
         The matchers end as they were."""
 
 
+def _plain_added_tokens_in_vocabulary(tokenizer_json: str) -> str:
+    """The tokenizer with its added tokens that are not special (Qwen's `<tool_call>`, `<think>`) moved into the
+    model's vocabulary, for llguidance.
+
+    llguidance takes every added token for a special one, which only a grammar's `<[id]>` writes; yet it
+    tokenizes forced text with the added tokens, so a grammar whose text holds `<tool_call>` forced that token
+    and then refused it. As vocabulary they are text to it, as they are to the tokenizer. Only tokens of
+    printable ASCII without spaces move: those are spelled the same in every vocabulary's alphabet."""
+    spec = json.loads(tokenizer_json)
+    vocabulary = spec["model"].get("vocab")
+    if not isinstance(vocabulary, dict):  # Unigram: a list by id, spelled otherwise
+        return tokenizer_json
+    added = spec.get("added_tokens", [])
+    plain = [t for t in added if not t["special"] and t["content"].isascii() and t["content"].isprintable()
+             and " " not in t["content"] and vocabulary.get(t["content"], t["id"]) == t["id"]]
+    if not plain:
+        return tokenizer_json
+    vocabulary.update((t["content"], t["id"]) for t in plain)
+    spec["added_tokens"] = [t for t in added if t not in plain]
+    return json.dumps(spec)
+
+
 class LLGuidanceBackend:
     """llguidance: grammars compile in about a millisecond, masks in tens of microseconds."""
 
@@ -97,7 +120,8 @@ class LLGuidanceBackend:
 
         self._llg = llguidance
         # The model's vocabulary may be padded beyond the tokenizer's: mask by the model's size.
-        self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
+        self.tokenizer = llguidance.LLTokenizer(_plain_added_tokens_in_vocabulary(tokenizer.backend.to_str()),
+                                                n_vocab=vocab_size,
                                                 eos_token=sorted(eos_token_ids) or None)
         self.executor = llguidance.LLExecutor()
 

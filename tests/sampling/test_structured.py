@@ -305,3 +305,14 @@ def test_a_newline_after_a_value_is_allowed_only_where_the_schema_may_close(demo
     assert not _mask_allows(demo_llm, {"json_schema": items}, "[1", "\n", drafted)
     assert _mask_allows(demo_llm, {"json_schema": items}, "[1, 2", "\n", drafted)
     assert _mask_allows(demo_llm, {"json_schema": required}, "{", "\n", drafted)  # the indent after `{` is not after a value
+
+
+@pytest.mark.parametrize("spec", [{"choice": ["say <tool_call> now"]}, {"regex": "say <tool_call> [a-z]{3}"},
+                                  {"json_schema": {"const": "<tool_call>"}}])
+def test_grammar_text_spelling_a_plain_added_token_comes_out_whole(qwen_tools_path, spec):
+    """Qwen's `<tool_call>` is an added token that is not special: text to the tokenizer, so a grammar may write it
+    as text (llguidance took it for a special token, forced it, refused it, and the output stopped short)."""
+    llm = LLM(str(qwen_tools_path))
+    output = llm.generate(["Pick:"], SamplingParams(max_tokens=24, structured=StructuredOutputs(**spec)))[0].outputs[0]
+    assert re.fullmatch(r'say <tool_call> [a-z]{3}|"<tool_call>"', output.text), output.text
+    assert output.finish_reason == "stop"
