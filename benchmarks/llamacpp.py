@@ -6,10 +6,10 @@
     python benchmarks/llamacpp.py --model gemma3-125m --check    # another family's bench model
 
 Needs llama-cpp-python and gguf (pip install llama-cpp-python gguf; pip builds llama.cpp
-from source). The bench model (benchmarks/models.py: bench-125m, qwen3-125m or gemma3-125m)
+from source). The bench model (benchmarks/models.py: MODELS below)
 is converted to GGUF in f32 and bf16 with the `gguf` package, following llama.cpp's
 convert_hf_to_gguf.py for its architecture (LlamaForCausalLM, Qwen3ForCausalLM,
-Gemma3ForCausalLM: ARCHS below); q8_0 and q4_0
+Gemma3ForCausalLM, Qwen3MoeForCausalLM: ARCHS below); q8_0 and q4_0
 are made from the f32 file by llama.cpp's own quantizer (`llama_model_quantize`, what
 `llama-quantize` runs), so they hold its default mix: the tied embedding, which is also
 the LM head, at 6-8 bits (Q6_K in q4_0) as lmgen keeps it at int8. The files are cached
@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     import gguf
     import llama_cpp
 
-MODELS = ("bench-125m", "qwen3-125m", "gemma3-125m")  # benchmarks/models.py --shape NAME
+MODELS = ("bench-125m", "qwen3-125m", "gemma3-125m", "qwen3-moe-1b-a150m", "qwen3-150m")  # benchmarks/models.py --shape NAME
 THREADS = 2
 GGUF_TYPES = ("f32", "bf16", "q8_0", "q4_0")
 LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made by llama.cpp
@@ -115,6 +116,16 @@ def write_gemma3_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
         writer.add_sliding_window(config["sliding_window"])
 
 
+def write_qwen3moe_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
+    """TextModel.set_gguf_parameters adds the expert counts and Qwen2MoeModel the experts' width. llama.cpp's
+    qwen3moe always renormalises the chosen experts' weights: a checkpoint that does not cannot be written."""
+    if not config.get("norm_topk_prob"):
+        raise ValueError("llama.cpp's qwen3moe renormalises the top-k weights: norm_topk_prob must be true")
+    writer.add_expert_count(config.get("num_experts") or config["num_local_experts"])  # transformers 5 writes the latter
+    writer.add_expert_used_count(config["num_experts_per_tok"])
+    writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+
+
 @dataclass(frozen=True)
 class Arch:
     """What convert_hf_to_gguf.py does differently for one HF architecture; tensor names
@@ -129,7 +140,10 @@ ARCHS = {
     "LlamaForCausalLM": Arch("LLAMA", write_llama_hparams, permute_qk=True),
     "Qwen3ForCausalLM": Arch("QWEN3", lambda writer, config: None),  # Qwen2Model: nothing more
     "Gemma3ForCausalLM": Arch("GEMMA3", write_gemma3_hparams, norm_shift=1.0),
+    "Qwen3MoeForCausalLM": Arch("QWEN3MOE", write_qwen3moe_hparams),
 }
+#: One expert's projection in a checkpoint: the converter stacks a layer's experts into one tensor per projection.
+EXPERT = re.compile(r"(?P<experts>.*\.mlp\.experts)\.(?P<index>\d+)\.(?P<projection>\w+)\.weight")
 
 
 def model_arch(config: dict) -> Arch:
@@ -141,12 +155,17 @@ def model_arch(config: dict) -> Arch:
 
 def hf_tensors(model: Path, config: dict, arch: Arch) -> Iterator[tuple[str, np.ndarray]]:
     """The checkpoint's tensors as float32 numpy arrays, changed as the converter changes
-    them. (Gemma3Model also cuts the embedding to the tokenizer's length; bench models
+    them; experts stacked [experts, out, in] per layer and projection, one stack in memory at a time.
+    (Gemma3Model also cuts the embedding to the tokenizer's length; bench models
     pad their vocabulary to vocab_size instead, as for Llama, so the embedding stays whole.)"""
     from safetensors import safe_open
 
     with safe_open(str(model / "model.safetensors"), framework="pt") as f:
+        stacks: dict[str, dict[int, str]] = {}
         for name in f.keys():
+            if expert := EXPERT.fullmatch(name):
+                stacks.setdefault(f"{expert['experts']}.{expert['projection']}.weight", {})[int(expert['index'])] = name
+                continue
             data = f.get_tensor(name).float().numpy()
             if arch.permute_qk and name.endswith("q_proj.weight"):
                 data = permute_rope(data, config["num_attention_heads"])
@@ -155,6 +174,8 @@ def hf_tensors(model: Path, config: dict, arch: Arch) -> Iterator[tuple[str, np.
             elif arch.norm_shift and name.endswith("norm.weight"):
                 data = data + arch.norm_shift
             yield name, data
+        for stacked, experts in stacks.items():
+            yield stacked, np.stack([f.get_tensor(experts[i]).float().numpy() for i in sorted(experts)])
 
 
 def write_vocab(writer: gguf.GGUFWriter, model: Path, config: dict) -> None:
@@ -204,10 +225,11 @@ def convert(model: Path, qtype: str, out: Path) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_vocab(writer, model, config)
     for name, data in hf_tensors(model, config, arch):
-        target = Q.F32 if data.ndim == 1 else qt
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ValueError(f"{name}: no {arch.arch} tensor of that name in gguf's table")
+        # the converter keeps vectors and the router (ffn_gate_inp) in f32
+        target = Q.F32 if data.ndim == 1 or ".ffn_gate_inp." in gguf_name else qt
         writer.add_tensor(gguf_name, gguf.quants.quantize(data, target), raw_dtype=target)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
