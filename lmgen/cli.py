@@ -72,6 +72,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="on a GPU, launch each decode step's kernels one by one instead of replaying "
                             "CUDA graphs (slower; for debugging)")
     group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
+                       help="split the model across N processes (gloo on a CPU, NCCL on GPUs; lmgen starts "
+                            "them); default 1, or under torchrun its number of processes")
     speculative = group.add_mutually_exclusive_group()
     speculative.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
                              help="speculative decoding by prompt lookup: requests draft up to K tokens a step "
@@ -93,7 +96,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 quantization=args.quantization,
                 quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 compile=args.compile, enforce_eager=args.enforce_eager, seed=args.engine_seed,
-                revision=args.revision, gguf_file=args.gguf_file, speculative_config=_speculative_config(args))
+                revision=args.revision, gguf_file=args.gguf_file, speculative_config=_speculative_config(args),
+                tensor_parallel_size=args.tensor_parallel_size or _torchrun_world_size())
+
+
+def _torchrun_world_size() -> int:
+    """Under torchrun (which sets TORCHELASTIC_RUN_ID), its number of processes: the ranks of the model."""
+    return int(os.environ["WORLD_SIZE"]) if "TORCHELASTIC_RUN_ID" in os.environ else 1
 
 
 def _speculative_config(args: argparse.Namespace) -> dict | None:

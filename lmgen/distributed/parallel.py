@@ -98,6 +98,8 @@ class Ranks:
                 self._last_sent = time.monotonic()
                 yield
             except Exception as exc:
+                for process in self.processes:  # a worker that died is reaped in a moment: name it
+                    process.join(timeout=1)
                 self.failed = self._dead() or f"a tensor-parallel collective failed: {exc}"
                 raise TensorParallelError(self.failed) from exc
 
@@ -260,7 +262,11 @@ def load_tensor_parallel(config, model_path: Path, hf_config: dict, device: torc
     ranks = start_ranks(world, device)
     with ranks.issue(Command.LOAD, objects=[config, str(model_path)]):
         ranks.holder = str(model_path)
-    loaded = load(shard=Shard(0, world))
+    try:
+        loaded = load(shard=Shard(0, world))
+    except Exception:  # the workers fail alike (or wait for rank 0's next command): the next engine starts anew
+        ranks.failed = f"loading {model_path} failed"
+        raise
     return replace(loaded, model=TensorParallelLM(loaded.model, whole.vocab_size, ranks))
 
 

@@ -93,7 +93,7 @@ class Shard:
                 continue
             # a fused layer saved whole (Phi-3's qkv_proj, GPT-2's c_attn) is cut part by part
             fused = (whole_module.shard_sizes, module.shard_sizes) if (
-                sizes is None and len(getattr(module, "shard_sizes", ())) > 1) else None
+                sizes is None and len(getattr(module, "shard_sizes", None) or ()) > 1) else None
             fused_dim = 1 if expert is None and _stacked(module) else 0
             for dim, (g, n) in enumerate(zip(whole_piece, local_piece)):
                 if g == n:
