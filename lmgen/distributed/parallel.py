@@ -260,6 +260,7 @@ def load_tensor_parallel(config, model_path: Path, hf_config: dict, device: torc
     whole = model_class(hf_config).spec_from_config(hf_config)
     Shard(0, world).spec(whole)  # the sizes the ranks cannot share are refused before any process starts
     ranks = start_ranks(world, device)
+    logger.info("tensor parallelism: %d ranks (%s)", world, dist.get_backend())
     with ranks.issue(Command.LOAD, objects=[config, str(model_path)]):
         ranks.holder = str(model_path)
     try:
