@@ -75,37 +75,38 @@ class Shard:
         `model`; `whole` is the whole model on the meta device (its shapes)."""
         params, whole_params = dict(model.named_parameters()), dict(whole.named_parameters())
         for name, source in tensors:
-            target, expert, shard, sizes = checkpoint_target(model, name)
-            if target not in params:  # not a weight (rotary tables, a tied head): the loader decides
-                yield name, source
+            if checkpoint_target(model, name)[0] in params:
+                source = self._cut(name, source, model, whole, params, whole_params)
+            yield name, source  # else not a weight (rotary tables, a tied head): the loader decides
+
+    def _cut(self, name: str, source, model: nn.Module, whole: nn.Module, params: dict, whole_params: dict):
+        """One checkpoint tensor cut to the rank's part of what it fills (as it is where the rank holds all)."""
+        target, expert, shard, sizes = checkpoint_target(model, name)
+        module_name = target.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        whole_piece = _piece(whole_params[target], expert, shard, checkpoint_target(whole, name)[3])
+        local_piece = _piece(params[target], expert, shard, sizes)
+        row_bias = target.endswith(".bias") and _row_split(module_name, whole_params, params)
+        if whole_piece == local_piece and not (row_bias and self.rank):
+            return source
+        tensor = source if isinstance(source, torch.Tensor) else source.load()
+        if row_bias:  # a row-split layer's bias: the all-reduce adds rank 0's
+            return torch.zeros_like(tensor)
+        # a fused layer saved whole (Phi-3's qkv_proj, GPT-2's c_attn) is cut part by part
+        fused = (whole.get_submodule(module_name).shard_sizes, module.shard_sizes) if (
+            sizes is None and len(getattr(module, "shard_sizes", None) or ()) > 1) else None
+        fused_dim = 1 if expert is None and _stacked(module) else 0
+        for dim, (g, n) in enumerate(zip(whole_piece, local_piece)):
+            if g == n:
                 continue
-            module_name = target.rpartition(".")[0]
-            module, whole_module = model.get_submodule(module_name), whole.get_submodule(module_name)
-            whole_piece = _piece(whole_params[target], expert, shard, checkpoint_target(whole, name)[3])
-            local_piece = _piece(params[target], expert, shard, sizes)
-            row_bias = target.endswith(".bias") and _row_split(module_name, whole_params, params)
-            if whole_piece == local_piece and not row_bias:
-                yield name, source
-                continue
-            tensor = source if isinstance(source, torch.Tensor) else source.load()
-            if row_bias:  # a row-split layer's bias: the all-reduce adds rank 0's
-                yield name, tensor if self.rank == 0 else torch.zeros_like(tensor)
-                continue
-            # a fused layer saved whole (Phi-3's qkv_proj, GPT-2's c_attn) is cut part by part
-            fused = (whole_module.shard_sizes, module.shard_sizes) if (
-                sizes is None and len(getattr(module, "shard_sizes", None) or ()) > 1) else None
-            fused_dim = 1 if expert is None and _stacked(module) else 0
-            for dim, (g, n) in enumerate(zip(whole_piece, local_piece)):
-                if g == n:
-                    continue
-                if module_name in VOCAB_MODULES and dim == 0:
-                    tensor = self._vocab_rows(tensor, n)
-                elif fused is not None and dim == fused_dim:
-                    tensor = torch.cat([self._split(part, dim, g_part, n_part, target) for part, g_part, n_part
-                                        in zip(tensor.split(fused[0], dim), *fused)], dim)
-                else:
-                    tensor = self._split(tensor, dim, g, n, target)
-            yield name, tensor.contiguous()
+            if module_name in VOCAB_MODULES and dim == 0:
+                tensor = self._vocab_rows(tensor, n)
+            elif fused is not None and dim == fused_dim:
+                tensor = torch.cat([self._split(part, dim, g_part, n_part, target) for part, g_part, n_part
+                                    in zip(tensor.split(fused[0], dim), *fused)], dim)
+            else:
+                tensor = self._split(tensor, dim, g, n, target)
+        return tensor.contiguous()
 
     def _split(self, tensor: torch.Tensor, dim: int, whole: int, local: int, target: str) -> torch.Tensor:
         """The rank's `local` of `whole` along `dim`: its 1/world; or, when fewer pieces than ranks (key/value
