@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from lmgen.distributed.parallel import torchrun_world_size
 from lmgen.errors import InvalidArgumentError, LmgenError
 from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QUANTIZATION_METHODS
 from lmgen.tool_calls import PARSERS as TOOL_CALL_PARSERS
@@ -97,12 +98,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 compile=args.compile, enforce_eager=args.enforce_eager, seed=args.engine_seed,
                 revision=args.revision, gguf_file=args.gguf_file, speculative_config=_speculative_config(args),
-                tensor_parallel_size=args.tensor_parallel_size or _torchrun_world_size())
-
-
-def _torchrun_world_size() -> int:
-    """Under torchrun (which sets TORCHELASTIC_RUN_ID), its number of processes: the ranks of the model."""
-    return int(os.environ["WORLD_SIZE"]) if "TORCHELASTIC_RUN_ID" in os.environ else 1
+                tensor_parallel_size=args.tensor_parallel_size or torchrun_world_size())
 
 
 def _speculative_config(args: argparse.Namespace) -> dict | None:

@@ -153,6 +153,15 @@ class Ranks:
         dist.destroy_process_group()
 
 
+def torchrun_world_size() -> int:
+    """Under torchrun (which sets TORCHELASTIC_RUN_ID), its number of processes; else 1."""
+    return int(os.environ["WORLD_SIZE"]) if _under_torchrun() else 1
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 _ranks: Ranks | None = None  # this process's workers: a process has one default process group
 
 
@@ -167,7 +176,7 @@ def start_ranks(world: int, device: torch.device) -> Ranks:
         _ranks.stop()
         _ranks = None
     if _ranks is None:
-        _ranks = _join_torchrun(world, device) if "TORCHELASTIC_RUN_ID" in os.environ else _spawn(world, device)
+        _ranks = _join_torchrun(world, device) if _under_torchrun() else _spawn(world, device)
         atexit.register(_ranks.stop)
     return _ranks
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from checkpoints import build_checkpoint
-from lmgen import LLM, SamplingParams
+from lmgen import LLM, AutoModelForCausalLM, SamplingParams
 from lmgen.distributed.parallel import TensorParallelError
 from lmgen.errors import InvalidArgumentError, UnsupportedModelError
 
@@ -77,6 +77,21 @@ def test_logits_match_transformers(checkpoint_factory):
             torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
     finally:
         split.engine.close()
+
+
+def test_the_drop_in_splits_with_transformers_tp_plan(llama_path):
+    ids = torch.tensor([PROMPTS[0]])
+    expected = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32, device_map="cpu").generate(
+        ids, max_new_tokens=12, do_sample=False)
+    model = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32, device_map="cpu", tp_plan="auto",
+                                                 tp_size=2)
+    try:
+        assert model.llm.engine.config.tensor_parallel_size == 2
+        assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+    finally:
+        model.llm.engine.close()
+    with pytest.raises(InvalidArgumentError, match="tp_plan 'colwise'"):
+        AutoModelForCausalLM.from_pretrained(llama_path, tp_plan="colwise")
 
 
 def test_sizes_the_ranks_cannot_share_are_refused_before_any_process_starts(llama_path):
