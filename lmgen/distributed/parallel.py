@@ -94,7 +94,7 @@ class Ranks:
                     dist.broadcast_object_list(objects, 0, device=self.device)
                 for payload in (ints, floats):
                     if payload is not None and payload.numel():
-                        dist.broadcast(payload.contiguous(), 0)
+                        dist.broadcast(payload.to(self.device).contiguous(), 0)
                 self._last_sent = time.monotonic()
                 yield
             except Exception as exc:
@@ -138,8 +138,9 @@ class Ranks:
         return torch.cat(parts, dim=-1)[:, :vocab_size]
 
     def stop(self) -> None:
-        """End the workers (at exit, or before starting afresh)."""
+        """End the workers (at exit, or before starting afresh): told to stop, or killed if the ranks failed."""
         self._stop_pings.set()
+        self.holder = None  # nothing is left to release
         if not self.failed:
             try:
                 with self.issue(Command.STOP):
@@ -147,7 +148,7 @@ class Ranks:
             except TensorParallelError:
                 pass  # stopping anyway
         for process in self.processes:
-            process.join(timeout=5)
+            process.join(timeout=0 if self.failed else 5)
             if process.is_alive():
                 process.kill()
         dist.destroy_process_group()
@@ -177,8 +178,13 @@ def start_ranks(world: int, device: torch.device) -> Ranks:
         _ranks = None
     if _ranks is None:
         _ranks = _join_torchrun(world, device) if _under_torchrun() else _spawn(world, device)
-        atexit.register(_ranks.stop)
     return _ranks
+
+
+@atexit.register
+def _stop_ranks() -> None:
+    if _ranks is not None:
+        _ranks.stop()
 
 
 def _spawn(world: int, device: torch.device) -> Ranks:
@@ -214,7 +220,10 @@ def _init_group(rank: int, world: int, rendezvous: str, device: torch.device) ->
 
 
 def rank_device(device_type: str, rank: int) -> torch.device:
-    return torch.device("cuda", rank % torch.cuda.device_count()) if device_type == "cuda" else torch.device("cpu")
+    """A worker's device: on CUDA, its machine's GPU of its local rank (torchrun's LOCAL_RANK, else its rank)."""
+    if device_type != "cuda":
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
 
 
 class TensorParallelLM(nn.Module):
