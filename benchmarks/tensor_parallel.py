@@ -1,30 +1,37 @@
-"""Decode with the model split over two ranks (tensor_parallel_size=2) beside one rank, and the time rank 0
-spends in collectives per step.
+"""Decode with the model split over two ranks (tensor_parallel_size=2) beside one rank, taking turns, and
+what the all-reduces cost per step.
 
-    python benchmarks/tensor_parallel.py --model benchmarks/models/tinyllama-1.1b
-    python benchmarks/tensor_parallel.py --model PATH --device cuda      # on two GPUs
+    python benchmarks/models.py --shape qwen3-150m
+    python benchmarks/tensor_parallel.py --model benchmarks/models/qwen3-150m
 
-One rank runs first with every core; then two ranks with half the cores each (on a CPU) or a GPU
-each. For the split model, rank 0's all-reduces, broadcasts (each step's batch, the hidden rows
-for logits) and logits gathers are timed, waits for the other rank included, and reported per
-engine step: what splitting costs beyond the arithmetic it shares out.
+Both engines live in this process (the split one's second rank in a worker process) and take turns,
+round after round, so both see the same load on a shared machine; one rank runs with all the cores'
+threads, each of the two ranks with half. For the split model, rank 0's all-reduces, broadcasts (each
+step's batch, the hidden rows for logits) and logits gathers are timed per engine step, waits for the
+other rank included. Beside them, two bare gloo processes time one all-reduce of a step's
+[batch, hidden] activations, with no model around it: the communication alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
+import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from lmgen import LLM
 from lmgen.bench import PROMPTS, lmgen_run
 
 
 def timed_collectives(llm: LLM) -> dict[str, float]:
-    """Seconds in each collective of rank 0 and engine steps (key "steps"), counted from now on."""
+    """Seconds in each of rank 0's collectives, and engine steps (key "steps"), counted from now on."""
     totals: dict[str, float] = defaultdict(float)
     for name in ("all_reduce", "broadcast", "gather"):
         original = getattr(dist, name)
@@ -45,39 +52,68 @@ def timed_collectives(llm: LLM) -> dict[str, float]:
     return totals
 
 
-def measure(llm: LLM, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
-    vocab = llm.engine.model.spec.vocab_size
-    lmgen_run(llm, PROMPTS.take(batch, prompt_len, vocab), 4)  # warm-up
-    return statistics.median(lmgen_run(llm, PROMPTS.take(batch, prompt_len, vocab), new_tokens).decode_tok_s
-                             for _ in range(repeats))
+def _bare_all_reduce(rank: int, rendezvous: str, shapes: list[tuple[int, int]], repeats: int, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
+    for shape in shapes:
+        x = torch.ones(shape)
+        for _ in range(10):
+            dist.all_reduce(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dist.all_reduce(x)
+        if rank == 0:
+            results.put((shape, (time.perf_counter() - start) / repeats))
+    dist.destroy_process_group()
+
+
+def bare_all_reduce_ms(shapes: list[tuple[int, int]], repeats: int = 2000) -> dict[tuple[int, int], float]:
+    """Milliseconds per float32 all-reduce of each shape between two gloo processes on this machine."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    rendezvous = f"file://{Path(tempfile.mkdtemp()) / 'store'}"
+    processes = [context.Process(target=_bare_all_reduce, args=(rank, rendezvous, shapes, repeats, results))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    found = dict(results.get() for _ in shapes)
+    for process in processes:
+        process.join()
+    return {shape: 1000 * seconds for shape, seconds in found.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    rates = {}
-    for size in (1, 2):
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, tensor_parallel_size=size)
-        totals = timed_collectives(llm) if size > 1 else None
-        for batch in args.batches:
-            if totals is not None:
+    cores = os.cpu_count() or 1
+    one = LLM(args.model, device="cpu", dtype="float32")
+    spec = one.engine.model.spec
+    per_layer = bare_all_reduce_ms([(batch, spec.hidden_size) for batch in args.batches])
+    two = LLM(args.model, device="cpu", dtype="float32", tensor_parallel_size=2)
+    totals = timed_collectives(two)
+    for batch in args.batches:
+        rates, per_step = {1: [], 2: []}, defaultdict(list)
+        for _ in range(args.rounds):
+            for size, llm in ((1, one), (2, two)):
+                torch.set_num_threads(cores // size)
+                prompts = PROMPTS.take(batch, args.prompt_len, spec.vocab_size)
                 totals.clear()
-            rates[size, batch] = measure(llm, batch, args.prompt_len, args.new_tokens, args.repeats)
-            line = f"TP={size} batch {batch}: {rates[size, batch]:.1f} decode tok/s"
-            if totals is not None:
-                per_step = {name: 1000 * seconds / totals["steps"] for name, seconds in totals.items() if name != "steps"}
-                line += (f" ({rates[size, batch] / rates[1, batch]:.2f}x TP=1); per step, ms in all-reduce "
-                         f"{per_step['all_reduce']:.2f}, broadcast {per_step['broadcast']:.2f}, "
-                         f"gather {per_step['gather']:.2f}")
-            print(line, flush=True)
-        llm.engine.close()
+                rates[size].append(lmgen_run(llm, prompts, args.new_tokens).decode_tok_s)
+            for name in ("all_reduce", "broadcast", "gather"):
+                per_step[name].append(1000 * totals[name] / totals["steps"])
+        one_rate, two_rate = statistics.median(rates[1]), statistics.median(rates[2])
+        bare = per_layer[batch, spec.hidden_size] * (2 * spec.num_layers + 1)
+        print(f"batch {batch}: TP=1 {one_rate:.1f}, TP=2 {two_rate:.1f} decode tok/s ({two_rate / one_rate:.2f}x); "
+              f"TP=2 per step, ms: all-reduce {statistics.median(per_step['all_reduce']):.2f} (bare gloo: "
+              f"{2 * spec.num_layers + 1} x {per_layer[batch, spec.hidden_size]:.3f} = {bare:.2f}), broadcast "
+              f"{statistics.median(per_step['broadcast']):.2f}, gather {statistics.median(per_step['gather']):.2f}",
+              flush=True)
+    two.engine.close()
 
 
 if __name__ == "__main__":  # a spawned worker imports this module: it must not run main
