@@ -6,7 +6,7 @@ what the all-reduces cost per step.
 
 Both engines live in this process (the split one's second rank in a worker process) and take turns,
 round after round, so both see the same load on a shared machine; one rank runs with all the cores'
-threads, each of the two ranks with half. For the split model, rank 0's all-reduces, broadcasts (each
+threads, and again with one thread (what one core does alone), each of the two ranks with half. For the split model, rank 0's all-reduces, broadcasts (each
 step's batch, the hidden rows for logits) and logits gathers are timed per engine step, waits for the
 other rank included. Beside them, two bare gloo processes time one all-reduce of a step's
 [batch, hidden] activations, with no model around it: the communication alone.
@@ -96,19 +96,21 @@ def main() -> None:
     per_layer = bare_all_reduce_ms([(batch, spec.hidden_size) for batch in args.batches])
     two = LLM(args.model, device="cpu", dtype="float32", tensor_parallel_size=2)
     totals = timed_collectives(two)
+    runs = {"TP=1": (one, cores), "TP=1, 1 thread": (one, 1), "TP=2": (two, cores // 2)}
     for batch in args.batches:
-        rates, per_step = {1: [], 2: []}, defaultdict(list)
+        rates, per_step = defaultdict(list), defaultdict(list)
         for _ in range(args.rounds):
-            for size, llm in ((1, one), (2, two)):
-                torch.set_num_threads(cores // size)
+            for name, (llm, threads) in runs.items():
+                torch.set_num_threads(threads)
                 prompts = PROMPTS.take(batch, args.prompt_len, spec.vocab_size)
                 totals.clear()
-                rates[size].append(lmgen_run(llm, prompts, args.new_tokens).decode_tok_s)
+                rates[name].append(lmgen_run(llm, prompts, args.new_tokens).decode_tok_s)
             for name in ("all_reduce", "broadcast", "gather"):
                 per_step[name].append(1000 * totals[name] / totals["steps"])
-        one_rate, two_rate = statistics.median(rates[1]), statistics.median(rates[2])
+        one_rate, two_rate = statistics.median(rates["TP=1"]), statistics.median(rates["TP=2"])
         bare = per_layer[batch, spec.hidden_size] * (2 * spec.num_layers + 1)
-        print(f"batch {batch}: TP=1 {one_rate:.1f}, TP=2 {two_rate:.1f} decode tok/s ({two_rate / one_rate:.2f}x); "
+        print(f"batch {batch}: TP=1 {one_rate:.1f} (1 thread: {statistics.median(rates['TP=1, 1 thread']):.1f}), "
+              f"TP=2 {two_rate:.1f} decode tok/s ({two_rate / one_rate:.2f}x); "
               f"TP=2 per step, ms: all-reduce {statistics.median(per_step['all_reduce']):.2f} (bare gloo: "
               f"{2 * spec.num_layers + 1} x {per_layer[batch, spec.hidden_size]:.3f} = {bare:.2f}), broadcast "
               f"{statistics.median(per_step['broadcast']):.2f}, gather {statistics.median(per_step['gather']):.2f}",
