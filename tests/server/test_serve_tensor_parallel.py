@@ -5,7 +5,7 @@ from serverutil import serve
 
 def test_serve_with_two_ranks_answers_the_openai_client(llama_path):
     with serve(llama_path, "--served-model-name", "tiny", "--tensor-parallel-size", "2", "--device", "cpu",
-               "--dtype", "float32") as server:
+               "--dtype", "float32", "--log-level", "INFO") as server:
         client = server.client()
         completion = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=8,
                                                temperature=0)
