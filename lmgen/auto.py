@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmgen.distributed.parallel import torchrun_world_size
 from lmgen.engine.engine import Engine
 from lmgen.engine.speculative import NgramProposer, Proposer, SpeculativeConfig
 from lmgen.errors import InvalidArgumentError
@@ -155,10 +156,16 @@ class AutoModelForCausalLM:
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: Any = "auto", torch_dtype: Any = None,
                         device_map: Any = None, revision: str | None = None, load_in_4bit: bool = False,
-                        load_in_8bit: bool = False, quantization_config: Any = None,
-                        **engine_args: Any) -> "AutoModelForCausalLM":
+                        load_in_8bit: bool = False, quantization_config: Any = None, tp_plan: str | None = None,
+                        tp_size: int | None = None, **engine_args: Any) -> "AutoModelForCausalLM":
         """transformers' from_pretrained; load_in_4bit / load_in_8bit / quantization_config map onto
-        lmgen's int4 / int8 weights (see lmgen.quantization_config)."""
+        lmgen's int4 / int8 weights (see lmgen.quantization_config); tp_plan="auto" splits the model over
+        tp_size ranks, by default torchrun's processes (lmgen's tensor_parallel_size: docs/distributed.md)."""
+        if tp_plan is not None:
+            if tp_plan != "auto":
+                raise InvalidArgumentError(f"tp_plan {tp_plan!r} is not supported: lmgen splits every model its own "
+                                           "way, tp_plan='auto'")
+            engine_args.setdefault("tensor_parallel_size", tp_size or torchrun_world_size())
         dtype = torch_dtype if torch_dtype is not None else dtype
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")

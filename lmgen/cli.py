@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from lmgen.distributed.parallel import torchrun_world_size
 from lmgen.errors import InvalidArgumentError, LmgenError
 from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QUANTIZATION_METHODS
 from lmgen.tool_calls import PARSERS as TOOL_CALL_PARSERS
@@ -72,6 +73,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="on a GPU, launch each decode step's kernels one by one instead of replaying "
                             "CUDA graphs (slower; for debugging)")
     group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
+                       help="split the model across N processes (gloo on a CPU, NCCL on GPUs; lmgen starts "
+                            "them); default 1, or under torchrun its number of processes")
     speculative = group.add_mutually_exclusive_group()
     speculative.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
                              help="speculative decoding by prompt lookup: requests draft up to K tokens a step "
@@ -93,7 +97,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 quantization=args.quantization,
                 quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 compile=args.compile, enforce_eager=args.enforce_eager, seed=args.engine_seed,
-                revision=args.revision, gguf_file=args.gguf_file, speculative_config=_speculative_config(args))
+                revision=args.revision, gguf_file=args.gguf_file, speculative_config=_speculative_config(args),
+                tensor_parallel_size=args.tensor_parallel_size or torchrun_world_size())
 
 
 def _speculative_config(args: argparse.Namespace) -> dict | None:

@@ -70,6 +70,8 @@ class EngineConfig:
     # speculative decoding, as vLLM's: {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
     # or a draft model of the same tokenizer: {"model": "path/to/small-draft", "num_speculative_tokens": 4}
     speculative_config: SpeculativeConfig | dict | None = None
+    # ranks that split the model's heads and columns (lmgen/distributed): processes lmgen starts, or torchrun's
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -83,8 +85,11 @@ class EngineConfig:
         object.__setattr__(self, "speculative_config", SpeculativeConfig.of(self.speculative_config))
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise InvalidArgumentError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             _positive(name, getattr(self, name))
+        if self.tensor_parallel_size > 1 and self.compile:
+            raise InvalidArgumentError("compile=True does not apply with tensor_parallel_size > 1 (the ranks' "
+                                       "all-reduces sit between the compiled layers): drop one of them")
         if self.kv_cache_memory is not None and parse_size(self.kv_cache_memory) <= 0:
             raise InvalidArgumentError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
 

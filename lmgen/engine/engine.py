@@ -19,6 +19,7 @@ import torch
 
 from lmgen.cache.block_pool import BlockPool
 from lmgen.cache.kv_cache import KVCache, bytes_per_block
+from lmgen.distributed.parallel import TensorParallelLM, load_tensor_parallel
 from lmgen.engine.beam import BeamGroup
 from lmgen.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig, parse_size
 from lmgen.engine.cuda_graphs import RECORDERS, GraphedDecode
@@ -58,15 +59,19 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.hf_config.get("dtype") or self.hf_config.get("torch_dtype"), self.device)
-        loaded = load_model(checkpoint, self.device, self.dtype, config.max_model_len, config.quant_config(),
-                            config.quantization_group_size is not None)
+        load = partial(load_model, checkpoint, self.device, self.dtype, config.max_model_len, config.quant_config(),
+                       config.quantization_group_size is not None)
+        loaded = (load() if config.tensor_parallel_size == 1 else
+                  load_tensor_parallel(config, self.model_path, self.hf_config, self.device, load))
         self.model, self.max_model_len, self.quantization = loaded.model, loaded.max_model_len, loaded.quantization
         speculative = config.speculative_config
         draft = (load_draft_model(speculative, self.tokenizer, self.device, self.dtype, self.max_model_len)
                  if speculative is not None and speculative.model else None)
         budget = self._kv_cache_budget()
         draft_budget = 0 if draft is None else self._draft_share(budget, draft.model.spec)
-        self.kv_cache = self._allocate_kv_cache(self.model.spec, budget - draft_budget)
+        self.kv_cache = self._allocate_kv_cache(self.model.spec, budget - draft_budget)  # of each rank
+        if isinstance(self.model, TensorParallelLM):
+            self.model.share_cache(self.kv_cache)
         graphs = self._graphed_decode()  # its padding rows write into the cache's last block, kept from the pool
         self.pool = BlockPool(self.kv_cache.num_blocks - (graphs is not None))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -161,16 +166,22 @@ class Engine:
     def _graphed_decode(self) -> GraphedDecode | None:
         """Recorded graphs for the decode steps where the device has them (CUDA), unless asked not to or the
         model's rope frequencies depend on the context length or its experts are chosen per step (decided on the
-        CPU, which a graph cannot replay)."""
+        CPU, which a graph cannot replay), or it is split across ranks (each step is broadcast to them first)."""
         record = RECORDERS.get(self.device.type)
         spec = self.model.spec
         if (record is None or self.config.enforce_eager or spec.rope_computed_on_host or spec.routes_on_host
-                or self.kv_cache.num_blocks < 2):
+                or self.kv_cache.num_blocks < 2 or self.config.tensor_parallel_size > 1):
             return None
         block_size = self.config.block_size
         return GraphedDecode(set(self.model.spec.layer_windows), self.config.max_num_seqs,
                              -(-self.max_model_len // block_size), self.kv_cache.num_blocks - 1, block_size,
                              self.device, record(self.device))
+
+    def close(self) -> None:
+        """Release what outlives the engine's memory: its tensor-parallel workers (the next engine of this process
+        takes them over). A closed engine takes no more steps."""
+        if isinstance(self.model, TensorParallelLM):
+            self.model.close()
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = _as_id_set(self.generation_config.get("eos_token_id"))

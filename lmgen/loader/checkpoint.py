@@ -251,7 +251,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torc
     for name, source in tensors:
         if "rotary_emb." in name or (name.startswith("lm_head.") and getattr(model, "lm_head", None) is None):
             continue  # recomputed, or tied to the embedding
-        target, expert, shard, shard_sizes = _target(model, name)
+        target, expert, shard, shard_sizes = checkpoint_target(model, name)
         if target not in params:
             raise UnsupportedModelError(
                 f"checkpoint tensor {name} has no parameter to load into (lmgen looked for {target}): the checkpoint "
@@ -285,7 +285,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorRef | torc
 _EXPERT_MODULE = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)")  # a stacked layer's experts, expert, its projection
 
 
-def _target(model: nn.Module, name: str) -> tuple[str, int | None, int, list[int] | None]:
+def checkpoint_target(model: nn.Module, name: str) -> tuple[str, int | None, int, list[int] | None]:
     """The parameter a checkpoint tensor loads into, its expert index (None: not an expert's), its shard
     index and the fused module's shard sizes (None: not fused)."""
     module_path, _, leaf = name.rpartition(".")

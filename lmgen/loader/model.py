@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from lmgen.loader.gguf_tokenizer import gguf_tokenizer
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.models import build_context, model_class
 from lmgen.models.contract import CausalLM, ModelSpec, check_contract
+
+if TYPE_CHECKING:
+    from lmgen.distributed.sharding import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -60,31 +64,38 @@ class LoadedModel:
 
 
 def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, max_model_len: int | None = None,
-               quantization: QuantConfig | None = None, group_size_given: bool = False) -> LoadedModel:
+               quantization: QuantConfig | None = None, group_size_given: bool = False,
+               shard: Shard | None = None) -> LoadedModel:
     """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors or GGUF tensors.
 
     `quantization` asks for int8/int4 (a checkpoint saved quantized loads as it is saved, and may only
-    be asked for the same); `max_model_len` defaults to the checkpoint's context length.
+    be asked for the same); `max_model_len` defaults to the checkpoint's context length. With `shard`,
+    the model is one rank's share under tensor parallelism (lmgen/distributed/sharding.py).
     """
     cls = model_class(checkpoint.hf_config)
     spec = cls.spec_from_config(checkpoint.hf_config)
     max_model_len = max_model_len or spec.context_length
     saved = QuantConfig.from_hf(checkpoint.hf_config)
     quantization = resolve_quantization(quantization, saved, group_size_given)
-    check_weights_fit(weights_bytes(cls, spec, max_model_len, dtype, quantization), device)
+    rank_spec = spec if shard is None else shard.spec(spec)
+    check_weights_fit(weights_bytes(cls, rank_spec, max_model_len, dtype, quantization), device)
     with build_context(device, dtype):
-        model = cls(spec, max_model_len)
+        model = cls(rank_spec, max_model_len)
     check_contract(model)
     tensors = _tensors(checkpoint, cls, dtype, saved is not None)
     if quantization is not None:
         prepare_quantized(model, quantization)
-        if saved is None:  # quantize each float tensor as it is read
+        if saved is None:  # quantize each float tensor as it is read (whole: each rank then cuts its part)
             tensors = quantize_tensors(tensors, quantization)
+    if shard is not None:
+        tensors = shard.tensors(tensors, model, _meta_model(cls, spec, max_model_len, dtype, quantization))
     if device.type == "cpu":
         place_weights_in_huge_pages(model)
         kernels.load()  # before packing, which lays int4 weights out for lmgen's kernel if they run
     load_weights(model, tensors)
     pack_quantized(model)
+    if shard is not None:
+        shard.finish(model, spec)
     return LoadedModel(model.eval(), max_model_len, quantization)
 
 
@@ -99,11 +110,17 @@ def _tensors(checkpoint: Checkpoint, cls: type, dtype: torch.dtype, saved_quanti
 def weights_bytes(cls: type, spec: ModelSpec, max_model_len: int, dtype: torch.dtype,
                   quantization: QuantConfig | None) -> int:
     """The bytes the model's weights will take, from the model built on the meta device (nothing allocated)."""
+    return sum(p.nbytes for p in _meta_model(cls, spec, max_model_len, dtype, quantization).parameters())
+
+
+def _meta_model(cls: type, spec: ModelSpec, max_model_len: int, dtype: torch.dtype,
+                quantization: QuantConfig | None) -> CausalLM:
+    """The model built on the meta device, quantized modules in place: its shapes, nothing allocated."""
     with build_context(torch.device("meta"), dtype):
         model = cls(spec, max_model_len)
     if quantization is not None:
         prepare_quantized(model, quantization)
-    return sum(p.nbytes for p in model.parameters())
+    return model
 
 
 def free_memory(device: torch.device) -> int | None:
