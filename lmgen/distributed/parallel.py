@@ -74,6 +74,7 @@ class Ranks:
         self.world, self.device, self.processes = world, device, processes
         self.failed: str | None = None
         self.holder: str | None = None  # the model whose shares the workers hold
+        self._threads = torch.get_num_threads()  # rank 0's own, given back on release
         self._lock = threading.Lock()
         self._last_sent = time.monotonic()
         self._stop_pings = threading.Event()
@@ -125,11 +126,20 @@ class Ranks:
                 except TensorParallelError:
                     logger.error("tensor parallelism: %s", self.failed)
 
+    def hold(self, model_path: Path, config) -> None:
+        """Have the workers load their shares of `model_path`; rank 0 runs on its share of the cores meanwhile."""
+        with self.issue(Command.LOAD, objects=[config, str(model_path)]):
+            self.holder = str(model_path)
+        self._threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(_core_share(self.world))
+
     def release(self) -> None:
-        """Have the workers drop the model they hold (its engine is closed or gone)."""
+        """Have the workers drop the model they hold (its engine is closed or gone); rank 0 takes its threads back."""
         if self.holder is not None and not self.failed:
             with self.issue(Command.UNLOAD):
                 self.holder = None
+        torch.set_num_threads(self._threads)
 
     def gather_logits(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Every rank's vocabulary slice of the logits [N, vocab / world], side by side on rank 0."""
@@ -213,10 +223,15 @@ def _join_torchrun(world: int, device: torch.device) -> Ranks:
 def _init_group(rank: int, world: int, rendezvous: str, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
-    elif device.type == "cpu":  # each rank its share of the cores: more threads than cores spin at every all-reduce
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    elif device.type == "cpu" and rank:  # rank 0 takes its share while its workers hold a model (Ranks.hold)
+        torch.set_num_threads(_core_share(world))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=rendezvous, rank=rank,
                             world_size=world, timeout=TIMEOUT)
+
+
+def _core_share(world: int) -> int:
+    """Each rank's threads on a CPU: more threads than cores spin at every all-reduce."""
+    return max(1, (os.cpu_count() or 1) // world)
 
 
 def rank_device(device_type: str, rank: int) -> torch.device:
@@ -279,8 +294,7 @@ def load_tensor_parallel(config, model_path: Path, hf_config: dict, device: torc
     Shard(0, world).spec(whole)  # the sizes the ranks cannot share are refused before any process starts
     ranks = start_ranks(world, device)
     logger.info("tensor parallelism: %d ranks (%s)", world, dist.get_backend())
-    with ranks.issue(Command.LOAD, objects=[config, str(model_path)]):
-        ranks.holder = str(model_path)
+    ranks.hold(model_path, config)
     try:
         loaded = load(shard=Shard(0, world))
     except Exception:  # the workers fail alike (or wait for rank 0's next command): the next engine starts anew

@@ -104,10 +104,13 @@ def test_sizes_the_ranks_cannot_share_are_refused_before_any_process_starts(llam
 
 
 def test_a_second_engine_waits_for_the_first_to_close(llama_path):
+    threads = torch.get_num_threads()
     first = LLM(str(llama_path), dtype="float32", device="cpu", tensor_parallel_size=2)
+    assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)  # rank 0's share of the cores
     with pytest.raises(InvalidArgumentError, match="close that engine first"):
         LLM(str(llama_path), dtype="float32", device="cpu", tensor_parallel_size=2)
     first.engine.close()
+    assert torch.get_num_threads() == threads  # given back
     with pytest.raises(TensorParallelError, match="closed"):
         first.generate(PROMPTS[0], GREEDY)
 
