@@ -14,6 +14,7 @@ import openai
 import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from ray import serve
 
 import lmgen
@@ -59,11 +60,14 @@ def chat(url: str, text: str, **kwargs) -> tuple[str, str]:
 def replica_metric(url: str, name: str) -> dict[str, float]:
     """One metric's samples summed per replica, from the ingress's /metrics."""
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
-        for sample in family.samples:
-            if sample.name == name:
-                totals[sample.labels["replica"]] = totals.get(sample.labels["replica"], 0.0) + sample.value
+    for sample in _samples(url, name):
+        totals[sample.labels["replica"]] = totals.get(sample.labels["replica"], 0.0) + sample.value
     return totals
+
+
+def _samples(url: str, name: str) -> list[Sample]:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
 
 
 def test_streamed_and_whole_chat_through_one_endpoint(ray_url):
@@ -94,6 +98,17 @@ def test_shared_prefix_goes_to_the_replica_holding_it(ray_url):
     assert holders[0] != holders[1]
     assert short == [[holder] * 3 for holder in holders]
     assert sum(replica_metric(ray_url, "lmgen_requests_total").values()) == before + 8
+
+
+def test_client_that_leaves_aborts_its_request_on_the_replica(ray_url):
+    before = sum(replica_metric(ray_url, "lmgen_requests_total").values())
+    with httpx.stream("POST", ray_url + "/v1/completions", timeout=60, json={
+            "prompt": "Once upon a time", "max_tokens": LONG, "ignore_eos": True, "stream": True}) as response:
+        replica = response.headers[REPLICA_HEADER]
+        next(response.iter_lines())
+    _wait_until(lambda: replica_metric(ray_url, "lmgen_requests_total").get(replica, 0) > 0 and not _running(ray_url))
+    aborted = [s for s in _samples(ray_url, "lmgen_requests_total") if s.labels == {"replica": replica, "status": "abort"}]
+    assert aborted and sum(replica_metric(ray_url, "lmgen_requests_total").values()) == before + 1
 
 
 def test_bad_input_is_an_openai_error(ray_url):
