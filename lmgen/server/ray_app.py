@@ -21,6 +21,7 @@ flags without their dashes)::
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 import threading
@@ -38,7 +39,7 @@ from ray.serve.handle import DeploymentHandle
 
 from lmgen.engine.config import EngineConfig
 from lmgen.engine.engine import Engine
-from lmgen.errors import InvalidArgumentError
+from lmgen.errors import InvalidArgumentError, LmgenError
 from lmgen.server.app import build_app as build_server_app
 from lmgen.server.errors import APIError, install_handlers, sse_error
 from lmgen.server.limits import install_size_limit
@@ -242,19 +243,35 @@ def build_app(args: Mapping[str, object]) -> serve.Application:
 def serve_replicas(engine_config: EngineConfig, settings: ServerSettings, options: ReplicaOptions, *,
                    host: str, port: int) -> int:
     """Start the replicas on Ray (the cluster RAY_ADDRESS names, else a local one) and serve until SIGTERM or
-    SIGINT; then remove the application (other applications on the cluster stay)."""
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    ray.init(log_to_driver=False)
+    SIGINT; then remove the application (other applications on the cluster stay). Raises LmgenError when the
+    replicas cannot start (their model failed to load)."""
+    ray.init(log_to_driver=logging.getLogger("lmgen").getEffectiveLevel() <= logging.INFO)
+    signal.signal(signal.SIGTERM, _interrupt)  # in place of Ray's handler, which aborts the process
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(replica_application(engine_config, settings, options), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(replica_application(engine_config, settings, options), name=APP_NAME, route_prefix="/")
+        except RuntimeError:  # Ray Serve says that the deployment failed; its status says why
+            raise LmgenError(f"the replicas failed to start: {_deployment_error()}") from None
         names = ", ".join(settings.served_model_names)
         print(f"lmgen: serving {names} on http://{host}:{port} with {options.replicas} replica(s) on Ray Serve",
               file=sys.stderr, flush=True)
-        stop.wait()
-        serve.delete(APP_NAME)
+        threading.Event().wait()
+    except (KeyboardInterrupt, LmgenError):
+        serve.delete(APP_NAME)  # the replicas drain for --shutdown-timeout seconds
+        if sys.exc_info()[0] is LmgenError:
+            raise
     finally:
         ray.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _deployment_error() -> str:
+    """The last line of the engine replicas' error (the exception that stopped their constructor)."""
+    deployment = serve.status().applications[APP_NAME].deployments["EngineReplica"]
+    lines = [line for line in deployment.message.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else deployment.status
