@@ -251,16 +251,16 @@ def serve_replicas(engine_config: EngineConfig, settings: ServerSettings, option
         serve.start(http_options={"host": host, "port": port})
         try:
             serve.run(replica_application(engine_config, settings, options), name=APP_NAME, route_prefix="/")
-        except RuntimeError:  # Ray Serve says that the deployment failed; its status says why
+            names = ", ".join(settings.served_model_names)
+            print(f"lmgen: serving {names} on http://{host}:{port} with {options.replicas} replica(s) on Ray Serve",
+                  file=sys.stderr, flush=True)
+            threading.Event().wait()
+        except KeyboardInterrupt:  # SIGTERM or SIGINT
+            pass
+        except RuntimeError:  # from serve.run: the deployment failed; its status says why
             raise LmgenError(f"the replicas failed to start: {_deployment_error()}") from None
-        names = ", ".join(settings.served_model_names)
-        print(f"lmgen: serving {names} on http://{host}:{port} with {options.replicas} replica(s) on Ray Serve",
-              file=sys.stderr, flush=True)
-        threading.Event().wait()
-    except (KeyboardInterrupt, LmgenError):
-        serve.delete(APP_NAME)  # the replicas drain for --shutdown-timeout seconds
-        if sys.exc_info()[0] is LmgenError:
-            raise
+        finally:
+            serve.delete(APP_NAME)  # the replicas drain for --shutdown-timeout seconds
     finally:
         ray.shutdown()
     return 0

@@ -18,6 +18,7 @@ from prometheus_client.samples import Sample
 from ray import serve
 
 import lmgen
+from lmgen.errors import InvalidArgumentError
 from lmgen.server.ray_app import APP_NAME, REPLICA_HEADER, build_app
 from lmgen.server.ray_router import PrefixTable, prefix_hashes, prompt_text, rank
 from serverutil import free_port, long_llama_path  # noqa: F401 (a fixture)
@@ -184,3 +185,10 @@ def test_rank_prefers_holders_unless_they_are_much_busier():
     assert rank(["a", "b", "c"], {"b"}, {"a": 0, "b": 3}, max_imbalance=8) == [["b"], ["a", "c"]]
     assert rank(["a", "b", "c"], {"b"}, {"a": 0, "b": 9}, max_imbalance=8) == [["a", "b", "c"]]
     assert rank(["a", "b"], set(), {}, max_imbalance=8) == [["a", "b"]]
+
+
+def test_serve_run_arguments_are_checked_by_lmgen_serves_parser():
+    with pytest.raises(InvalidArgumentError, match="replicas"):
+        build_app({"replicas": 0})
+    with pytest.raises(InvalidArgumentError, match="dtype"):
+        build_app({"replicas": 2, "dtype": "float99"})
