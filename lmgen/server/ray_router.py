@@ -6,8 +6,9 @@ earlier one. The ingress cuts the prompt's text into chunks and hashes each chun
 with all those before it, as the engine hashes KV blocks (:func:`prefix_hashes`); the router
 remembers which replicas were sent each hash (:class:`PrefixTable`) and ranks first the
 replicas holding the request's longest remembered prefix, unless they are much busier than
-the least busy replica. Ray Serve then sends the request to the least busy replica of the
-first rank that has room, else of the next.
+the least busy replica, then the others from least to most busy (by the requests it has
+sent each and not seen finish). Ray Serve sends the request to a replica of the first rank
+that has room, else of the next.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -93,15 +94,17 @@ class PrefixTable:
         return set()
 
 
-def rank(replicas: Sequence[Replica], holders: set[Replica], queue_lengths: Mapping[Replica, int],
+def rank(replicas: Sequence[Replica], holders: set[Replica], loads: Mapping[Replica, int],
          max_imbalance: int) -> list[list[Replica]]:
-    """The holders first, then the others; all in one rank when there are no holders or each holder has
-    more than `max_imbalance` requests queued beyond the least busy replica (known queue lengths only)."""
-    known = [queue_lengths[r] for r in replicas if r in queue_lengths]
-    least = min(known, default=0)
-    if not any(queue_lengths.get(r, least) - least <= max_imbalance for r in holders):
-        return [list(replicas)]
-    return [[r for r in replicas if r in holders], [r for r in replicas if r not in holders]]
+    """The holders first, unless each has more than `max_imbalance` requests in flight beyond the least busy
+    replica; then the others, least busy first (one rank per load)."""
+    least = min(loads.get(r, 0) for r in replicas)
+    preferred = [r for r in replicas if r in holders]
+    if not any(loads.get(r, 0) - least <= max_imbalance for r in preferred):
+        preferred = []
+    others = [r for r in replicas if r not in preferred]
+    by_load = [[r for r in others if loads.get(r, 0) == load] for load in sorted({loads.get(r, 0) for r in others})]
+    return [preferred, *by_load] if preferred else by_load
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -114,21 +117,27 @@ class PrefixAffinityRouter(RequestRouter):
     def initialize_state(self, max_imbalance: int = 8, capacity: int = 1 << 20) -> None:
         self.max_imbalance = max_imbalance
         self.table = PrefixTable(capacity)
+        # Requests routed and not yet finished, by Ray Serve's id: each replica's load as this router made it
+        # (Serve's own queue-length cache can lag behind the requests just sent).
+        self.in_flight: dict[str, ReplicaID] = {}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         # In random order: of equally busy replicas Ray Serve takes the first, and new prefixes should spread.
         by_id = {replica.replica_id: replica for replica in random.sample(candidate_replicas, len(candidate_replicas))}
         holders = self.table.holders(_prefix(pending_request), by_id.keys())
-        cache = self.replica_queue_len_cache
-        lengths = {rid: n for rid in by_id if (n := cache.get(rid)) is not None}
+        loads = Counter(self.in_flight.values())
         if pending_request is not None:
             # Every call offers every replica, so when none has room the next try waits (backs off).
             pending_request.routing_context.should_backoff = True
-        return [[by_id[rid] for rid in ids] for ids in rank(list(by_id), holders, lengths, self.max_imbalance)]
+        return [[by_id[rid] for rid in ids] for ids in rank(list(by_id), holders, loads, self.max_imbalance)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:
         self.table.record(_prefix(pending_request), replica_id)
+        self.in_flight[pending_request.metadata.internal_request_id] = replica_id
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.in_flight.pop(internal_request_id, None)  # also called for requests a replica refused
 
 
 def _prefix(pending_request: PendingRequest | None) -> tuple[int, ...]:

@@ -183,8 +183,8 @@ def test_rank_prefers_holders_unless_they_are_much_busier():
     table.record([4, 5], "c")  # past the capacity: the least recently sent hash (2) is forgotten
     assert table.holders([1, 2], live={"a", "b"}) == {"a", "b"} and table.holders([2], live={"a"}) == set()
     assert rank(["a", "b", "c"], {"b"}, {"a": 0, "b": 3}, max_imbalance=8) == [["b"], ["a", "c"]]
-    assert rank(["a", "b", "c"], {"b"}, {"a": 0, "b": 9}, max_imbalance=8) == [["a", "b", "c"]]
-    assert rank(["a", "b"], set(), {}, max_imbalance=8) == [["a", "b"]]
+    assert rank(["a", "b", "c"], {"b"}, {"a": 0, "b": 9}, max_imbalance=8) == [["a", "c"], ["b"]]
+    assert rank(["a", "b", "c"], set(), {"a": 2}, max_imbalance=8) == [["b", "c"], ["a"]]
 
 
 def test_serve_run_arguments_are_checked_by_lmgen_serves_parser():
