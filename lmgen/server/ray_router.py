@@ -98,7 +98,7 @@ def rank(replicas: Sequence[Replica], holders: set[Replica], loads: Mapping[Repl
          max_imbalance: int) -> list[list[Replica]]:
     """The holders first, unless each has more than `max_imbalance` requests in flight beyond the least busy
     replica; then the others, least busy first (one rank per load)."""
-    least = min(loads.get(r, 0) for r in replicas)
+    least = min((loads.get(r, 0) for r in replicas), default=0)
     preferred = [r for r in replicas if r in holders]
     if not any(loads.get(r, 0) - least <= max_imbalance for r in preferred):
         preferred = []
