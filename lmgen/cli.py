@@ -10,18 +10,23 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from lmgen.distributed.parallel import torchrun_world_size
 from lmgen.errors import InvalidArgumentError, LmgenError
 from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QUANTIZATION_METHODS
 from lmgen.tool_calls import PARSERS as TOOL_CALL_PARSERS
 
+if TYPE_CHECKING:
+    from lmgen.engine.config import EngineConfig
+    from lmgen.server.ray_app import ReplicaOptions
+    from lmgen.server.serving import ServerSettings
+
 logger = logging.getLogger("lmgen")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The modules each optional extra of pyproject.toml brings, by import name.
-EXTRAS = {"server": ("fastapi", "uvicorn", "pydantic", "prometheus_client")}
+EXTRAS = {"server": ("fastapi", "uvicorn", "pydantic", "prometheus_client"), "ray": ("ray",)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -229,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-request-bytes", default=None, metavar="SIZE",
                         help="largest request body, e.g. 1048576 or 64MiB; larger ones get 413 before they are "
                              "read (default: 16MiB)")
+    replicas = serve.add_argument_group("replicas on Ray Serve (pip install 'lmgen[ray]')")
+    replicas.add_argument("--replicas", type=_at_least(1), default=None, metavar="N",
+                          help="serve N engine replicas on Ray Serve behind this one endpoint, each request routed "
+                               "to the replica holding its prompt's beginning, else to the least busy (the Ray "
+                               "cluster $RAY_ADDRESS names, else a new local one; default: no Ray, one engine)")
+    replicas.add_argument("--replica-cpus", type=float, default=1.0, metavar="N",
+                          help="CPU cores Ray reserves for each replica (default 1)")
+    replicas.add_argument("--replica-gpus", type=float, default=0.0, metavar="N",
+                          help="GPUs Ray reserves for each replica (default 0; 1 to give each replica a GPU)")
     add_engine_args(serve)
     serve.set_defaults(run=run_serve)
 
@@ -387,11 +401,24 @@ def require_extra(extra: str, command: str) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     require_extra("server", "lmgen serve")
-    from lmgen.engine.config import EngineConfig, parse_size
+    if args.replicas is not None:
+        require_extra("ray", "lmgen serve --replicas")
+    engine_config, settings, replicas = serve_settings(args)  # bad flags fail here, before listening
+    if replicas is not None:
+        from lmgen.server.ray_app import serve_replicas
+
+        return serve_replicas(engine_config, settings, replicas, host=args.host, port=args.port)
     from lmgen.server.launch import serve
+
+    return serve(engine_config, settings, host=args.host, port=args.port)
+
+
+def serve_settings(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings, ReplicaOptions | None]:
+    """`lmgen serve`'s flags as (EngineConfig, ServerSettings, ReplicaOptions or None without --replicas)."""
+    from lmgen.engine.config import EngineConfig, parse_size
     from lmgen.server.serving import ServerSettings
 
-    config = EngineConfig(model=args.model, **engine_kwargs(args))  # bad flags fail here, before listening
+    config = EngineConfig(model=args.model, **engine_kwargs(args))
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise InvalidArgumentError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     limits = {}
@@ -403,7 +430,12 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("LMGEN_API_KEY"),
                               max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
                               tool_call_parser=args.tool_call_parser, **limits)
-    return serve(config, settings, host=args.host, port=args.port)
+    replicas = None
+    if args.replicas is not None:
+        from lmgen.server.ray_app import ReplicaOptions
+
+        replicas = ReplicaOptions(args.replicas, args.replica_cpus, args.replica_gpus)
+    return config, settings, replicas
 
 
 def run_bench(args: argparse.Namespace) -> int:

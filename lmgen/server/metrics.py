@@ -7,10 +7,12 @@ inter-token latency is the gap between two consecutive tokens of one sequence.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from lmgen.engine.async_engine import EngineStats
 from lmgen.outputs import RequestOutput
@@ -125,3 +127,27 @@ def _status(finish_reasons: set[str]) -> str:
         if status in finish_reasons:
             return status
     return "stop"
+
+
+class _Families:
+    """A collector of metric families read elsewhere (merge_metrics)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def merge_metrics(expositions: Mapping[str, str], label: str) -> bytes:
+    """Several servers' Prometheus text as one exposition: each family once, each sample labelled with
+    `label` = the key of its server (Prometheus sums them with ``sum without (label)``)."""
+    families: dict[str, Metric] = {}
+    for source, text in expositions.items():
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                             family.unit))
+            merged.samples += [sample._replace(labels={label: source, **sample.labels}) for sample in family.samples]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
