@@ -59,7 +59,7 @@ class Engine:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.hf_config.get("dtype") or self.hf_config.get("torch_dtype"), self.device)
         loaded = load_model(checkpoint, self.device, self.dtype, config.max_model_len, config.quant_config(),
-                            config.quantization_group_size is not None)
+                            config.quantization_group_size is not None, gguf_blocks=config.dtype == "auto")
         self.model, self.max_model_len, self.quantization = loaded.model, loaded.max_model_len, loaded.quantization
         speculative = config.speculative_config
         draft = (load_draft_model(speculative, self.tokenizer, self.device, self.dtype, self.max_model_len)

@@ -48,7 +48,7 @@ class GGMLLinear(nn.Module):
         sizes = self.shard_sizes or [self.out_features]
         self.types = list(types)
         stride = max(row_bytes(t, self.in_features) for t in types)
-        self.weight = nn.Parameter(torch.zeros(self.out_features, stride, dtype=torch.uint8,
+        self.weight = nn.Parameter(torch.empty(self.out_features, stride, dtype=torch.uint8,
                                                device=linear.weight.device), requires_grad=False)
         self.layout = torch.tensor(list(zip(types, sizes)), dtype=torch.int64)  # what gemv_blocks reads
         self.bias = linear.bias
