@@ -1,16 +1,17 @@
 // Products with weights kept in a GGUF file's own block formats (llama.cpp's ggml types Q8_0, Q4_0,
 // Q5_0, Q4_K, Q5_K, Q6_K), so that a model runs with exactly the weights llama.cpp runs.
 //
-// Every format is read as sub-blocks of 32 values: signed integer levels q, an integer scale per 16
-// values (the K-quants' sub-block scales; 1 elsewhere), a float scale d and, for Q4_K and Q5_K, an
-// offset m (their sub-block minimum): w = d * s * q - m. The activations are rounded to int8 in
-// blocks of 32 with a scale dx each (as llama.cpp's q8_0; llama.cpp pairs the K-quants with blocks of
-// 256, whose one scale rounds more coarsely), so each sub-block's sum is integer work,
-//   sum_k w_k x_k = d * dx * sum_k s_k q_k xq_k - m * sum_k x_k,
-// |q| times x carrying q's sign in one vpmaddubsw (pairs within int16: |q| <= 128, |xq| <= 127),
-// the integer scales in the vpmaddwd that adds the pairs, then one FMA in float32; the offsets'
-// term takes the exact float sum of x. Decoding a sub-block costs a few instructions per 32 weights,
-// so a product is bound by memory, as the int8 and int4 kernels in cpu.cpp are.
+// A block (32 values; the K-quants' 256) has one float scale d and is read as sub-blocks of 32
+// values: integer levels q, an integer scale s per 16 values (the K-quants' sub-block scales; 1
+// elsewhere) and, for Q4_K and Q5_K, an offset m (their sub-block minimum): w = d * s * q - m. The
+// activations are rounded to int8 with one scale dx per block of the weight's format (as llama.cpp
+// pairs q8_0 with the 32-value formats and q8_K with the K-quants), so a block's sum is integer work,
+//   sum_k w_k x_k = d * dx * sum_k s_k q_k xq_k - sum over sub-blocks of m * sum_k x_k,
+// q times xq in one vpmaddubsw (unsigned times signed: signed levels give their magnitude, x
+// carrying their sign; pairs within int16: |q| <= 128, |xq| <= 127), the integer scales in the
+// vpmaddwd that adds the pairs, int32 sums over the block, then one FMA in float32; the offsets' term
+// takes the sums of the rounded x per 32 (as llama.cpp's bsums), so that a product is exactly the
+// dequantized weight's with the rounded x. Decoding costs a few instructions per 32 weights.
 
 #include "ggml_blocks.h"
 
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace lmgen {
@@ -64,46 +66,51 @@ inline __m256i bits_as_16s(uint32_t bits) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(16));
 }
 
-// The K-quants' 6-bit scale and minimum of sub-block j (of 8), packed into 12 bytes.
-inline void scale_and_min(const uint8_t* s, int j, int16_t& scale, int16_t& min) {
-  if (j < 4) {
-    scale = s[j] & 63;
-    min = s[j + 4] & 63;
-  } else {
-    scale = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-    min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+// The K-quants' 6-bit scales and minimums of the 8 sub-blocks, packed into 12 bytes: sub-blocks 0-3's
+// in the low 6 bits of bytes 0-3 and 4-7, sub-blocks 4-7's low 4 bits in bytes 8-11 (scale low
+// nibble, minimum high) and their top 2 bits in the top bits of bytes 0-3 and 4-7. Unpacked once per
+// block, all at once: per sub-block, with the sub-block a variable, it was the kernel's bottleneck.
+inline void scales_and_mins(const uint8_t* s, int16_t scale[8], int16_t min[8]) {
+  for (int j = 0; j < 4; ++j) {
+    scale[j] = s[j] & 63;
+    min[j] = s[j + 4] & 63;
+    scale[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+    min[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
   }
 }
 
-// Each format: its block's values and bytes, and sub_blocks(block, f), which calls
-// f(sub-block index, q, integer scales, d, m) for each sub-block of 32 values in order.
+// Each format: its block's values and bytes, whether its levels are unsigned and it has offsets,
+// scale(block): d, and sub_blocks(block, f), which calls f(sub-block index, q, integer scales, m)
+// for each sub-block of 32 values in order.
 struct Q8_0 {
   static constexpr int64_t kValues = 32, kBytes = 34;
-  static constexpr bool kOffset = false;
+  static constexpr bool kUnsigned = false, kOffset = false;
+  static float scale(const uint8_t* b) { return half_at(b); }
   template <typename F>
   static void sub_blocks(const uint8_t* b, F&& f) {
-    f(0, load32(b + 2), scales16(1, 1), half_at(b), 0.0f);
+    f(0, load32(b + 2), scales16(1, 1), 0.0f);
   }
 };
 
 struct Q4_0 {
   static constexpr int64_t kValues = 32, kBytes = 18;
-  static constexpr bool kOffset = false;
+  static constexpr bool kUnsigned = true, kOffset = true;  // w = d * (q - 8): levels q, offset 8 d
+  static float scale(const uint8_t* b) { return half_at(b); }
   template <typename F>
   static void sub_blocks(const uint8_t* b, F&& f) {
-    f(0, _mm256_sub_epi8(split_nibbles(b + 2), _mm256_set1_epi8(8)), scales16(1, 1), half_at(b), 0.0f);
+    f(0, split_nibbles(b + 2), scales16(1, 1), 8.0f * half_at(b));
   }
 };
 
 struct Q5_0 {
   static constexpr int64_t kValues = 32, kBytes = 22;
-  static constexpr bool kOffset = false;
+  static constexpr bool kUnsigned = true, kOffset = true;  // w = d * (q - 16): levels q, offset 16 d
+  static float scale(const uint8_t* b) { return half_at(b); }
   template <typename F>
   static void sub_blocks(const uint8_t* b, F&& f) {
     uint32_t fifth;
     std::memcpy(&fifth, b + 2, sizeof fifth);
-    const __m256i q = _mm256_or_si256(split_nibbles(b + 6), bits_as_16s(fifth));
-    f(0, _mm256_sub_epi8(q, _mm256_set1_epi8(16)), scales16(1, 1), half_at(b), 0.0f);
+    f(0, _mm256_or_si256(split_nibbles(b + 6), bits_as_16s(fifth)), scales16(1, 1), 16.0f * half_at(b));
   }
 };
 
@@ -112,21 +119,22 @@ struct Q5_0 {
 template <bool kFifthBit>
 struct QK_Nibbles {
   static constexpr int64_t kValues = 256, kBytes = kFifthBit ? 176 : 144;
-  static constexpr bool kOffset = true;
+  static constexpr bool kUnsigned = true, kOffset = true;
+  static float scale(const uint8_t* b) { return half_at(b); }
   template <typename F>
   static void sub_blocks(const uint8_t* b, F&& f) {
-    const float d = half_at(b), dmin = half_at(b + 2);
+    const float dmin = half_at(b + 2);
     const uint8_t* levels = b + (kFifthBit ? 48 : 16);
     const __m256i fifth = kFifthBit ? load32(b + 16) : _mm256_setzero_si256();
+    int16_t scale[8], min[8];
+    scales_and_mins(b + 4, scale, min);
     for (int j = 0; j < 4; ++j) {
       const __m256i v = load32(levels + 32 * j);
       __m256i q[2] = {low_nibbles(v), high_nibbles(v)};
       for (int h = 0; h < 2; ++h) {
         const int sub = 2 * j + h;
         if constexpr (kFifthBit) q[h] = _mm256_or_si256(q[h], high_bits(fifth, sub, 1));
-        int16_t scale, min;
-        scale_and_min(b + 4, sub, scale, min);
-        f(sub, q[h], scales16(scale, scale), d, dmin * min);
+        f(sub, q[h], _mm256_set1_epi16(scale[sub]), dmin * min[sub]);
       }
     }
   }
@@ -139,10 +147,10 @@ using Q5_K = QK_Nibbles<true>;
 // nibbles 2 and 3; the high pairs' byte l holds bits 0-1, 2-3, 4-5, 6-7 of sub-blocks 0-3's value l.
 struct Q6_K {
   static constexpr int64_t kValues = 256, kBytes = 210;
-  static constexpr bool kOffset = false;
+  static constexpr bool kUnsigned = false, kOffset = false;
+  static float scale(const uint8_t* b) { return half_at(b + 208); }
   template <typename F>
   static void sub_blocks(const uint8_t* b, F&& f) {
-    const float d = half_at(b + 208);
     const auto* scales = reinterpret_cast<const int8_t*>(b + 192);
     for (int half = 0; half < 2; ++half) {
       const uint8_t* low = b + 64 * half;
@@ -151,7 +159,7 @@ struct Q6_K {
       for (int t = 0; t < 4; ++t) {
         const __m256i q = _mm256_sub_epi8(_mm256_or_si256(nibbles[t], high_bits(pairs, 2 * t, 3)), _mm256_set1_epi8(32));
         const int8_t* s = scales + 8 * half + 2 * t;
-        f(4 * half + t, q, scales16(s[0], s[1]), d, 0.0f);
+        f(4 * half + t, q, scales16(s[0], s[1]), 0.0f);
       }
     }
   }
@@ -170,27 +178,29 @@ void with_format(int64_t type, F&& body) {
   }
 }
 
-// Activation rows [M, K] in blocks of 32: int8 values, each block's scale and exact float sum.
+// Activation rows [M, K] rounded to int8 in blocks of `block` values: a scale per block, and the sum
+// of every 32 rounded values, scaled (the offsets' term).
 struct QuantizedRows {
-  int64_t K;
+  int64_t K, block;
   std::vector<int8_t> values;
   std::vector<float> scales, sums;
 };
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
-  const int64_t groups = M * K / kSub;
-  QuantizedRows q{K, std::vector<int8_t>(M * K), std::vector<float>(groups), std::vector<float>(groups)};
-  for (int64_t g = 0; g < groups; ++g) {
-    const float* v = x + g * kSub;
-    float top = 0.0f, sum = 0.0f;
-    for (int64_t i = 0; i < kSub; ++i) {
-      top = std::max(top, std::fabs(v[i]));
-      sum += v[i];
-    }
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t block) {
+  QuantizedRows q{K, block, std::vector<int8_t>(M * K), std::vector<float>(M * K / block),
+                  std::vector<float>(M * K / kSub)};
+  for (int64_t b = 0; b < M * K / block; ++b) {
+    const float* v = x + b * block;
+    float top = 0.0f;
+    for (int64_t i = 0; i < block; ++i) top = std::max(top, std::fabs(v[i]));
     const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
-    for (int64_t i = 0; i < kSub; ++i) q.values[g * kSub + i] = static_cast<int8_t>(std::nearbyint(v[i] * inverse));
-    q.scales[g] = top / 127.0f;
-    q.sums[g] = sum;
+    for (int64_t i = 0; i < block; ++i) q.values[b * block + i] = static_cast<int8_t>(std::nearbyint(v[i] * inverse));
+    q.scales[b] = top / 127.0f;
+  }
+  for (int64_t g = 0; g < M * K / kSub; ++g) {
+    int32_t sum = 0;
+    for (int64_t i = 0; i < kSub; ++i) sum += q.values[g * kSub + i];
+    q.sums[g] = q.scales[g * kSub / block] * static_cast<float>(sum);
   }
   return q;
 }
@@ -201,12 +211,12 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// y[m * ldy] = weight row . x row m, for the R activation rows from m0.
+// y[m * ldy] = weight row . x row m, for the R activation rows from m0 (x in blocks of T::kValues).
 template <typename T, int R>
 void dot_row(const uint8_t* row, const QuantizedRows& x, int64_t m0, float* y, int64_t ldy) {
   const int64_t K = x.K, groups = K / kSub, blocks = K / T::kValues;
   const int8_t* xq = x.values.data() + m0 * K;
-  const float* dx = x.scales.data() + m0 * groups;
+  const float* dx = x.scales.data() + m0 * blocks;
   const float* sums = x.sums.data() + m0 * groups;
   __m256 acc[R];
   float offsets[R];
@@ -214,16 +224,21 @@ void dot_row(const uint8_t* row, const QuantizedRows& x, int64_t m0, float* y, i
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* block = row + b * T::kBytes;
     _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);
-    T::sub_blocks(block, [&](int sub, __m256i q, __m256i scales, float d, float m) {
+    __m256i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+    T::sub_blocks(block, [&](int sub, __m256i q, __m256i scales, float m) {
       const int64_t g = b * (T::kValues / kSub) + sub;
-      const __m256i magnitude = _mm256_sign_epi8(q, q);
+      const __m256i magnitude = T::kUnsigned ? q : _mm256_sign_epi8(q, q);
       for (int r = 0; r < R; ++r) {
         const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + g * kSub));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xr, q)), scales);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[r * groups + g]), acc[r]);
+        const __m256i signed_x = T::kUnsigned ? xr : _mm256_sign_epi8(xr, q);
+        sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_x), scales));
         if constexpr (T::kOffset) offsets[r] += m * sums[r * groups + g];
       }
     });
+    const float d = T::scale(block);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx[r * blocks + b]), acc[r]);
   }
   for (int r = 0; r < R; ++r) y[r * ldy] = horizontal_sum(acc[r]) - offsets[r];
 }
@@ -263,7 +278,9 @@ at::Tensor dequantize_blocks(const at::Tensor& blocks, int64_t type, int64_t K) 
       alignas(32) int16_t s[16];
       for (int64_t n = n0; n < n1; ++n) {
         for (int64_t b = 0; b < K / T::kValues; ++b) {
-          T::sub_blocks(bp + n * stride + b * T::kBytes, [&](int sub, __m256i levels, __m256i scales, float d, float m) {
+          const uint8_t* block = bp + n * stride + b * T::kBytes;
+          const float d = T::scale(block);
+          T::sub_blocks(block, [&](int sub, __m256i levels, __m256i scales, float m) {
             _mm256_store_si256(reinterpret_cast<__m256i*>(q), levels);
             _mm256_store_si256(reinterpret_cast<__m256i*>(s), scales);
             float* w = op + n * K + b * T::kValues + sub * kSub;
@@ -285,7 +302,7 @@ at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& blocks, const at::
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0), stride = blocks.size(1);
   TORCH_CHECK(K % kSub == 0, "gemv_blocks: in_features must be a multiple of 32, got ", K);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const QuantizedRows xq = quantize_rows(xf.data_ptr<float>(), M, K);
+  std::optional<QuantizedRows> by_block[2];  // x in blocks of 32 and of 256, made when a part needs them
   at::Tensor y = at::empty({M, N}, xf.options());
   float* yp = y.data_ptr<float>();
   const int64_t* parts = layout.data_ptr<int64_t>();
@@ -296,9 +313,10 @@ at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& blocks, const at::
     check_blocks(blocks, type, K, "gemv_blocks");
     const uint8_t* part = blocks.data_ptr<uint8_t>() + first * stride;
     with_format(type, [&](auto format) {
-      parallel_output_rows(rows, [&](int64_t n0, int64_t n1) {
-        product_rows<decltype(format)>(part, stride, xq, M, n0, n1, yp + first, N);
-      });
+      using T = decltype(format);
+      std::optional<QuantizedRows>& xq = by_block[T::kValues == 256];
+      if (!xq) xq = quantize_rows(xf.data_ptr<float>(), M, K, T::kValues);
+      parallel_output_rows(rows, [&](int64_t n0, int64_t n1) { product_rows<T>(part, stride, *xq, M, n0, n1, yp + first, N); });
     });
     first += rows;
   }
