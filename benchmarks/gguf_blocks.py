@@ -6,12 +6,16 @@
     python benchmarks/gguf_blocks.py --repeats 5 --new-tokens 64
 
     python benchmarks/gguf_blocks.py --perplexity docs/architecture.md --max-chars 16000
+    python benchmarks/gguf_blocks.py --products      # one product per block format of the file
 
 Figures: decode tokens/s at batch 1 (a 32-token prompt, --new-tokens greedy tokens, no EOS stop) and
 prefill tokens/s of one 512-token prompt (time to the first token), each system on THREADS threads;
 the same random token-id prompts for all three. Also each system's greedy tokens for a text prompt.
 With --perplexity: ``lmgen perplexity``'s figure (lmgen.perplexity, windows of 512 tokens 512 apart) for
 lmgen on the blocks and for llama.cpp scoring the same token ids in the same windows.
+With --products: a one-row product with one tensor of each block format in the file (its blocks,
+and the same tensor dequantized to bfloat16 on lmgen's float kernel), in CPU seconds of one thread
+(process time: on a shared host, less disturbed by the other processes than wall time).
 """
 
 from __future__ import annotations
@@ -51,6 +55,43 @@ def llama_perplexity(llama, ids: list[int], context: int, stride: int) -> float:
     return math.exp(total / scored)
 
 
+def product_costs(file: Path, calls: int = 200) -> None:
+    import time
+
+    import torch
+
+    from lmgen import kernels
+    from lmgen.layers.ggml import BLOCK_FORMATS, row_bytes
+    from lmgen.loader.gguf import GGUFCheckpoint, GGUFTensor
+
+    kernels.load()
+    torch.set_num_threads(1)
+    checkpoint = GGUFCheckpoint.open(file)
+    chosen = {}  # ggml type -> the first 2-D tensor of that type (not the 136M-value head or embedding)
+    for info in checkpoint.tensors.values():
+        if info.ggml_type in BLOCK_FORMATS and len(info.shape) == 2 and info.shape[0] < 100_000:
+            chosen.setdefault(info.ggml_type, info)
+
+    def cpu_seconds(product) -> float:
+        product()
+        started = time.process_time()
+        for _ in range(calls):
+            product()
+        return (time.process_time() - started) / calls
+
+    for ggml_type, info in sorted(chosen.items()):
+        rows, columns = info.shape
+        blocks = GGUFTensor(checkpoint._buffer, info, torch.float32, row_stride=row_bytes(ggml_type, columns)).load()
+        dense = torch.ops.lmgen.dequantize_blocks(blocks, ggml_type, columns).bfloat16()
+        layout, x = torch.tensor([[ggml_type, rows]]), torch.randn(1, columns)
+        ours = cpu_seconds(lambda: torch.ops.lmgen.gemv_blocks(x, blocks, layout))
+        bf16 = cpu_seconds(lambda: torch.ops.lmgen.gemv(x, dense))
+        print(json.dumps({"tensor": info.name, "type": ggml_type, "shape": [rows, columns],
+                          "blocks_us": round(ours * 1e6), "bfloat16_us": round(bf16 * 1e6),
+                          "blocks_GB_s": round(blocks.numel() / ours / 1e9, 1),
+                          "bfloat16_GB_s": round(dense.numel() * 2 / bf16 / 1e9, 1)}))
+
+
 def compare_perplexity(file: Path, text: str, context: int = 512) -> None:
     blocks = LLM(str(file), kv_cache_memory="256MiB")
     ours = perplexity(blocks, text, context, context)
@@ -67,8 +108,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--perplexity", type=Path, default=None, help="a UTF-8 text file: perplexity only")
     parser.add_argument("--max-chars", type=int, default=16000, help="of the perplexity text")
+    parser.add_argument("--products", action="store_true", help="one product per block format only")
     args = parser.parse_args()
     file = gguf_file()
+    if args.products:
+        product_costs(file)
+        return
     if args.perplexity:
         compare_perplexity(file, args.perplexity.read_text()[:args.max_chars])
         return

@@ -274,7 +274,7 @@ class GGUFTensor:
         return (self.info.shape[0], self.row_stride) if self.row_stride else self.info.shape
 
     def load(self) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype)
+        out = torch.empty(self.shape, dtype=torch.uint8 if self.row_stride else self.dtype)
         self.load_into(out)
         return out
 
