@@ -3,7 +3,8 @@
 A Q4_K_M or Q8_0 file runs with exactly the weights llama.cpp runs: loading copies each
 tensor's blocks from the file as they are (``GGMLLinear.weight``, uint8 [out, bytes per row]),
 and lmgen's kernels (``kernels/ggml_blocks.cpp``) read them in products of a few rows (decode),
-rounding the activations to int8 in blocks of 32 as llama.cpp does. Products of more rows
+rounding the activations to int8 per block of the format (32 values; 256 for the K-quants) as
+llama.cpp does. Products of more rows
 (prefill) dequantize the weight a tile of rows at a time for a float32 GEMM. Without lmgen's
 kernels (no compiler, ``LMGEN_CPU_KERNELS=0``, a GPU) or when the caller asks for a dtype or a
 quantization, the GGUF loader dequantizes every tensor instead (lmgen/loader/gguf.py).

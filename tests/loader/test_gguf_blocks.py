@@ -47,7 +47,7 @@ def _outputs(llm: LLM) -> list[tuple[list[int], list]]:
 
 
 def test_blocks_generate_what_the_dequantized_file_generates(mixed_file):
-    """The kernels multiply the same weights with activations rounded to int8 per 32 values (as llama.cpp):
+    """The kernels multiply the same weights with activations rounded to int8 per block (as llama.cpp):
     the same greedy tokens, and log-probabilities within 0.05 of the float32 product's."""
     native = LLM(str(mixed_file), kv_cache_memory="16MiB")
     layer = native.engine.model.model.layers[0]
