@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmgen import kernels
-from lmgen.layers.linear import FusedLinear, KernelOperands, Linear
+from lmgen.layers.linear import Embedding, FusedLinear, KernelOperands, Linear
 
 #: ggml type -> (values, bytes) of its block: the types lmgen's kernels read (gguf's GGML_QUANT_SIZES)
 BLOCK_FORMATS = {8: (32, 34), 2: (32, 18), 6: (32, 22), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
@@ -42,9 +42,9 @@ def readable(ggml_type: int, in_features: int) -> bool:
 class GGMLLinear(nn.Module):
     """A linear layer over GGUF blocks: one ggml type per part (a fused layer's shards, else one)."""
 
-    def __init__(self, linear: Linear, types: list[int]) -> None:
+    def __init__(self, linear: Linear | Embedding, types: list[int]) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = linear.weight.shape
         self.shard_sizes = getattr(linear, "shard_sizes", None)  # the loader fills a fused layer's shards
         sizes = self.shard_sizes or [self.out_features]
         self.types = list(types)
@@ -52,7 +52,7 @@ class GGMLLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features, stride, dtype=torch.uint8,
                                                device=linear.weight.device), requires_grad=False)
         self.layout = torch.tensor(list(zip(types, sizes)), dtype=torch.int64)  # what gemv_blocks reads
-        self.bias = linear.bias
+        self.bias = getattr(linear, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -88,6 +88,23 @@ class GGMLLinear(nn.Module):
         return list(zip(self.weight.split(self.layout[:, 1].tolist()), self.types))
 
 
+class GGMLEmbedding(GGMLLinear):
+    """An embedding table kept as blocks: the rows looked up are dequantized; as a tied LM head
+    (``unembed``) it is a GGMLLinear."""
+
+    def __init__(self, embedding: Embedding, ggml_type: int) -> None:
+        super().__init__(embedding, [ggml_type])
+        self.out_dtype = embedding.weight.dtype  # the model's activations
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.lmgen.dequantize_blocks(self.weight[ids.reshape(-1)], self.types[0], self.in_features)
+        return rows.to(self.out_dtype).view(*ids.shape, self.in_features)
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] -> logits [T, vocab] (the tied LM head)."""
+        return GGMLLinear.forward(self, hidden)
+
+
 def prepare_ggml(model: nn.Module, types: dict[str, int]) -> dict[str, int]:
     """Swap each linear whose file tensors (lmgen name -> ggml type in `types`) lmgen's kernels all read
     for a GGMLLinear; the others load dequantized. Returns the swapped tensors' row strides in bytes
@@ -97,7 +114,12 @@ def prepare_ggml(model: nn.Module, types: dict[str, int]) -> dict[str, int]:
         fused.setdefault(module, {})[shard] = part
     strides = {}
     for name, module in list(model.named_modules()):
-        if type(module) not in (Linear, FusedLinear):  # not an expert stack, an embedding, ...
+        if type(module) is Embedding and readable(types.get(f"{name}.weight", -1), module.weight.shape[1]):
+            swapped = GGMLEmbedding(module, types[f"{name}.weight"])
+            model.set_submodule(name, swapped)
+            strides[f"{name}.weight"] = swapped.weight.shape[1]
+            continue
+        if type(module) not in (Linear, FusedLinear):  # not an expert stack, ...
             continue
         parent, _, leaf = name.rpartition(".")
         shards = fused.get(leaf)

@@ -11,7 +11,7 @@ from checkpoints import build_checkpoint
 import gguf_files
 from gguf_files import write_gguf
 from lmgen import LLM, SamplingParams
-from lmgen.layers.ggml import GGMLLinear
+from lmgen.layers.ggml import GGMLEmbedding, GGMLLinear
 from lmgen.layers.linear import FusedLinear, Linear
 from lmgen.loader import model as loader_model
 from lmgen.models.transformer import TransformerForCausalLM
@@ -54,6 +54,7 @@ def test_blocks_generate_what_the_dequantized_file_generates(mixed_file):
     assert isinstance(layer.self_attn.qkv_proj, GGMLLinear) and layer.self_attn.qkv_proj.types == [12, 13, 14]
     assert isinstance(layer.mlp.down_proj, GGMLLinear)
     assert type(native.engine.model.lm_head) is Linear  # F16: dequantized
+    assert isinstance(native.engine.model.model.embed_tokens, GGMLEmbedding)  # rows dequantized when looked up
     dequantized = LLM(str(mixed_file), dtype="float32", kv_cache_memory="16MiB")
     assert type(dequantized.engine.model.model.layers[0].self_attn.qkv_proj) is FusedLinear
     for (tokens, logprobs), (tokens_f, logprobs_f) in zip(_outputs(native), _outputs(dequantized)):
