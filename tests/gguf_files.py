@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 
 PERMUTED = ("llama", "granite", "smollm3")  # llama.cpp's LlamaModel and its subclasses
 NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE = 1, 2, 3, 5, 6
-K_QUANTS = (Q.Q4_K, Q.Q6_K)
+K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+#: the range of random K-quant blocks' f16 scales d (and dmin)
+K_SCALES = (0.002, 0.02)
 
 
 def float32(name: str, array: np.ndarray) -> Q:
@@ -168,8 +170,9 @@ def random_k_blocks(shape: tuple[int, ...], kind: Q, rng: np.random.Generator) -
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[kind]
     rows, blocks = math.prod(shape[:-1]), shape[-1] // block_size
     data = rng.integers(0, 256, (rows, blocks, block_bytes), dtype=np.uint8)
-    scales = rng.uniform(0.002, 0.02, (rows, blocks, 2 if kind == Q.Q4_K else 1)).astype("<f2").view(np.uint8)
-    if kind == Q.Q4_K:  # d and dmin lead the block
+    with_min = kind in (Q.Q4_K, Q.Q5_K)
+    scales = rng.uniform(*K_SCALES, (rows, blocks, 2 if with_min else 1)).astype("<f2").view(np.uint8)
+    if with_min:  # d and dmin lead the block
         data[..., :4] = scales
     else:  # Q6_K: d ends it
         data[..., -2:] = scales

@@ -1,4 +1,4 @@
-"""lmgen's own CPU kernels (cpu.cpp): products of a few rows that read weights at DRAM speed,
+"""lmgen's own CPU kernels (cpu.cpp; ggml_blocks.cpp for GGUF's block formats): products of a few rows that read weights at DRAM speed,
 decode attention over the paged cache, and the layers' small elementwise steps.
 
 Batch-1 decode reads every weight once per token, and PyTorch's one-row CPU products
@@ -31,7 +31,10 @@ import torch.utils.cpp_extension
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu.cpp")
+_HERE = Path(__file__).parent
+#: compiled together into one library (ggml_blocks.cpp: products with GGUF's block formats)
+_SOURCES = [_HERE / "cpu.cpp", _HERE / "ggml_blocks.cpp"]
+_HEADERS = [_HERE / "ggml_blocks.h"]
 # -ffp-contract=off: a * b + c rounds the product as written (as PyTorch's elementwise ops
 # do), never fused into one FMA behind the source's back; the kernels ask for FMAs explicitly.
 _FLAGS = ["-O3", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC",
@@ -112,8 +115,8 @@ def _load_library() -> bool:
 def _built_library() -> Path:
     """The compiled kernels, built now if this machine has not built this source yet."""
     compiler = _compiler()
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), compiler.encode(),
+    sources = [path.read_bytes() for path in _SOURCES + _HEADERS]
+    key = hashlib.sha256(b"\0".join([*sources, torch.__version__.encode(), compiler.encode(),
                                      " ".join(_FLAGS).encode(), sys.version.encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("LMGEN_CACHE", Path.home() / ".cache" / "lmgen")) / "kernels"
     library = cache / f"cpu-{key}.so"
@@ -127,7 +130,7 @@ def _built_library() -> Path:
     logger.warning("building lmgen's CPU kernels for this machine (once, about 30 s on 2 cores)")
     with tempfile.TemporaryDirectory(dir=cache) as scratch:  # then a rename: concurrent builds stay whole
         partial = Path(scratch) / library.name
-        subprocess.run([compiler, *_FLAGS, *includes, str(_SOURCE), "-o", str(partial), f"-L{torch_lib}",
+        subprocess.run([compiler, *_FLAGS, *includes, *map(str, _SOURCES), "-o", str(partial), f"-L{torch_lib}",
                         f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"],
                        check=True, capture_output=True, text=True)
         partial.replace(library)
@@ -140,7 +143,7 @@ def _register_shapes() -> None:
     def rows_by_outputs(x: torch.Tensor, w: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
 
-    for name in ("gemv", "gemv_int8", "gemv_int4"):
+    for name in ("gemv", "gemv_int8", "gemv_int4", "gemv_blocks"):
         torch.library.register_fake(f"lmgen::{name}")(rows_by_outputs)
     for name in ("decode_attention", "norm", "rotary"):
         torch.library.register_fake(f"lmgen::{name}")(lambda x, *_: x.new_empty(x.shape))
@@ -150,3 +153,5 @@ def _register_shapes() -> None:
     torch.library.register_fake("lmgen::dequantize_int8")(lambda w, _: w.new_empty(w.shape, dtype=torch.float32))
     torch.library.register_fake("lmgen::dequantize_int4")(
         lambda w, *_: w.new_empty(w.shape[0], 2 * w.shape[1], dtype=torch.float32))
+    torch.library.register_fake("lmgen::dequantize_blocks")(
+        lambda w, _, in_features: w.new_empty(w.shape[0], in_features, dtype=torch.float32))

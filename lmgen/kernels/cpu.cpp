@@ -48,6 +48,8 @@
 #include <cstring>
 #include <vector>
 
+#include "ggml_blocks.h"
+
 namespace {
 
 constexpr int64_t kRowsPerBlock = 4;  // activation rows multiplied per pass over a weight row
@@ -1195,7 +1197,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 // class, so that a step passes one handle: converting the ~540 tensors from Python took ~110 us a
 // call): the model's settings by name, then each layer's tensors by name (add_layer). Names that
 // are missing or unknown are errors, so that a model and these kernels cannot disagree silently.
-struct LinearOperands {  // float weights have no scales; int8 has scales; int4 scales and zeros
+// float weights have no scales; int8 has scales; int4 scales and zeros; GGUF blocks (uint8, no zeros)
+// their layout in place of scales (ggml_blocks.h)
+struct LinearOperands {
   at::Tensor weight;
   std::optional<at::Tensor> scales, zeros, bias;
 };
@@ -1363,9 +1367,10 @@ void rotate_into_cache(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 at::Tensor product(const at::Tensor& x, const LinearOperands& linear) {
-  at::Tensor y = linear.zeros    ? gemv_int4(x, linear.weight, *linear.scales, *linear.zeros)
-                 : linear.scales ? gemv_int8(x, linear.weight, *linear.scales)
-                                 : gemv(x, linear.weight);
+  at::Tensor y = linear.zeros                               ? gemv_int4(x, linear.weight, *linear.scales, *linear.zeros)
+                 : linear.weight.scalar_type() == at::kByte ? lmgen::gemv_blocks(x, linear.weight, *linear.scales)
+                 : linear.scales                            ? gemv_int8(x, linear.weight, *linear.scales)
+                                                            : gemv(x, linear.weight);
   return linear.bias ? y.add(*linear.bias) : y;
 }
 
@@ -1484,6 +1489,10 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(const at::Tensor& x, const std:
 }
 
 }  // namespace
+
+void lmgen::parallel_output_rows(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+  for_each_output_range(n, 1, body);
+}
 
 TORCH_LIBRARY(lmgen, m) {
   m.def("gemv(Tensor x, Tensor w) -> Tensor");

@@ -190,15 +190,22 @@ class GGUFCheckpoint:
         ends = [i for i in (meta.token_id("eos"), meta.token_id("eot"), meta.token_id("eom")) if i is not None]
         return {"bos_token_id": meta.token_id("bos"), "eos_token_id": list(dict.fromkeys(ends)) or None}
 
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, "GGUFTensor"]]:
-        """Each weight under lmgen's name (llama.cpp's layouts undone), read as `dtype` when loaded."""
-        family, config = self.family(), self.hf_config()
+    def weights(self, dtype: torch.dtype, blocks: dict[str, int] | None = None) -> Iterator[tuple[str, "GGUFTensor"]]:
+        """Each weight under lmgen's name (llama.cpp's layouts undone), read as `dtype` when loaded; those
+        named in `blocks` (lmgen name -> row stride in bytes) read as their blocks, not dequantized."""
+        family, config, blocks = self.family(), self.hf_config(), blocks or {}
         for info in self.tensors.values():
             if info.name in CONFIG_TENSORS:
                 continue
+            name = lmgen_name(info.name, family)
             shift = family.norm_shift if info.name.endswith("norm.weight") else 0.0
-            yield lmgen_name(info.name, family), GGUFTensor(self._buffer, info, dtype,
-                                                            *_permuted_rows(info, family, config), shift)
+            yield name, GGUFTensor(self._buffer, info, dtype, *_permuted_rows(info, family, config), shift,
+                                   blocks.get(name, 0))
+
+    def matrix_types(self) -> dict[str, int]:
+        """The ggml type of each matrix, by lmgen's name."""
+        family = self.family()
+        return {lmgen_name(info.name, family): info.ggml_type for info in self.tensors.values() if len(info.shape) == 2}
 
     def read_floats(self, name: str) -> list[float]:
         """A small tensor's values (rope factors the config needs)."""
@@ -250,6 +257,8 @@ class GGUFTensor:
 
     `row_source[r]` is the stored row that row r is (llama.cpp's q/k permutation undone: it moves rows
     within a head, `head_rows` rows); `shift` is added to every value (Gemma's norms are stored as 1 + w).
+    With a `row_stride`, a matrix is read as its blocks, each row's bytes as stored and zeros after them
+    up to `row_stride` bytes (lmgen.layers.ggml.GGMLLinear), not dequantized.
     """
 
     buffer: mmap.mmap
@@ -258,13 +267,14 @@ class GGUFTensor:
     row_source: torch.Tensor | None = None
     head_rows: int = 1
     shift: float = 0.0
+    row_stride: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.info.shape
+        return (self.info.shape[0], self.row_stride) if self.row_stride else self.info.shape
 
     def load(self) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype)
+        out = torch.empty(self.shape, dtype=torch.uint8 if self.row_stride else self.dtype)
         self.load_into(out)
         return out
 
@@ -274,8 +284,10 @@ class GGUFTensor:
             raise UnsupportedModelError(f"GGUF tensor {self.info.name} of shape {list(self.shape)} does not fit "
                                         f"parameter of shape {list(dest.shape)}")
         rows = dest.view(self.shape[0], -1)  # a 1-D tensor: one value per row
+        if self.row_stride:
+            rows[:, self.info.nbytes // self.shape[0]:] = 0
         for first, values in self._rows(max(1, _CHUNK_VALUES // rows.shape[1])):
-            rows[first:first + len(values)].copy_(values)
+            rows[first:first + len(values), :values.shape[1]].copy_(values)
 
     def row_chunks(self, rows: int) -> Iterator[torch.Tensor]:
         """The tensor about `rows` rows at a time, in `dtype` (quantizing while loading holds no whole copy)."""
@@ -307,7 +319,9 @@ class GGUFTensor:
         """The values of the `rows` file rows stored at bytes [start, start + nbytes), flat."""
         raw = np.frombuffer(self.buffer, np.uint8, nbytes, start).reshape(rows, -1)
         float_type = _FLOAT_TYPES.get(self.info.ggml_type)
-        if float_type is not None:  # stored as values: reinterpreted, copied out of the read-only mapping
+        if self.row_stride:  # the blocks as stored, copied out of the read-only mapping
+            values = torch.from_numpy(raw.copy())
+        elif float_type is not None:  # stored as values: reinterpreted, copied out of the read-only mapping
             values = torch.from_numpy(raw.copy()).view(float_type)
         else:
             values = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(self.info.ggml_type)))

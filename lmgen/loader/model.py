@@ -17,6 +17,7 @@ import torch
 from lmgen import kernels
 from lmgen.errors import InsufficientMemoryError
 from lmgen.huge_pages import place_weights_in_huge_pages
+from lmgen.layers.ggml import prepare_ggml
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
 from lmgen.loader.checkpoint import is_gguf_file, iter_tensors, load_weights, read_json
 from lmgen.loader.gguf import GGUFCheckpoint
@@ -65,12 +66,15 @@ class LoadedModel:
 
 def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, max_model_len: int | None = None,
                quantization: QuantConfig | None = None, group_size_given: bool = False,
-               shard: Shard | None = None) -> LoadedModel:
+               shard: Shard | None = None, gguf_blocks: bool = False) -> LoadedModel:
     """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors or GGUF tensors.
 
     `quantization` asks for int8/int4 (a checkpoint saved quantized loads as it is saved, and may only
     be asked for the same); `max_model_len` defaults to the checkpoint's context length. With `shard`,
-    the model is one rank's share under tensor parallelism (lmgen/distributed/sharding.py).
+    the model is one rank's share under tensor parallelism (lmgen/distributed/sharding.py). With
+    `gguf_blocks`, a GGUF file's linears whose block formats lmgen's CPU kernels read keep them
+    (lmgen.layers.ggml), where those kernels run and no quantization is asked for; else every tensor
+    is dequantized to `dtype`.
     """
     cls = model_class(checkpoint.hf_config)
     spec = cls.spec_from_config(checkpoint.hf_config)
@@ -82,7 +86,10 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     with build_context(device, dtype):
         model = cls(rank_spec, max_model_len)
     check_contract(model)
-    tensors = _tensors(checkpoint, cls, dtype, saved is not None)
+    blocks = {}
+    if gguf_blocks and checkpoint.gguf is not None and quantization is None and device.type == "cpu" and kernels.load():
+        blocks = prepare_ggml(model, checkpoint.gguf.matrix_types())
+    tensors = _tensors(checkpoint, cls, dtype, saved is not None, blocks)
     if quantization is not None:
         prepare_quantized(model, quantization)
         if saved is None:  # quantize each float tensor as it is read (whole: each rank then cuts its part)
@@ -99,10 +106,12 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     return LoadedModel(model.eval(), max_model_len, quantization)
 
 
-def _tensors(checkpoint: Checkpoint, cls: type, dtype: torch.dtype, saved_quantized: bool) -> Iterable[tuple[str, object]]:
-    """The checkpoint's tensors under lmgen's names (lmgen's quantized checkpoints hold them already)."""
+def _tensors(checkpoint: Checkpoint, cls: type, dtype: torch.dtype, saved_quantized: bool,
+             gguf_blocks: dict[str, int]) -> Iterable[tuple[str, object]]:
+    """The checkpoint's tensors under lmgen's names (lmgen's quantized checkpoints hold them already; a GGUF
+    file's named in `gguf_blocks` are read as their blocks)."""
     if checkpoint.gguf is not None:
-        return checkpoint.gguf.weights(dtype)
+        return checkpoint.gguf.weights(dtype, gguf_blocks)
     tensors = iter_tensors(checkpoint.path)
     return tensors if saved_quantized else cls.checkpoint_tensors(tensors)
 

@@ -193,7 +193,7 @@ def test_a_source_that_does_not_compile_is_a_build_failure_with_the_compilers_me
     """What the cpu_kernels fixture fails the kernel tests on, rather than skipping them."""
     broken = tmp_path / "cpu.cpp"
     broken.write_text('#error "a deliberately broken copy"\n')
-    code = ("import pathlib; from lmgen import kernels; kernels._SOURCE = pathlib.Path(r'%s'); "
+    code = ("import pathlib; from lmgen import kernels; kernels._SOURCES = [pathlib.Path(r'%s')]; "
             "print(kernels.load(), kernels.build_failed); print(kernels.why_not)" % broken)
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LMGEN_CACHE": str(tmp_path)},
                             capture_output=True, text=True, check=True)

@@ -1,0 +1,133 @@
+"""Linear layers whose weights stay in a GGUF file's block formats (llama.cpp's ggml types).
+
+A Q4_K_M or Q8_0 file runs with exactly the weights llama.cpp runs: loading copies each
+tensor's blocks from the file as they are (``GGMLLinear.weight``, uint8 [out, bytes per row]),
+and lmgen's kernels (``kernels/ggml_blocks.cpp``) read them in products of a few rows (decode),
+rounding the activations to int8 per block of the format (32 values; 256 for the K-quants) as
+llama.cpp does. Products of more rows
+(prefill) dequantize the weight a tile of rows at a time for a float32 GEMM. Without lmgen's
+kernels (no compiler, ``LMGEN_CPU_KERNELS=0``, a GPU) or when the caller asks for a dtype or a
+quantization, the GGUF loader dequantizes every tensor instead (lmgen/loader/gguf.py).
+
+A fused layer (q/k/v, gate/up) stacks its checkpoint tensors' rows, which GGUF files may store in
+different types (Q4_K_M keeps v in Q6_K or Q8_0 beside q and k in Q4_K): each part keeps its type
+(``layout``: (type, rows) per part), and rows are as many bytes apart as the widest part's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmgen import kernels
+from lmgen.layers.linear import Embedding, FusedLinear, KernelOperands, Linear
+
+#: ggml type -> (values, bytes) of its block: the types lmgen's kernels read (gguf's GGML_QUANT_SIZES)
+BLOCK_FORMATS = {8: (32, 34), 2: (32, 18), 6: (32, 22), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
+# Values per dequantized tile of a prefill product (16 MiB of float32): bounds its transient memory.
+_TILE_VALUES = 1 << 22
+
+
+def row_bytes(ggml_type: int, in_features: int) -> int:
+    values, nbytes = BLOCK_FORMATS[ggml_type]
+    return in_features // values * nbytes
+
+
+def readable(ggml_type: int, in_features: int) -> bool:
+    """Whether lmgen's kernels read rows of `in_features` values stored as `ggml_type`."""
+    return ggml_type in BLOCK_FORMATS and in_features % BLOCK_FORMATS[ggml_type][0] == 0
+
+
+class GGMLLinear(nn.Module):
+    """A linear layer over GGUF blocks: one ggml type per part (a fused layer's shards, else one)."""
+
+    def __init__(self, linear: Linear | Embedding, types: list[int]) -> None:
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        self.shard_sizes = getattr(linear, "shard_sizes", None)  # the loader fills a fused layer's shards
+        sizes = self.shard_sizes or [self.out_features]
+        self.types = list(types)
+        stride = max(row_bytes(t, self.in_features) for t in types)
+        self.weight = nn.Parameter(torch.empty(self.out_features, stride, dtype=torch.uint8,
+                                               device=linear.weight.device), requires_grad=False)
+        self.layout = torch.tensor(list(zip(types, sizes)), dtype=torch.int64)  # what gemv_blocks reads
+        self.bias = getattr(linear, "bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= kernels.MAX_ROWS:
+            out = torch.ops.lmgen.gemv_blocks(rows, self.weight, self.layout)
+        else:
+            out = self._tiled_product(rows.float()).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def kernel_operands(self) -> KernelOperands:
+        """(blocks, layout, no zeros, bias): cpu.cpp's product() tells blocks by their uint8 and no zeros."""
+        return self.weight, self.layout, None, self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [out_features, in_features]."""
+        return torch.cat([torch.ops.lmgen.dequantize_blocks(part, ggml_type, self.in_features)
+                          for part, ggml_type in self._parts()])
+
+    def _tiled_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 rows [M, K] -> [M, N], dequantizing a tile of weight rows at a time."""
+        out = rows.new_empty(rows.shape[0], self.out_features)
+        first, tile = 0, max(1, _TILE_VALUES // self.in_features)
+        for part, ggml_type in self._parts():
+            for piece in part.split(tile):
+                weight = torch.ops.lmgen.dequantize_blocks(piece, ggml_type, self.in_features)
+                out[:, first:first + len(piece)] = F.linear(rows, weight)
+                first += len(piece)
+        return out
+
+    def _parts(self) -> list[tuple[torch.Tensor, int]]:
+        return list(zip(self.weight.split(self.layout[:, 1].tolist()), self.types))
+
+
+class GGMLEmbedding(GGMLLinear):
+    """An embedding table kept as blocks: the rows looked up are dequantized; as a tied LM head
+    (``unembed``) it is a GGMLLinear."""
+
+    def __init__(self, embedding: Embedding, ggml_type: int) -> None:
+        super().__init__(embedding, [ggml_type])
+        self.out_dtype = embedding.weight.dtype  # the model's activations
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.lmgen.dequantize_blocks(self.weight[ids.reshape(-1)], self.types[0], self.in_features)
+        return rows.to(self.out_dtype).view(*ids.shape, self.in_features)
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] -> logits [T, vocab] (the tied LM head)."""
+        return GGMLLinear.forward(self, hidden)
+
+
+def prepare_ggml(model: nn.Module, types: dict[str, int]) -> dict[str, int]:
+    """Swap each linear whose file tensors (lmgen name -> ggml type in `types`) lmgen's kernels all read
+    for a GGMLLinear; the others load dequantized. Returns the swapped tensors' row strides in bytes
+    (lmgen name -> stride), which the GGUF loader copies their blocks into."""
+    fused = {}  # fused module name -> its shards' checkpoint module names, in order
+    for part, (module, shard) in getattr(model, "packed_modules", {}).items():
+        fused.setdefault(module, {})[shard] = part
+    strides = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is Embedding and readable(types.get(f"{name}.weight", -1), module.weight.shape[1]):
+            swapped = GGMLEmbedding(module, types[f"{name}.weight"])
+            model.set_submodule(name, swapped)
+            strides[f"{name}.weight"] = swapped.weight.shape[1]
+            continue
+        if type(module) not in (Linear, FusedLinear):  # not an expert stack, ...
+            continue
+        parent, _, leaf = name.rpartition(".")
+        shards = fused.get(leaf)
+        tensors = [f"{parent}.{shards[i]}.weight" for i in sorted(shards)] if shards else [f"{name}.weight"]
+        if not all(t in types and readable(types[t], module.in_features) for t in tensors):
+            continue
+        swapped = GGMLLinear(module, [types[t] for t in tensors])
+        model.set_submodule(name, swapped)
+        strides.update(dict.fromkeys(tensors, swapped.weight.shape[1]))
+    return strides
+

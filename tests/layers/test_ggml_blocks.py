@@ -1,0 +1,98 @@
+"""lmgen's kernels over GGUF's block formats (kernels/ggml_blocks.cpp, layers/ggml.py): each type's
+dequantization is the gguf package's, and its products are those of the gguf package's dequantized
+weights with the activations rounded to int8 in blocks of the format's block size (32 as llama.cpp's
+q8_0, 256 for the K-quants as its q8_K), the way the kernels multiply them."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+
+from gguf_files import K_QUANTS, random_k_blocks
+from lmgen.layers import ggml
+from lmgen.layers.ggml import GGMLLinear
+from lmgen.layers.linear import FusedLinear
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
+TYPES = [Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+ROWS = [1, 2, 15, 16, 17, 64]  # blocks of 4 activation rows and every remainder, up to kernels.MAX_ROWS
+IN_FEATURES = 512  # two K-quant blocks, sixteen of 32
+
+
+def _blocks(kind: Q, shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks uint8 [rows, bytes per row], the gguf package's dequantization of them [rows, K])."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(shape).astype(np.float32) * np.linspace(0.01, 3, shape[0], dtype=np.float32)[:, None]
+    data = random_k_blocks(shape, kind, rng) if kind in K_QUANTS else gguf.quants.quantize(values, kind)
+    return torch.from_numpy(data.copy()), torch.from_numpy(gguf.quants.dequantize(data, kind).copy())
+
+
+def _rounded_per_block(x: torch.Tensor, kind: Q) -> torch.Tensor:
+    """x as the kernels multiply it with a weight of type `kind`: each block of columns rounded to int8
+    with its own scale."""
+    grouped = x.view(x.shape[0], -1, 256 if kind in K_QUANTS else 32)
+    top = grouped.abs().amax(-1, keepdim=True)
+    return ((grouped * torch.where(top > 0, 127 / top, 0)).round() * (top / 127)).view_as(x)
+
+
+def _assert_product(out: torch.Tensor, x: torch.Tensor, parts: list[tuple[Q, torch.Tensor]]) -> None:
+    """Equal to the float product of the parts' weights with x rounded per block of each part's type, up to
+    float32 summation order; and that rounding moves the product by what llama.cpp's does (well under 2%)."""
+    expected = torch.cat([F.linear(_rounded_per_block(x, kind).double(), weight.double()) for kind, weight in parts], -1)
+    weight = torch.cat([weight for _, weight in parts])
+    assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
+    exact = F.linear(x.double(), weight.double())
+    assert (out.double() - exact).norm() < 0.02 * exact.norm()
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=lambda kind: kind.name)
+def test_dequantize_blocks_equals_the_gguf_package(kind):
+    blocks, weight = _blocks(kind, (40, IN_FEATURES), 0)
+    ours = torch.ops.lmgen.dequantize_blocks(blocks, int(kind), IN_FEATURES)
+    assert torch.allclose(ours, weight, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=lambda kind: kind.name)
+@pytest.mark.parametrize("rows", ROWS)
+def test_gemv_blocks_is_the_dequantized_product_of_rounded_activations(kind, rows):
+    blocks, weight = _blocks(kind, (203, IN_FEATURES), rows)  # 203: a thread's share is no multiple of 4 or 8
+    x = torch.randn(rows, IN_FEATURES, generator=torch.Generator().manual_seed(rows))
+    layout = torch.tensor([[int(kind), 203]])
+    _assert_product(torch.ops.lmgen.gemv_blocks(x, blocks, layout), x, [(kind, weight)])
+    half = torch.ops.lmgen.gemv_blocks(x.bfloat16(), blocks, layout)
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), torch.ops.lmgen.gemv_blocks(x.bfloat16().float(), blocks, layout).bfloat16().float())
+
+
+def _fused(parts: list[tuple[Q, int]], bias: bool) -> tuple[GGMLLinear, list[tuple[Q, torch.Tensor]]]:
+    """A fused layer of parts in different types, as Q4_K_M files store q/k/v; and each part's float weight."""
+    linear = FusedLinear(IN_FEATURES, [rows for _, rows in parts], bias=bias)
+    if bias:
+        linear.bias.data.normal_()
+    layer = GGMLLinear(linear, [int(kind) for kind, _ in parts])
+    first, weights = 0, []
+    for seed, (kind, rows) in enumerate(parts):
+        blocks, weight = _blocks(kind, (rows, IN_FEATURES), seed)
+        layer.weight.data[first:first + rows, :blocks.shape[1]] = blocks
+        first, weights = first + rows, [*weights, (kind, weight)]
+    return layer, weights
+
+
+@pytest.mark.parametrize("rows", [1, 17, 64, 65, 130])
+def test_a_fused_layer_of_mixed_types_in_decode_and_prefill(rows, monkeypatch):
+    """Up to kernels.MAX_ROWS rows on the block kernels; beyond, dequantized a tile of rows at a time
+    (tiles cut inside parts here) for a float32 product."""
+    monkeypatch.setattr(ggml, "_TILE_VALUES", 50 * IN_FEATURES)
+    layer, parts = _fused([(Q.Q4_K, 70), (Q.Q6_K, 33), (Q.Q8_0, 66), (Q.Q5_0, 8)], bias=True)
+    x = torch.randn(1, rows, IN_FEATURES, generator=torch.Generator().manual_seed(rows))  # [batch, tokens, K]
+    out = layer(x)
+    weight = torch.cat([weight for _, weight in parts])
+    assert out.shape == (1, rows, weight.shape[0])
+    if rows <= 64:
+        _assert_product(out[0] - layer.bias, x[0], parts)
+    else:
+        assert torch.allclose(out[0], F.linear(x[0], weight, layer.bias), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(layer.dequantized(), weight, rtol=1e-6, atol=1e-7)

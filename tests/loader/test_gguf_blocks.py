@@ -1,0 +1,84 @@
+"""A GGUF file's weights kept in their block formats (lmgen.layers.ggml) when it loads on lmgen's CPU
+kernels with no dtype or quantization asked for: the same generation as the file dequantized, in
+one call for all layers as module by module."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from checkpoints import build_checkpoint
+import gguf_files
+from gguf_files import write_gguf
+from lmgen import LLM, SamplingParams
+from lmgen.layers.ggml import GGMLEmbedding, GGMLLinear
+from lmgen.layers.linear import FusedLinear, Linear
+from lmgen.loader import model as loader_model
+from lmgen.models.transformer import TransformerForCausalLM
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
+PROMPTS = [[1, 17, 230, 45, 99], [1, 400, 3, 3, 72, 5, 9]]
+PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+# q, k and v in three types (one fused layer of three), every type lmgen's kernels read, and a head in
+# F16, which they do not: it loads dequantized
+TYPES = {"attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K, "attn_output": Q.Q4_0, "ffn_gate": Q.Q5_0,
+         "ffn_up": Q.Q5_0, "ffn_down": Q.Q8_0, "token_embd": Q.Q8_0, "output": Q.F16}
+
+
+def _type(name: str, array: np.ndarray) -> Q:
+    return next((kind for part, kind in TYPES.items() if name.split(".")[-2] == part), Q.F32)
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory):
+    """A llama file (q/k rows permuted by llama.cpp's converter) of biased q/k/v in the types above; the
+    K-quants' random blocks scaled to weights of the checkpoint's size (up to about 1, not 20-80, whose
+    saturated attention would turn on the smallest rounding)."""
+    folder = build_checkpoint(tmp_path_factory.mktemp("model"), "llama-untied-bias-headdim", hidden_size=256,
+                              intermediate_size=512, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf_files, "K_SCALES", (0.0002, 0.002))
+        return write_gguf(folder, tmp_path_factory.mktemp("gguf") / "mixed.gguf", "llama", tensor_type=_type)
+
+
+def _outputs(llm: LLM) -> list[tuple[list[int], list]]:
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(PROMPTS, PARAMS)]
+
+
+def test_blocks_generate_what_the_dequantized_file_generates(mixed_file):
+    """The kernels multiply the same weights with activations rounded to int8 per block (as llama.cpp):
+    the same greedy tokens, and log-probabilities within 0.05 of the float32 product's."""
+    native = LLM(str(mixed_file), kv_cache_memory="16MiB")
+    layer = native.engine.model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, GGMLLinear) and layer.self_attn.qkv_proj.types == [12, 13, 14]
+    assert isinstance(layer.mlp.down_proj, GGMLLinear)
+    assert type(native.engine.model.lm_head) is Linear  # F16: dequantized
+    assert isinstance(native.engine.model.model.embed_tokens, GGMLEmbedding)  # rows dequantized when looked up
+    dequantized = LLM(str(mixed_file), dtype="float32", kv_cache_memory="16MiB")
+    assert type(dequantized.engine.model.model.layers[0].self_attn.qkv_proj) is FusedLinear
+    for (tokens, logprobs), (tokens_f, logprobs_f) in zip(_outputs(native), _outputs(dequantized)):
+        assert tokens == tokens_f
+        for step, step_f in zip(logprobs, logprobs_f):
+            chosen = next(iter(step_f))
+            assert abs(step[chosen].logprob - step_f[chosen].logprob) < 0.05
+
+
+def test_one_call_for_all_layers_gives_the_modules_bits(mixed_file, monkeypatch):
+    llm = LLM(str(mixed_file), kv_cache_memory="16MiB", enable_prefix_caching=False)
+    calls = []
+    decode_layers = torch.ops.lmgen.decode_layers
+    monkeypatch.setattr(torch.ops.lmgen, "decode_layers", lambda *args: calls.append(1) or decode_layers(*args),
+                        raising=False)
+    one_call = _outputs(llm)
+    assert len(calls) == 8  # the prefill (prompts short enough to read the cache in place) and 7 decode steps
+    monkeypatch.setattr(TransformerForCausalLM, "one_call_layers", lambda *_: None)
+    assert _outputs(llm) == one_call
+
+
+def test_without_the_kernels_or_with_a_quantization_the_file_is_dequantized(mixed_file, monkeypatch):
+    quantized = LLM(str(mixed_file), quantization="int8", kv_cache_memory="16MiB")
+    assert not any(isinstance(m, GGMLLinear) for m in quantized.engine.model.modules())
+    monkeypatch.setattr(loader_model.kernels, "load", lambda: False)
+    plain = LLM(str(mixed_file), kv_cache_memory="16MiB")
+    assert not any(isinstance(m, GGMLLinear) for m in plain.engine.model.modules())
