@@ -13,6 +13,7 @@ from lmgen import LLM, BeamSearchParams, InvalidArgumentError, SamplingParams
 from lmgen.engine.request import Request
 from lmgen.engine.speculative import SpeculativeConfig, propose_ngram
 from lmgen.errors import LmgenError
+from lmgen.outputs import SpecDecodeStats
 from lmgen.sampling.sampler import ScoreRecorder, accept_greedy
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "disable_by_batch_size": None}
@@ -63,7 +64,7 @@ def test_greedy_output_with_speculation_is_the_output_without(checkpoint_factory
     assert _tokens(llm, REPEATING, greedy) == expected  # in one batch (the prompts now hit the prefix cache)
     # drafts were checked; the target's own weights as the draft agree with it (whether a random model
     # repeats its prompt, which prompt lookup needs, depends on its weights)
-    assert llm.engine.num_draft_tokens > 0 and (method == "ngram" or llm.engine.num_accepted_draft_tokens > 0)
+    assert llm.engine.spec_decode.num_draft_tokens > 0 and (method == "ngram" or llm.engine.spec_decode.num_accepted_tokens > 0)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
@@ -100,9 +101,41 @@ def test_a_busy_mixed_batch_with_speculation_gives_the_tokens_without(llama_path
     assert [len(o.logprobs) for o in fast[12:15]] == [len(o.token_ids) for o in fast[12:15]]
     assert fast[15].finish_reason == "stop" and len(json.loads(fast[15].text)) == 8
     assert plain[4].text.endswith("aïve" * 5) and plain[4].finish_reason == "stop"
-    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.num_accepted_draft_tokens > 0
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.spec_decode.num_accepted_tokens > 0
     if method == "draft_model":  # finished requests gave their draft blocks back
         assert llm.engine.proposer.pool.num_free_blocks == llm.engine.proposer.pool.num_blocks
+
+
+def test_each_sequence_reports_its_drafts_and_the_engine_counts_the_same(llama_path):
+    """CompletionOutput.spec_decode: a verifying step gives its accepted drafts and one token more (greedy,
+    ignore_eos: nothing ends a step early), so the record says what each step gave; the engine's totals (for
+    /metrics) are the records' sum."""
+    llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
+    engine, greedy = llm.engine, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(REPEATING):
+        engine.add_request(prompt, greedy, request_id=str(i))
+    engine.add_request(REPEATING[0], SamplingParams(max_tokens=20, n=2, seed=0), request_id="n")
+    records, steps = {}, 0
+    while engine.has_unfinished_requests():
+        got = {}
+        for delta in engine.step():
+            completion = delta.outputs[0]
+            key = (delta.request_id, completion.index)
+            got[key] = got.get(key, 0) + len(completion.token_ids)
+            before, records[key] = records.get(key, SpecDecodeStats()), completion.spec_decode
+            if completion.spec_decode.num_drafts > before.num_drafts and delta.request_id != "n":
+                accepted = completion.spec_decode.num_accepted_tokens - before.num_accepted_tokens
+                assert got[key] == accepted + 1
+                steps += 1
+    assert sum(records.values(), SpecDecodeStats()) == engine.spec_decode
+    assert steps == sum(records[(str(i), 0)].num_drafts for i in range(3)) > 0
+    assert records[("n", 0)] != records[("n", 1)]  # each sequence its own record
+    record = records[("0", 0)]
+    assert 0 < record.acceptance_rate == record.num_accepted_tokens / record.num_draft_tokens <= 1
+    assert record.mean_acceptance_length == 1 + record.num_accepted_tokens / record.num_drafts
+    assert LLM(str(llama_path)).generate(REPEATING[:1], greedy)[0].outputs[0].spec_decode is None  # not speculating
+    merged = llm.generate(REPEATING[:1], greedy)[0].outputs[0].spec_decode  # the whole output's record
+    assert merged == record
 
 
 # settings that change these prompts' greedy outputs at positions drafts are checked at (or, top_k=1, do not)
@@ -123,7 +156,7 @@ def test_processors_penalties_and_logprobs_see_the_drafts_before_each_position(l
     assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
     assert [v for o in fast for v in _logprob_values(o)] == pytest.approx([v for o in plain
                                                                            for v in _logprob_values(o)], abs=1e-4)
-    assert llm.engine.num_accepted_draft_tokens > 0
+    assert llm.engine.spec_decode.num_accepted_tokens > 0
     by_setting = [[plain[p * len(params) + i].token_ids for p in range(3)] for i in range(len(params))]
     assert all(outputs != by_setting[0] for outputs in by_setting[1:-1])  # each setting bites
     assert by_setting[-1] == by_setting[0]  # top_k=1 samples the argmax
@@ -134,7 +167,7 @@ def test_seeded_sampled_requests_repeat_themselves_with_speculation(llama_path):
               for seed in range(2) for setting in ({}, {"top_p": 0.8}, {"min_p": 0.1, "repetition_penalty": 1.1})]
     llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
     first, second = (_tokens(llm, [prompt for prompt in REPEATING for _ in params], params * 3) for _ in range(2))
-    assert first == second and llm.engine.num_accepted_draft_tokens > 0
+    assert first == second and llm.engine.spec_decode.num_accepted_tokens > 0
     assert len({tuple(tokens) for tokens in first}) > len(first) // 2  # not the argmax each time
 
 
@@ -151,7 +184,7 @@ def test_structured_output_with_speculation_is_valid(llama_path):
     for output, schema in zip(llm.generate(["Answer:"] * len(params), params), schemas):
         assert output.outputs[0].finish_reason == "stop"
         jsonschema.validate(json.loads(output.outputs[0].text), schema)
-    assert llm.engine.num_accepted_draft_tokens > 0
+    assert llm.engine.spec_decode.num_accepted_tokens > 0
 
 
 def test_recorded_scores_have_a_row_per_token_as_without(llama_path):
@@ -164,7 +197,7 @@ def test_recorded_scores_have_a_row_per_token_as_without(llama_path):
 
     llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
     fast, plain = recorded(llm, 0), recorded(LLM(str(llama_path), dtype="float32"), 0)
-    assert llm.engine.num_accepted_draft_tokens > 0
+    assert llm.engine.spec_decode.num_accepted_tokens > 0
     for kind in ("scores", "logits"):
         assert torch.allclose(torch.stack(getattr(fast, kind)[0]), torch.stack(getattr(plain, kind)[0]), atol=1e-4)
     assert len(recorded(llm, 0.8).scores[0]) == 16
@@ -176,7 +209,7 @@ def test_beams_do_not_draft(llama_path):
     outputs = llm.beam_search(REPEATING, params)
     plain = LLM(str(llama_path), dtype="float32").beam_search(REPEATING, params)
     assert [[c.token_ids for c in o.outputs] for o in outputs] == [[c.token_ids for c in o.outputs] for o in plain]
-    assert llm.engine.num_draft_tokens == 0
+    assert llm.engine.spec_decode.num_draft_tokens == 0
 
 
 def test_stop_strings_inside_drafts_end_the_output_where_they_would_without():
@@ -210,9 +243,9 @@ def test_no_drafts_while_more_requests_run_than_disable_by_batch_size(llama_path
     llm = LLM(str(llama_path), dtype="float32", speculative_config={**NGRAM, "disable_by_batch_size": 2})
     prompts = REPEATING * 2  # 6 running requests: none drafts
     assert _tokens(llm, prompts, greedy) == _tokens(LLM(str(llama_path), dtype="float32"), prompts, greedy)
-    assert llm.engine.num_draft_tokens == 0
+    assert llm.engine.spec_decode.num_draft_tokens == 0
     _tokens(llm, REPEATING[:1], greedy)  # one request: it drafts
-    assert llm.engine.num_draft_tokens > 0
+    assert llm.engine.spec_decode.num_draft_tokens > 0
 
 
 def test_a_config_object_is_taken_as_it_is():
@@ -236,8 +269,8 @@ def test_a_request_whose_drafts_fail_pauses_drafting(llama_path, monkeypatch):
     llm = LLM(str(llama_path), dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 4})
     greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     assert _tokens(llm, REPEATING[:1], greedy) == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING[:1], greedy)
-    assert llm.engine.num_accepted_draft_tokens == 0
-    assert llm.engine.num_draft_tokens <= 4 + 30 // 5 + 1  # 4 at first, then one try after each pause
+    assert llm.engine.spec_decode.num_accepted_tokens == 0
+    assert llm.engine.spec_decode.num_draft_tokens <= 4 + 30 // 5 + 1  # 4 at first, then one try after each pause
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +318,7 @@ def test_a_draft_model_whose_embedding_table_is_padded_larger_drafts_real_tokens
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     llm = LLM(str(llama_path), dtype="float32", speculative_config={**DRAFT, "model": str(draft)})
     assert _tokens(llm, REPEATING, greedy) == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING, greedy)
-    assert llm.engine.num_accepted_draft_tokens > 0
+    assert llm.engine.spec_decode.num_accepted_tokens > 0
 
 
 def _requests(prompt: list[int], *params: SamplingParams) -> list[Request]:
@@ -314,7 +347,7 @@ def test_an_aborted_request_frees_its_draft_blocks(llama_path, llama_draft_path)
     llm = LLM(str(llama_path), dtype="float32", speculative_config={**DRAFT, "model": str(llama_draft_path)})
     engine, pool = llm.engine, llm.engine.proposer.pool
     engine.add_request(REPEATING[0], SamplingParams(max_tokens=30, temperature=0), request_id="a")
-    while engine.num_draft_tokens == 0:
+    while engine.spec_decode.num_draft_tokens == 0:
         engine.step()
     assert pool.num_free_blocks < pool.num_blocks
     engine.abort_request("a")
