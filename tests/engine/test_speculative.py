@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 import torch
 
+from chi_square import fits
 from conftest import ALL_VARIANTS
 from lmgen import LLM, BeamSearchParams, InvalidArgumentError, SamplingParams
 from lmgen.engine.request import Request
@@ -169,6 +170,62 @@ def test_seeded_sampled_requests_repeat_themselves_with_speculation(llama_path):
     first, second = (_tokens(llm, [prompt for prompt in REPEATING for _ in params], params * 3) for _ in range(2))
     assert first == second and llm.engine.spec_decode.num_accepted_tokens > 0
     assert len({tuple(tokens) for tokens in first}) > len(first) // 2  # not the argmax each time
+
+
+@pytest.fixture(scope="module")
+def noisy_draft_path(llama_path, tmp_path_factory):
+    """The tiny Llama with noise on every weight: a draft model of its vocabulary whose distributions differ
+    from its own (about half its top-3 drafts are accepted)."""
+    from safetensors.torch import load_file, save_file
+
+    draft = shutil.copytree(llama_path, tmp_path_factory.mktemp("drafts") / "noisy")
+    generator = torch.Generator().manual_seed(1)
+    tensors = {name: tensor + 0.25 * tensor.std() * torch.randn(tensor.shape, generator=generator)
+               for name, tensor in load_file(draft / "model.safetensors").items()}
+    save_file(tensors, draft / "model.safetensors", metadata={"format": "pt"})
+    return draft
+
+
+def output_probs(models: list[LLM], prompt: list[int], top_k: int) -> dict[tuple[int, ...], float]:
+    """The probability of each output of len(models) tokens sampled with top_k (temperature 1), the i-th token
+    from models[i]'s distribution."""
+    probs = {(): 1.0}
+    for llm in models:
+        prefixes = list(probs)
+        logits = llm.engine.score([prompt + list(prefix) for prefix in prefixes])
+        probs = {prefix + (token,): probs[prefix] * p for prefix, rows in zip(prefixes, logits)
+                 for token, p in zip(*(lambda top: (top.indices.tolist(), top.values.softmax(-1).tolist()))(
+                     rows[-1].topk(top_k)))}
+    return probs
+
+
+def test_sampled_outputs_with_a_draft_model_follow_the_target_distribution(llama_path, noisy_draft_path):
+    """600 seeded 4-token outputs with top_k=3: the first token sampled alone, the next two drafted by a draft
+    model that often disagrees and verified (accepted, or replaced by a draw from the residual), the last drawn
+    after two accepted drafts or alone. The counts of their first two tokens (where a wrong residual shows most)
+    and of the whole outputs fit the target's probabilities (chi-square), not those of outputs whose drafts were
+    all accepted; seeds repeat their tokens."""
+    target, draft = LLM(str(llama_path), dtype="float32"), LLM(str(noisy_draft_path), dtype="float32")
+    prompt, top_k = [1, 7, 8, 9, 10], 3
+    llm = LLM(str(llama_path), dtype="float32", max_num_seqs=128, speculative_config={
+        "model": str(noisy_draft_path), "num_speculative_tokens": 2, "disable_by_batch_size": None})
+    params = [SamplingParams(max_tokens=4, temperature=1.0, top_k=top_k, seed=seed, ignore_eos=True)
+              for seed in range(600)]
+    outputs = [tuple(o.outputs[0].token_ids) for o in llm.generate([prompt] * len(params), params)]
+    record = llm.engine.spec_decode
+    assert record.num_drafts == len(params) and 0.2 < record.acceptance_rate < 0.8  # both ways taken often
+
+    def counts(length: int, probs: dict[tuple[int, ...], float]) -> torch.Tensor:
+        found = [output[:length] for output in outputs]
+        return torch.tensor([found.count(cell) for cell in probs], dtype=torch.float64)
+
+    for length in (2, 4):
+        expected = output_probs([target] * length, prompt, top_k)
+        assert counts(length, expected).sum() == len(outputs)  # none outside the target's top 3s
+        assert fits(counts(length, expected), torch.tensor(list(expected.values())))
+    all_accepted = output_probs([target, draft, draft, target], prompt, top_k)
+    assert not fits(counts(4, all_accepted), torch.tensor(list(all_accepted.values())))
+    assert [tuple(tokens) for tokens in _tokens(llm, [prompt] * 8, params[:8])] == outputs[:8]  # in another batch
 
 
 def test_structured_output_with_speculation_is_valid(llama_path):
