@@ -133,8 +133,8 @@ class Engine:
         logger.info("draft model %s: KV cache %d blocks (%.0f MiB)", speculative.model, cache.num_blocks,
                     cache.nbytes / 2**20)
         return DraftModelProposer(speculative, ModelRunner(draft.model, cache, self.device),
-                                  BlockPool(cache.num_blocks), self.max_model_len, self.model.spec.vocab_size,
-                                  self.device)
+                                  BlockPool(cache.num_blocks), self.max_model_len, self.config.max_num_batched_tokens,
+                                  self.model.spec.vocab_size, self.device)
 
     def draft_proposer(self, draft: Engine, num_speculative_tokens: int) -> DraftModelProposer:
         """A proposer that drafts with another engine's model, on that engine's KV cache (idle meanwhile): the
@@ -143,8 +143,8 @@ class Engine:
             raise InvalidArgumentError("the draft model's engine is generating: draft with an idle one")
         check_same_vocabulary(self.tokenizer, draft.tokenizer, repr(str(draft.model_path)))
         config = SpeculativeConfig(model=str(draft.model_path), num_speculative_tokens=num_speculative_tokens)
-        return DraftModelProposer(config, draft.runner, draft.pool, draft.max_model_len, self.model.spec.vocab_size,
-                                  self.device)
+        return DraftModelProposer(config, draft.runner, draft.pool, draft.max_model_len,
+                                  draft.config.max_num_batched_tokens, self.model.spec.vocab_size, self.device)
 
     @contextmanager
     def speculating(self, proposer: Proposer | None) -> Iterator[None]:

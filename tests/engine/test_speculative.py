@@ -65,7 +65,8 @@ def test_greedy_output_with_speculation_is_the_output_without(checkpoint_factory
     assert _tokens(llm, REPEATING, greedy) == expected  # in one batch (the prompts now hit the prefix cache)
     # drafts were checked; the target's own weights as the draft agree with it (whether a random model
     # repeats its prompt, which prompt lookup needs, depends on its weights)
-    assert llm.engine.spec_decode.num_draft_tokens > 0 and (method == "ngram" or llm.engine.spec_decode.num_accepted_tokens > 0)
+    record = llm.engine.spec_decode
+    assert record.num_draft_tokens > 0 and (method == "ngram" or record.num_accepted_tokens > 0)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
@@ -398,6 +399,20 @@ def test_the_draft_model_drafts_its_greedy_continuation_or_samples_its_distribut
     assert probs.shape == (3, 512) and probs.dtype == torch.float32
     assert torch.allclose(probs.sum(dim=-1), torch.ones(3)) and (probs > 0).sum(dim=-1).max() <= 20  # top_k
     assert all(probs[i, token] > 0 for i, token in enumerate(drawn))
+
+
+def test_the_draft_model_catches_up_in_chunks_of_max_num_batched_tokens(llama_path, llama_draft_path):
+    """Long prompts (with speculation the draft model computes them too) run through the draft model in forwards
+    of max_num_batched_tokens tokens at most, as through the target; the output is the output without."""
+    prompts = [[1, *range(3, 90)], [1, *range(100, 150)] * 2]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    small = dict(dtype="float32", max_num_batched_tokens=16)
+    llm = LLM(str(llama_path), speculative_config={**DRAFT, "model": str(llama_draft_path)}, **small)
+    runner, sizes = llm.engine.proposer.runner, []
+    forward = runner.last_logits
+    runner.last_logits = lambda batch: sizes.append(batch.total_tokens) or forward(batch)
+    assert _tokens(llm, prompts, greedy) == _tokens(LLM(str(llama_path), **small), prompts, greedy)
+    assert max(sizes) == 16 and sum(sizes) > sum(map(len, prompts))
 
 
 def test_an_aborted_request_frees_its_draft_blocks(llama_path, llama_draft_path):
