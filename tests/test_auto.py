@@ -316,6 +316,7 @@ def test_speculative_generate_gives_transformers_tokens_at_any_batch_size(pair, 
     (dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=-1), "`max_matching_ngram_size` must be a positive"),
     (dict(assistant_model="small"), "assistant_model must be an lmgen AutoModelForCausalLM .from_pretrained., got str"),
     (dict(prompt_lookup_num_tokens=3, assistant_model="small"), "prompt_lookup_num_tokens or assistant_model, not both"),
+    (dict(prompt_lookup_num_tokens=3, num_beams=2), r"beam search \(num_beams > 1\) chooses one token a step"),
 ])
 def test_bad_speculation_arguments_are_named(pair, kwargs, message):
     (model, tokenizer), _ = pair

@@ -50,23 +50,42 @@ def test_verification_accepts_the_agreeing_drafts_and_adds_the_target_token():
     assert accept_greedy([4, 5, 6], [8, 5, 6, 7]) == [8]
 
 
-# phi3-long: the 8-token prompt crosses 16. A draft model on a few architectures that run differently (a sliding
-# window, learned positions, a rope that changes with the length): each costs a second model
-@pytest.mark.parametrize("variant, method", [
-    *((v, "ngram") for v in [*ALL_VARIANTS, "phi3-long"]),
-    *((v, "draft_model") for v in ["llama", "mistral-sliding", "gpt2", "phi3-long"])])
-def test_greedy_output_with_speculation_is_the_output_without(checkpoint_factory, variant, method):
+def _mixed_batch(plain: LLM) -> tuple[list[list[int]], list[SamplingParams]]:
+    """16 greedy requests on the repeating prompts: max_tokens of 3 to 23 (reached at every point of a
+    step's drafts), stop ids and stop strings taken from the prompts' own continuations (met inside drafts)."""
+    greedy = dict(temperature=0, ignore_eos=True)
+    free = [o.outputs[0] for o in plain.generate(REPEATING, SamplingParams(max_tokens=24, **greedy))]
+    params = [SamplingParams(max_tokens=3 + 4 * i, **greedy) for i in range(6)]
+    params += [SamplingParams(max_tokens=24, stop_token_ids=[free[i % 3].token_ids[3 + 3 * i]], **greedy)
+               for i in range(5)]
+    wordy = max(range(3), key=lambda i: len(free[i].text))  # a random model's tokens may have no text
+    text = free[wordy].text
+    params += [SamplingParams(max_tokens=24, stop=[text[len(text) * i // 6:][:2]], **greedy) for i in range(1, 6)]
+    return [REPEATING[i % 3] for i in range(11)] + [REPEATING[wordy]] * 5, params
+
+
+# phi3-long: the 8-token prompt crosses 16. The draft model: the target's own weights (so it agrees)
+@pytest.mark.parametrize("variant", [*ALL_VARIANTS, "phi3-long"])
+def test_greedy_output_with_speculation_is_the_output_without(checkpoint_factory, variant):
+    """With each proposer, alone and in a batch of 16 with a KV cache so small that requests are preempted."""
     path = str(checkpoint_factory(variant))
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    expected = _tokens(LLM(path, dtype="float32"), REPEATING, greedy)
-    config = NGRAM if method == "ngram" else {**DRAFT, "model": path}  # the draft: the target's own weights
-    llm = LLM(path, dtype="float32", speculative_config=config)
-    assert [_tokens(llm, [p], greedy)[0] for p in REPEATING] == expected  # alone
-    assert _tokens(llm, REPEATING, greedy) == expected  # in one batch (the prompts now hit the prefix cache)
-    # drafts were checked; the target's own weights as the draft agree with it (whether a random model
-    # repeats its prompt, which prompt lookup needs, depends on its weights)
-    record = llm.engine.spec_decode
-    assert record.num_draft_tokens > 0 and (method == "ngram" or record.num_accepted_tokens > 0)
+    plain = LLM(path, dtype="float32")
+    expected = _tokens(plain, REPEATING, greedy)
+    prompts, params = _mixed_batch(plain)
+    batched = [o.outputs[0] for o in plain.generate(prompts, params)]
+    block = plain.engine.kv_cache.nbytes // plain.engine.kv_cache.num_blocks // 4  # of 4 tokens
+    for config, share in ((NGRAM, 1), ({**DRAFT, "model": path}, 2)):  # the draft model: half the cache
+        llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=24 * block * share, speculative_config=config)
+        assert [_tokens(llm, [p], greedy)[0] for p in REPEATING] == expected  # alone
+        outputs = [o.outputs[0] for o in llm.generate(prompts, params)]
+        assert [(o.token_ids, o.text, o.finish_reason) for o in outputs] == [
+            (o.token_ids, o.text, o.finish_reason) for o in batched]
+        assert llm.engine.scheduler.num_preemptions > 0
+        # drafts were checked; the target's own weights as the draft agree with it (whether a random model
+        # repeats its prompt, which prompt lookup needs, depends on its weights)
+        record = llm.engine.spec_decode
+        assert record.num_draft_tokens > 0 and (config is NGRAM or record.num_accepted_tokens > 0)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
@@ -229,7 +248,8 @@ def test_sampled_outputs_with_a_draft_model_follow_the_target_distribution(llama
     assert [tuple(tokens) for tokens in _tokens(llm, [prompt] * 8, params[:8])] == outputs[:8]  # in another batch
 
 
-def test_structured_output_with_speculation_is_valid(llama_path):
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_structured_output_with_speculation_is_valid(llama_path, llama_draft_path, method):
     """Sampled JSON always matches its schema (greedy JSON is what it is without: the mixed batch's test)."""
     strings = {"type": "array", "items": {"type": "string", "maxLength": 5}, "minItems": 6, "maxItems": 6}
     records = {"type": "array", "items": {"type": "object", "properties": {  # the grammar forces the keys
@@ -238,7 +258,8 @@ def test_structured_output_with_speculation_is_valid(llama_path):
     schemas = [INTEGERS, strings, records, records]
     params = [SamplingParams(max_tokens=200, temperature=0.7, seed=seed, structured={"json_schema": schema})
               for seed, schema in enumerate(schemas)]
-    llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
+    config = NGRAM if method == "ngram" else {**DRAFT, "model": str(llama_draft_path)}
+    llm = LLM(str(llama_path), dtype="float32", speculative_config=config)
     for output, schema in zip(llm.generate(["Answer:"] * len(params), params), schemas):
         assert output.outputs[0].finish_reason == "stop"
         jsonschema.validate(json.loads(output.outputs[0].text), schema)
@@ -320,15 +341,20 @@ def test_drafting_adapts_to_how_many_drafts_were_accepted():
 
 
 def test_a_request_whose_drafts_fail_pauses_drafting(llama_path, monkeypatch):
-    """Drafts that never match: after the first failure the request drafts only now and then."""
+    """Drafts that never match: after the first failure the request drafts none for a while (as many steps as
+    num_speculative_tokens), then tries one draft, and so on."""
     from lmgen.engine import speculative
 
     monkeypatch.setattr(speculative, "propose_ngram", lambda tokens, k, *_: [0] * k)  # never the greedy token
     llm = LLM(str(llama_path), dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    limits, propose = [], llm.engine.proposer.propose
+    llm.engine.proposer.propose = lambda requests, asked: limits.extend(asked) or propose(requests, asked)
     greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-    assert _tokens(llm, REPEATING[:1], greedy) == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING[:1], greedy)
-    assert llm.engine.spec_decode.num_accepted_tokens == 0
-    assert llm.engine.spec_decode.num_draft_tokens <= 4 + 30 // 5 + 1  # 4 at first, then one try after each pause
+    output = llm.generate(REPEATING[:1], greedy)[0].outputs[0]
+    assert output.token_ids == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING[:1], greedy)[0]
+    # the first token and 4 drafts rejected (2 tokens), then 5 steps a try: 4 without drafts and one with
+    assert limits == [4] + [1] * ((30 - 2) // 5)
+    assert output.spec_decode == SpecDecodeStats(len(limits), sum(limits), 0)
 
 
 @pytest.fixture(scope="module")
