@@ -28,8 +28,8 @@ import torch
 from lmgen.bench import load_transformers
 from lmgen.errors import InvalidArgumentError
 from lmgen.llm import LLM
-from lmgen.outputs import SpecDecodeStats
 from lmgen.loader.checkpoint import resolve_model_path
+from lmgen.outputs import SpecDecodeStats
 from lmgen.params import SamplingParams
 
 #: the files whose first function with an argument the edit task asks to rewrite
