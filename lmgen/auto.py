@@ -269,6 +269,9 @@ def _proposer(config: GenerationConfig, assistant: AutoModelForCausalLM | None, 
     lookup = config.prompt_lookup_num_tokens
     if assistant is not None and lookup is not None:
         raise InvalidArgumentError("pass prompt_lookup_num_tokens or assistant_model, not both")
+    if config.num_beams > 1 and (assistant is not None or lookup is not None):  # transformers ignores them, warning
+        raise InvalidArgumentError("prompt_lookup_num_tokens and assistant_model speculate for greedy or sampled "
+                                   "generation; beam search (num_beams > 1) chooses one token a step: drop one")
     for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens"):
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -29,6 +29,7 @@ from lmgen.bench import load_transformers
 from lmgen.errors import InvalidArgumentError
 from lmgen.llm import LLM
 from lmgen.loader.checkpoint import resolve_model_path
+from lmgen.outputs import SpecDecodeStats
 from lmgen.params import SamplingParams
 
 #: the files whose first function with an argument the edit task asks to rewrite
@@ -81,20 +82,18 @@ def task_prompts(llm: LLM, count: int, new_tokens: int) -> dict[str, list[list[i
 
 
 def lmgen_run(llm: LLM, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Greedy generation of the batch; decode tokens/s and, where the engine drafts, acceptance."""
-    engine = llm.engine
-    before = engine.num_drafts, engine.num_draft_tokens, engine.num_accepted_draft_tokens
-    started, first, tokens = time.perf_counter(), None, 0
+    """Greedy generation of the batch; decode tokens/s and, where the engine drafts, acceptance (from the requests'
+    own records, ``CompletionOutput.spec_decode``)."""
+    started, first, tokens, records = time.perf_counter(), None, 0, {}
     for delta in llm.stream(prompts, SamplingParams(max_tokens=new_tokens, temperature=0)):
         tokens += len(delta.outputs[0].token_ids)
+        records[delta.request_id] = delta.outputs[0].spec_decode or SpecDecodeStats()
         if first is None and tokens:
             first = time.perf_counter()
     end = time.perf_counter()
-    drafts, drafted, accepted = (now - then for now, then in zip(
-        (engine.num_drafts, engine.num_draft_tokens, engine.num_accepted_draft_tokens), before))
+    total = sum(records.values(), SpecDecodeStats())
     return {"decode_tok_s": (tokens - len(prompts)) / (end - first), "tokens": tokens,
-            "acceptance": accepted / drafted if drafted else None,
-            "accepted_length": (accepted + drafts) / drafts if drafts else None}
+            "acceptance": total.acceptance_rate, "accepted_length": total.mean_acceptance_length}
 
 
 def transformers_run(model, prompt: list[int], new_tokens: int, speculative: dict) -> dict:

@@ -14,6 +14,35 @@ class Logprob:
     decoded_token: str | None = None
 
 
+@dataclass(frozen=True)
+class SpecDecodeStats:
+    """Speculative decoding's record (vLLM's names): of one sequence (``CompletionOutput.spec_decode``) or of the
+    engine so far (``Engine.spec_decode``; /metrics' ``lmgen_spec_decode_*``, ``lmgen bench speculative``)."""
+
+    num_drafts: int = 0  # verifying steps: steps that checked drafts
+    num_draft_tokens: int = 0  # tokens drafted (and checked)
+    num_accepted_tokens: int = 0  # of those, the ones the model agreed with (kept in the output)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted drafts over drafted tokens; None before any draft."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """Tokens a verifying step gave on average: its accepted drafts and the model's own token after them."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else None
+
+    def after_step(self, num_draft_tokens: int, num_accepted_tokens: int) -> SpecDecodeStats:
+        """The record after one more verifying step."""
+        return self + SpecDecodeStats(1, num_draft_tokens, num_accepted_tokens)
+
+    def __add__(self, other: SpecDecodeStats) -> SpecDecodeStats:
+        """Both records together (e.g. a batch's requests')."""
+        return SpecDecodeStats(self.num_drafts + other.num_drafts, self.num_draft_tokens + other.num_draft_tokens,
+                               self.num_accepted_tokens + other.num_accepted_tokens)
+
+
 @dataclass
 class CompletionOutput:
     """One generated sequence.
@@ -35,6 +64,8 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     score: float | None = None
     beam_indices: list[int] | None = None
+    # with speculative_config: this sequence's drafts so far (in every delta, the whole record up to it)
+    spec_decode: SpecDecodeStats | None = None
 
     @property
     def finished(self) -> bool:
@@ -68,7 +99,7 @@ class RequestOutput:
             mine = by_index.get(new.index)
             if mine is None:
                 self.outputs.append(CompletionOutput(new.index, new.text, list(new.token_ids), new.finish_reason,
-                                                     new.stop_reason, new.logprobs))
+                                                     new.stop_reason, new.logprobs, spec_decode=new.spec_decode))
                 self.outputs.sort(key=lambda o: o.index)
                 continue
             mine.text += new.text
@@ -77,4 +108,5 @@ class RequestOutput:
                 mine.logprobs = (mine.logprobs or []) + new.logprobs
             mine.finish_reason = new.finish_reason
             mine.stop_reason = new.stop_reason
+            mine.spec_decode = new.spec_decode
         self.finished = delta.finished

@@ -295,12 +295,12 @@ def test_speculative_generate_gives_transformers_tokens_at_any_batch_size(pair, 
     else:
         ours_args, theirs_args = ({"assistant_model": assistant} for assistant in assistants)
     engine = model.llm.engine
-    accepted = engine.num_accepted_draft_tokens
+    accepted = engine.spec_decode.num_accepted_tokens
     ours = model.generate(**tokenizer([REPEATING_PROMPT], return_tensors="pt"), max_new_tokens=30, **ours_args)
     theirs = hf_model.generate(**hf_tokenizer([REPEATING_PROMPT], return_tensors="pt"), max_new_tokens=30,
                                **theirs_args)
     assert torch.equal(ours, theirs)
-    assert engine.num_accepted_draft_tokens > accepted and engine.proposer is None  # drafted for this call only
+    assert engine.spec_decode.num_accepted_tokens > accepted and engine.proposer is None  # drafted for this call only
     # a batch, which transformers' speculative generate refuses: its tokens without speculation
     tokenizer.pad_token, hf_tokenizer.pad_token = tokenizer.eos_token, hf_tokenizer.eos_token
     prompts = [*PROMPTS, REPEATING_PROMPT]
@@ -316,6 +316,7 @@ def test_speculative_generate_gives_transformers_tokens_at_any_batch_size(pair, 
     (dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=-1), "`max_matching_ngram_size` must be a positive"),
     (dict(assistant_model="small"), "assistant_model must be an lmgen AutoModelForCausalLM .from_pretrained., got str"),
     (dict(prompt_lookup_num_tokens=3, assistant_model="small"), "prompt_lookup_num_tokens or assistant_model, not both"),
+    (dict(prompt_lookup_num_tokens=3, num_beams=2), r"beam search \(num_beams > 1\) chooses one token a step"),
 ])
 def test_bad_speculation_arguments_are_named(pair, kwargs, message):
     (model, tokenizer), _ = pair

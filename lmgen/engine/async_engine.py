@@ -30,7 +30,7 @@ from typing import Protocol
 
 from lmgen.engine.engine import Engine
 from lmgen.errors import LmgenError
-from lmgen.outputs import RequestOutput
+from lmgen.outputs import RequestOutput, SpecDecodeStats
 from lmgen.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ class EngineStats:
     num_preemptions: int = 0  # total so far
     num_sampled: int = 0  # sequences that produced tokens in the last step
     num_steps: int = 0  # total so far
-    num_draft_tokens: int = 0  # speculative decoding: tokens drafted so far
-    num_accepted_draft_tokens: int = 0  # of which the model agreed with
+    spec_decode: SpecDecodeStats = SpecDecodeStats()  # speculative decoding's record so far
 
 
 class EngineObserver(Protocol):
@@ -349,8 +348,7 @@ class AsyncEngine:
             # a sequence whose drafts were accepted sends one delta per token
             num_sampled=len({(o.request_id, o.outputs[0].index)
                              for o in outputs if o.outputs and o.outputs[0].token_ids}),
-            num_steps=self.stats.num_steps + 1, num_draft_tokens=engine.num_draft_tokens,
-            num_accepted_draft_tokens=engine.num_accepted_draft_tokens)
+            num_steps=self.stats.num_steps + 1, spec_decode=engine.spec_decode)
         self._notify("step_finished", outputs, self.stats, time.perf_counter())
         if outputs:
             self._to_loop(self._deliver, outputs)

@@ -8,8 +8,9 @@ follows the request: computed tokens that still agree with the request's stay co
 draft's slots are written over), and the rest (the tokens accepted since, or everything after the
 request first drafts) are computed again: the draft keeps its own cache through the target's
 preemptions and prefix-cache hits, and catches up on whatever it has not seen. All drafting requests
-of a step run together: one forward over every sequence's missing tokens, whose last positions give
-the first drafts, then a one-token step for each further draft.
+of a step run together: one forward over every sequence's missing tokens (several where they are more
+than max_num_batched_tokens), whose last positions give the first drafts, then a one-token step for
+each further draft.
 
 A greedy request drafts the draft model's argmax. A sampled one draws from the draft model's
 distribution under the request's temperature and warpers (not its logits processors), with the
@@ -65,16 +66,13 @@ def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, draft_name: str) 
 
 @dataclass(eq=False)
 class DraftSequence:
-    """A request as the draft model runs it (what ModelRunner.prepare reads of a request): the request's
-    tokens, then the drafts made after them; the first ``num_computed_tokens`` are in the draft's cache."""
+    """A request as the draft model runs it (a scheduler.PlainSequence): the request's tokens, then the drafts
+    made after them; the first ``num_computed_tokens`` are in the draft's cache."""
 
     all_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_drafted: int = 0  # trailing tokens that are drafts, not (yet) the request's
-    draft_token_ids: tuple[int, ...] = ()  # the draft model checks no drafts of its own
-    prompt_logprobs: None = None  # nor scores prompts
-    max_tokens: int = 1  # and always chooses a next token
 
     @property
     def num_tokens(self) -> int:
@@ -95,9 +93,10 @@ class DraftModelProposer:
     """Drafts with a small model on its own KV cache (`runner`'s, whose blocks `pool` hands out)."""
 
     def __init__(self, config: SpeculativeConfig, runner: ModelRunner, pool: BlockPool, max_model_len: int,
-                 vocab_size: int, device: torch.device) -> None:
+                 max_num_batched_tokens: int, vocab_size: int, device: torch.device) -> None:
         self.config, self.runner, self.pool = config, runner, pool
         self.max_model_len = max_model_len  # the draft model's: no drafts past it
+        self.max_num_batched_tokens = max_num_batched_tokens  # tokens in one of its forwards
         self.vocab_size, self.device = vocab_size, device  # the target's: the drafts' distributions are laid out so
         self._sequences: dict[Request, DraftSequence] = {}
 
@@ -109,13 +108,18 @@ class DraftModelProposer:
                 if self._reserve(sequence, limit, requests)]
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
-        while rows:  # the first pass computes each sequence's missing tokens, later ones one draft each
-            batch = [sequences[row] for row in rows]
-            logits = self.runner.last_logits(ScheduledBatch(batch, [s.num_tokens - s.num_computed_tokens
-                                                                    for s in batch]))
-            tokens, distributions = self._choose(logits, [requests[row] for row in rows])
-            for row, sequence, token, distribution in zip(rows, batch, tokens, distributions):
-                sequence.num_computed_tokens = sequence.num_tokens
+        while rows:  # the first passes compute each sequence's missing tokens, later ones one draft each
+            chunks = self._chunks([sequences[row] for row in rows])
+            batch = [sequences[row] for row in rows[:len(chunks)]]
+            logits = self.runner.last_logits(ScheduledBatch(batch, chunks))
+            for sequence, count in zip(batch, chunks):
+                sequence.num_computed_tokens += count
+            if logits is None:  # a long catch-up's chunk: no sequence is through
+                continue
+            done = [row for row, sequence in zip(rows, batch) if sequence.num_computed_tokens == sequence.num_tokens]
+            tokens, distributions = self._choose(logits, [requests[row] for row in done])
+            for row, token, distribution in zip(done, tokens, distributions):
+                sequence = sequences[row]
                 sequence.all_token_ids.append(token)
                 sequence.num_drafted += 1
                 drafts[row].append(token)
@@ -124,6 +128,19 @@ class DraftModelProposer:
             rows = [row for row in rows if len(drafts[row]) < limits[row]]
         return [(tokens, torch.stack(per_draft).to(self.device) if per_draft else None)
                 for tokens, per_draft in zip(drafts, probs)]
+
+    def _chunks(self, sequences: list[DraftSequence]) -> list[int]:
+        """How many of their missing tokens the leading sequences compute in the next forward: all, up to
+        max_num_batched_tokens in all (a long catch-up, such as a long prompt's, takes several forwards, as the
+        target's prompt chunks do); the sequences after the budget runs out wait for the next one."""
+        budget, counts = self.max_num_batched_tokens, []
+        for sequence in sequences:
+            count = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
+            if count == 0:
+                break
+            counts.append(count)
+            budget -= count
+        return counts
 
     def release(self, request: Request) -> None:
         sequence = self._sequences.pop(request, None)

@@ -33,7 +33,7 @@ from lmgen.errors import InvalidArgumentError
 from lmgen.loader.checkpoint import DEMO_MODEL_PATH, resolve_model_path
 from lmgen.loader.model import LoadedModel, load_model, read_checkpoint
 from lmgen.models.contract import ModelSpec
-from lmgen.outputs import Logprob, RequestOutput
+from lmgen.outputs import Logprob, RequestOutput, SpecDecodeStats
 from lmgen.params import DEFAULT_MAX_TOKENS, SamplingParams
 from lmgen.sampling.processors import build_processors
 from lmgen.sampling.structured import GrammarBackend, LLGuidanceBackend
@@ -94,8 +94,7 @@ class Engine:
         self._prompt_forks: dict[Request, list[Request]] = {}  # first of n sequences -> the others, until it prefilled
         self._ready: list[RequestOutput] = []  # deltas made between steps (aborts), sent by the next step()
         self._grammar_backend: GrammarBackend | None = None  # built on the first structured request
-        # speculative decoding: verifying steps of a request, tokens drafted and accepted in them
-        self.num_drafts = self.num_draft_tokens = self.num_accepted_draft_tokens = 0
+        self.spec_decode = SpecDecodeStats()  # speculative decoding's record over all requests so far
         logger.info("loaded %s (%s, %s) in %.1f s; KV cache %d blocks of %d tokens (%.0f MiB)",
                     self.model_path, self.dtype, self.device, time.perf_counter() - started,
                     self.kv_cache.num_blocks, config.block_size, self.kv_cache.nbytes / 2**20)
@@ -141,8 +140,8 @@ class Engine:
         logger.info("draft model %s: KV cache %d blocks (%.0f MiB)", speculative.model, cache.num_blocks,
                     cache.nbytes / 2**20)
         return DraftModelProposer(speculative, ModelRunner(draft.model, cache, self.device),
-                                  BlockPool(cache.num_blocks), self.max_model_len, self.model.spec.vocab_size,
-                                  self.device)
+                                  BlockPool(cache.num_blocks), self.max_model_len, self.config.max_num_batched_tokens,
+                                  self.model.spec.vocab_size, self.device)
 
     def draft_proposer(self, draft: Engine, num_speculative_tokens: int) -> DraftModelProposer:
         """A proposer that drafts with another engine's model, on that engine's KV cache (idle meanwhile): the
@@ -151,8 +150,8 @@ class Engine:
             raise InvalidArgumentError("the draft model's engine is generating: draft with an idle one")
         check_same_vocabulary(self.tokenizer, draft.tokenizer, repr(str(draft.model_path)))
         config = SpeculativeConfig(model=str(draft.model_path), num_speculative_tokens=num_speculative_tokens)
-        return DraftModelProposer(config, draft.runner, draft.pool, draft.max_model_len, self.model.spec.vocab_size,
-                                  self.device)
+        return DraftModelProposer(config, draft.runner, draft.pool, draft.max_model_len,
+                                  draft.config.max_num_batched_tokens, self.model.spec.vocab_size, self.device)
 
     @contextmanager
     def speculating(self, proposer: Proposer | None) -> Iterator[None]:
@@ -383,6 +382,8 @@ class Engine:
     def _delta(self, request: Request, logprobs: list | None) -> RequestOutput:
         """The request's new tokens as a completion delta in its parent's RequestOutput; forgets finished families."""
         completion = self._outputs[request.request_id].update(request, logprobs)
+        if self.proposer is not None:
+            completion.spec_decode = request.spec_decode
         family = self._families[request.parent_id]
         done = all(r.finished for r in family)
         if request.finished:
@@ -455,14 +456,20 @@ class Engine:
             if request.finished or request.num_tokens > num_before + i + 1:  # the grammar forced tokens
                 break
         accepted = min(i + 1, len(tokens) - 1)  # drafts now in the sequence
-        self.num_drafts += bool(request.draft_token_ids)
-        self.num_draft_tokens += len(request.draft_token_ids)
-        self.num_accepted_draft_tokens += accepted
+        if request.draft_token_ids:
+            self._record_drafts(request, accepted)
+            deltas[-1].outputs[0].spec_decode = request.spec_decode  # the step's last delta: the record after it
         if request.finished:
             self._finish(request)
         elif request.draft_token_ids:
             self._settle_drafts(request, num_before + accepted, accepted)
         return deltas
+
+    def _record_drafts(self, request: Request, accepted: int) -> None:
+        """Count a verifying step that kept `accepted` of the request's drafts, in its record and the engine's."""
+        drafted = len(request.draft_token_ids)
+        request.spec_decode = request.spec_decode.after_step(drafted, accepted)
+        self.spec_decode = self.spec_decode.after_step(drafted, accepted)
 
     def _finish(self, request: Request) -> None:
         """Free a finished request's blocks, and what drafting for it holds."""

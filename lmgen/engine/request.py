@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmgen.cache.block_pool import chain_hash
-from lmgen.outputs import Logprob
+from lmgen.outputs import Logprob, SpecDecodeStats
 from lmgen.params import SamplingParams
 from lmgen.sampling.structured import Matcher
 
@@ -55,6 +55,7 @@ class Request:
     draft_probs: torch.Tensor | None = None
     draft_limit: int | None = None  # how many it may draft next (None: the configured most)
     draft_pause: int = 0  # steps before a request whose drafts all failed drafts again
+    spec_decode: SpecDecodeStats = SpecDecodeStats()  # its verifying steps so far
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None

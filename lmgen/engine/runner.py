@@ -66,7 +66,9 @@ class ModelRunner:
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="lmgen-grammar")
 
     def prepare(self, batch: ScheduledBatch, masks: bool = True) -> StepInputs:
-        """The step's tensors; with `masks`, attention's masks too where its kernel reads none."""
+        """The step's tensors; with `masks`, attention's masks too where its kernel reads none. The batch holds
+        Requests, or (a draft model's step) PlainSequences: no drafts to check, no prompt to score, and a
+        logits row after each one's last token once it is computed."""
         bs = self.block_size
         ids, positions, seq_lens, slots, token_request, token_offset = [], [], [], [], [], []
         tables, query_starts, request_lens, sample_indices, choosing = [], [], [], [], []
@@ -76,7 +78,8 @@ class ModelRunner:
         # cost per call (ten calls per request) was most of this function's
         for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start, end, blocks = request.num_computed_tokens, request.num_computed_tokens + n, request.block_ids
-            drafts = request.draft_token_ids
+            plain = not isinstance(request, Request)  # a PlainSequence
+            drafts = () if plain else request.draft_token_ids
             tokens = request.all_token_ids + drafts if drafts else request.all_token_ids
             tables += blocks + [0] * (max_blocks - len(blocks))
             ids += tokens[start:end]
@@ -87,11 +90,11 @@ class ModelRunner:
                          else [request.num_tokens] * n)
             token_request += [i] * n
             token_offset += range(n)
-            if request.prompt_logprobs is not None:
+            if not plain and request.prompt_logprobs is not None:
                 scoring.add(request, start, end, len(ids) - n)
             query_starts.append(start)
             request_lens.append(end)
-            if end == len(tokens) and request.max_tokens > 0:  # the whole sequence is in the cache: time for a new token (and its drafts')
+            if end == len(tokens) and (plain or request.max_tokens > 0):  # the whole sequence is in the cache: time for a new token (and its drafts')
                 sample_indices += range(len(ids) - 1 - len(drafts), len(ids))
                 choosing.append(request)
         # all of them in one tensor (one copy to a GPU), cut into views
@@ -114,11 +117,12 @@ class ModelRunner:
         return self.model.compute_logits(self._hidden(self.prepare(batch)))
 
     @torch.inference_mode()
-    def last_logits(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [N, vocab] after the last token of each request, whose tokens the batch computes to the end
-        (a draft model's step: its sequences never carry drafts of their own)."""
+    def last_logits(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """Logits [N, vocab] after the last token of each of the batch's PlainSequences (a draft model's step)
+        that it computes to the end, in order; None if it computes none to the end."""
         inputs = self.prepare(batch)
-        return self.model.compute_logits(self._hidden(inputs)[inputs.sample_indices])
+        hidden = self._hidden(inputs)
+        return self.model.compute_logits(hidden[inputs.sample_indices]) if len(inputs.sample_indices) else None
 
     def _hidden(self, inputs: StepInputs) -> torch.Tensor:
         return self.model(inputs.input_ids, inputs.positions, inputs.token_seq_lens, inputs.meta,

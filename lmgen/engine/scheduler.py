@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lmgen.cache.block_pool import BlockPool
 from lmgen.engine.request import Request, RequestStatus
@@ -32,11 +33,23 @@ class SchedulerConfig:
     rope_switch_length: int | None = None  # past this many tokens the model's rope changes (ModelSpec)
 
 
+class PlainSequence(Protocol):
+    """What a step reads of a sequence that is not a Request (a draft model's, lmgen/engine/draft_model.py): its
+    tokens and its KV cache, and nothing to check, score or stop."""
+
+    all_token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int  # the leading tokens whose keys and values are in its blocks
+
+    @property
+    def num_tokens(self) -> int: ...
+
+
 @dataclass
 class ScheduledBatch:
     """What one step computes: for each request, how many of its tokens."""
 
-    requests: list[Request] = field(default_factory=list)
+    requests: list[Request] | list[PlainSequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination): copy before the step

@@ -57,10 +57,14 @@ class Metrics:
                                    registry=registry)
         self.rejected = Counter("lmgen_requests_rejected", "Requests refused because the queue was full",
                                 registry=registry)
-        self.draft_tokens = Counter("lmgen_spec_decode_draft_tokens", "Speculative decoding: tokens drafted",
-                                    registry=registry)
-        self.accepted_tokens = Counter("lmgen_spec_decode_accepted_tokens",
-                                       "Speculative decoding: drafted tokens the model agreed with", registry=registry)
+        self.spec_decode = {  # SpecDecodeStats' counts
+            "num_drafts": Counter("lmgen_spec_decode_drafts", "Speculative decoding: verifying steps (a sequence's "
+                                  "step that checked drafts)", registry=registry),
+            "num_draft_tokens": Counter("lmgen_spec_decode_draft_tokens", "Speculative decoding: tokens drafted",
+                                        registry=registry),
+            "num_accepted_tokens": Counter("lmgen_spec_decode_accepted_tokens",
+                                           "Speculative decoding: drafted tokens the model agreed with",
+                                           registry=registry)}
         for name, doc, read in (
             ("lmgen_requests_waiting", "Sequences queued for a batch slot", lambda s: s.num_waiting),
             ("lmgen_requests_running", "Sequences in the running batch", lambda s: s.num_running),
@@ -85,10 +89,10 @@ class Metrics:
     def step_finished(self, outputs: list[RequestOutput], stats: EngineStats, now: float) -> None:
         if stats.num_sampled:
             self.batch_size.observe(stats.num_sampled)
-        for counter, total, seen in ((self.preemptions, stats.num_preemptions, self._seen.num_preemptions),
-                                     (self.draft_tokens, stats.num_draft_tokens, self._seen.num_draft_tokens),
-                                     (self.accepted_tokens, stats.num_accepted_draft_tokens,
-                                      self._seen.num_accepted_draft_tokens)):
+        counts = [(self.preemptions, stats.num_preemptions, self._seen.num_preemptions)]
+        counts += [(counter, getattr(stats.spec_decode, name), getattr(self._seen.spec_decode, name))
+                   for name, counter in self.spec_decode.items()]
+        for counter, total, seen in counts:
             if total > seen:
                 counter.inc(total - seen)
         self._seen = stats

@@ -8,11 +8,13 @@ import jsonschema
 import pytest
 import torch
 
+from chi_square import fits
 from conftest import ALL_VARIANTS
 from lmgen import LLM, BeamSearchParams, InvalidArgumentError, SamplingParams
 from lmgen.engine.request import Request
 from lmgen.engine.speculative import SpeculativeConfig, propose_ngram
 from lmgen.errors import LmgenError
+from lmgen.outputs import SpecDecodeStats
 from lmgen.sampling.sampler import ScoreRecorder, accept_greedy
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "disable_by_batch_size": None}
@@ -48,22 +50,42 @@ def test_verification_accepts_the_agreeing_drafts_and_adds_the_target_token():
     assert accept_greedy([4, 5, 6], [8, 5, 6, 7]) == [8]
 
 
-# phi3-long: the 8-token prompt crosses 16. A draft model on a few architectures that run differently (a sliding
-# window, learned positions, a rope that changes with the length): each costs a second model
-@pytest.mark.parametrize("variant, method", [
-    *((v, "ngram") for v in [*ALL_VARIANTS, "phi3-long"]),
-    *((v, "draft_model") for v in ["llama", "mistral-sliding", "gpt2", "phi3-long"])])
-def test_greedy_output_with_speculation_is_the_output_without(checkpoint_factory, variant, method):
+def _mixed_batch(plain: LLM) -> tuple[list[list[int]], list[SamplingParams]]:
+    """16 greedy requests on the repeating prompts: max_tokens of 3 to 23 (reached at every point of a
+    step's drafts), stop ids and stop strings taken from the prompts' own continuations (met inside drafts)."""
+    greedy = dict(temperature=0, ignore_eos=True)
+    free = [o.outputs[0] for o in plain.generate(REPEATING, SamplingParams(max_tokens=24, **greedy))]
+    params = [SamplingParams(max_tokens=3 + 4 * i, **greedy) for i in range(6)]
+    params += [SamplingParams(max_tokens=24, stop_token_ids=[free[i % 3].token_ids[3 + 3 * i]], **greedy)
+               for i in range(5)]
+    wordy = max(range(3), key=lambda i: len(free[i].text))  # a random model's tokens may have no text
+    text = free[wordy].text
+    params += [SamplingParams(max_tokens=24, stop=[text[len(text) * i // 6:][:2]], **greedy) for i in range(1, 6)]
+    return [REPEATING[i % 3] for i in range(11)] + [REPEATING[wordy]] * 5, params
+
+
+# phi3-long: the 8-token prompt crosses 16. The draft model: the target's own weights (so it agrees)
+@pytest.mark.parametrize("variant", [*ALL_VARIANTS, "phi3-long"])
+def test_greedy_output_with_speculation_is_the_output_without(checkpoint_factory, variant):
+    """With each proposer, alone and in a batch of 16 with a KV cache so small that requests are preempted."""
     path = str(checkpoint_factory(variant))
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    expected = _tokens(LLM(path, dtype="float32"), REPEATING, greedy)
-    config = NGRAM if method == "ngram" else {**DRAFT, "model": path}  # the draft: the target's own weights
-    llm = LLM(path, dtype="float32", speculative_config=config)
-    assert [_tokens(llm, [p], greedy)[0] for p in REPEATING] == expected  # alone
-    assert _tokens(llm, REPEATING, greedy) == expected  # in one batch (the prompts now hit the prefix cache)
-    # drafts were checked; the target's own weights as the draft agree with it (whether a random model
-    # repeats its prompt, which prompt lookup needs, depends on its weights)
-    assert llm.engine.num_draft_tokens > 0 and (method == "ngram" or llm.engine.num_accepted_draft_tokens > 0)
+    plain = LLM(path, dtype="float32")
+    expected = _tokens(plain, REPEATING, greedy)
+    prompts, params = _mixed_batch(plain)
+    batched = [o.outputs[0] for o in plain.generate(prompts, params)]
+    block = plain.engine.kv_cache.nbytes // plain.engine.kv_cache.num_blocks // 4  # of 4 tokens
+    for config, share in ((NGRAM, 1), ({**DRAFT, "model": path}, 2)):  # the draft model: half the cache
+        llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=24 * block * share, speculative_config=config)
+        assert [_tokens(llm, [p], greedy)[0] for p in REPEATING] == expected  # alone
+        outputs = [o.outputs[0] for o in llm.generate(prompts, params)]
+        assert [(o.token_ids, o.text, o.finish_reason) for o in outputs] == [
+            (o.token_ids, o.text, o.finish_reason) for o in batched]
+        assert llm.engine.scheduler.num_preemptions > 0
+        # drafts were checked; the target's own weights as the draft agree with it (whether a random model
+        # repeats its prompt, which prompt lookup needs, depends on its weights)
+        record = llm.engine.spec_decode
+        assert record.num_draft_tokens > 0 and (config is NGRAM or record.num_accepted_tokens > 0)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
@@ -100,9 +122,41 @@ def test_a_busy_mixed_batch_with_speculation_gives_the_tokens_without(llama_path
     assert [len(o.logprobs) for o in fast[12:15]] == [len(o.token_ids) for o in fast[12:15]]
     assert fast[15].finish_reason == "stop" and len(json.loads(fast[15].text)) == 8
     assert plain[4].text.endswith("aïve" * 5) and plain[4].finish_reason == "stop"
-    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.num_accepted_draft_tokens > 0
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.spec_decode.num_accepted_tokens > 0
     if method == "draft_model":  # finished requests gave their draft blocks back
         assert llm.engine.proposer.pool.num_free_blocks == llm.engine.proposer.pool.num_blocks
+
+
+def test_each_sequence_reports_its_drafts_and_the_engine_counts_the_same(llama_path):
+    """CompletionOutput.spec_decode: a verifying step gives its accepted drafts and one token more (greedy,
+    ignore_eos: nothing ends a step early), so the record says what each step gave; the engine's totals (for
+    /metrics) are the records' sum."""
+    llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
+    engine, greedy = llm.engine, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(REPEATING):
+        engine.add_request(prompt, greedy, request_id=str(i))
+    engine.add_request(REPEATING[0], SamplingParams(max_tokens=20, n=2, seed=0), request_id="n")
+    records, steps = {}, 0
+    while engine.has_unfinished_requests():
+        got = {}
+        for delta in engine.step():
+            completion = delta.outputs[0]
+            key = (delta.request_id, completion.index)
+            got[key] = got.get(key, 0) + len(completion.token_ids)
+            before, records[key] = records.get(key, SpecDecodeStats()), completion.spec_decode
+            if completion.spec_decode.num_drafts > before.num_drafts and delta.request_id != "n":
+                accepted = completion.spec_decode.num_accepted_tokens - before.num_accepted_tokens
+                assert got[key] == accepted + 1
+                steps += 1
+    assert sum(records.values(), SpecDecodeStats()) == engine.spec_decode
+    assert steps == sum(records[(str(i), 0)].num_drafts for i in range(3)) > 0
+    assert records[("n", 0)] != records[("n", 1)]  # each sequence its own record
+    record = records[("0", 0)]
+    assert 0 < record.acceptance_rate == record.num_accepted_tokens / record.num_draft_tokens <= 1
+    assert record.mean_acceptance_length == 1 + record.num_accepted_tokens / record.num_drafts
+    assert LLM(str(llama_path)).generate(REPEATING[:1], greedy)[0].outputs[0].spec_decode is None  # not speculating
+    merged = llm.generate(REPEATING[:1], greedy)[0].outputs[0].spec_decode  # the whole output's record
+    assert merged == record
 
 
 # settings that change these prompts' greedy outputs at positions drafts are checked at (or, top_k=1, do not)
@@ -123,7 +177,7 @@ def test_processors_penalties_and_logprobs_see_the_drafts_before_each_position(l
     assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
     assert [v for o in fast for v in _logprob_values(o)] == pytest.approx([v for o in plain
                                                                            for v in _logprob_values(o)], abs=1e-4)
-    assert llm.engine.num_accepted_draft_tokens > 0
+    assert llm.engine.spec_decode.num_accepted_tokens > 0
     by_setting = [[plain[p * len(params) + i].token_ids for p in range(3)] for i in range(len(params))]
     assert all(outputs != by_setting[0] for outputs in by_setting[1:-1])  # each setting bites
     assert by_setting[-1] == by_setting[0]  # top_k=1 samples the argmax
@@ -134,11 +188,68 @@ def test_seeded_sampled_requests_repeat_themselves_with_speculation(llama_path):
               for seed in range(2) for setting in ({}, {"top_p": 0.8}, {"min_p": 0.1, "repetition_penalty": 1.1})]
     llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
     first, second = (_tokens(llm, [prompt for prompt in REPEATING for _ in params], params * 3) for _ in range(2))
-    assert first == second and llm.engine.num_accepted_draft_tokens > 0
+    assert first == second and llm.engine.spec_decode.num_accepted_tokens > 0
     assert len({tuple(tokens) for tokens in first}) > len(first) // 2  # not the argmax each time
 
 
-def test_structured_output_with_speculation_is_valid(llama_path):
+@pytest.fixture(scope="module")
+def noisy_draft_path(llama_path, tmp_path_factory):
+    """The tiny Llama with noise on every weight: a draft model of its vocabulary whose distributions differ
+    from its own (about half its top-3 drafts are accepted)."""
+    from safetensors.torch import load_file, save_file
+
+    draft = shutil.copytree(llama_path, tmp_path_factory.mktemp("drafts") / "noisy")
+    generator = torch.Generator().manual_seed(1)
+    tensors = {name: tensor + 0.25 * tensor.std() * torch.randn(tensor.shape, generator=generator)
+               for name, tensor in load_file(draft / "model.safetensors").items()}
+    save_file(tensors, draft / "model.safetensors", metadata={"format": "pt"})
+    return draft
+
+
+def output_probs(models: list[LLM], prompt: list[int], top_k: int) -> dict[tuple[int, ...], float]:
+    """The probability of each output of len(models) tokens sampled with top_k (temperature 1), the i-th token
+    from models[i]'s distribution."""
+    probs = {(): 1.0}
+    for llm in models:
+        prefixes = list(probs)
+        logits = llm.engine.score([prompt + list(prefix) for prefix in prefixes])
+        probs = {prefix + (token,): probs[prefix] * p for prefix, rows in zip(prefixes, logits)
+                 for token, p in zip(*(lambda top: (top.indices.tolist(), top.values.softmax(-1).tolist()))(
+                     rows[-1].topk(top_k)))}
+    return probs
+
+
+def test_sampled_outputs_with_a_draft_model_follow_the_target_distribution(llama_path, noisy_draft_path):
+    """600 seeded 4-token outputs with top_k=3: the first token sampled alone, the next two drafted by a draft
+    model that often disagrees and verified (accepted, or replaced by a draw from the residual), the last drawn
+    after two accepted drafts or alone. The counts of their first two tokens (where a wrong residual shows most)
+    and of the whole outputs fit the target's probabilities (chi-square), not those of outputs whose drafts were
+    all accepted; seeds repeat their tokens."""
+    target, draft = LLM(str(llama_path), dtype="float32"), LLM(str(noisy_draft_path), dtype="float32")
+    prompt, top_k = [1, 7, 8, 9, 10], 3
+    llm = LLM(str(llama_path), dtype="float32", max_num_seqs=128, speculative_config={
+        "model": str(noisy_draft_path), "num_speculative_tokens": 2, "disable_by_batch_size": None})
+    params = [SamplingParams(max_tokens=4, temperature=1.0, top_k=top_k, seed=seed, ignore_eos=True)
+              for seed in range(600)]
+    outputs = [tuple(o.outputs[0].token_ids) for o in llm.generate([prompt] * len(params), params)]
+    record = llm.engine.spec_decode
+    assert record.num_drafts == len(params) and 0.2 < record.acceptance_rate < 0.8  # both ways taken often
+
+    def counts(length: int, probs: dict[tuple[int, ...], float]) -> torch.Tensor:
+        found = [output[:length] for output in outputs]
+        return torch.tensor([found.count(cell) for cell in probs], dtype=torch.float64)
+
+    for length in (2, 4):
+        expected = output_probs([target] * length, prompt, top_k)
+        assert counts(length, expected).sum() == len(outputs)  # none outside the target's top 3s
+        assert fits(counts(length, expected), torch.tensor(list(expected.values())))
+    all_accepted = output_probs([target, draft, draft, target], prompt, top_k)
+    assert not fits(counts(4, all_accepted), torch.tensor(list(all_accepted.values())))
+    assert [tuple(tokens) for tokens in _tokens(llm, [prompt] * 8, params[:8])] == outputs[:8]  # in another batch
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_structured_output_with_speculation_is_valid(llama_path, llama_draft_path, method):
     """Sampled JSON always matches its schema (greedy JSON is what it is without: the mixed batch's test)."""
     strings = {"type": "array", "items": {"type": "string", "maxLength": 5}, "minItems": 6, "maxItems": 6}
     records = {"type": "array", "items": {"type": "object", "properties": {  # the grammar forces the keys
@@ -147,11 +258,12 @@ def test_structured_output_with_speculation_is_valid(llama_path):
     schemas = [INTEGERS, strings, records, records]
     params = [SamplingParams(max_tokens=200, temperature=0.7, seed=seed, structured={"json_schema": schema})
               for seed, schema in enumerate(schemas)]
-    llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
+    config = NGRAM if method == "ngram" else {**DRAFT, "model": str(llama_draft_path)}
+    llm = LLM(str(llama_path), dtype="float32", speculative_config=config)
     for output, schema in zip(llm.generate(["Answer:"] * len(params), params), schemas):
         assert output.outputs[0].finish_reason == "stop"
         jsonschema.validate(json.loads(output.outputs[0].text), schema)
-    assert llm.engine.num_accepted_draft_tokens > 0
+    assert llm.engine.spec_decode.num_accepted_tokens > 0
 
 
 def test_recorded_scores_have_a_row_per_token_as_without(llama_path):
@@ -164,7 +276,7 @@ def test_recorded_scores_have_a_row_per_token_as_without(llama_path):
 
     llm = LLM(str(llama_path), dtype="float32", speculative_config=NGRAM)
     fast, plain = recorded(llm, 0), recorded(LLM(str(llama_path), dtype="float32"), 0)
-    assert llm.engine.num_accepted_draft_tokens > 0
+    assert llm.engine.spec_decode.num_accepted_tokens > 0
     for kind in ("scores", "logits"):
         assert torch.allclose(torch.stack(getattr(fast, kind)[0]), torch.stack(getattr(plain, kind)[0]), atol=1e-4)
     assert len(recorded(llm, 0.8).scores[0]) == 16
@@ -176,7 +288,7 @@ def test_beams_do_not_draft(llama_path):
     outputs = llm.beam_search(REPEATING, params)
     plain = LLM(str(llama_path), dtype="float32").beam_search(REPEATING, params)
     assert [[c.token_ids for c in o.outputs] for o in outputs] == [[c.token_ids for c in o.outputs] for o in plain]
-    assert llm.engine.num_draft_tokens == 0
+    assert llm.engine.spec_decode.num_draft_tokens == 0
 
 
 def test_stop_strings_inside_drafts_end_the_output_where_they_would_without():
@@ -210,9 +322,9 @@ def test_no_drafts_while_more_requests_run_than_disable_by_batch_size(llama_path
     llm = LLM(str(llama_path), dtype="float32", speculative_config={**NGRAM, "disable_by_batch_size": 2})
     prompts = REPEATING * 2  # 6 running requests: none drafts
     assert _tokens(llm, prompts, greedy) == _tokens(LLM(str(llama_path), dtype="float32"), prompts, greedy)
-    assert llm.engine.num_draft_tokens == 0
+    assert llm.engine.spec_decode.num_draft_tokens == 0
     _tokens(llm, REPEATING[:1], greedy)  # one request: it drafts
-    assert llm.engine.num_draft_tokens > 0
+    assert llm.engine.spec_decode.num_draft_tokens > 0
 
 
 def test_a_config_object_is_taken_as_it_is():
@@ -229,15 +341,20 @@ def test_drafting_adapts_to_how_many_drafts_were_accepted():
 
 
 def test_a_request_whose_drafts_fail_pauses_drafting(llama_path, monkeypatch):
-    """Drafts that never match: after the first failure the request drafts only now and then."""
+    """Drafts that never match: after the first failure the request drafts none for a while (as many steps as
+    num_speculative_tokens), then tries one draft, and so on."""
     from lmgen.engine import speculative
 
     monkeypatch.setattr(speculative, "propose_ngram", lambda tokens, k, *_: [0] * k)  # never the greedy token
     llm = LLM(str(llama_path), dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    limits, propose = [], llm.engine.proposer.propose
+    llm.engine.proposer.propose = lambda requests, asked: limits.extend(asked) or propose(requests, asked)
     greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-    assert _tokens(llm, REPEATING[:1], greedy) == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING[:1], greedy)
-    assert llm.engine.num_accepted_draft_tokens == 0
-    assert llm.engine.num_draft_tokens <= 4 + 30 // 5 + 1  # 4 at first, then one try after each pause
+    output = llm.generate(REPEATING[:1], greedy)[0].outputs[0]
+    assert output.token_ids == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING[:1], greedy)[0]
+    # the first token and 4 drafts rejected (2 tokens), then 5 steps a try: 4 without drafts and one with
+    assert limits == [4] + [1] * ((30 - 2) // 5)
+    assert output.spec_decode == SpecDecodeStats(len(limits), sum(limits), 0)
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +402,7 @@ def test_a_draft_model_whose_embedding_table_is_padded_larger_drafts_real_tokens
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     llm = LLM(str(llama_path), dtype="float32", speculative_config={**DRAFT, "model": str(draft)})
     assert _tokens(llm, REPEATING, greedy) == _tokens(LLM(str(llama_path), dtype="float32"), REPEATING, greedy)
-    assert llm.engine.num_accepted_draft_tokens > 0
+    assert llm.engine.spec_decode.num_accepted_tokens > 0
 
 
 def _requests(prompt: list[int], *params: SamplingParams) -> list[Request]:
@@ -310,11 +427,25 @@ def test_the_draft_model_drafts_its_greedy_continuation_or_samples_its_distribut
     assert all(probs[i, token] > 0 for i, token in enumerate(drawn))
 
 
+def test_the_draft_model_catches_up_in_chunks_of_max_num_batched_tokens(llama_path, llama_draft_path):
+    """Long prompts (with speculation the draft model computes them too) run through the draft model in forwards
+    of max_num_batched_tokens tokens at most, as through the target; the output is the output without."""
+    prompts = [[1, *range(3, 90)], [1, *range(100, 150)] * 2]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    small = dict(dtype="float32", max_num_batched_tokens=16)
+    llm = LLM(str(llama_path), speculative_config={**DRAFT, "model": str(llama_draft_path)}, **small)
+    runner, sizes = llm.engine.proposer.runner, []
+    forward = runner.last_logits
+    runner.last_logits = lambda batch: sizes.append(batch.total_tokens) or forward(batch)
+    assert _tokens(llm, prompts, greedy) == _tokens(LLM(str(llama_path), **small), prompts, greedy)
+    assert max(sizes) == 16 and sum(sizes) > sum(map(len, prompts))
+
+
 def test_an_aborted_request_frees_its_draft_blocks(llama_path, llama_draft_path):
     llm = LLM(str(llama_path), dtype="float32", speculative_config={**DRAFT, "model": str(llama_draft_path)})
     engine, pool = llm.engine, llm.engine.proposer.pool
     engine.add_request(REPEATING[0], SamplingParams(max_tokens=30, temperature=0), request_id="a")
-    while engine.num_draft_tokens == 0:
+    while engine.spec_decode.num_draft_tokens == 0:
         engine.step()
     assert pool.num_free_blocks < pool.num_blocks
     engine.abort_request("a")

@@ -11,11 +11,10 @@ the target's distributions whatever the drafts.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from chi_square import fits
 from lmgen import SamplingParams
 from lmgen.sampling.sampler import SamplingBatch, accept_sampled, greedy_tokens, sample
 from transformers_reference import transformers_processors
@@ -50,17 +49,6 @@ def draw_counts(settings: dict) -> torch.Tensor:
     batch = SamplingBatch.build(params, [generator] * NUM_DRAWS, torch.device("cpu"))
     tokens, _, _ = sample(LOGITS.expand(NUM_DRAWS, -1).clone(), batch)
     return torch.bincount(torch.tensor(tokens).flatten(), minlength=len(LOGITS)).double()
-
-
-def fits(counts: torch.Tensor, probs: torch.Tensor) -> bool:
-    """No draw where probs is 0, and a chi-square statistic far below what a wrong distribution gives."""
-    support = probs > 0
-    if counts[~support].sum() > 0:
-        return False
-    expected = probs[support].double() * counts.sum()
-    chi_square = float(((counts[support] - expected) ** 2 / expected).sum())
-    dof = int(support.sum()) - 1
-    return chi_square <= dof + 6 * math.sqrt(2 * max(dof, 1)) + 6  # ~ 1e-6 false-alarm rate for any seed
 
 
 def one_token_more_or_fewer(probs: torch.Tensor, least: float = 0.01) -> list[torch.Tensor]:
