@@ -63,8 +63,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3-moe": ("Qwen3MoeConfig", dict(num_hidden_layers=3, head_dim=32, num_experts=8, num_experts_per_tok=3,
                                          moe_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[1])),
     "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2)),
+    # sinks, sliding and full layers alternating, YaRN past its original length, biases everywhere (made to
+    # matter: build_checkpoint), a clamp the experts' products reach (limit 1)
+    "gpt-oss": ("GptOssConfig", dict(head_dim=16, sliding_window=8, num_local_experts=8, num_experts_per_tok=4,
+                                     intermediate_size=64, swiglu_limit=1.0, rope_parameters=dict(
+                                         rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=64))),
 }
-MOE_VARIANTS = ("mixtral", "qwen2-moe", "qwen3-moe", "olmoe")
+MOE_VARIANTS = ("mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "gpt-oss")
 # Checkpoints for tests of their own (not every parity test's prompts suit them)
 EXTRA_VARIANTS: dict[str, tuple[str, dict]] = {
     # longrope with prompts past the original length (transformers recomputes a sequence that crosses it)
@@ -110,6 +116,8 @@ def build_checkpoint(folder: Path, variant: str, dtype: torch.dtype = torch.floa
         for name, parameter in model.named_parameters():
             if variant != "llama" and ("norm" in name or ".ln_" in name):
                 parameter.add_(torch.randn_like(parameter) * 0.2)
+            if variant == "gpt-oss" and "bias" in name:  # its biases start as zeros
+                parameter.add_(torch.randn_like(parameter) * 0.1)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     build_tokenizer(folder)

@@ -29,6 +29,8 @@ def _tokens_and_logprobs(llm: LLM) -> list[tuple[list[int], list]]:
     # mixtures of experts: float32 routing weights, a gated shared expert, dense and MoE layers, int8/int4 experts
     ("mixtral", "bfloat16", None), ("qwen2-moe", "bfloat16", None), ("qwen3-moe", "bfloat16", "int4"),
     ("olmoe", "float32", "int8"),
+    # sinks, biased router and experts, the clamped SwiGLU
+    ("gpt-oss", "bfloat16", None), ("gpt-oss", "float32", "int4"),
 ])
 def test_one_call_for_all_layers_gives_the_modules_bits(checkpoint_factory, monkeypatch, variant, dtype, quantization):
     # no prefix cache: the second run must prefill as the first did (a cached prefix leaves a chunk short
