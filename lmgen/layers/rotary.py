@@ -5,7 +5,8 @@ match it bit for bit. "dynamic" NTK scaling and "longrope" (Phi-3) depend on the
 length, so each token's cos/sin follow its request's length after this step (what
 transformers does for one sequence): dynamic computes them per token, longrope picks each
 token's row from its short- or long-factor table; every other type uses one precomputed
-table. A partial rotary (``partial_rotary_factor``, Phi-4-mini) rotates the first
+table (YaRN's blends each original frequency with it divided by its factor, and scales
+cos/sin). A partial rotary (``partial_rotary_factor``, Phi-4-mini) rotates the first
 ``rotary_dim`` dimensions of each head and passes the rest through.
 """
 

@@ -147,9 +147,11 @@ class ModelSpec:
     @property
     def context_length(self) -> int:
         """The longest sequence the checkpoint supports: linear and dynamic scaling stretch
-        max_position_embeddings by their factor (as vLLM derives it)."""
+        max_position_embeddings by their factor, YaRN its original length (as vLLM derives it)."""
         factors = [rope.params["factor"] for rope in self.ropes if rope.rope_type in ("linear", "dynamic")]
-        return int(self.max_position_embeddings * max(factors, default=1))
+        yarn = [rope.params["original_max_position_embeddings"] * rope.params["factor"]
+                for rope in self.ropes if rope.rope_type == "yarn" and rope.params.get("factor")]
+        return int(max(self.max_position_embeddings * max(factors, default=1), *yarn))
 
     def make_norm(self, size: int) -> Norm:
         return Norm(size, self.norm_eps, self.norm, self.norm_offset)
