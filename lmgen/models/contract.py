@@ -151,7 +151,7 @@ class ModelSpec:
         factors = [rope.params["factor"] for rope in self.ropes if rope.rope_type in ("linear", "dynamic")]
         yarn = [rope.params["original_max_position_embeddings"] * rope.params["factor"]
                 for rope in self.ropes if rope.rope_type == "yarn" and rope.params.get("factor")]
-        return int(max(self.max_position_embeddings * max(factors, default=1), *yarn))
+        return int(max([self.max_position_embeddings * max(factors, default=1), *yarn]))
 
     def make_norm(self, size: int) -> Norm:
         return Norm(size, self.norm_eps, self.norm, self.norm_offset)
