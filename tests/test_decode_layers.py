@@ -87,6 +87,8 @@ def test_decode_layers_handle_names_what_is_missing_or_unknown():
     with pytest.raises(RuntimeError, match="shared_up, shared_down and shared_gate go together"):
         torch.classes.lmgen.DecodeLayers({**SETTINGS, "moe_top_k": 2.0}).add_layer(
             {**moe_layer, "shared_up.weight": torch.ones(64, 64)}, 0, 0)
+    with pytest.raises(RuntimeError, match="the settings lacks swiglu_alpha"):  # the clamped SwiGLU's
+        torch.classes.lmgen.DecodeLayers({**SETTINGS, "activation": 2.0})
     handle.add_layer(layer, 0, 0)
 
 

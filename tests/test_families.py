@@ -10,6 +10,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from lmgen import LLM, SamplingParams, UnsupportedModelError
+from lmgen.layers.linear import Activation
 from lmgen.layers.rotary import RopeConfig
 from lmgen.models.contract import LayerSpec, ModelSpec, check_contract
 
@@ -85,6 +86,8 @@ def test_a_spec_that_does_not_hold_together_names_the_fault():
         ModelSpec(**{**fields, "num_heads": 3}, layers=(LayerSpec(),))
     with pytest.raises(UnsupportedModelError, match="unknown norm places"):
         ModelSpec(**fields, layers=(LayerSpec(),), norm_places=frozenset({"input", "after_everything"}))
+    with pytest.raises(UnsupportedModelError, match="swiglu_clamp goes with the clamped SwiGLU"):
+        ModelSpec(**fields, layers=(LayerSpec(),), activation=Activation.CLAMPED_SWIGLU)
 
 
 def test_a_model_missing_a_piece_of_the_contract_is_named():

@@ -180,6 +180,12 @@ def test_kernel_errors_name_the_problem():
     nibbles, scales, zeros = quantize_int4(torch.randn(16, 64), 32)
     with pytest.raises(RuntimeError, match="dequantize_int4: scales and zeros"):
         torch.ops.lmgen.dequantize_int4(nibbles, scales, zeros[:, :1])
+    cache = torch.zeros(2, 16, 1, 32)
+    with pytest.raises(RuntimeError, match=r"sinks must be a float tensor \[H\], one per query head"):
+        torch.ops.lmgen.decode_attention(torch.randn(1, 2, 32), cache, cache, torch.zeros(1, 1, dtype=torch.long),
+                                         torch.ones(1, dtype=torch.long), 1.0, 0, 0.0, torch.zeros(1))
+    with pytest.raises(RuntimeError, match="the clamped SwiGLU is gated and needs a positive alpha and limit"):
+        torch.ops.lmgen.activation(torch.randn(2, 64), int(Activation.CLAMPED_SWIGLU), True)
 
 
 def test_lmgen_cpu_kernels_0_turns_them_off():
