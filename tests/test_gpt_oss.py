@@ -60,3 +60,12 @@ def test_yarn_frequencies_and_scaling_are_transformers(parameters):
     inv_freq, scaling = _yarn(RopeConfig.from_hf(json.loads(config.to_json_string()), 64))
     assert torch.equal(inv_freq, expected_inv_freq)
     assert scaling == expected_scaling
+
+
+def test_a_config_without_optional_keys_reads_as_transformers_defaults_them():
+    from lmgen.models.gpt_oss import GptOssForCausalLM
+
+    minimal = dict(vocab_size=512, hidden_size=128, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=4)
+    reference = json.loads(transformers.GptOssConfig(**minimal).to_json_string())
+    assert GptOssForCausalLM.spec_from_config(minimal) == GptOssForCausalLM.spec_from_config(reference)

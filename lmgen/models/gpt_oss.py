@@ -26,6 +26,11 @@ from lmgen.models.llama import LlamaForCausalLM
 
 #: the 16 values of a 4-bit E2M1 code (sign bit, two exponent bits, one mantissa bit)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+#: transformers' GptOssConfig defaults where they differ from what lmgen's common_fields assume for a missing key
+CONFIG_DEFAULTS = dict(attention_bias=True, rms_norm_eps=1e-5, head_dim=64, sliding_window=128,
+                       max_position_embeddings=131072, rope_theta=150000.0, swiglu_alpha=1.702, swiglu_limit=7.0)
+DEFAULT_ROPE = dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                    original_max_position_embeddings=4096)
 _EXPERT_STACK = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?")
 
 
@@ -44,6 +49,9 @@ def _loaded(tensor: object) -> torch.Tensor:
 class GptOssForCausalLM(LlamaForCausalLM):
     @classmethod
     def spec_from_config(cls, config: dict) -> ModelSpec:
+        config = {**CONFIG_DEFAULTS, **config}
+        if not (config.get("rope_parameters") or config.get("rope_scaling")):
+            config["rope_parameters"] = {**DEFAULT_ROPE, "rope_theta": config["rope_theta"]}
         # transformers' default: sliding-window layers first, full ones between (hidden_act is unused)
         layer_types = config.get("layer_types") or [("sliding_attention", "full_attention")[i % 2]
                                                     for i in range(config["num_hidden_layers"])]
@@ -51,7 +59,7 @@ class GptOssForCausalLM(LlamaForCausalLM):
         num_experts = config.get("num_local_experts") or config["num_experts"]
         moe = MoEConfig(num_experts, config["num_experts_per_tok"], config["intermediate_size"], norm_topk=False,
                         softmax_after_topk=True, biases=True)
-        clamp = SwigluClamp(float(config.get("swiglu_alpha", 1.702)), float(config.get("swiglu_limit", 7.0)))
+        clamp = SwigluClamp(float(config["swiglu_alpha"]), float(config["swiglu_limit"]))
         return ModelSpec(**{**fields, "layers": sparse_layers(config, fields["layers"], moe),
                             "activation": Activation.CLAMPED_SWIGLU}, swiglu_clamp=clamp,
                          norm=NormKind.RMS_GAIN_IN_FLOAT, attention_sinks=True)
