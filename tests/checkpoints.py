@@ -63,8 +63,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3-moe": ("Qwen3MoeConfig", dict(num_hidden_layers=3, head_dim=32, num_experts=8, num_experts_per_tok=3,
                                          moe_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[1])),
     "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2)),
+    # sinks, sliding and full layers alternating, YaRN past its original length, biases everywhere (made to
+    # matter: build_checkpoint), a clamp the experts' products reach (limit 1)
+    "gpt-oss": ("GptOssConfig", dict(head_dim=16, sliding_window=8, num_local_experts=8, num_experts_per_tok=4,
+                                     intermediate_size=64, swiglu_limit=1.0, rope_parameters=dict(
+                                         rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=64))),
 }
-MOE_VARIANTS = ("mixtral", "qwen2-moe", "qwen3-moe", "olmoe")
+MOE_VARIANTS = ("mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "gpt-oss")
 # Checkpoints for tests of their own (not every parity test's prompts suit them)
 EXTRA_VARIANTS: dict[str, tuple[str, dict]] = {
     # longrope with prompts past the original length (transformers recomputes a sequence that crosses it)
@@ -110,6 +116,8 @@ def build_checkpoint(folder: Path, variant: str, dtype: torch.dtype = torch.floa
         for name, parameter in model.named_parameters():
             if variant != "llama" and ("norm" in name or ".ln_" in name):
                 parameter.add_(torch.randn_like(parameter) * 0.2)
+            if variant == "gpt-oss" and "bias" in name:  # its biases start as zeros
+                parameter.add_(torch.randn_like(parameter) * 0.1)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     build_tokenizer(folder)
@@ -131,4 +139,40 @@ def truncated_copy(source: Path, folder: Path, num_layers: int) -> Path:
     save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": num_layers}))
+    return folder
+
+
+def to_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [..., K] -> MXFP4 blocks [..., K/32, 16] uint8 (value 2j in byte j's low nibble, 2j + 1 in its high
+    one) and scales [..., K/32] uint8 (each block's power of two, biased by 127), as OpenAI's GPT-OSS checkpoints
+    store their experts: each block scaled so that its largest value fits E2M1's 6, then rounded to E2M1."""
+    from lmgen.models.gpt_oss import FP4_VALUES
+
+    groups = weight.reshape(*weight.shape[:-1], -1, 32)
+    exponents = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2.0 ** -100) / 6.0))
+    scaled = groups / torch.exp2(exponents)[..., None]
+    codes = (scaled[..., None] - torch.tensor(FP4_VALUES)).abs().argmin(-1).to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exponents + 127).to(torch.uint8)
+
+
+def mxfp4_copy(source: Path, folder: Path) -> Path:
+    """A copy of a GPT-OSS checkpoint with its experts in MXFP4 (``*_blocks``, ``*_scales``), and the
+    quantization_config that says so."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    tensors = {}
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out]; MXFP4 blocks run along in
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = to_mxfp4(tensor.transpose(1, 2))
+        else:
+            tensors[name] = tensor
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
     return folder

@@ -29,6 +29,8 @@ def _tokens_and_logprobs(llm: LLM) -> list[tuple[list[int], list]]:
     # mixtures of experts: float32 routing weights, a gated shared expert, dense and MoE layers, int8/int4 experts
     ("mixtral", "bfloat16", None), ("qwen2-moe", "bfloat16", None), ("qwen3-moe", "bfloat16", "int4"),
     ("olmoe", "float32", "int8"),
+    # sinks, biased router and experts, the clamped SwiGLU
+    ("gpt-oss", "bfloat16", None), ("gpt-oss", "float32", "int4"),
 ])
 def test_one_call_for_all_layers_gives_the_modules_bits(checkpoint_factory, monkeypatch, variant, dtype, quantization):
     # no prefix cache: the second run must prefill as the first did (a cached prefix leaves a chunk short
@@ -85,6 +87,8 @@ def test_decode_layers_handle_names_what_is_missing_or_unknown():
     with pytest.raises(RuntimeError, match="shared_up, shared_down and shared_gate go together"):
         torch.classes.lmgen.DecodeLayers({**SETTINGS, "moe_top_k": 2.0}).add_layer(
             {**moe_layer, "shared_up.weight": torch.ones(64, 64)}, 0, 0)
+    with pytest.raises(RuntimeError, match="the settings lacks swiglu_alpha"):  # the clamped SwiGLU's
+        torch.classes.lmgen.DecodeLayers({**SETTINGS, "activation": 2.0})
     handle.add_layer(layer, 0, 0)
 
 

@@ -10,6 +10,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from lmgen import LLM, SamplingParams, UnsupportedModelError
+from lmgen.layers.linear import Activation
 from lmgen.layers.rotary import RopeConfig
 from lmgen.models.contract import LayerSpec, ModelSpec, check_contract
 
@@ -42,7 +43,7 @@ def test_phi3_longrope_past_its_original_length_matches_transformers(checkpoint_
 
 
 @pytest.mark.parametrize("variant, changes, key", [
-    ("llama", dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4)), "yarn"),
+    ("llama", dict(rope_parameters=dict(rope_type="mrope", rope_theta=1e4)), "mrope"),
     ("llama", dict(hidden_act="relu"), "relu"),
     ("gemma3", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
@@ -85,6 +86,8 @@ def test_a_spec_that_does_not_hold_together_names_the_fault():
         ModelSpec(**{**fields, "num_heads": 3}, layers=(LayerSpec(),))
     with pytest.raises(UnsupportedModelError, match="unknown norm places"):
         ModelSpec(**fields, layers=(LayerSpec(),), norm_places=frozenset({"input", "after_everything"}))
+    with pytest.raises(UnsupportedModelError, match="swiglu_clamp goes with the clamped SwiGLU"):
+        ModelSpec(**fields, layers=(LayerSpec(),), activation=Activation.CLAMPED_SWIGLU)
 
 
 def test_a_model_missing_a_piece_of_the_contract_is_named():
@@ -98,7 +101,8 @@ def test_a_model_missing_a_piece_of_the_contract_is_named():
         check_contract(Forgetful())
 
 
-FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite", "smollm3", "gpt2", "qwen2-moe", "qwen3-moe"]
+FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite", "smollm3", "gpt2", "qwen2-moe", "qwen3-moe",
+            "gpt-oss"]
 FEATURE_PROMPTS = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((5, 19, 40))]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 

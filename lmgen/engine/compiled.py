@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from lmgen import kernels
 from lmgen.errors import InvalidArgumentError
 from lmgen.layers.attention import AttentionMetadata
 
@@ -38,6 +39,8 @@ class CompiledDecode:
         options = {"emulate_precision_casts": True, "cpp_wrapper": True}
         self._forward = torch.compile(model.forward, dynamic=False, options=options)
         self._seen_shapes: set[bool] = set()
+        # a graph cached on disk calls lmgen's ops with the signatures it was compiled against: key it by their source
+        self._cache_key_tag = f"lmgen-kernels-{kernels.source_digest()}"
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, token_seq_lens: torch.Tensor,
                  meta: AttentionMetadata, kv_caches: list) -> torch.Tensor:
@@ -52,7 +55,8 @@ class CompiledDecode:
         torch._dynamo.maybe_mark_dynamic(meta.block_tables, 1)  # KV blocks of the longest request
         for mask in meta.masks.values():
             torch._dynamo.maybe_mark_dynamic(mask, 3)  # its keys
-        return self._forward(input_ids, positions, token_seq_lens, meta, kv_caches)
+        with torch.compiler.config.patch(cache_key_tag=self._cache_key_tag):
+            return self._forward(input_ids, positions, token_seq_lens, meta, kv_caches)
 
 
 def _require_cpp_compiler() -> None:

@@ -57,6 +57,12 @@ why_not = ""
 build_failed = False
 
 
+def source_digest() -> str:
+    """A digest of the kernels' source: compiled graphs that call them are cached under it (engine/compiled.py),
+    since Inductor's cache keys know an op's name but not its signature."""
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+
+
 def load() -> bool:
     """Build (once per machine) and load the kernels; whether they are in use."""
     global _tried, loaded
@@ -149,7 +155,7 @@ def _register_shapes() -> None:
         torch.library.register_fake(f"lmgen::{name}")(lambda x, *_: x.new_empty(x.shape))
     torch.library.register_fake("lmgen::add_norm")(lambda x, *_: (x.new_empty(x.shape), x.new_empty(x.shape)))
     torch.library.register_fake("lmgen::activation")(
-        lambda x, kind, gated: x.new_empty(*x.shape[:-1], x.shape[-1] // 2 if gated else x.shape[-1]))
+        lambda x, kind, gated, *_: x.new_empty(*x.shape[:-1], x.shape[-1] // 2 if gated else x.shape[-1]))
     torch.library.register_fake("lmgen::dequantize_int8")(lambda w, _: w.new_empty(w.shape, dtype=torch.float32))
     torch.library.register_fake("lmgen::dequantize_int4")(
         lambda w, *_: w.new_empty(w.shape[0], 2 * w.shape[1], dtype=torch.float32))

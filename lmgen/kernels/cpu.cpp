@@ -849,8 +849,15 @@ std::tuple<at::Tensor, at::Tensor> add_norm(const at::Tensor& x, const at::Tenso
 // (x + 0.044715 x^3))), computed as x / (1 + exp(-2 sqrt(2 / pi) (x + 0.044715 x^3))). Gated (SwiGLU,
 // GeGLU) on a fused gate/up projection x [M, 2I]: act(gate),
 // rounded, times up, rounded again; else act(x) of x [M, I]. Three operator calls and a split in
-// eager PyTorch.
-enum ActivationKind : int64_t { kSilu = 0, kGeluTanh = 1 };
+// eager PyTorch. kClampedSwiglu (GPT-OSS's experts, gated): gate clamped above at `limit` and up on
+// both sides, then (up + 1) * (gate * sigmoid(alpha * gate)), each operation rounded as transformers'
+// runs them in x's dtype: nine operator calls.
+enum ActivationKind : int64_t { kSilu = 0, kGeluTanh = 1, kClampedSwiglu = 2 };
+
+struct ActivationSpec {
+  int64_t kind;
+  float alpha, limit;  // kClampedSwiglu's
+};
 
 inline __m256 activate8(__m256 x, int64_t kind) {
   if (kind == kSilu)
@@ -867,19 +874,48 @@ inline float activate(float x, int64_t kind) {
   return x / (1.0f + std::exp(-2.0f * 0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
+// kClampedSwiglu of 8 gates and ups already in T's precision, rounding to T after each operation.
 template <typename T>
-void activate_rows(const T* x, T* y, int64_t M, int64_t I, int64_t kind, bool gated) {
-  const int64_t width = gated ? 2 * I : I;
+inline __m256 clamped_swiglu8(__m256 gate, __m256 up, const ActivationSpec& spec) {
+  const __m256 limit = _mm256_set1_ps(spec.limit), one = _mm256_set1_ps(1.0f);
+  gate = _mm256_min_ps(gate, limit);
+  up = _mm256_max_ps(_mm256_min_ps(up, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
+  const __m256 scaled = round8(_mm256_mul_ps(gate, _mm256_set1_ps(spec.alpha)), T{});
+  const __m256 sigmoid = round8(_mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), scaled)))), T{});
+  const __m256 glu = round8(_mm256_mul_ps(gate, sigmoid), T{});
+  return round8(_mm256_mul_ps(round8(_mm256_add_ps(up, one), T{}), glu), T{});
+}
+
+template <typename T>
+inline float clamped_swiglu(float gate, float up, const ActivationSpec& spec) {
+  auto rounded = [](float v) { return scalar(static_cast<T>(v)); };
+  gate = std::min(gate, spec.limit);
+  up = std::max(std::min(up, spec.limit), -spec.limit);
+  const float glu = rounded(gate * rounded(1.0f / (1.0f + std::exp(-rounded(gate * spec.alpha)))));
+  return rounded(rounded(up + 1.0f) * glu);
+}
+
+template <typename T>
+void activate_rows(const T* x, T* y, int64_t M, int64_t I, const ActivationSpec& spec, bool gated) {
+  const int64_t width = gated ? 2 * I : I, kind = spec.kind;
   parallel_ranges(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T *gate = x + m * width, *up = gate + I;
       T* out = y + m * I;
       int64_t i = 0;
       for (; i + 8 <= I; i += 8) {
+        if (kind == kClampedSwiglu) {
+          store8(out + i, clamped_swiglu8<T>(load8(gate + i), load8(up + i), spec));
+          continue;
+        }
         const __m256 acted = round8(activate8(load8(gate + i), kind), T{});
         store8(out + i, gated ? round8(_mm256_mul_ps(acted, load8(up + i)), T{}) : acted);
       }
       for (; i < I; ++i) {
+        if (kind == kClampedSwiglu) {
+          out[i] = static_cast<T>(clamped_swiglu<T>(scalar(gate[i]), scalar(up[i]), spec));
+          continue;
+        }
         const float acted = scalar(static_cast<T>(activate(scalar(gate[i]), kind)));
         out[i] = static_cast<T>(gated ? acted * scalar(up[i]) : acted);
       }
@@ -887,18 +923,21 @@ void activate_rows(const T* x, T* y, int64_t M, int64_t I, int64_t kind, bool ga
   });
 }
 
-at::Tensor activation(const at::Tensor& x, int64_t kind, bool gated) {
+at::Tensor activation(const at::Tensor& x, int64_t kind, bool gated, double alpha, double limit) {
   TORCH_CHECK(is_float_type(x.scalar_type()) && x.dim() >= 1 && (!gated || x.size(-1) % 2 == 0),
               "activation: x must be a float32, bfloat16 or float16 [..., I] tensor ([..., 2I] gated)");
-  TORCH_CHECK(kind == kSilu || kind == kGeluTanh, "activation: unknown kind ", kind);
+  TORCH_CHECK(kind == kSilu || kind == kGeluTanh || kind == kClampedSwiglu, "activation: unknown kind ", kind);
+  TORCH_CHECK(kind != kClampedSwiglu || (gated && alpha > 0 && limit > 0),
+              "activation: the clamped SwiGLU is gated and needs a positive alpha and limit");
   const at::Tensor xc = x.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   const int64_t I = gated ? shape.back() / 2 : shape.back();
   shape.back() = I;
   at::Tensor y = at::empty(shape, xc.options());
+  const ActivationSpec spec{kind, static_cast<float>(alpha), static_cast<float>(limit)};
   with_float_type(x.scalar_type(), "activation", [&](auto type) {
     using T = decltype(type);
-    activate_rows(xc.data_ptr<T>(), y.data_ptr<T>(), I ? y.numel() / I : 0, I, kind, gated);
+    activate_rows(xc.data_ptr<T>(), y.data_ptr<T>(), I ? y.numel() / I : 0, I, spec, gated);
   });
   return y;
 }
@@ -967,7 +1006,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 // or upcast copy of the context. q: [B, H, D] float32, bfloat16 or float16; caches
 // [blocks, block_size, KVH, D]; block_tables [B, max_blocks] and seq_lens [B] int64; window
 // 0 = full attention, else the query (position seq_len - 1) sees the last `window` keys; softcap
-// > 0 caps each scaled score at +-softcap (Gemma 2: softcap * tanh(score / softcap)).
+// > 0 caps each scaled score at +-softcap (Gemma 2: softcap * tanh(score / softcap)); sinks [H] (GPT-OSS,
+// optional): a logit per head that joins each softmax's denominator but weighs no value.
 // Returns [B, H, D] in q's dtype, computed in float32.
 //
 // The work is cut into pieces of (request, KV head, span of positions), so that fewer
@@ -1094,14 +1134,17 @@ void attend_span(const Q* q, const T* k_cache, const T* v_cache, const int64_t* 
 
 // The `count` pieces of one request's KV head, partials [count, group, 2 + D], merged into
 // the group's output rows out [group, D]: each piece's sums rescaled to the largest score of all.
+// sinks (GPT-OSS; null: none): the group's heads' sink logits, each one more term of its softmax's
+// denominator that weighs no value row.
 template <typename Q>
-void merge_pieces(const float* partials, int64_t count, int64_t group, int64_t D, Q* out) {
+void merge_pieces(const float* partials, int64_t count, int64_t group, int64_t D, const float* sinks, Q* out) {
   const int64_t stride = group * (2 + D);
   std::vector<float> weights(count);
   for (int64_t h = 0; h < group; ++h) {
     const float* head = partials + h * (2 + D);
-    float largest = -INFINITY, total = 0.0f;
+    float largest = sinks ? sinks[h] : -INFINITY;
     for (int64_t i = 0; i < count; ++i) largest = std::max(largest, head[i * stride]);
+    float total = sinks ? std::exp(sinks[h] - largest) : 0.0f;
     for (int64_t i = 0; i < count; ++i) {
       weights[i] = std::exp(head[i * stride] - largest);
       total += head[i * stride + 1] * weights[i];
@@ -1137,7 +1180,7 @@ std::vector<Piece> cut_into_pieces(const int64_t* lens, int64_t B, int64_t KVH, 
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
-                            double softcap) {
+                            double softcap, const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(q.dim() == 3 && is_float_type(q.scalar_type()),
               "decode_attention: q must be a float32, bfloat16 or float16 [B, H, D] tensor");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
@@ -1150,6 +1193,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && H % KVH == 0,
               "decode_attention: head sizes must match and be multiples of 16");
   const int64_t group = H / KVH, max_blocks = block_tables.size(1);
+  TORCH_CHECK(!sinks || (sinks->dim() == 1 && sinks->size(0) == H && is_float_type(sinks->scalar_type())),
+              "decode_attention: sinks must be a float tensor [H], one per query head");
+  const at::Tensor sink_logits = sinks ? sinks->to(at::kFloat).contiguous() : at::Tensor();
+  const float* sink_values = sinks ? sink_logits.data_ptr<float>() : nullptr;
   const at::Tensor queries = q.contiguous();
   at::Tensor out = at::empty_like(queries);
   const int64_t *tables = block_tables.data_ptr<int64_t>(), *lens = seq_lens.data_ptr<int64_t>();
@@ -1177,7 +1224,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       parallel_ranges(0, B * KVH, 16, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
           merge_pieces(partials.data() + first_piece[i] * partial_size, first_piece[i + 1] - first_piece[i], group,
-                       D, op + i * group * D);  // request i / KVH, KV head i % KVH: its group's rows
+                       D, sink_values ? sink_values + i % KVH * group : nullptr,
+                       op + i * group * D);  // request i / KVH, KV head i % KVH: its group's rows
       });
     });
   });
@@ -1220,6 +1268,7 @@ struct MoeOperands {
 struct Layer {
   std::optional<NormOperands> input_norm, post_attention_norm, pre_mlp_norm, post_mlp_norm, q_norm, k_norm;
   LinearOperands qkv, o, up, down;  // up and down: the MLP's, undefined where the layer has experts
+  std::optional<at::Tensor> sinks;  // attention's sink logits [H] (GPT-OSS)
   std::optional<MoeOperands> moe;
   at::Tensor k_cache, v_cache;
   int64_t window = 0, rotary = -1;  // rotary: which of the step's (cos, sin) pairs, -1 none
@@ -1253,9 +1302,10 @@ struct Entries {
 
 struct DecodeLayers : torch::CustomClassHolder {
   std::vector<Layer> layers;
-  int64_t num_heads, num_kv_heads, qk_norm, activation;
+  int64_t num_heads, num_kv_heads, qk_norm;
+  ActivationSpec activation;
   int64_t moe_top_k;  // the MoE layers' routing (one for the model); 0: no MoE layers
-  bool gated, moe_norm_topk, moe_float32_weights;
+  bool gated, moe_norm_topk, moe_float32_weights, moe_softmax_after_topk;
   NormSpec norm;
   double scale, softcap, residual_scale;
 
@@ -1266,7 +1316,11 @@ struct DecodeLayers : torch::CustomClassHolder {
     norm = {static_cast<int64_t>(settings.required("norm_kind")), static_cast<float>(settings.required("norm_eps")),
             static_cast<float>(settings.required("norm_offset"))};
     qk_norm = static_cast<int64_t>(settings.required("qk_norm"));
-    activation = static_cast<int64_t>(settings.required("activation"));
+    activation.kind = static_cast<int64_t>(settings.required("activation"));
+    if (activation.kind == kClampedSwiglu) {
+      activation.alpha = static_cast<float>(settings.required("swiglu_alpha"));
+      activation.limit = static_cast<float>(settings.required("swiglu_limit"));
+    }
     gated = settings.required("gated") != 0;
     scale = settings.required("scale");
     softcap = settings.required("softcap");
@@ -1274,6 +1328,7 @@ struct DecodeLayers : torch::CustomClassHolder {
     moe_top_k = static_cast<int64_t>(settings.optional("moe_top_k").value_or(0));
     moe_norm_topk = settings.optional("moe_norm_topk").value_or(0) != 0;
     moe_float32_weights = settings.optional("moe_float32_weights").value_or(0) != 0;
+    moe_softmax_after_topk = settings.optional("moe_softmax_after_topk").value_or(0) != 0;
     settings.finish();
     TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0 && qk_norm >= kNoQkNorm &&
                     qk_norm <= kWholeProjection && norm.kind >= kRms && norm.kind <= kLayer,
@@ -1300,6 +1355,7 @@ struct DecodeLayers : torch::CustomClassHolder {
     layer.k_norm = norm_of("k_norm");
     layer.qkv = linear("qkv");
     layer.o = linear("o");
+    layer.sinks = tensors.optional("sinks");
     if (tensors.dict.contains("router.weight")) {
       auto maybe_linear = [&](const std::string& name) -> std::optional<LinearOperands> {
         if (!tensors.dict.contains(name + ".weight")) return std::nullopt;
@@ -1400,6 +1456,10 @@ at::Tensor finish(const at::Tensor& out, const std::optional<NormOperands>& norm
   return model.residual_scale != 1.0 ? y.mul(model.residual_scale) : y;
 }
 
+at::Tensor activated(const at::Tensor& x, const ActivationSpec& spec, bool gated) {
+  return activation(x, spec.kind, gated, spec.alpha, spec.limit);
+}
+
 // One expert's slice of stacked expert weights.
 LinearOperands expert(const LinearOperands& stack, int64_t e) {
   auto slice = [e](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
@@ -1411,8 +1471,14 @@ LinearOperands expert(const LinearOperands& stack, int64_t e) {
 // A mixture of experts over x [T, hidden]: lmgen/layers/moe.py MoE.forward op for op (so the same bits).
 at::Tensor mixture_of_experts(const at::Tensor& x, const MoeOperands& moe, const DecodeLayers& model) {
   const int64_t k = model.moe_top_k, E = moe.router.weight.size(0);
-  const at::Tensor probs = product(x, moe.router).to(at::kFloat).softmax(-1);
-  auto [top, chosen] = probs.topk(k, -1);
+  const at::Tensor logits = product(x, moe.router).to(at::kFloat);
+  at::Tensor top, chosen;
+  if (model.moe_softmax_after_topk) {
+    std::tie(top, chosen) = logits.topk(k, -1);
+    top = top.softmax(-1);
+  } else {
+    std::tie(top, chosen) = logits.softmax(-1).topk(k, -1);
+  }
   at::Tensor weights = model.moe_norm_topk ? top.div(top.sum(-1, true)) : top;
   if (!model.moe_float32_weights) weights = weights.to(x.scalar_type());
   // each (token, choice) slot, sorted by expert: its token, and how many slots each expert has
@@ -1427,13 +1493,13 @@ at::Tensor mixture_of_experts(const at::Tensor& x, const MoeOperands& moe, const
   for (int64_t e = 0, start = 0; e < E; ++e) {
     if (!count[e]) continue;  // an expert no token chose is never read
     const at::Tensor up = product(rows.narrow(0, start, count[e]), expert(moe.experts_up, e));
-    outputs.narrow(0, start, count[e]).copy_(product(activation(up, model.activation, true), expert(moe.experts_down, e)));
+    outputs.narrow(0, start, count[e]).copy_(product(activated(up, model.activation, true), expert(moe.experts_down, e)));
     start += count[e];
   }
   const at::Tensor weighted = outputs.mul(weights.flatten().index_select(0, order).unsqueeze(1)).to(x.scalar_type());
   at::Tensor out = at::zeros_like(x).index_add_(0, tokens, weighted);
   if (moe.shared_up) {
-    const at::Tensor shared = product(activation(product(x, *moe.shared_up), model.activation, true), *moe.shared_down);
+    const at::Tensor shared = product(activated(product(x, *moe.shared_up), model.activation, true), *moe.shared_down);
     out = out.add(product(x, *moe.shared_gate).sigmoid().mul(shared));
   }
   return out;
@@ -1475,12 +1541,12 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(const at::Tensor& x, const std:
       auto [attention_in, stream] = add_and_norm(hidden, residual, layer.input_norm, model.norm);
       attention_inputs(layer, attention_in, rotary, slot_mapping, model, q);
       const at::Tensor attended = decode_attention(q, layer.k_cache, layer.v_cache, block_tables, seq_lens, model.scale,
-                                                   layer.window, model.softcap);
+                                                   layer.window, model.softcap, layer.sinks);
       hidden = finish(product(attended.view({T, H * D}), layer.o), layer.post_attention_norm, model);
       auto [mlp_in, summed] = add_and_norm(hidden, stream, layer.pre_mlp_norm, model.norm);
       residual = summed;
       const at::Tensor mlp_out = layer.moe ? mixture_of_experts(mlp_in, *layer.moe, model)
-                                           : product(activation(product(mlp_in, layer.up), model.activation, model.gated),
+                                           : product(activated(product(mlp_in, layer.up), model.activation, model.gated),
                                                      layer.down);
       hidden = finish(mlp_out, layer.post_mlp_norm, model);
     }
@@ -1501,11 +1567,11 @@ TORCH_LIBRARY(lmgen, m) {
   m.def("dequantize_int8(Tensor w, Tensor scales) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scales, Tensor zeros) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "float scale, int window, float softcap) -> Tensor");
+        "float scale, int window, float softcap, Tensor? sinks=None) -> Tensor");
   m.def("norm(Tensor x, Tensor weight, Tensor? bias, int kind, float eps, float offset) -> Tensor");
   m.def("add_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, int kind, float eps, float offset) "
         "-> (Tensor, Tensor)");
-  m.def("activation(Tensor x, int kind, bool gated) -> Tensor");
+  m.def("activation(Tensor x, int kind, bool gated, float alpha=0.0, float limit=0.0) -> Tensor");
   m.class_<DecodeLayers>("DecodeLayers")
       .def(torch::init<c10::Dict<std::string, double>>())
       .def("add_layer", &DecodeLayers::add_layer);

@@ -86,10 +86,13 @@ def paged_attention(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, KVH, D], cache: [num_blocks, block_size, KVH, D] each. Returns [T, H, D].
 
-    softcap (Gemma 2): each scaled score s becomes softcap * tanh(s / softcap) before the softmax."""
+    softcap (Gemma 2): each scaled score s becomes softcap * tanh(s / softcap) before the softmax.
+    sinks (GPT-OSS): [H] a learned logit per head that joins the softmax's denominator but weighs no value,
+    so that a head may attend to nothing."""
     k_cache, v_cache = kv_cache
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
@@ -97,7 +100,8 @@ def paged_attention(
 
     if reads_cache_in_place(meta, head_dim, q.device):
         tables, lens = meta.query_rows()
-        return torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, scale, window or 0, softcap or 0.0)
+        return torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, scale, window or 0, softcap or 0.0,
+                                                sinks)
     batch, dtype = meta.block_tables.shape[0], q.dtype
     cdtype = compute_dtype(dtype, q.device)
     # index_select on the flat table: indexing with the 2-D table directly is ~1000x slower on CPU
@@ -112,8 +116,8 @@ def paged_attention(
         queries[meta.token_request, meta.token_offset] = q
         queries = queries.transpose(1, 2)
     mask = meta.masks[window]
-    if softcap:
-        out = _capped_attention(queries, keys, values, mask, scale, softcap)
+    if softcap or sinks is not None:
+        out = _explicit_attention(queries, keys, values, mask, scale, softcap, sinks)
     else:
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
                                              enable_gqa=q.shape[1] != num_kv_heads)
@@ -122,10 +126,17 @@ def paged_attention(
     return out.transpose(1, 2)[meta.token_request, meta.token_offset].to(dtype)
 
 
-def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                      softcap: float) -> torch.Tensor:
-    """Attention with soft-capped scores (which SDPA cannot apply): q [B, H, Q, D], k/v [B, KVH, S, D]."""
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                        softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention with soft-capped scores or sinks (which SDPA cannot apply): q [B, H, Q, D], k/v [B, KVH, S, D],
+    sinks [H]."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap
-    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+    scores = q @ k.transpose(-1, -2) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        return scores.softmax(dim=-1) @ v
+    sink_column = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)
+    return torch.cat((scores, sink_column), dim=-1).softmax(dim=-1)[..., :-1] @ v

@@ -8,6 +8,7 @@ current default device and dtype (see ``lmgen.models.build``).
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,9 @@ class Embedding(nn.Module):
 class Activation(enum.IntEnum):  # the values are the kernels' (cpu.cpp: ActivationKind)
     SILU = 0
     GELU_TANH = 1  # GELU's tanh approximation (gelu_pytorch_tanh, gelu_new)
+    # GPT-OSS's experts, gated only: gate clamped above and up on both sides at `limit`, then
+    # (up + 1) * gate * sigmoid(alpha * gate)
+    CLAMPED_SWIGLU = 2
 
     @classmethod
     def from_hf(cls, name: str) -> "Activation":
@@ -98,17 +102,35 @@ class Activation(enum.IntEnum):  # the values are the kernels' (cpu.cpp: Activat
         return names[name]
 
 
+@dataclass(frozen=True)
+class SwigluClamp:
+    """Activation.CLAMPED_SWIGLU's settings (GPT-OSS's swiglu_alpha and swiglu_limit)."""
+
+    alpha: float
+    limit: float
+
+    def __post_init__(self) -> None:
+        if not (self.alpha > 0 and self.limit > 0):
+            raise UnsupportedModelError(f"clamped SwiGLU: alpha {self.alpha} and limit {self.limit} must be positive")
+
+
 class MLPActivation(nn.Module):
     """The MLP's activation: gated (SwiGLU, GeGLU) on a fused gate/up projection, act(gate) * up;
-    else act(x)."""
+    else act(x). The clamped SwiGLU (gated only) takes its settings from `clamp`."""
 
-    def __init__(self, kind: Activation, gated: bool) -> None:
+    def __init__(self, kind: Activation, gated: bool, clamp: SwigluClamp | None = None) -> None:
         super().__init__()
-        self.kind, self.gated = kind, gated
+        if (kind == Activation.CLAMPED_SWIGLU) != (clamp is not None) or (clamp is not None and not gated):
+            raise UnsupportedModelError("the clamped SwiGLU, and it alone, takes a clamp, and it is gated")
+        self.kind, self.gated, self.clamp = kind, gated, clamp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha, limit = (self.clamp.alpha, self.clamp.limit) if self.clamp else (0.0, 0.0)
         if kernels.serve(x.device):
-            return torch.ops.lmgen.activation(x, int(self.kind), self.gated)  # one call instead of four
+            return torch.ops.lmgen.activation(x, int(self.kind), self.gated, alpha, limit)  # one call instead of four
         gate, up = x.chunk(2, dim=-1) if self.gated else (x, None)
+        if self.kind == Activation.CLAMPED_SWIGLU:  # as transformers' GptOssExperts, op for op
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * alpha))
         acted = F.silu(gate) if self.kind == Activation.SILU else F.gelu(gate, approximate="tanh")
         return acted if up is None else acted * up

@@ -1,5 +1,5 @@
 """Mixture-of-experts layers: a router picks each token's top-k experts (small gated MLPs), whose
-outputs are summed with the router's weights (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+outputs are summed with the router's weights (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS).
 
 A layer's experts are stored stacked, one tensor per projection (``gate_up_proj.weight``
 [E, 2 * intermediate, hidden], ``down_proj.weight`` [E, hidden, intermediate]; quantized, their
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lmgen.errors import UnsupportedModelError
-from lmgen.layers.linear import Activation, Linear, MLPActivation
+from lmgen.layers.linear import Linear, MLPActivation
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,10 @@ class MoEConfig:
     # Mixtral weighs the experts' outputs with float32 routing weights; the others round them to the activations' dtype
     float32_weights: bool = False
     shared_expert_size: int = 0  # Qwen2-MoE: a gated MLP every token passes through besides its experts; 0: none
+    # GPT-OSS: the top-k router logits are chosen first and only their softmax weighs the experts; its router
+    # and its experts' projections have biases
+    softmax_after_topk: bool = False
+    biases: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "intermediate_size"):
@@ -52,9 +56,10 @@ class ExpertLinear(Linear):
     """The same projection of each of a layer's experts, stacked: weight [E, out, in]. Like FusedLinear,
     ``shard_sizes`` says which rows each checkpoint tensor fills (gate, then up)."""
 
-    def __init__(self, num_experts: int, in_features: int, shard_sizes: list[int]) -> None:
+    def __init__(self, num_experts: int, in_features: int, shard_sizes: list[int], bias: bool) -> None:
         super().__init__(in_features, sum(shard_sizes))
         self.weight = nn.Parameter(torch.empty(num_experts, self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(num_experts, self.out_features), requires_grad=False) if bias else None
         self.shard_sizes = list(shard_sizes)
 
 
@@ -70,13 +75,13 @@ def expert_view(stack: nn.Module, expert: int) -> nn.Module:
 class Experts(nn.Module):
     """A layer's experts: gate/up and down stacked (see ExpertLinear)."""
 
-    def __init__(self, hidden_size: int, config: MoEConfig, activation: Activation) -> None:
+    def __init__(self, hidden_size: int, config: MoEConfig, activation: MLPActivation) -> None:
         super().__init__()
         size = config.intermediate_size
         self.num_experts = config.num_experts
-        self.gate_up_proj = ExpertLinear(config.num_experts, hidden_size, [size, size])
-        self.down_proj = ExpertLinear(config.num_experts, size, [hidden_size])
-        self.act = MLPActivation(activation, gated=True)
+        self.gate_up_proj = ExpertLinear(config.num_experts, hidden_size, [size, size], config.biases)
+        self.down_proj = ExpertLinear(config.num_experts, size, [hidden_size], config.biases)
+        self.act = activation
         self._views: list[tuple[nn.Module, nn.Module]] = []  # per expert (gate_up, down), made on first use
 
     def views(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -101,15 +106,17 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """The MLP of a mixture-of-experts layer: softmax router, top-k experts, optional gated shared expert.
 
+    `activation` is the experts' (gated, over their fused gate/up projections).
+
     ``tokens_per_expert`` counts the tokens routed to each expert since it was last zeroed (router
     statistics: ``lmgen.layers.moe.tokens_per_expert``).
     """
 
-    def __init__(self, hidden_size: int, config: MoEConfig, activation: Activation,
+    def __init__(self, hidden_size: int, config: MoEConfig, activation: MLPActivation,
                  shared_expert: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
-        self.router = Linear(hidden_size, config.num_experts)
+        self.router = Linear(hidden_size, config.num_experts, bias=config.biases)
         self.experts = Experts(hidden_size, config, activation)
         self.shared_expert = shared_expert
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert is not None else None
@@ -119,8 +126,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
         config = self.config
-        probs = torch.softmax(self.router(x).float(), dim=-1)
-        weights, chosen = probs.topk(config.top_k, dim=-1)  # [T, k]
+        logits = self.router(x).float()
+        if config.softmax_after_topk:
+            top, chosen = logits.topk(config.top_k, dim=-1)  # [T, k]
+            weights = torch.softmax(top, dim=-1)
+        else:
+            weights, chosen = torch.softmax(logits, dim=-1).topk(config.top_k, dim=-1)
         if config.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if not config.float32_weights:

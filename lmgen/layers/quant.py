@@ -110,6 +110,8 @@ class QuantConfig:
         if saved is None:
             return None
         method = saved.get("quant_method")
+        if method == "mxfp4":  # GPT-OSS's experts: its family dequantizes them while loading (models/gpt_oss.py)
+            return None
         if method != CHECKPOINT_QUANT_METHOD or saved.get("method") not in QUANTIZATION_METHODS:
             name = saved.get("method") if method == CHECKPOINT_QUANT_METHOD else method
             raise UnsupportedModelError(

@@ -5,7 +5,8 @@ match it bit for bit. "dynamic" NTK scaling and "longrope" (Phi-3) depend on the
 length, so each token's cos/sin follow its request's length after this step (what
 transformers does for one sequence): dynamic computes them per token, longrope picks each
 token's row from its short- or long-factor table; every other type uses one precomputed
-table. A partial rotary (``partial_rotary_factor``, Phi-4-mini) rotates the first
+table (YaRN's blends each original frequency with it divided by its factor, and scales
+cos/sin). A partial rotary (``partial_rotary_factor``, Phi-4-mini) rotates the first
 ``rotary_dim`` dimensions of each head and passes the rest through.
 """
 
@@ -19,7 +20,7 @@ import torch
 from lmgen import kernels
 from lmgen.errors import UnsupportedModelError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
 #: Types whose frequencies are computed on the CPU from each request's length, every step (longrope
 #: also follows the length, but picks between two tables on the device).
 HOST_COMPUTED_ROPE_TYPES = ("dynamic",)
@@ -51,7 +52,7 @@ class RopeConfig:
         theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
         partial = rope.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
         max_positions = int(config.get("max_position_embeddings", 2048))
-        if rope_type in ("llama3", "longrope"):
+        if rope_type in ("llama3", "longrope", "yarn"):
             rope.setdefault("original_max_position_embeddings",
                             config.get("original_max_position_embeddings", max_positions))
         return cls(head_dim, float(theta), rope_type, max_positions, rope, int(head_dim * partial))
@@ -72,6 +73,38 @@ def _longrope(cfg: RopeConfig, long: bool) -> tuple[torch.Tensor, float]:
     factors = torch.tensor(p["long_factor" if long else "short_factor"], dtype=torch.float32)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     return 1.0 / (factors * cfg.theta ** exponents), scaling
+
+
+def _yarn(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
+    """YaRN's inverse frequencies (GPT-OSS, Qwen3 long context) and the factor cos/sin are scaled by, as
+    transformers computes them: each frequency blends the original one (fast dimensions, which turn
+    beta_fast times or more over the original length) and the one divided by `factor` (slow ones, beta_slow
+    turns or fewer), along a linear ramp between them."""
+    p, dim = cfg.params, cfg.rotary_dim
+    original = p["original_max_position_embeddings"]
+    factor = p.get("factor") or cfg.max_position_embeddings / original
+    scaling = p.get("attention_factor")
+    if scaling is None:
+        mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+        scaling = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+                   else _yarn_mscale(factor))
+
+    def dimension_turning(turns: float) -> float:  # the dimension that turns `turns` times over the original length
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(cfg.theta))
+
+    low, high = dimension_turning(p.get("beta_fast") or 32), dimension_turning(p.get("beta_slow") or 1)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = cfg.theta ** (torch.arange(0, dim, 2).float() / dim)
+    kept = 1 - ramp  # the share of each original frequency
+    return 1.0 / (factor * pos_freqs) * (1 - kept) + 1.0 / pos_freqs * kept, scaling
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _base_inv_freq(theta: float | torch.Tensor, dim: int) -> torch.Tensor:
@@ -102,6 +135,15 @@ def static_inv_freq(cfg: RopeConfig) -> torch.Tensor:
     return inv_freq
 
 
+def _inv_freq_and_scaling(cfg: RopeConfig, long: bool) -> tuple[torch.Tensor, float]:
+    """A table's inverse frequencies and the factor its cos/sin are scaled by."""
+    if cfg.rope_type == "longrope":
+        return _longrope(cfg, long)
+    if cfg.rope_type == "yarn":
+        return _yarn(cfg)
+    return static_inv_freq(cfg), 1.0
+
+
 def _cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -121,8 +163,7 @@ class RotaryEmbedding:
     def _table(self, device: torch.device, dtype: torch.dtype, long: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if (device, dtype, long) not in self.tables:
             positions = torch.arange(self.max_len, dtype=torch.float32)
-            inv_freq, scaling = _longrope(self.cfg, long) if self.cfg.rope_type == "longrope" else (
-                static_inv_freq(self.cfg), 1.0)
+            inv_freq, scaling = _inv_freq_and_scaling(self.cfg, long)
             cos, sin = (t * scaling for t in _cos_sin(positions[:, None] * inv_freq[None, :]))
             self.tables[device, dtype, long] = tuple(t.to(device, dtype)[:, None, :] for t in (cos, sin))
         return self.tables[device, dtype, long]

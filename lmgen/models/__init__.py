@@ -30,6 +30,7 @@ _REGISTRY = {
     "Qwen2MoeForCausalLM": "lmgen.models.qwen_moe:Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM": "lmgen.models.qwen_moe:Qwen3MoeForCausalLM",
     "OlmoeForCausalLM": "lmgen.models.olmoe:OlmoeForCausalLM",
+    "GptOssForCausalLM": "lmgen.models.gpt_oss:GptOssForCausalLM",
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_REGISTRY)

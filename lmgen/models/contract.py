@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 
 from lmgen.errors import UnsupportedModelError
-from lmgen.layers.linear import Activation
+from lmgen.layers.linear import Activation, MLPActivation, SwigluClamp
 from lmgen.layers.moe import MoEConfig
 from lmgen.layers.norm import Norm, NormKind
 from lmgen.layers.rotary import RopeConfig
@@ -72,11 +72,13 @@ class ModelSpec:
     qk_norm: QkNorm = QkNorm.NONE
     activation: Activation = Activation.SILU
     gated_mlp: bool = True
+    swiglu_clamp: SwigluClamp | None = None  # Activation.CLAMPED_SWIGLU's alpha and limit (GPT-OSS)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attention_softcap: float | None = None  # Gemma 2
+    attention_sinks: bool = False  # GPT-OSS: a learned logit per head in each softmax's denominator (self_attn.sinks)
     embedding_scale: float = 1.0  # Gemma: sqrt(hidden); Granite: embedding_multiplier
     residual_scale: float = 1.0  # Granite: each sublayer's output is scaled before the residual add
     logits_divisor: float = 1.0  # Granite: logits_scaling
@@ -98,6 +100,8 @@ class ModelSpec:
         if unknown:
             raise UnsupportedModelError(
                 f"model spec: unknown norm places {sorted(unknown)}; known: {list(NORM_PLACES)}")
+        if (self.activation == Activation.CLAMPED_SWIGLU) != (self.swiglu_clamp is not None):
+            raise UnsupportedModelError("model spec: swiglu_clamp goes with the clamped SwiGLU activation, and only")
         for i, layer in enumerate(self.layers):
             if layer.rope is not None and not 0 <= layer.rope < len(self.ropes):
                 raise UnsupportedModelError(f"model spec: layer {i} uses rope {layer.rope}, but there are "
@@ -143,12 +147,17 @@ class ModelSpec:
     @property
     def context_length(self) -> int:
         """The longest sequence the checkpoint supports: linear and dynamic scaling stretch
-        max_position_embeddings by their factor (as vLLM derives it)."""
+        max_position_embeddings by their factor, YaRN its original length (as vLLM derives it)."""
         factors = [rope.params["factor"] for rope in self.ropes if rope.rope_type in ("linear", "dynamic")]
-        return int(self.max_position_embeddings * max(factors, default=1))
+        yarn = [rope.params["original_max_position_embeddings"] * rope.params["factor"]
+                for rope in self.ropes if rope.rope_type == "yarn" and rope.params.get("factor")]
+        return int(max([self.max_position_embeddings * max(factors, default=1), *yarn]))
 
     def make_norm(self, size: int) -> Norm:
         return Norm(size, self.norm_eps, self.norm, self.norm_offset)
+
+    def make_activation(self) -> MLPActivation:
+        return MLPActivation(self.activation, self.gated_mlp, self.swiglu_clamp)
 
     def one_call_settings(self) -> dict[str, float]:
         """The model-wide settings decode_layers reads (cpu.cpp: DecodeLayers), by name."""
@@ -157,10 +166,13 @@ class ModelSpec:
                     "activation": int(self.activation), "gated": float(self.gated_mlp),
                     "scale": self.attention_scale or self.head_dim ** -0.5, "softcap": self.attention_softcap or 0.0,
                     "residual_scale": self.residual_scale}
+        if self.swiglu_clamp is not None:
+            settings.update(swiglu_alpha=self.swiglu_clamp.alpha, swiglu_limit=self.swiglu_clamp.limit)
         moe = next((layer.moe for layer in self.layers if layer.moe is not None), None)
         if moe is not None:  # the experts' sizes and whether there is a shared expert come with the tensors
             settings.update(moe_top_k=moe.top_k, moe_norm_topk=float(moe.norm_topk),
-                            moe_float32_weights=float(moe.float32_weights))
+                            moe_float32_weights=float(moe.float32_weights),
+                            moe_softmax_after_topk=float(moe.softmax_after_topk))
         return settings
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from lmgen import kernels
 from lmgen.layers.attention import AttentionMetadata, paged_attention, reads_cache_in_place
-from lmgen.layers.linear import Embedding, FusedLinear, Linear, MLPActivation
+from lmgen.layers.linear import Embedding, FusedLinear, Linear
 from lmgen.layers.moe import MoE, MoEConfig
 from lmgen.layers.norm import Norm
 from lmgen.layers.rotary import RotaryEmbedding, apply_rotary
@@ -61,6 +61,7 @@ class Attention(nn.Module):
         self.window, self.rope = layer.window, layer.rope
         self.scale = spec.attention_scale or spec.head_dim ** -0.5
         self.softcap = spec.attention_softcap
+        self.sinks = nn.Parameter(torch.empty(spec.num_heads), requires_grad=False) if spec.attention_sinks else None
 
     def forward(self, x: torch.Tensor, rotations: Rotations, meta: AttentionMetadata, kv_cache: KVCache,
                 ) -> torch.Tensor:
@@ -82,7 +83,7 @@ class Attention(nn.Module):
             else:
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = v.view(num_tokens, self.num_kv_heads, head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window, self.softcap)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window, self.softcap, self.sinks)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -93,7 +94,7 @@ class MLP(nn.Module):
             self.gate_up_proj = FusedLinear(spec.hidden_size, [size, size], bias=spec.mlp_bias)
         else:
             self.up_proj = Linear(spec.hidden_size, size, bias=spec.mlp_bias)
-        self.act = MLPActivation(spec.activation, spec.gated_mlp)
+        self.act = spec.make_activation()
         self.down_proj = Linear(size, spec.hidden_size, bias=spec.mlp_bias)
 
     @property
@@ -107,7 +108,7 @@ class MLP(nn.Module):
 
 def moe_block(spec: ModelSpec, config: MoEConfig) -> MoE:
     shared = MLP(spec, config.shared_expert_size) if config.shared_expert_size else None
-    return MoE(spec.hidden_size, config, spec.activation, shared)
+    return MoE(spec.hidden_size, config, spec.make_activation(), shared)
 
 
 class DecoderLayer(nn.Module):
@@ -259,6 +260,8 @@ def _layer_tensors(layer: DecoderLayer) -> dict[str, torch.Tensor] | None:
             tensors[f"{name}.weight"] = norm.weight
             if norm.bias is not None:
                 tensors[f"{name}.bias"] = norm.bias
+    if layer.self_attn.sinks is not None:
+        tensors["sinks"] = layer.self_attn.sinks
     linears = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj}
     if isinstance(layer.mlp, MoE):
         moe = layer.mlp

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lmgen import kernels
-from lmgen.layers.attention import _capped_attention
-from lmgen.layers.linear import Activation, MLPActivation, linear
+from lmgen.layers.attention import _explicit_attention
+from lmgen.layers.linear import Activation, MLPActivation, SwigluClamp, linear
 from lmgen.layers.norm import Norm, NormKind
 from lmgen.layers.quant import (deinterleave_int4, dequantize_int4, interleave_int4, quantize_int4, quantize_int8,
                                 unpack_int4)
@@ -180,6 +180,12 @@ def test_kernel_errors_name_the_problem():
     nibbles, scales, zeros = quantize_int4(torch.randn(16, 64), 32)
     with pytest.raises(RuntimeError, match="dequantize_int4: scales and zeros"):
         torch.ops.lmgen.dequantize_int4(nibbles, scales, zeros[:, :1])
+    cache = torch.zeros(2, 16, 1, 32)
+    with pytest.raises(RuntimeError, match=r"sinks must be a float tensor \[H\], one per query head"):
+        torch.ops.lmgen.decode_attention(torch.randn(1, 2, 32), cache, cache, torch.zeros(1, 1, dtype=torch.long),
+                                         torch.ones(1, dtype=torch.long), 1.0, 0, 0.0, torch.zeros(1))
+    with pytest.raises(RuntimeError, match="the clamped SwiGLU is gated and needs a positive alpha and limit"):
+        torch.ops.lmgen.activation(torch.randn(2, 64), int(Activation.CLAMPED_SWIGLU), True)
 
 
 def test_lmgen_cpu_kernels_0_turns_them_off():
@@ -265,16 +271,20 @@ def test_norm_kernel_with_and_without_a_residual_equals_the_pytorch_path(monkeyp
     assert torch.equal(fast_sum, total) and torch.equal(total, x + residual)
 
 
-@pytest.mark.parametrize("kind", list(Activation))
-@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("kind, gated", [(Activation.SILU, True), (Activation.SILU, False), (Activation.GELU_TANH, True),
+                                         (Activation.GELU_TANH, False), (Activation.CLAMPED_SWIGLU, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [1536, 13])  # 13: values past the last full vector
 def test_activation_kernel_equals_the_pytorch_path(monkeypatch, dtype, width, kind, gated):
     torch.manual_seed(width)
-    x = (torch.randn(3, (2 if gated else 1) * width) * 4).to(dtype)
-    fast, reference = _with_and_without_kernels(monkeypatch, MLPActivation(kind, gated), x)
+    x = (torch.randn(3, (2 if gated else 1) * width) * 4).to(dtype)  # past the clamp's limit 7 too
+    clamp = SwigluClamp(alpha=1.702, limit=7.0) if kind == Activation.CLAMPED_SWIGLU else None
+    fast, reference = _with_and_without_kernels(monkeypatch, MLPActivation(kind, gated, clamp), x)
     assert fast.shape == (3, width)
-    if kind == Activation.SILU:
+    if kind == Activation.CLAMPED_SWIGLU:  # the sigmoid's exp: lmgen's polynomial, then one rounding after each step
+        ulps = 4 if dtype == torch.float32 else 2
+        assert torch.allclose(fast.float(), reference.float(), rtol=ulps * torch.finfo(dtype).eps, atol=1e-6)
+    elif kind == Activation.SILU:
         _assert_within_a_few_ulps(fast, reference)  # exp is lmgen's polynomial, PyTorch's is Sleef's
     else:  # as 1 / (1 + exp): a few ulps, where PyTorch takes 1 + tanh (which cancels for x << 0)
         ulps = 4 if dtype == torch.float32 else 2
@@ -290,9 +300,27 @@ def test_decode_attention_soft_caps_scores_like_the_reference():
     for b in range(2):
         keys, values = (c[tables[b]].reshape(-1, 2, 32)[: lens[b]].transpose(0, 1)[None] for c in (k_cache, v_cache))
         mask = torch.ones(1, 1, 1, int(lens[b]), dtype=torch.bool)
-        expected = _capped_attention(q[b][None, :, None], keys, values, mask, 0.5, 2.0)[0, :, 0]
+        expected = _explicit_attention(q[b][None, :, None], keys, values, mask, 0.5, 2.0, None)[0, :, 0]
         assert torch.allclose(out[b], expected, atol=1e-5)
     assert not torch.allclose(out, torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, 0.5, 0, 0.0))
+
+
+@pytest.mark.parametrize("window", [0, 24])
+def test_decode_attention_adds_sinks_to_the_denominator_like_the_reference(window, four_threads):
+    torch.manual_seed(0)
+    k_cache, v_cache = (torch.randn(12, 16, 2, 32) * 2 for _ in range(2))
+    q = torch.randn(2, 4, 32) * 2
+    tables, lens = torch.tensor([[0, 3, 7, 9, 11], [5, 1, 2, 4, 6]]), torch.tensor([75, 31])  # several spans merged
+    sinks = torch.tensor([3.0, -1.0, 0.5, 8.0])
+    out = torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window, 0.0, sinks)
+    for b in range(2):
+        first = max(0, int(lens[b]) - window) if window else 0
+        keys, values = (c[tables[b]].reshape(-1, 2, 32)[first: lens[b]].transpose(0, 1)[None]
+                        for c in (k_cache, v_cache))
+        mask = torch.ones(1, 1, 1, keys.shape[2], dtype=torch.bool)
+        expected = _explicit_attention(q[b][None, :, None], keys, values, mask, 0.25, None, sinks)[0, :, 0]
+        assert torch.allclose(out[b], expected, atol=1e-5)
+    assert not torch.allclose(out, torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window, 0.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmgen import QuantConfig, UnsupportedModelError
-from lmgen.layers.linear import Activation, Linear
+from lmgen.layers.linear import Activation, Linear, MLPActivation
 from lmgen.layers.moe import MoE, MoEConfig, expert_view, tokens_per_expert
 from lmgen.layers.quant import Int4Linear, Int8Linear, quantize_model
 
@@ -26,7 +26,8 @@ class SharedExpert(nn.Module):  # the shape of the decoder's MLP: act(gate) * up
 
 def _moe(config: MoEConfig) -> MoE:
     torch.manual_seed(0)
-    moe = MoE(HIDDEN, config, Activation.SILU, SharedExpert(128) if config.shared_expert_size else None)
+    moe = MoE(HIDDEN, config, MLPActivation(Activation.SILU, gated=True),
+              SharedExpert(128) if config.shared_expert_size else None)
     for p in moe.parameters():
         p.data.normal_(0, 0.2)
     return moe

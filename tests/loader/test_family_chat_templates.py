@@ -1,4 +1,4 @@
-"""Chat templates of Qwen3, Gemma 3 and Phi-4-mini rendered by lmgen exactly as transformers renders them.
+"""Chat templates of Qwen3, Gemma 3, Phi-4-mini and GPT-OSS rendered by lmgen exactly as transformers renders them.
 
 The templates are the models' own, kept verbatim in tests/loader/chat_templates/:
 - qwen3.jinja: Qwen/Qwen3-0.6B tokenizer_config.json, as llama.cpp copied it from the Hub
@@ -6,7 +6,10 @@ The templates are the models' own, kept verbatim in tests/loader/chat_templates/
 - gemma3.jinja: google/gemma-3-1b-it tokenizer_config.json (the Gemma 3 "-it" models share it), as
   quoted by the Berkeley function-calling leaderboard's Gemma handler;
 - phi4-mini.jinja: microsoft/Phi-4-mini-instruct tokenizer_config.json, as quoted by guidance's
-  chat-template registry (and identically by the leaderboard's Phi handler).
+  chat-template registry (and identically by the leaderboard's Phi handler);
+- gpt-oss.jinja: openai/gpt-oss-120b chat_template.jinja (the harmony format; gpt-oss-20b ships the same),
+  as llama.cpp copied it from the Hub (models/templates/openai-gpt-oss-120b.jinja).
+Qwen3-MoE (Qwen3-30B-A3B) ships Qwen3's template: the qwen3 cases cover it.
 Each is written into a test checkpoint (tokenizer.json with the family's special tokens,
 tokenizer_config.json with its bos/eos and the template), and both lmgen and transformers'
 AutoTokenizer load that folder; text and ids must be identical.
@@ -15,16 +18,17 @@ AutoTokenizer load that folder; text and ids must be identical.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from lmgen.loader.tokenizer import ChatTemplateError, Tokenizer
-from tokenizer_fixtures import Backends, build_gemma3, build_phi4_mini, build_qwen3
+from tokenizer_fixtures import Backends, build_gemma3, build_gpt_oss, build_phi4_mini, build_qwen3
 
 transformers = pytest.importorskip("transformers")
 
-BUILDERS = {"qwen3": build_qwen3, "gemma3": build_gemma3, "phi4-mini": build_phi4_mini}
+BUILDERS = {"qwen3": build_qwen3, "gemma3": build_gemma3, "phi4-mini": build_phi4_mini, "gpt-oss": build_gpt_oss}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,12 @@ TOOL_ROUND_TRIP = [
     {"role": "tool", "content": '{"humidity": 0.9}'},
 ]
 
+# GPT-OSS: reasoning in a "thinking" field, kept in the last turn and beside a tool call no final answer follows.
+HARMONY_TOOL_CALL = {"role": "assistant", "thinking": "I need the tool.", "tool_calls": [
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+HARMONY_TOOL_RESULT = {"role": "tool", "content": '{"temp": 12, "sky": "pluie"}'}
+HARMONY_THINKING = {"role": "assistant", "thinking": "Check the forecast.", "content": "Il pleut."}
+
 # Phi-4-mini takes its tools as a JSON string on the system message.
 PHI4_TOOLS_SYSTEM = {**SYSTEM, "tools": json.dumps([tool["function"] for tool in TOOLS])}
 
@@ -102,6 +112,17 @@ FAMILY_CASES = {
             {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
             {"role": "user", "content": [{"type": "text", "text": " Describe "}, {"type": "text", "text": "Paris. "}]},
         ], add_generation_prompt=True),
+    },
+    "gpt-oss": {
+        "reasoning_effort_identity": dict(messages=[SYSTEM, USER], add_generation_prompt=True, reasoning_effort="high",
+                                          model_identity="You are a tiny random model."),
+        "tools": dict(messages=[SYSTEM, USER], tools=TOOLS, add_generation_prompt=True),
+        "builtin_tools": dict(messages=[USER], builtin_tools=["browser", "python"], add_generation_prompt=True),
+        "tool_call_pending": dict(messages=[USER, HARMONY_TOOL_CALL, HARMONY_TOOL_RESULT], tools=TOOLS,
+                                  add_generation_prompt=True),
+        "tool_call_answered": dict(messages=[USER, HARMONY_TOOL_CALL, HARMONY_TOOL_RESULT, ASSISTANT], tools=TOOLS),
+        "thinking_last_turn": dict(messages=[SYSTEM, USER, HARMONY_THINKING]),
+        "thinking_in_history": dict(messages=[USER, HARMONY_THINKING, USER_2], add_generation_prompt=True),
     },
     "phi4-mini": {
         "tools_in_system": dict(messages=[PHI4_TOOLS_SYSTEM, USER], add_generation_prompt=True),
@@ -159,3 +180,12 @@ def test_gemma3_rejects_non_alternating_roles(messages: list[dict], lm: dict, hf
         lm["gemma3"].apply_chat_template(messages)
     with pytest.raises(Exception, match=message.replace(".", r"\.")):
         hf["gemma3"].apply_chat_template(messages, tokenize=False)
+
+
+def test_gpt_oss_refuses_channel_tags_in_content(lm: dict, hf: dict) -> None:
+    messages = [USER, {"role": "assistant", "content": "<|channel|>analysis<|message|>Hmm.<|end|>"}]
+    message = "You have passed a message containing <|channel|> tags in the content field."
+    with pytest.raises(ChatTemplateError, match=re.escape(message)):
+        lm["gpt-oss"].apply_chat_template(messages)
+    with pytest.raises(Exception, match=re.escape(message)):
+        hf["gpt-oss"].apply_chat_template(messages, tokenize=False)

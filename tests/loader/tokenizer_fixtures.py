@@ -540,6 +540,26 @@ def build_gemma3(folder: Path, backends: Backends) -> Path:
     return _extend(folder, specs, updates)
 
 
+def build_gpt_oss(folder: Path, backends: Backends) -> Path:
+    """Byte-level BPE without BOS (o200k_harmony-like) with the harmony format's special tokens; bos, eos and
+    pad as openai/gpt-oss-20b names them, its template in chat_template.jinja, where it ships it."""
+    tok = Tokenizer.from_str(json.dumps(backends.byte_level()))
+    specs = [("<|startoftext|>", True), ("<|endoftext|>", True), ("<|return|>", True), ("<|constrain|>", True),
+             ("<|channel|>", True), ("<|start|>", True), ("<|end|>", True), ("<|message|>", True), ("<|call|>", True)]
+    added = _append_added_tokens(tok, specs)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    config = {
+        "added_tokens_decoder": _config_added_tokens_decoder(added),
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|return|>",
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    return _write(folder, tok, config, chat_template_file=family_chat_template("gpt-oss"))
+
+
 def build_phi4_mini(folder: Path, backends: Backends) -> Path:
     """Byte-level BPE without BOS (o200k-like); <|endoftext|> is bos, eos, pad and unk, as in
     microsoft/Phi-4-mini-instruct, and the role tokens are special."""
