@@ -60,7 +60,7 @@ build_failed = False
 def source_digest() -> str:
     """A digest of the kernels' source: compiled graphs that call them are cached under it (engine/compiled.py),
     since Inductor's cache keys know an op's name but not its signature."""
-    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(b"\0".join(path.read_bytes() for path in _SOURCES + _HEADERS)).hexdigest()[:16]
 
 
 def load() -> bool:
@@ -121,8 +121,7 @@ def _load_library() -> bool:
 def _built_library() -> Path:
     """The compiled kernels, built now if this machine has not built this source yet."""
     compiler = _compiler()
-    sources = [path.read_bytes() for path in _SOURCES + _HEADERS]
-    key = hashlib.sha256(b"\0".join([*sources, torch.__version__.encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([source_digest().encode(), torch.__version__.encode(), compiler.encode(),
                                      " ".join(_FLAGS).encode(), sys.version.encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("LMGEN_CACHE", Path.home() / ".cache" / "lmgen")) / "kernels"
     library = cache / f"cpu-{key}.so"

@@ -18,7 +18,7 @@ from lmgen.errors import InvalidArgumentError, UnsupportedModelError
 
 PROMPTS = [[1, 5, 9, 200, 17, 33, 45], [1, 100, 7], list(range(3, 40)), [1, 250, 251, 252, 253, 254, 300]]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
-KV_HEADS = {"llama": 2, "qwen3": 2, "llama-1kv": 1, "gemma2": 2, "olmo2": 2, "mixtral": 2}
+KV_HEADS = {"llama": 2, "qwen3": 2, "llama-1kv": 1, "gemma2": 2, "olmo2": 2, "mixtral": 2, "gpt-oss": 2}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def greedy_tokens(llm: LLM) -> list[list[int]]:
 @pytest.mark.parametrize("variant, quantization", [
     ("llama", {}), ("qwen3", {}), ("qwen3", dict(quantization="int8")),
     ("llama-1kv", dict(quantization="int4", quantization_group_size=32)),  # o_proj: 32 input columns a rank
-    ("gemma2", {}), ("olmo2", {}), ("mixtral", {})])
+    ("gemma2", {}), ("olmo2", {}), ("mixtral", {}),
+    ("gpt-oss", {})])  # attention sinks split with the heads; the experts' and o_proj's biases added once
 def test_two_ranks_choose_the_tokens_of_one(checkpoint_factory, one_kv_head_path, variant, quantization):
     path = str(one_kv_head_path if variant == "llama-1kv" else checkpoint_factory(variant))
     args = dict(dtype="float32", device="cpu", **quantization)
