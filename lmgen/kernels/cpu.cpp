@@ -61,6 +61,9 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
   __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
@@ -325,6 +328,52 @@ void by_blocks_in_streams(int64_t M, int64_t n0, int64_t n1, F&& kernel) {
   });
 }
 
+// Products of many rows (batched decode, prompt chunks) are bound by arithmetic, not by reading the
+// weights: there each thread walks its output rows a tile at a time, `Width` weight rows (read once
+// from memory, then from L1) times every activation row of a panel (kept in L2), in register tiles
+// of kRowsPerBlock x Width sums: 12 independent float32 sums (4 x 3) keep both FMA units busy through
+// their latency where the streaming kernels' 8 (4 x 2) left a fifth of it idle.
+constexpr int64_t kTileMinRows = 16;  // from this many rows on, tiles (lmgen.kernels.TILE_MIN_ROWS); below, streams
+constexpr int64_t kPanelBytes = 192 * 1024;  // activation rows of one panel (float32 or int8), within L2
+
+// Calls tile(block, width, m, n, first) for blocks of R <= kRowsPerBlock activation rows from row m
+// and width <= Width weight rows from row n (std::integral_constant's), covering rows [0, M) times
+// the weight rows [n0, n1); `first` says the panel's first block of rows meets these weight rows;
+// `row_bytes` is what one activation row takes.
+template <int Width, typename F>
+void by_tiles(int64_t M, int64_t row_bytes, int64_t n0, int64_t n1, F&& tile) {
+  const int64_t panel = std::max(kRowsPerBlock, kPanelBytes / row_bytes / kRowsPerBlock * kRowsPerBlock);
+  for (int64_t m0 = 0; m0 < M; m0 += panel) {
+    auto rows = [&](auto width, int64_t n) {
+      by_row_blocks(std::min(panel, M - m0), [&](auto block, int64_t m) { tile(block, width, m0 + m, n, m == 0); });
+    };
+    int64_t n = n0;
+    for (; n + Width <= n1; n += Width) rows(std::integral_constant<int, Width>{}, n);
+    for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
+  }
+}
+
+// n weights as float32: float32 ones where they lie; others converted into `scratch` when `convert`
+// (else left there by the call before).
+inline const float* as_float(const float* w, int64_t, float*, bool) { return w; }
+template <typename W>
+const float* as_float(const W* w, int64_t n, float* scratch, bool convert) {
+  if (convert)
+    for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(scratch + i, load8(w + i));
+  return scratch;
+}
+
+// y[m, n] = sum_k x[m, k] * w[n, k] for the M float32 rows x and the weight rows [n0, n1), in tiles
+// (by_tiles) of float32 weights: half-precision and int8 ones are converted, exactly, once per panel.
+template <typename W>
+void float_tiles(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
+  std::vector<float> scratch(3 * K);
+  by_tiles<3>(M, K * 4, n0, n1, [&](auto block, auto width, int64_t m, int64_t n, bool first) {
+    const float* rows = as_float(w + n * K, width() * K, scratch.data(), first);
+    dot_rows<block(), width()>(x + m * K, K, rows, 0, 1, y + m * N + n, N);
+  });
+}
+
 bool is_float_type(at::ScalarType type) {
   return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
 }
@@ -364,6 +413,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   with_float_type(w.scalar_type(), "gemv", [&](auto type) {
     const auto* wp = w.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
+      if (M >= kTileMinRows) return float_tiles(xf.data(), M, K, wp, n0, n1, sums.data(), N);
       by_blocks_in_streams<float_streams>(M, n0, n1, [&](auto block, auto streams, int64_t m, int64_t first,
                                                          int64_t part) {
         dot_rows<block(), streams()>(xf.data() + m * K, K, wp, first, part, sums.data() + m * N, N);
@@ -495,16 +545,27 @@ void check_int8_weight(const at::Tensor& w, const at::Tensor& scales, const char
               ": one scale per weight row");
 }
 
+// From kTileMinRows rows on, the int8 weights are converted to float32 a tile at a time (exactly) and
+// x multiplies them unrounded, each sum times its row's scale: with both operands in L1 the products
+// are bound by arithmetic, and on AVX2 two integer multiplies per 32 products (vpmaddubsw, vpmaddwd,
+// which share one pipe on Zen 2) ran at 58 GFLOP/s a core where float32 tiles ran at 75-78 (1 thread,
+// bench-125m's shapes, benchmarks/batched_products.py), also beating dequantizing then PyTorch's GEMM.
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   check_int8_weight(w, scales, "gemv_int8");
   const std::vector<float> xf = float_rows(x, w.size(1), "gemv_int8");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const QuantizedRows xq = quantize_rows(xf.data(), M, K, kInt8Group);
+  const QuantizedRows xq = quantize_rows(xf.data(), M >= kTileMinRows ? 0 : M, K, kInt8Group);
   std::vector<float> sums(M * N);
   const int8_t* wp = w.data_ptr<int8_t>();
   with_float_type(scales.scalar_type(), "gemv_int8", [&](auto type) {
     const auto* sp = scales.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
+      if (M >= kTileMinRows) {
+        float_tiles(xf.data(), M, K, wp, n0, n1, sums.data(), N);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = n0; n < n1; ++n) sums[m * N + n] *= scalar(sp[n]);
+        return;
+      }
       by_blocks_in_streams<int8_streams>(M, n0, n1, [&](auto block, auto streams, int64_t m, int64_t first,
                                                         int64_t part) {
         dot_rows_int8<block(), streams()>(xq, m, K, wp, sp, first, part, sums.data() + m * N, N);
@@ -604,13 +665,16 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     with_constant<32, 64, 128, 256>(G, "gemv_int4: group size 32, 64, 128 or 256 expected, got ", [&](auto group) {
       constexpr int64_t kGroup = decltype(group)::value;
       for_each_output_range(N, 8, [&](int64_t n0, int64_t n1) {
-        auto blocks = [&](auto streams, int64_t first, int64_t part) {
+        if (M > 1) {  // each 8 weight rows times a panel of activation rows, the weights in L1
+          return by_tiles<8>(M, K, n0, n1, [&](auto block, auto, int64_t m0, int64_t n, bool) {
+            for (int64_t m = m0; m < m0 + block(); ++m)
+              dot_8_rows_int4<kGroup, 1>(xq, m, K, wp, sp, zp, n, 0, sums.data() + m * N);
+          });
+        }
+        in_streams<kInt4Streams>(n0, n1, 8, [&](auto streams, int64_t first, int64_t part) {
           for (int64_t n = first; n < first + part; n += 8)
-            for (int64_t m = 0; m < M; ++m)
-              dot_8_rows_int4<kGroup, decltype(streams)::value>(xq, m, K, wp, sp, zp, n, part, sums.data() + m * N);
-        };
-        if (M == 1) in_streams<kInt4Streams>(n0, n1, 8, blocks);
-        else blocks(std::integral_constant<int, 1>{}, n0, n1 - n0);
+            dot_8_rows_int4<kGroup, decltype(streams)::value>(xq, 0, K, wp, sp, zp, n, part, sums.data());
+        });
       });
     });
   });
@@ -645,10 +709,9 @@ at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scales) {
 }
 
 // The float32 weight [N, K] that int4 weights in the kernel's layout stand for: w = (q - 8) * scale +
-// zero, rounded as PyTorch rounds that formula (a product, then a sum). Products of more rows than
-// these kernels take run on PyTorch's float GEMM, which wants the weight so; one pass here instead
-// of unpacking and reordering it with a dozen PyTorch operators (42 vs 256 ms for bench-125m's 120
-// layers).
+// zero, rounded as PyTorch rounds that formula (a product, then a sum). Products these kernels do not
+// take run on PyTorch's float GEMM, which wants the weight so; one pass here instead of unpacking and
+// reordering it with a dozen PyTorch operators (42 vs 256 ms for bench-125m's 120 layers).
 at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
   check_int4_weight(w, scales, zeros, "dequantize_int4");
   const int64_t N = w.size(0), K = w.size(1) * 2, groups = scales.size(1);
