@@ -40,8 +40,9 @@ _SOURCE = Path(__file__).with_name("cpu.cpp")
 # do), never fused into one FMA behind the source's back; the kernels ask for FMAs explicitly.
 _FLAGS = ["-O3", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC",
           "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-#: Products of this many rows on run in register tiles (cpu.cpp: kTileMinRows), int8 weights then
-#: multiplying x as it is rather than rounded to int8 per group of columns (gemv_int8).
+#: Products of this many rows per byte of a weight on (int8 16, half precision 32, float32 64) run in
+#: register tiles (cpu.cpp: kTileMinRows); int8 weights then multiply x as it is rather than rounded
+#: to int8 per group of columns (gemv_int8).
 TILE_MIN_ROWS = 16
 #: in_features must be a multiple of this (the kernels' unrolled step; every model's is).
 COLUMN_MULTIPLE = 32

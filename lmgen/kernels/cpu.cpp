@@ -268,10 +268,12 @@ void in_streams(int64_t n0, int64_t n1, int64_t unit, F&& kernel) {
   }
 }
 
-// y[m, n] = sum_k x[m, k] * w[n, k] for R activation rows starting at x and the rows
-// n = first + s * part + i of w (s < S, i < part), S of them at a time.
+// y[m, n] += sum_k x[m, k] * w[n, k] over `length` columns, for R activation rows starting at x
+// and the rows n = first + s * part + i of w (s < S, i < part), S of them at a time; rows of x are
+// x_stride apart, of w w_stride.
 template <int R, int S, typename W>
-void dot_rows(const float* x, int64_t K, const W* w, int64_t first, int64_t part, float* y, int64_t N) {
+void dot_rows(const float* x, int64_t x_stride, const W* w, int64_t w_stride, int64_t length, int64_t first,
+              int64_t part, float* y, int64_t N) {
   constexpr int C = S > 1 ? 1 : R == 1 ? 4 : 2;  // independent sums per row: together they hide the FMA latency
   // float32 rows stream fastest on the hardware prefetcher alone: asking for lines 1 KB ahead, which
   // half-precision rows (more work per byte) want, made a float32 step 4-5% slower, 128 bytes ahead 2-4%
@@ -280,25 +282,25 @@ void dot_rows(const float* x, int64_t K, const W* w, int64_t first, int64_t part
     const W* rows[S];
     __m256 acc[S][R][C];
     for (int s = 0; s < S; ++s) {
-      rows[s] = w + (n + s * part) * K;
+      rows[s] = w + (n + s * part) * w_stride;
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[s][r][c] = _mm256_setzero_ps();
     }
-    for (int64_t k = 0; k < K; k += 8 * C) {
+    for (int64_t k = 0; k < length; k += 8 * C) {
       for (int c = 0; c < C; ++c) {
         for (int s = 0; s < S; ++s) {
           if (kAskAhead && ((k + 8 * c) * sizeof(W)) % 64 == 0)  // a new cache line
             _mm_prefetch(reinterpret_cast<const char*>(rows[s] + k + 8 * c) + kPrefetchBytes, _MM_HINT_T0);
           const __m256 wc = load8(rows[s] + k + 8 * c);
           for (int r = 0; r < R; ++r)
-            acc[s][r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * K + k + 8 * c), acc[s][r][c]);
+            acc[s][r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * x_stride + k + 8 * c), acc[s][r][c]);
         }
       }
     }
     for (int s = 0; s < S; ++s)
       for (int r = 0; r < R; ++r) {
         for (int c = 1; c < C; ++c) acc[s][r][0] = _mm256_add_ps(acc[s][r][0], acc[s][r][c]);
-        y[r * N + n + s * part] = horizontal_sum(acc[s][r][0]);
+        y[r * N + n + s * part] += horizontal_sum(acc[s][r][0]);
       }
   }
 }
@@ -332,46 +334,71 @@ void by_blocks_in_streams(int64_t M, int64_t n0, int64_t n1, F&& kernel) {
 // weights: there each thread walks its output rows a tile at a time, `Width` weight rows (read once
 // from memory, then from L1) times every activation row of a panel (kept in L2), in register tiles
 // of kRowsPerBlock x Width sums: 12 independent float32 sums (4 x 3) keep both FMA units busy through
-// their latency where the streaming kernels' 8 (4 x 2) left a fifth of it idle.
-constexpr int64_t kTileMinRows = 16;  // from this many rows on, tiles (lmgen.kernels.TILE_MIN_ROWS); below, streams
+// their latency where the streaming kernels' 8 (4 x 2) left a fifth of it idle. Wide rows are cut
+// into chunks of columns so that a tile's rows stay in L1 (rows of 8192 columns whole: 0.6x the speed).
+// Tiles from this many rows per byte of a weight on (lmgen.kernels.TILE_MIN_ROWS): int8 16, half precision
+// 32, float32 64; below, the streams, whose reads are the bound (1 thread, bench-125m's shapes: float32
+// tiles 0.85x the streams' speed at 16 rows, bfloat16 0.95x, 1.0x at 32 rows, 1.1x from 64).
+constexpr int64_t kTileMinRows = 16;
+template <typename W>
+constexpr bool tiled(int64_t M) { return M >= kTileMinRows * static_cast<int64_t>(sizeof(W)); }
 constexpr int64_t kPanelBytes = 192 * 1024;  // activation rows of one panel (float32 or int8), within L2
+constexpr int64_t kTileColumns = 768;  // at most, in chunks of equal width: 4 + 3 float32 rows in 21 KiB of L1
 
-// Calls tile(block, width, m, n, first) for blocks of R <= kRowsPerBlock activation rows from row m
-// and width <= Width weight rows from row n (std::integral_constant's), covering rows [0, M) times
-// the weight rows [n0, n1); `first` says the panel's first block of rows meets these weight rows;
-// `row_bytes` is what one activation row takes.
+// The width of the chunks of columns that cut rows of K columns into as few as take at most `most`, equal up
+// to a multiple of 32 (the kernels' unrolled steps).
+int64_t chunk_width(int64_t K, int64_t most) {
+  const int64_t chunks = (K + most - 1) / most;
+  return ((K + chunks - 1) / chunks + 31) / 32 * 32;
+}
+
+// Calls tile(block, width, m, n, k, length, first) for blocks of R <= kRowsPerBlock activation rows
+// from row m and width <= Width weight rows from row n (std::integral_constant's) over the columns
+// [k, k + length) (chunks of `chunk`), covering rows [0, M) times the weight rows [n0, n1) and all K
+// columns; `first` says the panel's first block of rows meets these weight columns. An activation
+// value takes `value_bytes`.
 template <int Width, typename F>
-void by_tiles(int64_t M, int64_t row_bytes, int64_t n0, int64_t n1, F&& tile) {
-  const int64_t panel = std::max(kRowsPerBlock, kPanelBytes / row_bytes / kRowsPerBlock * kRowsPerBlock);
+void by_tiles(int64_t M, int64_t K, int64_t chunk, int64_t value_bytes, int64_t n0, int64_t n1, F&& tile) {
+  const int64_t panel = std::max(kRowsPerBlock, kPanelBytes / (chunk * value_bytes) / kRowsPerBlock * kRowsPerBlock);
   for (int64_t m0 = 0; m0 < M; m0 += panel) {
-    auto rows = [&](auto width, int64_t n) {
-      by_row_blocks(std::min(panel, M - m0), [&](auto block, int64_t m) { tile(block, width, m0 + m, n, m == 0); });
-    };
-    int64_t n = n0;
-    for (; n + Width <= n1; n += Width) rows(std::integral_constant<int, Width>{}, n);
-    for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
+    for (int64_t k = 0; k < K; k += chunk) {
+      const int64_t length = std::min(chunk, K - k);
+      auto rows = [&](auto width, int64_t n) {
+        by_row_blocks(std::min(panel, M - m0),
+                      [&](auto block, int64_t m) { tile(block, width, m0 + m, n, k, length, m == 0); });
+      };
+      int64_t n = n0;
+      for (; n + Width <= n1; n += Width) rows(std::integral_constant<int, Width>{}, n);
+      for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
+    }
   }
 }
 
-// n weights as float32: float32 ones where they lie; others converted into `scratch` when `convert`
-// (else left there by the call before).
-inline const float* as_float(const float* w, int64_t, float*, bool) { return w; }
+// Weight rows [n, n + count) of a [N, K] weight, over the columns [k, k + length), as float32 rows
+// (pointer, stride): a float32 weight's where they lie; others converted into `scratch` when
+// `convert`, else left there by the call before.
+inline std::pair<const float*, int64_t> float_tile(const float* w, int64_t K, int64_t n, int64_t, int64_t k, int64_t,
+                                                   float*, bool) {
+  return {w + n * K + k, K};
+}
 template <typename W>
-const float* as_float(const W* w, int64_t n, float* scratch, bool convert) {
-  if (convert)
-    for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(scratch + i, load8(w + i));
-  return scratch;
+std::pair<const float*, int64_t> float_tile(const W* w, int64_t K, int64_t n, int64_t count, int64_t k,
+                                            int64_t length, float* scratch, bool convert) {
+  for (int64_t i = 0; convert && i < count; ++i)
+    for (int64_t j = 0; j < length; j += 8) _mm256_storeu_ps(scratch + i * length + j, load8(w + (n + i) * K + k + j));
+  return {scratch, length};
 }
 
-// y[m, n] = sum_k x[m, k] * w[n, k] for the M float32 rows x and the weight rows [n0, n1), in tiles
+// y[m, n] += sum_k x[m, k] * w[n, k] for the M float32 rows x and the weight rows [n0, n1), in tiles
 // (by_tiles) of float32 weights: half-precision and int8 ones are converted, exactly, once per panel.
 template <typename W>
 void float_tiles(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
-  std::vector<float> scratch(3 * K);
-  by_tiles<3>(M, K * 4, n0, n1, [&](auto block, auto width, int64_t m, int64_t n, bool first) {
-    const float* rows = as_float(w + n * K, width() * K, scratch.data(), first);
-    dot_rows<block(), width()>(x + m * K, K, rows, 0, 1, y + m * N + n, N);
-  });
+  std::vector<float> scratch(3 * kTileColumns);
+  by_tiles<3>(M, K, chunk_width(K, kTileColumns), 4, n0, n1,
+              [&](auto block, auto width, int64_t m, int64_t n, int64_t k, int64_t length, bool first) {
+                const auto [rows, stride] = float_tile(w, K, n, width(), k, length, scratch.data(), first);
+                dot_rows<block(), width()>(x + m * K + k, K, rows, stride, length, 0, 1, y + m * N + n, N);
+              });
 }
 
 bool is_float_type(at::ScalarType type) {
@@ -413,10 +440,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   with_float_type(w.scalar_type(), "gemv", [&](auto type) {
     const auto* wp = w.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
-      if (M >= kTileMinRows) return float_tiles(xf.data(), M, K, wp, n0, n1, sums.data(), N);
+      if (tiled<decltype(type)>(M)) return float_tiles(xf.data(), M, K, wp, n0, n1, sums.data(), N);
       by_blocks_in_streams<float_streams>(M, n0, n1, [&](auto block, auto streams, int64_t m, int64_t first,
                                                          int64_t part) {
-        dot_rows<block(), streams()>(xf.data() + m * K, K, wp, first, part, sums.data() + m * N, N);
+        dot_rows<block(), streams()>(xf.data() + m * K, K, wp, K, K, first, part, sums.data() + m * N, N);
       });
     });
   });
@@ -545,7 +572,7 @@ void check_int8_weight(const at::Tensor& w, const at::Tensor& scales, const char
               ": one scale per weight row");
 }
 
-// From kTileMinRows rows on, the int8 weights are converted to float32 a tile at a time (exactly) and
+// From kTileMinRows rows on (tiled), the int8 weights are converted to float32 a tile at a time (exactly) and
 // x multiplies them unrounded, each sum times its row's scale: with both operands in L1 the products
 // are bound by arithmetic, and on AVX2 two integer multiplies per 32 products (vpmaddubsw, vpmaddwd,
 // which share one pipe on Zen 2) ran at 58 GFLOP/s a core where float32 tiles ran at 75-78 (1 thread,
@@ -554,13 +581,13 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   check_int8_weight(w, scales, "gemv_int8");
   const std::vector<float> xf = float_rows(x, w.size(1), "gemv_int8");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const QuantizedRows xq = quantize_rows(xf.data(), M >= kTileMinRows ? 0 : M, K, kInt8Group);
+  const QuantizedRows xq = quantize_rows(xf.data(), tiled<int8_t>(M) ? 0 : M, K, kInt8Group);
   std::vector<float> sums(M * N);
   const int8_t* wp = w.data_ptr<int8_t>();
   with_float_type(scales.scalar_type(), "gemv_int8", [&](auto type) {
     const auto* sp = scales.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
-      if (M >= kTileMinRows) {
+      if (tiled<int8_t>(M)) {
         float_tiles(xf.data(), M, K, wp, n0, n1, sums.data(), N);
         for (int64_t m = 0; m < M; ++m)
           for (int64_t n = n0; n < n1; ++n) sums[m * N + n] *= scalar(sp[n]);
@@ -666,7 +693,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
       constexpr int64_t kGroup = decltype(group)::value;
       for_each_output_range(N, 8, [&](int64_t n0, int64_t n1) {
         if (M > 1) {  // each 8 weight rows times a panel of activation rows, the weights in L1
-          return by_tiles<8>(M, K, n0, n1, [&](auto block, auto, int64_t m0, int64_t n, bool) {
+          return by_tiles<8>(M, K, K, 1, n0, n1, [&](auto block, auto, int64_t m0, int64_t n, int64_t, int64_t, bool) {
             for (int64_t m = m0; m < m0 + block(); ++m)
               dot_8_rows_int4<kGroup, 1>(xq, m, K, wp, sp, zp, n, 0, sums.data() + m * N);
           });
