@@ -65,7 +65,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not kernels.load():
         raise SystemExit(f"lmgen's kernels are off: {kernels.why_not}")
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; ms ({args.clock} clock) for one layer's 4 products")
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"ms ({args.clock} clock) for one layer's 4 products")
     torch.manual_seed(0)
     weights = [torch.randn(shape) / shape[1] ** 0.5 for shape in SHAPES]
     for kind in args.kinds:
