@@ -11,6 +11,7 @@
 // into a few parts and walks them front to back side by side: a few long sequential
 // streams per thread (one stream alone left a core 25-35% short of what DRAM gives it).
 // Each weight row is read once and multiplied with every activation row while it sits in L1.
+// Products of many rows are bound by arithmetic instead: they run in register tiles (by_tiles).
 //
 // x: [M, K] float32, bfloat16 or float16, K a multiple of 32; y: [M, N] in x's dtype,
 // computed in float32 and rounded once (as PyTorch's half-precision products round).
@@ -336,6 +337,7 @@ void by_blocks_in_streams(int64_t M, int64_t n0, int64_t n1, F&& kernel) {
 // of kRowsPerBlock x Width sums: 12 independent float32 sums (4 x 3) keep both FMA units busy through
 // their latency where the streaming kernels' 8 (4 x 2) left a fifth of it idle. Wide rows are cut
 // into chunks of columns so that a tile's rows stay in L1 (rows of 8192 columns whole: 0.6x the speed).
+//
 // Tiles from this many rows per byte of a weight on (lmgen.kernels.TILE_MIN_ROWS): int8 16, half precision
 // 32, float32 64; below, the streams, whose reads are the bound (1 thread, bench-125m's shapes: float32
 // tiles 0.85x the streams' speed at 16 rows, bfloat16 0.95x, 1.0x at 32 rows, 1.1x from 64).
@@ -574,8 +576,8 @@ void check_int8_weight(const at::Tensor& w, const at::Tensor& scales, const char
 
 // From kTileMinRows rows on (tiled), the int8 weights are converted to float32 a tile at a time (exactly) and
 // x multiplies them unrounded, each sum times its row's scale: with both operands in L1 the products
-// are bound by arithmetic, and on AVX2 two integer multiplies per 32 products (vpmaddubsw, vpmaddwd,
-// which share one pipe on Zen 2) ran at 58 GFLOP/s a core where float32 tiles ran at 75-78 (1 thread,
+// are bound by arithmetic, and on AVX2 (Zen 2) two integer multiplies per 32 products (vpmaddubsw,
+// vpmaddwd) and their scaling ran at 58 GFLOP/s a core where float32 tiles ran at 72-77 (1 thread,
 // bench-125m's shapes, benchmarks/batched_products.py), also beating dequantizing then PyTorch's GEMM.
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   check_int8_weight(w, scales, "gemv_int8");
