@@ -611,54 +611,67 @@ inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(four);
 }
 
-// The dot products of 8 weight rows' levels with x's quantized values xq over G columns, as int32s
-// (lane i: row i): `chunks` points at the 8 rows' first 8-column chunk of those columns. Each
+// The dot products of 8 weight rows' levels with R rows of x's quantized values xq (x_stride apart)
+// over G columns, as int32s (sums[r] lane i: row i): `chunks` points at the 8 rows' first 8-column chunk of those columns. Each
 // chunk's lane i holds row i's 8 levels, so each vpmaddubsw takes x's same 4 columns broadcast to
 // every lane and the sums land one row per lane: no horizontal sums.
-template <int64_t G>
-inline __m256i int4_group_sums(const uint8_t* chunks, const int8_t* xq) {
+template <int64_t G, int R>
+inline void int4_group_sums(const uint8_t* chunks, const int8_t* xq, int64_t x_stride, __m256i (&sums)[R]) {
   const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256i sums = _mm256_setzero_si256();
+  for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
   for (int64_t c = 0; c < G; c += 32) {  // 16-bit pair sums of 32 columns: 8 * 2 * 15 * 127 < 32768
-    __m256i low = _mm256_setzero_si256(), high = _mm256_setzero_si256();
+    __m256i low[R], high[R];
+    for (int r = 0; r < R; ++r) low[r] = high[r] = _mm256_setzero_si256();
     for (int64_t k = c; k < c + 32; k += 8) {
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunks + k * 4));
-      low = _mm256_add_epi16(low, _mm256_maddubs_epi16(_mm256_and_si256(packed, mask), broadcast4(xq + k)));
-      high = _mm256_add_epi16(
-          high, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 4), mask), broadcast4(xq + k + 4)));
+      const __m256i low_levels = _mm256_and_si256(packed, mask);
+      const __m256i high_levels = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+      for (int r = 0; r < R; ++r) {  // the levels unpacked once for R rows of x
+        low[r] = _mm256_add_epi16(low[r], _mm256_maddubs_epi16(low_levels, broadcast4(xq + r * x_stride + k)));
+        high[r] = _mm256_add_epi16(high[r], _mm256_maddubs_epi16(high_levels, broadcast4(xq + r * x_stride + k + 4)));
+      }
     }
-    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_add_epi16(low, high), ones));
+    for (int r = 0; r < R; ++r)
+      sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(_mm256_add_epi16(low[r], high[r]), ones));
   }
-  return sums;
 }
 
-// One activation row times 8 weight rows n .. n + 7 at once, read as one stream (the layout
-// interleaves their chunks), each group's 8 row sums scaled as one vector; and so for the S
-// blocks of 8 rows starting at n + s * part, side by side (S streams). Several activation rows
+// R activation rows from row m (y's rows N apart) times 8 weight rows n .. n + 7 at once, read as one
+// stream (the layout interleaves their chunks), each group's 8 row sums scaled as one vector; and so
+// for the S blocks of 8 rows starting at n + s * part, side by side (S streams). The weights' levels
+// are unpacked once for the R rows (2 rows: 1.05-1.08x at 512 rows, 1 thread); more activation rows
 // take the same weight rows one after another while those (2-6 KB a block) sit in L1.
-template <int64_t G, int S, typename Scale>
+template <int64_t G, int S, int R, typename Scale>
 void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t* w, const Scale* scales,
-                     const Scale* zeros, int64_t n, int64_t part, float* y) {
+                     const Scale* zeros, int64_t n, int64_t part, float* y, int64_t N) {
   const int64_t groups = K / G;
   const int8_t* xq = x.values.data() + m * K;
   const float *dx = x.scales.data() + m * groups, *sums = x.sums.data() + m * groups,
               *rounded_sums = x.rounded_sums.data() + m * groups;
-  __m256 total[S], offset[S];
-  for (int s = 0; s < S; ++s) total[s] = offset[s] = _mm256_setzero_ps();
+  __m256 total[S][R], offset[S][R];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) total[s][r] = offset[s][r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     for (int s = 0; s < S; ++s) {
       const int64_t block = (n + s * part) / 8;
       const uint8_t* chunks = w + block * 4 * K + g * G * 4;  // a group of the block's 8 rows: 4 G bytes
       const char* ahead = reinterpret_cast<const char*>(chunks) + kPrefetchBytes;
       for (int64_t c = 0; c < G * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
-      const __m256 summed = _mm256_cvtepi32_ps(int4_group_sums<G>(chunks, xq + g * G));  // exact: |sums| < 2^24
+      __m256i summed[R];
+      int4_group_sums<G, R>(chunks, xq + g * G, K, summed);
       const __m256 row_scales = load8(scales + (block * groups + g) * 8);  // the 8 rows' side by side
-      total[s] = _mm256_fmadd_ps(summed, _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total[s]);
-      offset[s] = _mm256_fmadd_ps(load8(zeros + (block * groups + g) * 8), _mm256_set1_ps(sums[g]), offset[s]);
-      offset[s] = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset[s]);
+      const __m256 row_zeros = load8(zeros + (block * groups + g) * 8);
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = r * groups + g;  // exact: |summed| < 2^24
+        total[s][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summed[r]), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[at])),
+                                      total[s][r]);
+        offset[s][r] = _mm256_fmadd_ps(row_zeros, _mm256_set1_ps(sums[at]), offset[s][r]);
+        offset[s][r] = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[at]), offset[s][r]);
+      }
     }
   }
-  for (int s = 0; s < S; ++s) _mm256_storeu_ps(y + n + s * part, _mm256_add_ps(total[s], offset[s]));
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * N + n + s * part, _mm256_add_ps(total[s][r], offset[s][r]));
 }
 
 // Calls body(std::integral_constant<int64_t, V>{}) for the V of Values equal to value, so that
@@ -696,13 +709,15 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
       for_each_output_range(N, 8, [&](int64_t n0, int64_t n1) {
         if (M > 1) {  // each 8 weight rows times a panel of activation rows, the weights in L1
           return by_tiles<8>(M, K, K, 1, n0, n1, [&](auto block, auto, int64_t m0, int64_t n, int64_t, int64_t, bool) {
-            for (int64_t m = m0; m < m0 + block(); ++m)
-              dot_8_rows_int4<kGroup, 1>(xq, m, K, wp, sp, zp, n, 0, sums.data() + m * N);
+            int64_t m = m0;
+            for (; m + 2 <= m0 + block(); m += 2)
+              dot_8_rows_int4<kGroup, 1, 2>(xq, m, K, wp, sp, zp, n, 0, sums.data() + m * N, N);
+            if (m < m0 + block()) dot_8_rows_int4<kGroup, 1, 1>(xq, m, K, wp, sp, zp, n, 0, sums.data() + m * N, N);
           });
         }
         in_streams<kInt4Streams>(n0, n1, 8, [&](auto streams, int64_t first, int64_t part) {
           for (int64_t n = first; n < first + part; n += 8)
-            dot_8_rows_int4<kGroup, decltype(streams)::value>(xq, 0, K, wp, sp, zp, n, part, sums.data());
+            dot_8_rows_int4<kGroup, decltype(streams)::value, 1>(xq, 0, K, wp, sp, zp, n, part, sums.data(), N);
         });
       });
     });
