@@ -46,6 +46,24 @@ def test_one_call_for_all_layers_gives_the_modules_bits(checkpoint_factory, monk
     assert _tokens_and_logprobs(llm) == one_call
 
 
+@pytest.mark.parametrize("dtype, quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
+                                                 ("bfloat16", "int4")])
+def test_one_call_for_a_batch_of_70_decoding_in_tiles_gives_the_modules_bits(llama_path, monkeypatch, dtype,
+                                                                            quantization):
+    """70 rows: the products' tiles (from 64 rows in float32), in the one call and module by module."""
+    llm = LLM(str(llama_path), dtype=dtype, quantization=quantization, max_num_seqs=70, enable_prefix_caching=False)
+    prompts = [list(range(3 + i, 9 + i)) for i in range(70)]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=2)
+    rows = []
+    decode_layers = torch.ops.lmgen.decode_layers
+    monkeypatch.setattr(torch.ops.lmgen, "decode_layers",
+                        lambda x, *args: rows.append(x.shape[0]) or decode_layers(x, *args), raising=False)
+    one_call = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+    assert rows == [420, 70, 70]  # the 6-token prompts (short enough for the decode attention), then 2 decode steps
+    monkeypatch.setattr(TransformerForCausalLM, "one_call_layers", lambda *_: None)
+    assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)] == one_call
+
+
 def test_layers_the_kernels_cannot_take_run_module_by_module(checkpoint_factory, monkeypatch):
     llm = LLM(str(checkpoint_factory("llama-untied-bias-headdim")), dtype="float32")  # head_dim 24
     monkeypatch.setattr(torch.ops.lmgen, "decode_layers", lambda *args: pytest.fail("called"), raising=False)

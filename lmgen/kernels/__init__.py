@@ -1,10 +1,14 @@
-"""lmgen's own CPU kernels (cpu.cpp; ggml_blocks.cpp for GGUF's block formats): products of a few rows that read weights at DRAM speed,
-decode attention over the paged cache, and the layers' small elementwise steps.
+"""lmgen's own CPU kernels (cpu.cpp; ggml_blocks.cpp for GGUF's block formats): products of activation
+rows with weight matrices (a few rows reading weights at DRAM speed, many in register tiles at
+matrix-multiply speed), decode attention over the paged cache, and the layers' small elementwise steps.
 
 Batch-1 decode reads every weight once per token, and PyTorch's one-row CPU products
 read them at about half the rate memory allows (``benchmarks/gemv.py``); around them, an
 eager step's hundreds of small operator calls (norms, rotary, SiLU, dtype copies) cost
-as much again in dispatch, so each of those is one call here. The kernels are
+as much again in dispatch, so each of those is one call here. Products of many rows (batched
+decode, prompt chunks) are bound by arithmetic instead; there the kernels' tiles match or beat
+PyTorch's float32 GEMM without upcasting half-precision or dequantizing int8/int4 weights
+first (``benchmarks/batched_products.py``), so every product runs on them. The kernels are
 C++ (AVX2), compiled with the machine's C++ compiler the first time a model loads on a
 CPU and cached per machine, like torch.compile's own C++; without a compiler, on another
 CPU or with ``LMGEN_CPU_KERNELS=0``, PyTorch's kernels run instead, with the same results
@@ -39,11 +43,10 @@ _HEADERS = [_HERE / "ggml_blocks.h"]
 # do), never fused into one FMA behind the source's back; the kernels ask for FMAs explicitly.
 _FLAGS = ["-O3", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC",
           "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-#: Products with more rows than this go to PyTorch's kernels, whose blocked GEMM reuses
-#: each weight load across many rows (on bench-125m's shapes, AVX2, these kernels are
-#: faster than PyTorch's up to 64 rows in every dtype: 1.1x in float32, 1.2-1.6x for the
-#: others), so the engine's default 64 sequences decode on them.
-MAX_ROWS = 64
+#: Products of this many rows per byte of a weight on (int8 16, half precision 32, float32 64) run in
+#: register tiles (cpu.cpp: kTileMinRows); int8 weights then multiply x as it is rather than rounded
+#: to int8 per group of columns (gemv_int8).
+TILE_MIN_ROWS = 16
 #: in_features must be a multiple of this (the kernels' unrolled step; every model's is).
 COLUMN_MULTIPLE = 32
 
@@ -78,9 +81,9 @@ def serve(device: torch.device) -> bool:
     return loaded and device.type == "cpu"
 
 
-def fits(rows: int, in_features: int, device: torch.device) -> bool:
-    """Whether a product of `rows` activation rows with a weight of `in_features` columns runs here."""
-    return serve(device) and rows <= MAX_ROWS and in_features % COLUMN_MULTIPLE == 0
+def fits(in_features: int, device: torch.device) -> bool:
+    """Whether products with a weight of `in_features` columns on `device` run here (any number of rows)."""
+    return serve(device) and in_features % COLUMN_MULTIPLE == 0
 
 
 def _supported() -> bool:

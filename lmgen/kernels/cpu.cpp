@@ -11,6 +11,7 @@
 // into a few parts and walks them front to back side by side: a few long sequential
 // streams per thread (one stream alone left a core 25-35% short of what DRAM gives it).
 // Each weight row is read once and multiplied with every activation row while it sits in L1.
+// Products of many rows are bound by arithmetic instead: they run in register tiles (by_tiles).
 //
 // x: [M, K] float32, bfloat16 or float16, K a multiple of 32; y: [M, N] in x's dtype,
 // computed in float32 and rounded once (as PyTorch's half-precision products round).
@@ -62,6 +63,9 @@ constexpr int64_t kPrefetchBytes = 1024;
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
   __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -267,10 +271,12 @@ void in_streams(int64_t n0, int64_t n1, int64_t unit, F&& kernel) {
   }
 }
 
-// y[m, n] = sum_k x[m, k] * w[n, k] for R activation rows starting at x and the rows
-// n = first + s * part + i of w (s < S, i < part), S of them at a time.
+// y[m, n] += sum_k x[m, k] * w[n, k] over `length` columns, for R activation rows starting at x
+// and the rows n = first + s * part + i of w (s < S, i < part), S of them at a time; rows of x are
+// x_stride apart, of w w_stride.
 template <int R, int S, typename W>
-void dot_rows(const float* x, int64_t K, const W* w, int64_t first, int64_t part, float* y, int64_t N) {
+void dot_rows(const float* x, int64_t x_stride, const W* w, int64_t w_stride, int64_t length, int64_t first,
+              int64_t part, float* y, int64_t N) {
   constexpr int C = S > 1 ? 1 : R == 1 ? 4 : 2;  // independent sums per row: together they hide the FMA latency
   // float32 rows stream fastest on the hardware prefetcher alone: asking for lines 1 KB ahead, which
   // half-precision rows (more work per byte) want, made a float32 step 4-5% slower, 128 bytes ahead 2-4%
@@ -279,25 +285,25 @@ void dot_rows(const float* x, int64_t K, const W* w, int64_t first, int64_t part
     const W* rows[S];
     __m256 acc[S][R][C];
     for (int s = 0; s < S; ++s) {
-      rows[s] = w + (n + s * part) * K;
+      rows[s] = w + (n + s * part) * w_stride;
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[s][r][c] = _mm256_setzero_ps();
     }
-    for (int64_t k = 0; k < K; k += 8 * C) {
+    for (int64_t k = 0; k < length; k += 8 * C) {
       for (int c = 0; c < C; ++c) {
         for (int s = 0; s < S; ++s) {
           if (kAskAhead && ((k + 8 * c) * sizeof(W)) % 64 == 0)  // a new cache line
             _mm_prefetch(reinterpret_cast<const char*>(rows[s] + k + 8 * c) + kPrefetchBytes, _MM_HINT_T0);
           const __m256 wc = load8(rows[s] + k + 8 * c);
           for (int r = 0; r < R; ++r)
-            acc[s][r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * K + k + 8 * c), acc[s][r][c]);
+            acc[s][r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * x_stride + k + 8 * c), acc[s][r][c]);
         }
       }
     }
     for (int s = 0; s < S; ++s)
       for (int r = 0; r < R; ++r) {
         for (int c = 1; c < C; ++c) acc[s][r][0] = _mm256_add_ps(acc[s][r][0], acc[s][r][c]);
-        y[r * N + n + s * part] = horizontal_sum(acc[s][r][0]);
+        y[r * N + n + s * part] += horizontal_sum(acc[s][r][0]);
       }
   }
 }
@@ -325,6 +331,78 @@ void by_blocks_in_streams(int64_t M, int64_t n0, int64_t n1, F&& kernel) {
       kernel(block, streams, m, first, part);
     });
   });
+}
+
+// Products of many rows (batched decode, prompt chunks) are bound by arithmetic, not by reading the
+// weights: there each thread walks its output rows a tile at a time, `Width` weight rows (read once
+// from memory, then from L1) times every activation row of a panel (kept in L2), in register tiles
+// of kRowsPerBlock x Width sums: 12 independent float32 sums (4 x 3) keep both FMA units busy through
+// their latency where the streaming kernels' 8 (4 x 2) left a fifth of it idle. Wide rows are cut
+// into chunks of columns so that a tile's rows stay in L1 (rows of 8192 columns whole: 0.6x the speed).
+//
+// Tiles from this many rows per byte of a weight on (lmgen.kernels.TILE_MIN_ROWS): int8 16, half precision
+// 32, float32 64; below, the streams, whose reads are the bound (1 thread, bench-125m's shapes: float32
+// tiles 0.85x the streams' speed at 16 rows, bfloat16 0.95x, 1.0x at 32 rows, 1.1x from 64).
+constexpr int64_t kTileMinRows = 16;
+template <typename W>
+constexpr bool tiled(int64_t M) { return M >= kTileMinRows * static_cast<int64_t>(sizeof(W)); }
+constexpr int64_t kPanelBytes = 192 * 1024;  // activation rows of one panel (float32 or int8), within L2
+constexpr int64_t kTileColumns = 768;  // at most, in chunks of equal width: 4 + 3 float32 rows in 21 KiB of L1
+
+// The width of the chunks of columns that cut rows of K columns into as few as take at most `most`, equal up
+// to a multiple of 32 (the kernels' unrolled steps).
+int64_t chunk_width(int64_t K, int64_t most) {
+  const int64_t chunks = (K + most - 1) / most;
+  return ((K + chunks - 1) / chunks + 31) / 32 * 32;
+}
+
+// Calls tile(block, width, m, n, k, length, first) for blocks of R <= kRowsPerBlock activation rows
+// from row m and width <= Width weight rows from row n (std::integral_constant's) over the columns
+// [k, k + length) (chunks of `chunk`), covering rows [0, M) times the weight rows [n0, n1) and all K
+// columns; `first` says the panel's first block of rows meets these weight columns. An activation
+// value takes `value_bytes`.
+template <int Width, typename F>
+void by_tiles(int64_t M, int64_t K, int64_t chunk, int64_t value_bytes, int64_t n0, int64_t n1, F&& tile) {
+  const int64_t panel = std::max(kRowsPerBlock, kPanelBytes / (chunk * value_bytes) / kRowsPerBlock * kRowsPerBlock);
+  for (int64_t m0 = 0; m0 < M; m0 += panel) {
+    for (int64_t k = 0; k < K; k += chunk) {
+      const int64_t length = std::min(chunk, K - k);
+      auto rows = [&](auto width, int64_t n) {
+        by_row_blocks(std::min(panel, M - m0),
+                      [&](auto block, int64_t m) { tile(block, width, m0 + m, n, k, length, m == 0); });
+      };
+      int64_t n = n0;
+      for (; n + Width <= n1; n += Width) rows(std::integral_constant<int, Width>{}, n);
+      for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
+    }
+  }
+}
+
+// Weight rows [n, n + count) of a [N, K] weight, over the columns [k, k + length), as float32 rows
+// (pointer, stride): a float32 weight's where they lie; others converted into `scratch` when
+// `convert`, else left there by the call before.
+inline std::pair<const float*, int64_t> float_tile(const float* w, int64_t K, int64_t n, int64_t, int64_t k, int64_t,
+                                                   float*, bool) {
+  return {w + n * K + k, K};
+}
+template <typename W>
+std::pair<const float*, int64_t> float_tile(const W* w, int64_t K, int64_t n, int64_t count, int64_t k,
+                                            int64_t length, float* scratch, bool convert) {
+  for (int64_t i = 0; convert && i < count; ++i)
+    for (int64_t j = 0; j < length; j += 8) _mm256_storeu_ps(scratch + i * length + j, load8(w + (n + i) * K + k + j));
+  return {scratch, length};
+}
+
+// y[m, n] += sum_k x[m, k] * w[n, k] for the M float32 rows x and the weight rows [n0, n1), in tiles
+// (by_tiles) of float32 weights: half-precision and int8 ones are converted, exactly, once per panel.
+template <typename W>
+void float_tiles(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
+  std::vector<float> scratch(3 * kTileColumns);
+  by_tiles<3>(M, K, chunk_width(K, kTileColumns), 4, n0, n1,
+              [&](auto block, auto width, int64_t m, int64_t n, int64_t k, int64_t length, bool first) {
+                const auto [rows, stride] = float_tile(w, K, n, width(), k, length, scratch.data(), first);
+                dot_rows<block(), width()>(x + m * K + k, K, rows, stride, length, 0, 1, y + m * N + n, N);
+              });
 }
 
 bool is_float_type(at::ScalarType type) {
@@ -366,9 +444,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   with_float_type(w.scalar_type(), "gemv", [&](auto type) {
     const auto* wp = w.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
+      if (tiled<decltype(type)>(M)) return float_tiles(xf.data(), M, K, wp, n0, n1, sums.data(), N);
       by_blocks_in_streams<float_streams>(M, n0, n1, [&](auto block, auto streams, int64_t m, int64_t first,
                                                          int64_t part) {
-        dot_rows<block(), streams()>(xf.data() + m * K, K, wp, first, part, sums.data() + m * N, N);
+        dot_rows<block(), streams()>(xf.data() + m * K, K, wp, K, K, first, part, sums.data() + m * N, N);
       });
     });
   });
@@ -497,16 +576,27 @@ void check_int8_weight(const at::Tensor& w, const at::Tensor& scales, const char
               ": one scale per weight row");
 }
 
+// From kTileMinRows rows on (tiled), the int8 weights are converted to float32 a tile at a time (exactly) and
+// x multiplies them unrounded, each sum times its row's scale: with both operands in L1 the products
+// are bound by arithmetic, and on AVX2 (Zen 2) two integer multiplies per 32 products (vpmaddubsw,
+// vpmaddwd) and their scaling ran at 58 GFLOP/s a core where float32 tiles ran at 72-77 (1 thread,
+// bench-125m's shapes, benchmarks/batched_products.py), also beating dequantizing then PyTorch's GEMM.
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   check_int8_weight(w, scales, "gemv_int8");
   const std::vector<float> xf = float_rows(x, w.size(1), "gemv_int8");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const QuantizedRows xq = quantize_rows(xf.data(), M, K, kInt8Group);
+  const QuantizedRows xq = quantize_rows(xf.data(), tiled<int8_t>(M) ? 0 : M, K, kInt8Group);
   std::vector<float> sums(M * N);
   const int8_t* wp = w.data_ptr<int8_t>();
   with_float_type(scales.scalar_type(), "gemv_int8", [&](auto type) {
     const auto* sp = scales.data_ptr<decltype(type)>();
     for_each_output_range(N, 1, [&](int64_t n0, int64_t n1) {
+      if (tiled<int8_t>(M)) {
+        float_tiles(xf.data(), M, K, wp, n0, n1, sums.data(), N);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = n0; n < n1; ++n) sums[m * N + n] *= scalar(sp[n]);
+        return;
+      }
       by_blocks_in_streams<int8_streams>(M, n0, n1, [&](auto block, auto streams, int64_t m, int64_t first,
                                                         int64_t part) {
         dot_rows_int8<block(), streams()>(xq, m, K, wp, sp, first, part, sums.data() + m * N, N);
@@ -523,54 +613,67 @@ inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(four);
 }
 
-// The dot products of 8 weight rows' levels with x's quantized values xq over G columns, as int32s
-// (lane i: row i): `chunks` points at the 8 rows' first 8-column chunk of those columns. Each
+// The dot products of 8 weight rows' levels with R rows of x's quantized values xq (x_stride apart)
+// over G columns, as int32s (sums[r] lane i: row i): `chunks` points at the 8 rows' first 8-column chunk of those columns. Each
 // chunk's lane i holds row i's 8 levels, so each vpmaddubsw takes x's same 4 columns broadcast to
 // every lane and the sums land one row per lane: no horizontal sums.
-template <int64_t G>
-inline __m256i int4_group_sums(const uint8_t* chunks, const int8_t* xq) {
+template <int64_t G, int R>
+inline void int4_group_sums(const uint8_t* chunks, const int8_t* xq, int64_t x_stride, __m256i (&sums)[R]) {
   const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256i sums = _mm256_setzero_si256();
+  for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
   for (int64_t c = 0; c < G; c += 32) {  // 16-bit pair sums of 32 columns: 8 * 2 * 15 * 127 < 32768
-    __m256i low = _mm256_setzero_si256(), high = _mm256_setzero_si256();
+    __m256i low[R], high[R];
+    for (int r = 0; r < R; ++r) low[r] = high[r] = _mm256_setzero_si256();
     for (int64_t k = c; k < c + 32; k += 8) {
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunks + k * 4));
-      low = _mm256_add_epi16(low, _mm256_maddubs_epi16(_mm256_and_si256(packed, mask), broadcast4(xq + k)));
-      high = _mm256_add_epi16(
-          high, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 4), mask), broadcast4(xq + k + 4)));
+      const __m256i low_levels = _mm256_and_si256(packed, mask);
+      const __m256i high_levels = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+      for (int r = 0; r < R; ++r) {  // the levels unpacked once for R rows of x
+        low[r] = _mm256_add_epi16(low[r], _mm256_maddubs_epi16(low_levels, broadcast4(xq + r * x_stride + k)));
+        high[r] = _mm256_add_epi16(high[r], _mm256_maddubs_epi16(high_levels, broadcast4(xq + r * x_stride + k + 4)));
+      }
     }
-    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_add_epi16(low, high), ones));
+    for (int r = 0; r < R; ++r)
+      sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(_mm256_add_epi16(low[r], high[r]), ones));
   }
-  return sums;
 }
 
-// One activation row times 8 weight rows n .. n + 7 at once, read as one stream (the layout
-// interleaves their chunks), each group's 8 row sums scaled as one vector; and so for the S
-// blocks of 8 rows starting at n + s * part, side by side (S streams). Several activation rows
+// R activation rows from row m (y's rows N apart) times 8 weight rows n .. n + 7 at once, read as one
+// stream (the layout interleaves their chunks), each group's 8 row sums scaled as one vector; and so
+// for the S blocks of 8 rows starting at n + s * part, side by side (S streams). The weights' levels
+// are unpacked once for the R rows (2 rows: 1.05-1.08x at 512 rows, 1 thread); more activation rows
 // take the same weight rows one after another while those (2-6 KB a block) sit in L1.
-template <int64_t G, int S, typename Scale>
+template <int64_t G, int S, int R, typename Scale>
 void dot_8_rows_int4(const QuantizedRows& x, int64_t m, int64_t K, const uint8_t* w, const Scale* scales,
-                     const Scale* zeros, int64_t n, int64_t part, float* y) {
+                     const Scale* zeros, int64_t n, int64_t part, float* y, int64_t N) {
   const int64_t groups = K / G;
   const int8_t* xq = x.values.data() + m * K;
   const float *dx = x.scales.data() + m * groups, *sums = x.sums.data() + m * groups,
               *rounded_sums = x.rounded_sums.data() + m * groups;
-  __m256 total[S], offset[S];
-  for (int s = 0; s < S; ++s) total[s] = offset[s] = _mm256_setzero_ps();
+  __m256 total[S][R], offset[S][R];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) total[s][r] = offset[s][r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     for (int s = 0; s < S; ++s) {
       const int64_t block = (n + s * part) / 8;
       const uint8_t* chunks = w + block * 4 * K + g * G * 4;  // a group of the block's 8 rows: 4 G bytes
       const char* ahead = reinterpret_cast<const char*>(chunks) + kPrefetchBytes;
       for (int64_t c = 0; c < G * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
-      const __m256 summed = _mm256_cvtepi32_ps(int4_group_sums<G>(chunks, xq + g * G));  // exact: |sums| < 2^24
+      __m256i summed[R];
+      int4_group_sums<G, R>(chunks, xq + g * G, K, summed);
       const __m256 row_scales = load8(scales + (block * groups + g) * 8);  // the 8 rows' side by side
-      total[s] = _mm256_fmadd_ps(summed, _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[g])), total[s]);
-      offset[s] = _mm256_fmadd_ps(load8(zeros + (block * groups + g) * 8), _mm256_set1_ps(sums[g]), offset[s]);
-      offset[s] = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[g]), offset[s]);
+      const __m256 row_zeros = load8(zeros + (block * groups + g) * 8);
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = r * groups + g;  // exact: |summed| < 2^24
+        total[s][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summed[r]), _mm256_mul_ps(row_scales, _mm256_set1_ps(dx[at])),
+                                      total[s][r]);
+        offset[s][r] = _mm256_fmadd_ps(row_zeros, _mm256_set1_ps(sums[at]), offset[s][r]);
+        offset[s][r] = _mm256_fnmadd_ps(row_scales, _mm256_set1_ps(8.0f * rounded_sums[at]), offset[s][r]);
+      }
     }
   }
-  for (int s = 0; s < S; ++s) _mm256_storeu_ps(y + n + s * part, _mm256_add_ps(total[s], offset[s]));
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * N + n + s * part, _mm256_add_ps(total[s][r], offset[s][r]));
 }
 
 // Calls body(std::integral_constant<int64_t, V>{}) for the V of Values equal to value, so that
@@ -606,13 +709,18 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     with_constant<32, 64, 128, 256>(G, "gemv_int4: group size 32, 64, 128 or 256 expected, got ", [&](auto group) {
       constexpr int64_t kGroup = decltype(group)::value;
       for_each_output_range(N, 8, [&](int64_t n0, int64_t n1) {
-        auto blocks = [&](auto streams, int64_t first, int64_t part) {
+        if (M > 1) {  // each 8 weight rows times a panel of activation rows, the weights in L1
+          return by_tiles<8>(M, K, K, 1, n0, n1, [&](auto block, auto, int64_t m0, int64_t n, int64_t, int64_t, bool) {
+            int64_t m = m0;
+            for (; m + 2 <= m0 + block(); m += 2)
+              dot_8_rows_int4<kGroup, 1, 2>(xq, m, K, wp, sp, zp, n, 0, sums.data() + m * N, N);
+            if (m < m0 + block()) dot_8_rows_int4<kGroup, 1, 1>(xq, m, K, wp, sp, zp, n, 0, sums.data() + m * N, N);
+          });
+        }
+        in_streams<kInt4Streams>(n0, n1, 8, [&](auto streams, int64_t first, int64_t part) {
           for (int64_t n = first; n < first + part; n += 8)
-            for (int64_t m = 0; m < M; ++m)
-              dot_8_rows_int4<kGroup, decltype(streams)::value>(xq, m, K, wp, sp, zp, n, part, sums.data() + m * N);
-        };
-        if (M == 1) in_streams<kInt4Streams>(n0, n1, 8, blocks);
-        else blocks(std::integral_constant<int, 1>{}, n0, n1 - n0);
+            dot_8_rows_int4<kGroup, decltype(streams)::value, 1>(xq, 0, K, wp, sp, zp, n, part, sums.data(), N);
+        });
       });
     });
   });
@@ -647,10 +755,9 @@ at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scales) {
 }
 
 // The float32 weight [N, K] that int4 weights in the kernel's layout stand for: w = (q - 8) * scale +
-// zero, rounded as PyTorch rounds that formula (a product, then a sum). Products of more rows than
-// these kernels take run on PyTorch's float GEMM, which wants the weight so; one pass here instead
-// of unpacking and reordering it with a dozen PyTorch operators (42 vs 256 ms for bench-125m's 120
-// layers).
+// zero, rounded as PyTorch rounds that formula (a product, then a sum). Products these kernels do not
+// take run on PyTorch's float GEMM, which wants the weight so; one pass here instead of unpacking and
+// reordering it with a dozen PyTorch operators (42 vs 256 ms for bench-125m's 120 layers).
 at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
   check_int4_weight(w, scales, zeros, "dequantize_int4");
   const int64_t N = w.size(0), K = w.size(1) * 2, groups = scales.size(1);

@@ -20,12 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmgen import kernels
 from lmgen.layers.linear import Embedding, FusedLinear, KernelOperands, Linear
 
 #: ggml type -> (values, bytes) of its block: the types lmgen's kernels read (gguf's GGML_QUANT_SIZES)
 BLOCK_FORMATS = {8: (32, 34), 2: (32, 18), 6: (32, 22), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
 # Values per dequantized tile of a prefill product (16 MiB of float32): bounds its transient memory.
+#: Up to this many activation rows the block kernels multiply (int8 activations, integer products, the
+#: weights read once per row group); more rows dequantize tiles of weight rows for float products,
+#: which reuse each tile across all the rows.
+BLOCK_PRODUCT_MAX_ROWS = 64
 _TILE_VALUES = 1 << 22
 
 
@@ -56,7 +59,7 @@ class GGMLLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= kernels.MAX_ROWS:
+        if rows.shape[0] <= BLOCK_PRODUCT_MAX_ROWS:
             out = torch.ops.lmgen.gemv_blocks(rows, self.weight, self.layout)
         else:
             out = self._tiled_product(rows.float()).to(x.dtype)

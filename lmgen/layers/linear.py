@@ -24,16 +24,17 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: no scales, int8 has scales, int4 scales and zeros (see torch.ops.lmgen.decode_layers).
 KernelOperands = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
-# With few rows (small-batch decode) reading half-precision weights wins even with a slow
-# kernel, since upcasting rewrites every weight each step; from about 16 rows on (measured
-# on bench-125m, AVX2) the float32 GEMM wins by 3x and more.
+# Without lmgen's kernels: with few rows (small-batch decode) reading half-precision weights wins
+# even with PyTorch's slow kernel, since upcasting rewrites every weight each step; from about 16
+# rows on (measured on bench-125m, AVX2) the float32 GEMM wins by 3x and more.
 _UPCAST_MIN_ROWS = 16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear: lmgen's kernels for a few rows, float32 for many where half precision has no fast kernel."""
+    """F.linear: lmgen's kernels where they run, else float32 for many rows where half precision has no
+    fast kernel."""
     rows = x.numel() // x.shape[-1]
-    if kernels.fits(rows, weight.shape[1], weight.device) and weight.dtype in _KERNEL_DTYPES:
+    if kernels.fits(weight.shape[1], weight.device) and weight.dtype in _KERNEL_DTYPES:
         out = torch.ops.lmgen.gemv(x.reshape(rows, -1), weight).view(*x.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
     target = compute_dtype(weight.dtype, weight.device)

@@ -1,7 +1,7 @@
 """Weight-only quantization: int8 per output channel, int4 per group of input columns.
 
-Weights stay integers in memory and CPU kernels read them directly: lmgen's own for
-products of a few rows (``lmgen.kernels``: decode), else PyTorch's
+Weights stay integers in memory and CPU kernels read them directly: lmgen's own, for
+products of any number of rows (``lmgen.kernels``: decode and prefill), else PyTorch's
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, bfloat16 activations, their
 fast path) where that beats dequantizing for a float GEMM. On a GPU int4 runs on PyTorch's
 CUDA kernel (``_weight_int4pack_mm``, tinygemm); int8 there dequantizes each weight for its
@@ -271,7 +271,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.lmgen_layout and kernels.fits(rows.shape[0], self.in_features, rows.device):
+        if self.lmgen_layout and kernels.fits(self.in_features, rows.device):
             out = self._lmgen_kernel(rows)
         elif self.use_kernel and rows.shape[0] < self.kernel_max_rows:
             out = self._kernel(rows.to(torch.bfloat16)).to(x.dtype)
@@ -367,8 +367,7 @@ class Int4Linear(QuantizedLinear):
         """Lay the storage form out for the kernel that will read it (as many bytes, another order).
 
         With lmgen's kernels, where the shape fits them: ``interleave_int4``'s layout, in the
-        tensors' own memory; products of more rows than the kernel takes dequantize, about as
-        fast as PyTorch's kernel. Else PyTorch's layout for the device (its CPU one depends on
+        tensors' own memory, which their products of any number of rows read. Else PyTorch's layout for the device (its CPU one depends on
         the vector width; its CUDA one, tinygemm's, on the tiles of K it reads at once).
         """
         if kernels.serve(self.weight.device) and self.out_features % INT4_KERNEL_ROWS == 0:

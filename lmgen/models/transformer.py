@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from lmgen import kernels
 from lmgen.layers.attention import AttentionMetadata, paged_attention, reads_cache_in_place
 from lmgen.layers.linear import Embedding, FusedLinear, Linear
 from lmgen.layers.moe import MoE, MoEConfig
@@ -218,7 +217,7 @@ class TransformerForCausalLM(nn.Module):
         if torch.compiler.is_compiling():  # first: a traced graph must not depend on the batch size here
             return None
         device = meta.block_tables.device
-        if not reads_cache_in_place(meta, self.spec.head_dim, device) or meta.slot_mapping.shape[0] > kernels.MAX_ROWS:
+        if not reads_cache_in_place(meta, self.spec.head_dim, device):
             return None
         if self._one_call is None or self._one_call[0] is not kv_caches:  # weights never change once loaded
             self._one_call = kv_caches, self._gather_one_call_layers(kv_caches)

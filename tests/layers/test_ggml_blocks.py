@@ -18,7 +18,7 @@ from lmgen.layers.linear import FusedLinear
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 TYPES = [Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-ROWS = [1, 2, 15, 16, 17, 64]  # blocks of 4 activation rows and every remainder, up to kernels.MAX_ROWS
+ROWS = [1, 2, 15, 16, 17, 64]  # blocks of 4 activation rows and every remainder, up to ggml.BLOCK_PRODUCT_MAX_ROWS
 IN_FEATURES = 512  # two K-quant blocks, sixteen of 32
 
 
@@ -83,7 +83,7 @@ def _fused(parts: list[tuple[Q, int]], bias: bool) -> tuple[GGMLLinear, list[tup
 
 @pytest.mark.parametrize("rows", [1, 17, 64, 65, 130])
 def test_a_fused_layer_of_mixed_types_in_decode_and_prefill(rows, monkeypatch):
-    """Up to kernels.MAX_ROWS rows on the block kernels; beyond, dequantized a tile of rows at a time
+    """Up to ggml.BLOCK_PRODUCT_MAX_ROWS rows on the block kernels; beyond, dequantized a tile of rows at a time
     (tiles cut inside parts here) for a float32 product."""
     monkeypatch.setattr(ggml, "_TILE_VALUES", 50 * IN_FEATURES)
     layer, parts = _fused([(Q.Q4_K, 70), (Q.Q6_K, 33), (Q.Q8_0, 66), (Q.Q5_0, 8)], bias=True)

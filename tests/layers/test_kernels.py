@@ -18,7 +18,9 @@ from lmgen.layers.rotary import apply_rotary
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips where they cannot run, fails where they did not build
 
-ROWS = [1, 2, 3, 4, 5, 7, 8, 13, 32]  # blocks of 4 rows and every remainder
+# few rows (streams): blocks of 4 rows and every remainder; from kernels.TILE_MIN_ROWS per weight byte on
+# (int8 16, half precision 32, float32 64), tiles of 4 rows and 3 weight rows, with remainders of both
+ROWS = [1, 2, 3, 4, 5, 7, 13, 15, 16, 17, 22, 31, 32, 33, 63, 64, 65, 200]
 
 
 def _inputs(rows: int, out_features: int = 200, in_features: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +63,9 @@ def test_gemv_int8_equals_its_definition_and_stays_near_the_dequantized_linear(r
     q, scales = quantize_int8(weight)
     dequantized = q.float() * scales.float()[:, None]
     out = torch.ops.lmgen.gemv_int8(x, q, scales)
+    if rows >= kernels.TILE_MIN_ROWS:  # float32 tiles: x as it is
+        assert torch.allclose(out, F.linear(x, dequantized), rtol=1e-5, atol=1e-4)
+        return
     assert torch.allclose(out, F.linear(_rounded_per_group(x, 32), dequantized), rtol=1e-5, atol=1e-4)
     _assert_rounding_x_costs_at_most(out, x, dequantized, 6)
 
@@ -76,7 +81,7 @@ def _int4_product(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("groups", [3, 4])
-@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("rows", [1, 2, 7, 16, 17, 65])  # one row (streams), else tiles of 8 weight rows
 def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(group_size, groups, rows):
     x, weight = _inputs(rows, out_features=200, in_features=groups * group_size)  # 25 blocks of 8 rows: 1 left over
     nibbles, scales, zeros = quantize_int4(weight, group_size)
@@ -84,6 +89,22 @@ def test_gemv_int4_equals_its_definition_and_stays_near_the_dequantized_linear(g
     assert torch.allclose(out, _int4_product(x, nibbles, scales, zeros), rtol=1e-5, atol=1e-4)
     # rounding x to int8 costs 3-5x what rounding it to bfloat16 would (the 4-bit weights' own rounding: 45-65x)
     _assert_rounding_x_costs_at_most(out, x, dequantize_int4(nibbles, scales, zeros), 6)
+
+
+@pytest.mark.parametrize("rows", [65, 200])
+def test_products_of_rows_in_several_panels_equal_the_reference(rows):
+    """Wide rows: the tiles cut 2048 columns into chunks of 704, 704 and 640 and take the activation rows a
+    panel (192 KiB) at a time, here 68 float32 rows of a chunk (int4: 96 int8 rows of 2048), the last partial."""
+    x, weight = _inputs(rows, out_features=40, in_features=2048)
+    for dtype in (torch.float32, torch.float16):
+        assert torch.allclose(torch.ops.lmgen.gemv(x, weight.to(dtype)), F.linear(x, weight.to(dtype).float()),
+                              rtol=1e-5, atol=1e-3)
+    q, scales = quantize_int8(weight)
+    assert torch.allclose(torch.ops.lmgen.gemv_int8(x, q, scales), F.linear(x, q.float() * scales.float()[:, None]),
+                          rtol=1e-5, atol=1e-3)
+    nibbles, group_scales, zeros = quantize_int4(weight, 128)
+    assert torch.allclose(torch.ops.lmgen.gemv_int4(x, *interleave_int4(nibbles, group_scales, zeros)),
+                          _int4_product(x, nibbles, group_scales, zeros), rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("in_features", [64, 100])  # 100: columns left over after the vectors of 8
@@ -151,16 +172,16 @@ def test_decode_attention_reads_the_paged_cache_like_sdpa_over_the_gathered_cont
         assert torch.allclose(out[b], expected[0, :, 0], atol=1e-5)
 
 
-def test_the_layers_take_the_kernels_for_few_rows_and_pytorch_for_many(monkeypatch):
+def test_the_layers_take_the_kernels_for_any_number_of_rows_and_pytorch_for_other_widths(monkeypatch):
     calls = []
     gemv = torch.ops.lmgen.gemv
     monkeypatch.setattr(torch.ops.lmgen, "gemv", lambda *args: calls.append(args[0].shape[0]) or gemv(*args),
                         raising=False)
-    weight = torch.randn(64, 96, dtype=torch.bfloat16)
-    for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1):
-        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    for rows, columns in ((1, 96), (512, 96), (3, 72)):  # 72 columns: not a multiple of 32
+        weight = torch.randn(64, columns, dtype=torch.bfloat16)
+        x = torch.randn(rows, columns, dtype=torch.bfloat16)
         assert torch.allclose(linear(x, weight).float(), F.linear(x.float(), weight.float()), rtol=2e-2, atol=2e-2)
-    assert calls == [1, kernels.MAX_ROWS]
+    assert calls == [1, 512]
 
 
 def test_kernel_errors_name_the_problem():
@@ -209,7 +230,7 @@ def test_a_source_that_does_not_compile_is_a_build_failure_with_the_compilers_me
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 16])
 def test_products_take_and_give_half_precision_rows_rounded_once(dtype, rows):
     x, weight = _inputs(rows, in_features=256)
     x = x.to(dtype)

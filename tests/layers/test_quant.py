@@ -68,7 +68,7 @@ KERNELS = ["lmgen", "pytorch", pytest.param("cuda", marks=pytest.mark.skipif(
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("config", [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64)],
                          ids=["int8", "int4-g32", "int4-g64"])
-@pytest.mark.parametrize("rows", [1, 3, 17, 100])  # 100: past lmgen's MAX_ROWS and int8's kernel_max_rows on AVX2
+@pytest.mark.parametrize("rows", [1, 3, 17, 100])  # 100: past the streaming kernels, in register tiles
 def test_quantized_linear_equals_the_dequantized_float_linear(config, rows, kernel, monkeypatch):
     monkeypatch.setattr(kernels, "loaded", kernels.loaded and kernel == "lmgen")
     device = "cuda" if kernel == "cuda" else "cpu"
