@@ -56,7 +56,9 @@ if TYPE_CHECKING:
 MODELS = ("bench-125m", "qwen3-125m", "gemma3-125m", "qwen3-moe-1b-a150m", "qwen3-150m")  # benchmarks/models.py --shape NAME
 THREADS = 2
 GGUF_TYPES = ("f32", "bf16", "q8_0", "q4_0")
-LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made by llama.cpp
+# made by llama.cpp from the f32 file (q4_k_m: its recipe on float weights, for int4's quality)
+LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+                "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
 # ---- conversion: HF checkpoint -> GGUF, as convert_hf_to_gguf.py writes it -----------------
@@ -138,6 +140,7 @@ class Arch:
 
 ARCHS = {
     "LlamaForCausalLM": Arch("LLAMA", write_llama_hparams, permute_qk=True),
+    "Qwen2ForCausalLM": Arch("QWEN2", lambda writer, config: None),  # the real model (benchmarks/real_model.py)
     "Qwen3ForCausalLM": Arch("QWEN3", lambda writer, config: None),  # Qwen2Model: nothing more
     "Gemma3ForCausalLM": Arch("GEMMA3", write_gemma3_hparams, norm_shift=1.0),
     "Qwen3MoeForCausalLM": Arch("QWEN3MOE", write_qwen3moe_hparams),
