@@ -12,13 +12,13 @@ import torch
 import transformers
 
 from checkpoints import build_checkpoint
+from conftest import ALL_VARIANTS
 from lmgen import LLM, AutoModelForCausalLM, SamplingParams
 from lmgen.distributed.parallel import TensorParallelError
 from lmgen.errors import InvalidArgumentError, UnsupportedModelError
 
 PROMPTS = [[1, 5, 9, 200, 17, 33, 45], [1, 100, 7], list(range(3, 40)), [1, 250, 251, 252, 253, 254, 300]]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
-KV_HEADS = {"llama": 2, "qwen3": 2, "llama-1kv": 1, "gemma2": 2, "olmo2": 2, "mixtral": 2, "gpt-oss": 2}
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +32,17 @@ def greedy_tokens(llm: LLM) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("variant, quantization", [
-    ("llama", {}), ("qwen3", {}), ("qwen3", dict(quantization="int8")),
-    ("llama-1kv", dict(quantization="int4", quantization_group_size=32)),  # o_proj: 32 input columns a rank
-    ("gemma2", {}), ("olmo2", {}), ("mixtral", {}),
-    ("gpt-oss", {})])  # attention sinks split with the heads; the experts' and o_proj's biases added once
+    *[(variant, {}) for variant in ALL_VARIANTS],  # gpt-oss: sinks split with the heads, biases added once
+    ("qwen3", dict(quantization="int8")),
+    ("llama-1kv", dict(quantization="int4", quantization_group_size=32))])  # o_proj: 32 input columns a rank
 def test_two_ranks_choose_the_tokens_of_one(checkpoint_factory, one_kv_head_path, variant, quantization):
     path = str(one_kv_head_path if variant == "llama-1kv" else checkpoint_factory(variant))
     args = dict(dtype="float32", device="cpu", **quantization)
-    expected = greedy_tokens(LLM(path, **args))
+    whole = LLM(path, **args)
+    expected = greedy_tokens(whole)
     split = LLM(path, tensor_parallel_size=2, **args)
     try:
-        assert split.engine.model.spec.num_kv_heads == max(KV_HEADS[variant] // 2, 1)
+        assert split.engine.model.spec.num_kv_heads == max(whole.engine.model.spec.num_kv_heads // 2, 1)
         assert greedy_tokens(split) == expected
     finally:
         split.engine.close()
