@@ -1,10 +1,9 @@
 """The decode step through torch.compile (Inductor): fused kernels in place of a dozen
 dispatched ops per layer, which on a CPU cost more than the batch-1 matmuls they surround.
 
-Where lmgen's CPU kernels run a decode step's layers in one call (up to 64 requests on an
-AVX2 CPU, see ``TransformerForCausalLM.one_call_layers``) that call is faster, and the runner
-takes it instead; this graph serves the other decode steps (no kernels, a GPU, larger
-batches). Only steps in which every request decodes one token are compiled; a prefill is
+Where lmgen's CPU kernels run a decode step's layers in one call (any batch on an AVX2 CPU,
+see ``TransformerForCausalLM.one_call_layers``) that call is faster, and the runner takes it
+instead; this graph serves the other decode steps (no kernels, a GPU). Only steps in which every request decodes one token are compiled; a prefill is
 a few big GEMMs, where compiling buys nothing, so it stays on the eager path (the reference the
 compiled one is tested against). Sizes that change from step to step (requests in the
 batch, KV blocks per request) are marked dynamic, so one graph serves every batch of two
