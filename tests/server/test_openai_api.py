@@ -4,21 +4,15 @@ import httpx
 import pytest
 
 from lmgen import LLM, SamplingParams
-from serverutil import serve
+from serverutil import tiny_server  # noqa: F401 (fixture)
 
 PROMPT = "Portugal is"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
 
 
 @pytest.fixture(scope="module")
-def server(llama_path):
-    with serve(llama_path, "--served-model-name", "tiny") as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
+def client(tiny_server):
+    return tiny_server.client()
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +35,8 @@ def content_chunks(stream):
     return pieces, usage, finish
 
 
-def test_health_and_models(server, client):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+def test_health_and_models(tiny_server, client):
+    assert httpx.get(tiny_server.url + "/health").json() == {"status": "ok"}
     [card] = client.models.list().data
     assert card.id == "tiny" and card.owned_by == "lmgen"
     assert card.model_extra["max_model_len"] == 256
@@ -209,18 +203,18 @@ def test_extras_and_penalties_are_accepted(client):
     assert response.usage.completion_tokens == 6
 
 
-def test_tokenize_and_detokenize(server, llm):
-    tokens = server.post("/tokenize", json={"prompt": PROMPT}).json()
+def test_tokenize_and_detokenize(tiny_server, llm):
+    tokens = tiny_server.post("/tokenize", json={"prompt": PROMPT}).json()
     assert tokens["tokens"] == llm.tokenizer.encode(PROMPT) and tokens["count"] == len(tokens["tokens"])
     assert tokens["max_model_len"] == 256
-    chat = server.post("/tokenize", json={"messages": MESSAGES}).json()
+    chat = tiny_server.post("/tokenize", json={"messages": MESSAGES}).json()
     assert chat["tokens"] == llm.tokenizer.encode_chat(MESSAGES, add_generation_prompt=True)
-    text = server.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+    text = tiny_server.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
     assert text == llm.tokenizer.decode(tokens["tokens"])
 
 
-def test_metrics_count_requests_and_tokens(server):
-    metrics = server.metrics()
+def test_metrics_count_requests_and_tokens(tiny_server):
+    metrics = tiny_server.metrics()
     assert metrics[("lmgen_requests_total", (("status", "length"),))] > 0
     assert metrics[("lmgen_generation_tokens_total", ())] > 0
     assert metrics[("lmgen_prompt_tokens_total", ())] > 0
