@@ -78,7 +78,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="on a GPU, launch each decode step's kernels one by one instead of replaying "
                             "CUDA graphs (slower; for debugging)")
     group.add_argument("--engine-seed", type=int, default=None, help="seed for requests that bring none")
-    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
+    group.add_argument("--tensor-parallel-size", "-tp", type=_at_least(1), default=None, metavar="N",
                        help="split the model across N processes (gloo on a CPU, NCCL on GPUs; lmgen starts "
                             "them); default 1, or under torchrun its number of processes")
     speculative = group.add_mutually_exclusive_group()
@@ -103,7 +103,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 compile=args.compile, enforce_eager=args.enforce_eager, seed=args.engine_seed,
                 revision=args.revision, gguf_file=args.gguf_file, speculative_config=_speculative_config(args),
-                tensor_parallel_size=args.tensor_parallel_size or torchrun_world_size())
+                tensor_parallel_size=torchrun_world_size() if args.tensor_parallel_size is None
+                else args.tensor_parallel_size)
 
 
 def _speculative_config(args: argparse.Namespace) -> dict | None:

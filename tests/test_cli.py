@@ -71,6 +71,8 @@ def test_chat_keeps_history_and_resets(llama_path):
      r"the draft model \(speculative_config 'model'\): no checkpoint folder at './missing-draft'"),
     (("generate", "x", "--speculative-model", "d", "--speculative-ngram", "2"),
      "argument --speculative-ngram: not allowed with argument --speculative-model"),
+    (("generate", "x", "--tensor-parallel-size", "0"), "argument --tensor-parallel-size/-tp: must be at least 1, got 0"),
+    (("serve", "--replicas", "0"), "argument --replicas: must be at least 1, got 0"),
 ])
 def test_errors_are_one_line_without_traceback(llama_path, args, message):
     if "--model" not in args:
