@@ -7,6 +7,7 @@
 
     python benchmarks/gguf_blocks.py --perplexity docs/architecture.md --max-chars 16000
     python benchmarks/gguf_blocks.py --products      # one product per block format of the file
+    python benchmarks/gguf_blocks.py --memory        # peak resident memory of each system
 
 Figures: decode tokens/s at batch 1 (a 32-token prompt, --new-tokens greedy tokens, no EOS stop) and
 prefill tokens/s of one 512-token prompt (time to the first token), each system on THREADS threads;
@@ -16,6 +17,9 @@ lmgen on the blocks and for llama.cpp scoring the same token ids in the same win
 With --products: a one-row product with one tensor of each block format in the file (its blocks,
 and the same tensor dequantized to bfloat16 on lmgen's float kernel), in CPU seconds of one thread
 (process time: on a shared host, less disturbed by the other processes than wall time).
+With --memory: each system in a fresh process loads the file, prefills 512 tokens and decodes 64 with a
+KV cache of MEMORY_CONTEXT tokens; its peak resident set (VmHWM: file pages it mapped and touched count)
+and that peak above the process's resident set after imports, beside the file's size.
 """
 
 from __future__ import annotations
@@ -31,12 +35,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llamacpp import alternate, llama_generate, lmgen_generate, load_llama, random_prompts  # noqa: E402
+from load_memory import rss_bytes  # noqa: E402
 from real_model import gguf_file  # noqa: E402
 
 from lmgen import LLM, SamplingParams  # noqa: E402
 from lmgen.perplexity import perplexity, windows  # noqa: E402
 
 VOCAB = 151_000  # ordinary (non-special) ids of Qwen2.5's vocabulary
+MEMORY_CONTEXT = 1024  # tokens of KV cache in --memory
+KV_TOKEN_BYTES = 24 * 1024  # Qwen2.5-0.5B's keys and values of a token in lmgen's float32 (llama.cpp: float16)
 
 
 def llama_perplexity(llama, ids: list[int], context: int, stride: int) -> float:
@@ -102,6 +109,29 @@ def compare_perplexity(file: Path, text: str, context: int = 512) -> None:
                       "lmgen/llama.cpp": round(ours.perplexity / theirs, 4)}))
 
 
+def peak_memory(system: str, file: Path) -> None:
+    """One system's peak resident memory over a load, a 512-token prefill and 64 decoded tokens (run alone in
+    its process: the peak is the process's)."""
+    baseline = rss_bytes()
+    prompt = random_prompts(1, 512, seed=0, vocab=VOCAB)[0]
+    if system == "lmgen":
+        llm = LLM(str(file), kv_cache_memory=MEMORY_CONTEXT * KV_TOKEN_BYTES, max_model_len=MEMORY_CONTEXT)
+        lmgen_generate(llm, prompt, 64)
+    else:
+        llama_generate(load_llama(file, n_ctx=MEMORY_CONTEXT), prompt, 64)
+    peak = rss_bytes("VmHWM")
+    print(json.dumps({"system": system, "file MiB": round(file.stat().st_size / 2**20, 1),
+                      "peak RSS MiB": round(peak / 2**20, 1),
+                      "peak above baseline MiB": round((peak - baseline) / 2**20, 1)}))
+
+
+def compare_memory(file: Path) -> None:
+    import subprocess
+
+    for system in ("lmgen", "llama.cpp"):
+        subprocess.run([sys.executable, __file__, "--memory-of", system], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -109,8 +139,16 @@ def main() -> None:
     parser.add_argument("--perplexity", type=Path, default=None, help="a UTF-8 text file: perplexity only")
     parser.add_argument("--max-chars", type=int, default=16000, help="of the perplexity text")
     parser.add_argument("--products", action="store_true", help="one product per block format only")
+    parser.add_argument("--memory", action="store_true", help="peak resident memory of each system only")
+    parser.add_argument("--memory-of", choices=["lmgen", "llama.cpp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     file = gguf_file()
+    if args.memory_of:
+        peak_memory(args.memory_of, file)
+        return
+    if args.memory:
+        compare_memory(file)
+        return
     if args.products:
         product_costs(file)
         return
