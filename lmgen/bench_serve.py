@@ -80,10 +80,11 @@ async def stream_one(client, url: str, prompt: list[int], new_tokens: int) -> Re
                 continue
             chunk = json.loads(line[6:])
             usage = chunk.get("usage") or usage
-            if chunk["choices"]:
+            if any(choice["text"] or not choice.get("finish_reason") for choice in chunk["choices"]):
                 timing.token_times.append(time.perf_counter())
     # lmgen sends a chunk per token; llama-server holds back a token that ends inside a UTF-8 character
-    # and sends it with the next one, so there a chunk may carry several
+    # and sends it with the next one, so there a chunk may carry several, and it ends with a chunk of no
+    # text that only carries the finish reason (not a token)
     if usage is None or usage["completion_tokens"] != new_tokens or not 0 < len(timing.token_times) <= new_tokens:
         raise LmgenError(f"{url} did not generate {new_tokens} tokens as asked (ignore_eos): got "
                          f"{len(timing.token_times)} chunks and usage {usage}")

@@ -1,11 +1,14 @@
 """`lmgen bench serve` against a real `lmgen serve` process."""
 
+import asyncio
 import json
 import subprocess
 import sys
 
+import httpx
 import pytest
 
+from lmgen.bench_serve import stream_one
 from serverutil import free_port, serve
 
 
@@ -81,3 +84,18 @@ def test_bench_serve_sends_no_prompt_twice_across_levels_and_runs(keyed_server, 
     assert len(sent) == 2 * (12 + 3)  # timed requests and a warm-up per level
     assert all(len(prompt) == 12 and max(prompt) < 512 for prompt in sent)
     assert len({tuple(prompt[:4]) for prompt in sent}) == len(sent)  # no first KV block shared: no cache hit
+
+
+def test_stream_one_counts_tokens_not_a_closing_chunk_without_text():
+    """llama-server ends a stream with a chunk that only carries the finish reason: no token."""
+    chunks = [{"choices": [{"index": 0, "text": text, "finish_reason": None}]} for text in ("a", "b")]
+    chunks += [{"choices": [{"index": 0, "text": "", "finish_reason": "length"}]},
+               {"choices": [], "usage": {"completion_tokens": 2, "prompt_tokens": 3}}]
+    body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+
+    async def stream():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await stream_one(client, "http://server", [1, 2, 3], 2)
+
+    assert len(asyncio.run(stream()).token_times) == 2
