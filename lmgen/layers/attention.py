@@ -104,8 +104,9 @@ def paged_attention(
                                                 sinks)
     batch, dtype = meta.block_tables.shape[0], q.dtype
     cdtype = compute_dtype(dtype, q.device)
+    first_block = _first_block_seen(meta, window)
     # index_select on the flat table: indexing with the 2-D table directly is ~1000x slower on CPU
-    blocks = meta.block_tables.flatten()
+    blocks = meta.block_tables[:, first_block:].flatten()
     keys = k_cache.index_select(0, blocks).to(cdtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     values = v_cache.index_select(0, blocks).to(cdtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     q = q.to(cdtype)  # keys/values: [B, KVH, S, D]
@@ -115,7 +116,7 @@ def paged_attention(
         queries = q.new_zeros(batch, meta.max_query_len, q.shape[1], head_dim)
         queries[meta.token_request, meta.token_offset] = q
         queries = queries.transpose(1, 2)
-    mask = meta.masks[window]
+    mask = meta.masks[window][..., first_block * meta.block_size:]
     if softcap or sinks is not None:
         out = attention_beyond_sdpa(queries, keys, values, mask, scale, softcap, sinks)
     else:
@@ -124,6 +125,15 @@ def paged_attention(
     if meta.decode_only:
         return out.squeeze(2).to(dtype)
     return out.transpose(1, 2)[meta.token_request, meta.token_offset].to(dtype)
+
+
+def _first_block_seen(meta: AttentionMetadata, window: int | None) -> int:
+    """The first block of the step's contexts that a sliding window lets any of its queries see: a prompt
+    chunk deep in a long context attends over its window's keys, not the whole context. 0 for decode steps,
+    whose masks a recorded CUDA graph replays (the step's positions are never read on the host there)."""
+    if window is None or meta.decode_only:
+        return 0
+    return max(0, int(meta.query_starts.min()) - window + 1) // meta.block_size
 
 
 #: Scores the explicit route holds at once (a block of query rows against all keys): 64 MiB in float32.

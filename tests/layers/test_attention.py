@@ -51,3 +51,37 @@ def test_sinks_and_soft_caps_equal_the_score_matrix(monkeypatch, dtype, window, 
     if with_sinks:  # the sinks weigh far beyond the tolerance
         without = score_matrix_attention(q, k, v, mask, 0.25, softcap, None)
         assert (without - expected).abs().max().item() > 10 * tolerance
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("softcap, with_sinks", [(None, False), (None, True), (2.0, False)])
+def test_prompt_chunks_deep_in_their_context_attend_over_their_window(window, softcap, with_sinks):
+    """Two requests' prompt chunks (20 and 17 tokens, past the decode kernel's rows) at positions 30 and 45:
+    a sliding layer reads the blocks its window reaches, and every token's output is the reference's over
+    exactly the keys it may see."""
+    torch.manual_seed(0)
+    block_size, num_kv_heads, head_dim = 4, 2, 16
+    k_cache, v_cache = (torch.randn(40, block_size, num_kv_heads, head_dim) for _ in range(2))
+    tables = torch.randperm(39)[:32].add(1).view(2, 16)  # block 0 pads nothing here
+    starts, lens = torch.tensor([30, 45]), torch.tensor([50, 62])
+    token_request = torch.repeat_interleave(torch.arange(2), lens - starts)
+    token_offset = torch.cat([torch.arange(int(n)) for n in lens - starts])
+    positions = starts[token_request] + token_offset
+    slots = tables[token_request, positions // block_size] * block_size + positions % block_size
+    meta = attention.AttentionMetadata(slots, tables, starts, lens, token_request, token_offset,
+                                       max_query_len=20, block_size=block_size)
+    meta.build_masks({window})
+    q = torch.randn(37, 4, head_dim)
+    k, v = (torch.randn(37, num_kv_heads, head_dim) for _ in range(2))
+    sinks = torch.tensor([3.0, -1.0, 0.5, 2.0]) if with_sinks else None
+    out = attention.paged_attention(q, k, v, (k_cache, v_cache), meta, 0.25, window, softcap, sinks)
+    for t in range(37):
+        b, p = int(token_request[t]), int(positions[t])
+        first = 0 if window is None else max(0, p - window + 1)
+        keys, values = (c[tables[b]].reshape(-1, num_kv_heads, head_dim)[first:p + 1].transpose(0, 1)[None]
+                        for c in (k_cache, v_cache))
+        mask = torch.ones(1, 1, 1, keys.shape[2], dtype=torch.bool)
+        expected = score_matrix_attention(q[t][None, :, None], keys, values, mask, 0.25, softcap, sinks)[0, :, 0]
+        assert torch.allclose(out[t], expected, atol=1e-5), t
+    if window is not None:
+        assert attention._first_block_seen(meta, window) == 6
