@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from lmgen import harmony
 from lmgen.errors import InvalidArgumentError
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.params import StructuredOutputs
@@ -207,6 +208,14 @@ class ToolParser:
         root may hold the definitions its references name)."""
         raise NotImplementedError
 
+    def forced_grammar(self, functions: list[tuple[str, dict[str, Any]]], definitions: dict[str, Any],
+                       parallel: bool) -> str:
+        """A Lark grammar that lets the model write nothing but calls (several if `parallel`) to `functions`,
+        (name, parameters schema) pairs whose references name `definitions` (a schema root's "$defs")."""
+        schemas = [self.call_schema(name, parameters) for name, parameters in functions]
+        schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        return self.call_grammar({**schema, **definitions}, parallel)
+
     def call_schema(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
         """The JSON schema of one call object in this format, to the function `name` taking `parameters`."""
         arguments_key = self.argument_keys[0]
@@ -365,8 +374,34 @@ class MistralToolParser(_MarkerOrBareJsonParser):
         return f"start: {self._marker(self.MARKER)} {_json_rule(calls)}\n"
 
 
+class HarmonyToolParser(ToolParser):
+    """GPT-OSS (harmony, lmgen.harmony): each call is a message of its own to ``functions.NAME``, its text the
+    arguments' JSON. The reply's other messages are its answer and its reasoning, which read_harmony_reply
+    and HarmonyReplyStream tell apart too; parse gives the answer as content."""
+
+    name = "harmony"
+    template_markers = (f"{harmony.CHANNEL}commentary",)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        reply = _read_harmony(text, self, None)
+        return reply.content, reply.calls
+
+    def forced_grammar(self, functions: list[tuple[str, dict[str, Any]]], definitions: dict[str, Any],
+                       parallel: bool) -> str:
+        """One call (<|call|> ends the reply, so there is never a second), after the model's reasoning if it
+        writes some first."""
+        channel, message = self._marker(harmony.CHANNEL), self._marker(harmony.MESSAGE)
+        calls = " | ".join(f"{channel} {json.dumps(f'commentary to={harmony.FUNCTIONS}{name} ')} "
+                           f'{self._marker(harmony.CONSTRAIN)} "json" {message} '
+                           f"{_json_rule({**parameters, **definitions})}" for name, parameters in functions)
+        return (f"start: analysis? call\ncall: {calls}\n"
+                f'analysis: {channel} "analysis" {message} REASONING {self._marker(harmony.END)} '
+                f'{self._marker(harmony.START)} "assistant"\n'
+                "REASONING: /(.|\\n)*/\n")
+
+
 PARSERS: dict[str, type[ToolParser]] = {parser.name: parser for parser in (
-    HermesToolParser, Llama3JsonToolParser, MistralToolParser)}
+    HermesToolParser, Llama3JsonToolParser, MistralToolParser, HarmonyToolParser)}
 
 
 def tool_parser_for(tokenizer: Tokenizer, name: str | None = None) -> ToolParser | None:
@@ -447,7 +482,7 @@ class ToolCalling:
         """The grammar that forces a call, for "required" and a named function; None otherwise."""
         if not self.forced:
             return None
-        schemas, definitions = [], {}
+        functions, definitions = [], {}
         for function in self.forced:
             # References (pydantic writes "#/$defs/Model") name the schema's root, which the call object becomes.
             parameters = dict(_parameters(function))
@@ -456,10 +491,9 @@ class ToolCalling:
                     if definitions.setdefault(key, {}).setdefault(name, definition) != definition:
                         raise ToolArgumentError(f"two functions define {key}/{name} differently, which one forced "
                                                 "call cannot hold: rename one", "tools")
-            schemas.append(self.parser.call_schema(function["name"], parameters))
-        schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+            functions.append((function["name"], parameters))
         parallel = self.parallel_tool_calls and isinstance(self.tool_choice, str)  # a named function: one call
-        return StructuredOutputs(grammar=self.parser.call_grammar({**schema, **definitions}, parallel))
+        return StructuredOutputs(grammar=self.parser.forced_grammar(functions, definitions, parallel))
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The reply's content and its calls (new ids); all of it is content when it holds no valid calls."""
@@ -595,3 +629,104 @@ class ToolCallStream:
             self.open_arguments = _OpenValue()
             self.open_arguments.end(last.arguments)  # catch up with the arguments so far
         return deltas
+
+
+# ---- harmony replies: content, reasoning and calls ------------------------------------------------
+@dataclass
+class ChatReply:
+    """A chat reply read: what the user is shown, the model's reasoning (None where there is none) and its calls."""
+
+    content: str | None
+    reasoning: str | None
+    calls: list[ToolCall]
+
+
+def read_harmony_reply(text: str, tooling: ToolCalling | None) -> ChatReply:
+    """A finished harmony reply (text with its markers) as vLLM answers for GPT-OSS: content from the final
+    channel and from commentary without a recipient (preambles), reasoning from analysis, a call from each
+    message to one of the caller's functions when `tooling` reads calls. Messages of a kind are joined by a
+    newline. A call whose text is no JSON object is read by its channel instead, like any other message."""
+    reads = tooling is not None and tooling.parses
+    return _read_harmony(text, tooling.parser if reads else None, tooling.max_calls if reads else None)
+
+
+def _read_harmony(text: str, parser: ToolParser | None, max_calls: int | None) -> ChatReply:
+    texts: dict[str, list[str]] = {"content": [], "reasoning": []}
+    calls: list[ToolCall] = []
+    for message in harmony.read_messages(text):
+        kind = _harmony_kind(message, parser is not None, len(calls), max_calls)
+        if kind == "call" and _is_json_object(message.text):
+            calls.append(ToolCall(parser.new_call_id(), message.function, message.text))
+        elif kind != "dropped":
+            texts[_channel_kind(message)].append(message.text)
+    content, reasoning = ("\n".join(parts) if parts else None for parts in texts.values())
+    return ChatReply(content, reasoning, calls)
+
+
+def _harmony_kind(message: harmony.HarmonyMessage, reads_calls: bool, num_calls: int, max_calls: int | None) -> str:
+    """"call", "dropped" (a call past max_calls), "content" or "reasoning"."""
+    if reads_calls and message.function is not None:
+        return "call" if max_calls is None or num_calls < max_calls else "dropped"
+    return _channel_kind(message)
+
+
+def _channel_kind(message: harmony.HarmonyMessage) -> str:
+    # no channel: text a finished reply held that never became a message (nothing is lost)
+    return "reasoning" if message.channel not in ("final", "commentary", None) else "content"
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+class HarmonyReplyStream:
+    """A harmony reply's text deltas as content, reasoning and call deltas, adding up to read_harmony_reply's
+    answer (but for a call whose arguments turn out malformed: they went out as they came).
+
+    Each message goes out as its text arrives (less a tail that may begin a marker); a call's id and name
+    once its header is read, then its arguments' text. Only the message still open is read again at each
+    delta."""
+
+    def __init__(self, tooling: ToolCalling | None) -> None:
+        self.parser = tooling.parser if tooling is not None and tooling.parses else None
+        self.max_calls = tooling.max_calls if self.parser is not None else None
+        self.text = ""
+        self.pos = 0  # where the open message's header starts
+        self.kind: str | None = None  # the open message's kind, once its header is read
+        self.num_sent_chars = 0  # of the open message's text
+        self.kinds_sent: set[str] = set()
+        self.num_calls = 0
+
+    @property
+    def called(self) -> bool:
+        return self.num_calls > 0
+
+    def feed(self, text: str, finished: bool) -> tuple[str, str, list[ToolCallDelta]]:
+        """The content, reasoning and call deltas that `text` (the reply's next delta) lets out."""
+        self.text += text
+        out, deltas = {"content": "", "reasoning": "", "dropped": ""}, []
+        while True:
+            message, next_pos = harmony.next_message(self.text, self.pos, finished)
+            if message is None:
+                break
+            if self.kind is None:  # the message begins
+                self.kind = _harmony_kind(message, self.parser is not None, self.num_calls, self.max_calls)
+                if self.kind == "call":
+                    deltas.append(ToolCallDelta(self.num_calls, "", self.parser.new_call_id(), message.function))
+                    self.num_calls += 1
+                elif self.kind in self.kinds_sent:
+                    out[self.kind] += "\n"
+                self.kinds_sent.add(self.kind)
+            piece = message.text[self.num_sent_chars:]
+            self.num_sent_chars += len(piece)
+            if self.kind == "call" and piece:
+                deltas.append(ToolCallDelta(self.num_calls - 1, piece))
+            elif self.kind != "call":
+                out[self.kind] += piece
+            if not message.complete:
+                break
+            self.pos, self.kind, self.num_sent_chars = next_pos, None, 0
+        return out["content"], out["reasoning"], deltas

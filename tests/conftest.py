@@ -71,6 +71,33 @@ def qwen_tools_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gpt_oss_harmony_path(tmp_path_factory):
+    """The tiny random GPT-OSS with gpt-oss's tokenizer layout (the harmony markers special tokens, its chat
+    template) and stop tokens (<|return|>, <|call|>, <|endoftext|>, as its generation_config.json names them)."""
+    import json
+
+    import transformers
+
+    from checkpoints import BASE, VARIANTS
+    from lmgen.loader.tokenizer import Tokenizer
+    from tests.loader.tokenizer_fixtures import Backends, build_gpt_oss
+
+    folder = tmp_path_factory.mktemp("gpt-oss-harmony")
+    build_gpt_oss(folder, Backends())
+    tokenizer = Tokenizer.from_pretrained(folder)
+    stops = [tokenizer.token_to_id(marker) for marker in ("<|return|>", "<|endoftext|>", "<|call|>")]
+    config = transformers.GptOssConfig(**{
+        **BASE, **VARIANTS["gpt-oss"][1], "vocab_size": -(-len(tokenizer) // 64) * 64, "max_position_embeddings": 2048,
+        "bos_token_id": tokenizer.token_to_id("<|startoftext|>"), "eos_token_id": stops[0],
+        "pad_token_id": stops[1]})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config.bos_token_id, "eos_token_id": stops, "pad_token_id": stops[1]}))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def llama_log_softmax(llama_path):
     """transformers' float32 log-softmax [len, vocab] at every position of a token-id prompt, on the tiny Llama."""
     import transformers

@@ -41,7 +41,7 @@ def tokenizer(llama_path):
     return Tokenizer.from_pretrained(llama_path)
 
 
-@pytest.fixture(params=sorted(PARSERS))
+@pytest.fixture(params=sorted(set(PARSERS) - {"harmony"}))  # harmony's replies: tests/test_harmony.py
 def parser(request, tokenizer):
     return PARSERS[request.param](tokenizer)
 

@@ -104,8 +104,9 @@ def paged_attention(
                                                 sinks)
     batch, dtype = meta.block_tables.shape[0], q.dtype
     cdtype = compute_dtype(dtype, q.device)
+    first_block = _first_block_seen(meta, window)
     # index_select on the flat table: indexing with the 2-D table directly is ~1000x slower on CPU
-    blocks = meta.block_tables.flatten()
+    blocks = meta.block_tables[:, first_block:].flatten()
     keys = k_cache.index_select(0, blocks).to(cdtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     values = v_cache.index_select(0, blocks).to(cdtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     q = q.to(cdtype)  # keys/values: [B, KVH, S, D]
@@ -115,9 +116,9 @@ def paged_attention(
         queries = q.new_zeros(batch, meta.max_query_len, q.shape[1], head_dim)
         queries[meta.token_request, meta.token_offset] = q
         queries = queries.transpose(1, 2)
-    mask = meta.masks[window]
+    mask = meta.masks[window][..., first_block * meta.block_size:]
     if softcap or sinks is not None:
-        out = _explicit_attention(queries, keys, values, mask, scale, softcap, sinks)
+        out = attention_beyond_sdpa(queries, keys, values, mask, scale, softcap, sinks)
     else:
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
                                              enable_gqa=q.shape[1] != num_kv_heads)
@@ -126,17 +127,58 @@ def paged_attention(
     return out.transpose(1, 2)[meta.token_request, meta.token_offset].to(dtype)
 
 
-def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                        softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
-    """Attention with soft-capped scores or sinks (which SDPA cannot apply): q [B, H, Q, D], k/v [B, KVH, S, D],
-    sinks [H]."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = q @ k.transpose(-1, -2) * scale
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+def _first_block_seen(meta: AttentionMetadata, window: int | None) -> int:
+    """The first block of the step's contexts that a sliding window lets any of its queries see: a prompt
+    chunk deep in a long context attends over its window's keys, not the whole context. 0 for decode steps,
+    whose masks a recorded CUDA graph replays (the step's positions are never read on the host there)."""
+    if window is None or meta.decode_only:
+        return 0
+    return max(0, int(meta.query_starts.min()) - window + 1) // meta.block_size
+
+
+#: Scores the explicit route holds at once (a block of query rows against all keys): 64 MiB in float32.
+SCORES_PER_CHUNK = 1 << 24
+
+
+def attention_beyond_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                          softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention with soft-capped scores or sinks, which SDPA cannot apply: q [B, H, Q, D], k/v [B, KVH, S, D],
+    mask [B, 1, Q, S], sinks [H]. Returns [B, H, Q, D].
+
+    A sink only enlarges each row's softmax denominator: from the output over the real keys and their
+    log-sum-exp L, the row with a sink is out * Z / (Z + e^sink) = out * sigmoid(L - sink). So sinks on a CPU
+    take torch's flash attention (which returns L) and never hold a score matrix; soft-capping changes each
+    score, so it (and sinks elsewhere) takes the explicit route, a block of query rows at a time."""
+    if q.device.type == "cpu" and not softcap:
+        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=additive,
+                                                                              scale=scale)
+    else:
+        out, lse = _explicit_attention(q, k, v, mask, scale, softcap)
     if sinks is None:
-        return scores.softmax(dim=-1) @ v
-    sink_column = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)
-    return torch.cat((scores, sink_column), dim=-1).softmax(dim=-1)[..., :-1] @ v
+        return out
+    return out * torch.sigmoid(lse - sinks.float()[:, None]).unsqueeze(-1).to(out.dtype)
+
+
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                        softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [B, H, Q, D], float32 log-sum-exp [B, H, Q]) from scores made explicitly, at most
+    SCORES_PER_CHUNK of them at once. The query heads sharing a key head are folded into its rows, so keys and
+    values are never repeated per head."""
+    batch, num_heads, num_queries, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    rows = max(1, SCORES_PER_CHUNK // (batch * num_heads * k.shape[2]))
+    out = torch.empty_like(q)
+    lse = q.new_empty(batch, num_heads, num_queries, dtype=torch.float32)
+    for start in range(0, num_queries, rows):
+        chunk = q[:, :, start:start + rows]
+        grouped = chunk.reshape(batch, num_kv_heads, -1, head_dim)  # [B, KVH, group * rows, D]
+        scores = (grouped @ k.transpose(-1, -2)).float().view(*chunk.shape[:3], -1) * scale  # [B, H, rows, S]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores.masked_fill_(~mask[:, :, start:start + rows], float("-inf"))
+        chunk_lse = scores.logsumexp(dim=-1)
+        probs = (scores - chunk_lse[..., None]).exp_().to(v.dtype).view(*grouped.shape[:3], -1)
+        out[:, :, start:start + rows] = (probs @ v).view(chunk.shape)
+        lse[:, :, start:start + rows] = chunk_lse
+    return out, lse

@@ -136,6 +136,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ChatToolCall] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages: the call this is the result of
+    reasoning_content: str | None = None  # assistant messages: their reasoning, as replies give it back
 
 
 class FunctionDefinition(_Request):
@@ -259,6 +260,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None  # None when the reply is tool calls only
+    reasoning_content: str | None = None  # a reasoning model's reasoning (GPT-OSS's analysis channel)
     tool_calls: list[ChatToolCall] | None = None
 
 
@@ -297,6 +299,7 @@ class DeltaToolCall(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

@@ -32,7 +32,10 @@ from lmgen.server.protocol import (
     CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, PromptLogprob,
     PromptLogprobs, SamplingFields, TokenLogprob, TopLogprob, Usage,
 )
-from lmgen.tool_calls import ToolArgumentError, ToolCalling, ToolCallStream, template_tool_calls, tool_parser_for
+from lmgen.tool_calls import (
+    ChatReply, HarmonyReplyStream, HarmonyToolParser, ToolArgumentError, ToolCallDelta, ToolCalling,
+    ToolCallStream, read_harmony_reply, template_tool_calls, tool_parser_for,
+)
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -79,6 +82,9 @@ class OpenAIServing:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.tool_parser = tool_parser_for(self.tokenizer, settings.tool_call_parser)
+        # GPT-OSS: chat replies are harmony messages, read into content, reasoning and calls (so decoded with
+        # their markers, which are special tokens)
+        self.harmony = isinstance(self.tool_parser, HarmonyToolParser)
 
     # ---- shared checks and conversions ----------------------------------------------------
     def check_model(self, name: str | None) -> str:
@@ -227,6 +233,8 @@ class OpenAIServing:
         prompt = self._chat_prompt(request)
         self._check_fits(prompt, max_tokens, max_tokens_field, "messages")
         params = self._sampling_params(request, max_tokens, logprobs, renames, request.prompt_logprobs)
+        if self.harmony:
+            params = dataclasses.replace(params, skip_special_tokens=False)
         tooling = self._tool_calling(request)
         if tooling is not None and tooling.forced:
             if params.structured is not None:
@@ -292,6 +300,8 @@ def template_message(index: int, message: ChatMessage) -> dict[str, Any]:
             raise bad_request(str(exc), f"messages.{index}.{exc.field}") from None
     if message.tool_call_id is not None:
         result["tool_call_id"] = message.tool_call_id
+    if message.reasoning_content is not None:  # templates read it (or "thinking", which the tokenizer aliases)
+        result["reasoning_content"] = message.reasoning_content
     return result
 
 
@@ -590,10 +600,11 @@ def _prompt_logprobs_field(request: SamplingFields, prompt_ids: list[int],
 
 
 class _ChatFormatter(_Formatter):
-    def __init__(self, *args: Any, tooling: ToolCalling | None) -> None:
-        super().__init__(*args)
+    def __init__(self, serving: OpenAIServing, *args: Any, tooling: ToolCalling | None) -> None:
+        super().__init__(serving, *args)
+        self.harmony = serving.harmony
         self.tooling = tooling
-        self.tool_streams: dict[int, ToolCallStream] = {}  # choice index -> its calls so far
+        self.tool_streams: dict[int, ToolCallStream | HarmonyReplyStream] = {}  # choice index -> its reply so far
 
     def _logprobs(self, output: CompletionOutput) -> ChatLogprobs | None:
         if not self.request.logprobs or output.logprobs is None:
@@ -613,17 +624,23 @@ class _ChatFormatter(_Formatter):
         choices = []
         for output in finals[0].outputs:
             self.num_completion_tokens += len(output.token_ids)
-            content, calls = self.tooling.parse(output.text) if self.tooling else (output.text, [])
-            message = AssistantMessage(content=content, tool_calls=[
+            reply = self._reply(output.text)
+            message = AssistantMessage(content=reply.content, reasoning_content=reply.reasoning, tool_calls=[
                 ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
-                for call in calls] or None)
+                for call in reply.calls] or None)
             choices.append(ChatChoice(index=output.index, message=message, logprobs=self._logprobs(output),
-                                      finish_reason=self._finish_reason(output, bool(calls)),
+                                      finish_reason=self._finish_reason(output, bool(reply.calls)),
                                       stop_reason=output.stop_reason))
         choices.sort(key=lambda c: c.index)
         prompt_logprobs = _prompt_logprobs_field(self.request, self.prompts[0].token_ids, finals[0].prompt_logprobs)
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
                                       usage=self.usage(self.num_completion_tokens), prompt_logprobs=prompt_logprobs)
+
+    def _reply(self, text: str) -> ChatReply:
+        if self.harmony:
+            return read_harmony_reply(text, self.tooling)
+        content, calls = self.tooling.parse(text) if self.tooling else (text, [])
+        return ChatReply(content, None, calls)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices,
@@ -638,19 +655,27 @@ class _ChatFormatter(_Formatter):
             return None
         self.num_completion_tokens += len(output.token_ids)
         delta, called = DeltaMessage(content=output.text), False
-        if self.tooling is not None:
-            if output.index not in self.tool_streams:
-                self.tool_streams[output.index] = self.tooling.stream()
-            stream = self.tool_streams[output.index]
-            content, calls = stream.feed(output.text, output.finished)
-            delta = DeltaMessage(content=content or None, tool_calls=[
+        if self.tooling is not None or self.harmony:
+            content, reasoning, calls = self._feed(output)
+            delta = DeltaMessage(content=content or None, reasoning_content=reasoning or None, tool_calls=[
                 DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
                               function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
                 for call in calls] or None)
-            called = stream.called
+            called = self.tool_streams[output.index].called
         return self._chunk([ChatChunkChoice(index=output.index, delta=delta, logprobs=self._logprobs(output),
                                             finish_reason=self._finish_reason(output, called),
                                             stop_reason=output.stop_reason)])
+
+    def _feed(self, output: CompletionOutput) -> tuple[str, str, list[ToolCallDelta]]:
+        """The content, reasoning and call deltas of a choice's next delta, read by its reply's stream."""
+        if output.index not in self.tool_streams:
+            self.tool_streams[output.index] = (HarmonyReplyStream(self.tooling) if self.harmony
+                                               else self.tooling.stream())
+        stream = self.tool_streams[output.index]
+        if self.harmony:
+            return stream.feed(output.text, output.finished)
+        content, calls = stream.feed(output.text, output.finished)
+        return content, "", calls
 
     def _finish_reason(self, output: CompletionOutput, called: bool) -> str | None:
         """OpenAI's "tool_calls" for a reply that ended by itself with calls the model chose to make (a call to

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmgen import kernels
-from lmgen.layers.attention import _explicit_attention
+from lmgen.layers.attention import attention_beyond_sdpa
 from lmgen.layers.linear import Activation, MLPActivation, SwigluClamp, linear
 from lmgen.layers.norm import Norm, NormKind
 from lmgen.layers.quant import (deinterleave_int4, dequantize_int4, interleave_int4, quantize_int4, quantize_int8,
@@ -321,7 +321,7 @@ def test_decode_attention_soft_caps_scores_like_the_reference():
     for b in range(2):
         keys, values = (c[tables[b]].reshape(-1, 2, 32)[: lens[b]].transpose(0, 1)[None] for c in (k_cache, v_cache))
         mask = torch.ones(1, 1, 1, int(lens[b]), dtype=torch.bool)
-        expected = _explicit_attention(q[b][None, :, None], keys, values, mask, 0.5, 2.0, None)[0, :, 0]
+        expected = attention_beyond_sdpa(q[b][None, :, None], keys, values, mask, 0.5, 2.0, None)[0, :, 0]
         assert torch.allclose(out[b], expected, atol=1e-5)
     assert not torch.allclose(out, torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, 0.5, 0, 0.0))
 
@@ -339,7 +339,7 @@ def test_decode_attention_adds_sinks_to_the_denominator_like_the_reference(windo
         keys, values = (c[tables[b]].reshape(-1, 2, 32)[first: lens[b]].transpose(0, 1)[None]
                         for c in (k_cache, v_cache))
         mask = torch.ones(1, 1, 1, keys.shape[2], dtype=torch.bool)
-        expected = _explicit_attention(q[b][None, :, None], keys, values, mask, 0.25, None, sinks)[0, :, 0]
+        expected = attention_beyond_sdpa(q[b][None, :, None], keys, values, mask, 0.25, None, sinks)[0, :, 0]
         assert torch.allclose(out[b], expected, atol=1e-5)
     assert not torch.allclose(out, torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window, 0.0))
 
