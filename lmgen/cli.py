@@ -65,6 +65,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", dest="quantization", choices=QUANTIZATION_METHODS, default=None,
                        help="weight-only quantization while loading (int8: per output channel; int4: per group)")
     add_quantization_args(group)
+    group.add_argument("--map-weights", action="store_true",
+                       help="on a CPU, memory-map the weights from a file prepared (in ~/.cache/lmgen/weights, as "
+                            "large as the weights) by the first such load: later loads are instant, and only the "
+                            "pages read become resident (of a mixture of experts: the experts chosen)")
     group.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                        help="recompute shared prompt beginnings instead of reusing their KV blocks")
     group.add_argument("--max-logprobs", type=int, default=20,
@@ -102,6 +106,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 quantization=args.quantization,
                 quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 compile=args.compile, enforce_eager=args.enforce_eager, seed=args.engine_seed,
+                map_weights=args.map_weights,
                 revision=args.revision, gguf_file=args.gguf_file, speculative_config=_speculative_config(args),
                 tensor_parallel_size=torchrun_world_size() if args.tensor_parallel_size is None
                 else args.tensor_parallel_size)

@@ -44,8 +44,8 @@ def test_weights_beyond_free_memory_are_refused_naming_both_sizes(checkpoint_fac
     config = json.loads((path / "config.json").read_text())
     cls = model_class(config)
     spec = cls.spec_from_config(config)
-    needed = loader.weights_bytes(cls, spec, 256, torch.float32, None)
-    assert loader.weights_bytes(cls, spec, 256, torch.float32, QuantConfig("int4")) < needed / 3
+    needed = loader.weights_bytes(loader._meta_model(cls, spec, 256, torch.float32, None))
+    assert loader.weights_bytes(loader._meta_model(cls, spec, 256, torch.float32, QuantConfig("int4"))) < needed / 3
     monkeypatch.setattr(loader, "free_memory", lambda device: needed - 1)
     with pytest.raises(InsufficientMemoryError, match=rf"need {needed / 2**20:.1f} MiB but only "
                                                       rf"{(needed - 1) / 2**20:.1f} MiB of cpu memory is free"):

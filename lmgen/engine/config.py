@@ -72,6 +72,9 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | dict | None = None
     # ranks that split the model's heads and columns (lmgen/distributed): processes lmgen starts, or torchrun's
     tensor_parallel_size: int = 1
+    # on a CPU: memory-map the weights from a file prepared on the first such load (lmgen/loader/mapped.py), so
+    # loading is instant and only the pages read become resident (a mixture of experts': the chosen experts)
+    map_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -87,6 +90,9 @@ class EngineConfig:
             raise InvalidArgumentError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             _positive(name, getattr(self, name))
+        if self.tensor_parallel_size > 1 and self.map_weights:
+            raise InvalidArgumentError("map_weights=True does not apply with tensor_parallel_size > 1 (each rank "
+                                       "holds its own share): drop one of them")
         if self.tensor_parallel_size > 1 and self.compile:
             raise InvalidArgumentError("compile=True does not apply with tensor_parallel_size > 1 (the ranks' "
                                        "all-reduces sit between the compiled layers): drop one of them")

@@ -62,7 +62,8 @@ class Engine:
         # GGUF blocks stay whole: a rank's share of a row-split weight would cut through them
         load = partial(load_model, checkpoint, self.device, self.dtype, config.max_model_len, config.quant_config(),
                        config.quantization_group_size is not None,
-                       gguf_blocks=config.dtype == "auto" and config.tensor_parallel_size == 1)
+                       gguf_blocks=config.dtype == "auto" and config.tensor_parallel_size == 1,
+                       map_weights=config.map_weights)
         loaded = (load() if config.tensor_parallel_size == 1 else
                   load_tensor_parallel(config, self.model_path, self.hf_config, self.device, load))
         self.model, self.max_model_len, self.quantization = loaded.model, loaded.max_model_len, loaded.quantization

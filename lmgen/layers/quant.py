@@ -363,17 +363,19 @@ class Int4Linear(QuantizedLinear):
         self.use_kernel = not self.stack and self.out_features % self._KERNEL_ROW_MULTIPLE == 0 and (
             self.use_kernel or device.type == "cuda" and _inner_k_tiles(self.in_features) > 0)
 
-    def pack(self) -> None:
+    def pack(self, laid_out: bool = False) -> None:
         """Lay the storage form out for the kernel that will read it (as many bytes, another order).
 
         With lmgen's kernels, where the shape fits them: ``interleave_int4``'s layout, in the
-        tensors' own memory, which their products of any number of rows read. Else PyTorch's layout for the device (its CPU one depends on
-        the vector width; its CUDA one, tinygemm's, on the tiles of K it reads at once).
+        tensors' own memory, which their products of any number of rows read (`laid_out`: the storage
+        holds that layout already, mapped from a file of packed weights: lmgen/loader/mapped.py). Else
+        PyTorch's layout for the device (its CPU one depends on the vector width; its CUDA one,
+        tinygemm's, on the tiles of K it reads at once).
         """
         if kernels.serve(self.weight.device) and self.out_features % INT4_KERNEL_ROWS == 0:
             # one weight, or each of a stack's (experts), interleaved in place
             storage = [t.data.view(-1, *t.shape[-2:]) for t in (self.weight, self.scales, self.zeros)]
-            for weights in zip(*storage):
+            for weights in [] if laid_out else zip(*storage):
                 for tensor, interleaved in zip(weights, interleave_int4(*weights)):
                     tensor.copy_(interleaved)
             self.lmgen_layout, self.use_kernel = True, False
@@ -439,11 +441,11 @@ def prepare_quantized(model: nn.Module, config: QuantConfig) -> list[tuple[str, 
     return replaced
 
 
-def pack_quantized(model: nn.Module) -> None:
-    """Rearrange every loaded int4 layer for its kernel."""
+def pack_quantized(model: nn.Module, laid_out: bool = False) -> None:
+    """Rearrange every loaded int4 layer for its kernel (`laid_out`: only mark them so, see Int4Linear.pack)."""
     for module in model.modules():
         if isinstance(module, Int4Linear):
-            module.pack()
+            module.pack(laid_out)
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> None:

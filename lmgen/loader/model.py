@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+import lmgen
 from lmgen import kernels
-from lmgen.errors import InsufficientMemoryError
+from lmgen.errors import InsufficientMemoryError, InvalidArgumentError
 from lmgen.huge_pages import place_weights_in_huge_pages
 from lmgen.layers.ggml import prepare_ggml
+from lmgen.layers.moe import MoE
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
-from lmgen.loader.checkpoint import is_gguf_file, iter_tensors, load_weights, read_json
+from lmgen.loader import mapped
+from lmgen.loader.checkpoint import is_gguf_file, iter_tensors, load_weights, read_json, weight_files
 from lmgen.loader.gguf import GGUFCheckpoint
 from lmgen.loader.gguf_tokenizer import gguf_tokenizer
 from lmgen.loader.tokenizer import Tokenizer
@@ -66,7 +70,7 @@ class LoadedModel:
 
 def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, max_model_len: int | None = None,
                quantization: QuantConfig | None = None, group_size_given: bool = False,
-               shard: Shard | None = None, gguf_blocks: bool = False) -> LoadedModel:
+               shard: Shard | None = None, gguf_blocks: bool = False, map_weights: bool = False) -> LoadedModel:
     """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors or GGUF tensors.
 
     `quantization` asks for int8/int4 (a checkpoint saved quantized loads as it is saved, and may only
@@ -74,15 +78,18 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     the model is one rank's share under tensor parallelism (lmgen/distributed/sharding.py). With
     `gguf_blocks`, a GGUF file's linears whose block formats lmgen's CPU kernels read keep them
     (lmgen.layers.ggml), where those kernels run and no quantization is asked for; else every tensor
-    is dequantized to `dtype`.
+    is dequantized to `dtype`. With `map_weights` (a CPU, one rank), the weights are memory-mapped from a
+    file prepared on the first such load (lmgen/loader/mapped.py).
     """
+    if map_weights and (device.type != "cpu" or shard is not None):
+        raise InvalidArgumentError("map_weights applies to a model on a CPU without tensor parallelism")
     cls = model_class(checkpoint.hf_config)
     spec = cls.spec_from_config(checkpoint.hf_config)
     max_model_len = max_model_len or spec.context_length
     saved = QuantConfig.from_hf(checkpoint.hf_config)
     quantization = resolve_quantization(quantization, saved, group_size_given)
     rank_spec = spec if shard is None else shard.spec(spec)
-    check_weights_fit(weights_bytes(cls, rank_spec, max_model_len, dtype, quantization), device)
+    check_weights_fit(_meta_model(cls, rank_spec, max_model_len, dtype, quantization), device, map_weights)
     with build_context(device, dtype):
         model = cls(rank_spec, max_model_len)
     check_contract(model)
@@ -97,13 +104,50 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     if shard is not None:
         tensors = shard.tensors(tensors, model, _meta_model(cls, spec, max_model_len, dtype, quantization))
     if device.type == "cpu":
-        place_weights_in_huge_pages(model)
         kernels.load()  # before packing, which lays int4 weights out for lmgen's kernel if they run
-    load_weights(model, tensors)
-    pack_quantized(model)
+
+    def fill() -> None:
+        load_weights(model, tensors)
+        pack_quantized(model)
+
+    if map_weights:
+        _load_mapped(model, _prepared_file(checkpoint, dtype, quantization, blocks), fill)
+    else:
+        if device.type == "cpu":
+            place_weights_in_huge_pages(model)
+        fill()
     if shard is not None:
         shard.finish(model, spec)
     return LoadedModel(model.eval(), max_model_len, quantization)
+
+
+def _load_mapped(model: CausalLM, file: Path, fill: Callable[[], None]) -> None:
+    """Map the model's weights from its prepared `file`, prepared first (by `fill`) if there is none yet."""
+    if file.exists():
+        logger.info("mapping the weights prepared in %s", file)
+    else:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        size, free = mapped.file_layout(model)[1], shutil.disk_usage(file.parent).free
+        if size > free:
+            raise InsufficientMemoryError(f"mapping the model's weights needs a file of {_size(size)} in "
+                                          f"{file.parent} but only {_size(free)} of disk is free there: free disk "
+                                          "space, or load without map_weights")
+        logger.info("preparing the weights in %s, to be mapped from there", file)
+        mapped.prepare(file, model, fill)
+    mapped.map_prepared(file, model)
+    pack_quantized(model, laid_out=True)
+
+
+def _prepared_file(checkpoint: Checkpoint, dtype: torch.dtype, quantization: QuantConfig | None,
+                   gguf_blocks: dict[str, int]) -> Path:
+    """The file of the model's weights prepared for mapping, named by what decides its contents: each source
+    file's path, size and modification time (what tells a changed checkpoint), and how it is loaded."""
+    files = [checkpoint.path] if checkpoint.gguf is not None else [checkpoint.path / "config.json",
+                                                                   *weight_files(checkpoint.path)]
+    sources = [(str(file.resolve()), stat.st_size, stat.st_mtime_ns) for file in files for stat in [file.stat()]]
+    return mapped.prepared_path(checkpoint.path.name, dict(
+        sources=sources, dtype=str(dtype), quantization=repr(quantization), gguf_blocks=gguf_blocks,
+        lmgen=lmgen.__version__, kernels=kernels.loaded and kernels.source_digest()))
 
 
 def _tensors(checkpoint: Checkpoint, cls: type, dtype: torch.dtype, saved_quantized: bool,
@@ -116,10 +160,17 @@ def _tensors(checkpoint: Checkpoint, cls: type, dtype: torch.dtype, saved_quanti
     return tensors if saved_quantized else cls.checkpoint_tensors(tensors)
 
 
-def weights_bytes(cls: type, spec: ModelSpec, max_model_len: int, dtype: torch.dtype,
-                  quantization: QuantConfig | None) -> int:
-    """The bytes the model's weights will take, from the model built on the meta device (nothing allocated)."""
-    return sum(p.nbytes for p in _meta_model(cls, spec, max_model_len, dtype, quantization).parameters())
+def weights_bytes(model: CausalLM, mapped_from_disk: bool = False) -> int:
+    """The bytes of the model's weights (built on the meta device: nothing allocated) that become resident:
+    all; with `mapped_from_disk`, those every token reads, which stay resident: all but the experts, and of
+    each layer's experts as many as a token chooses (top-k)."""
+    total = sum(p.nbytes for p in model.parameters())
+    if not mapped_from_disk:
+        return total
+    experts = [(moe.config, sum(p.nbytes for p in moe.experts.parameters()))
+               for moe in model.modules() if isinstance(moe, MoE)]
+    return total - sum(nbytes * (config.num_experts - config.top_k) // config.num_experts
+                       for config, nbytes in experts)
 
 
 def _meta_model(cls: type, spec: ModelSpec, max_model_len: int, dtype: torch.dtype,
@@ -145,13 +196,24 @@ def free_memory(device: torch.device) -> int | None:
     return int(found[1]) * 1024 if found else None
 
 
-def check_weights_fit(needed: int, device: torch.device) -> None:
-    """Refuse, before anything is allocated or read, a model whose weights exceed the device's free memory."""
+def check_weights_fit(model: CausalLM, device: torch.device, map_weights: bool = False) -> None:
+    """Refuse, before anything is allocated or read, a model whose weights (resident ones, if mapped
+    from disk) exceed the device's free memory; `model` is built on the meta device."""
     free = free_memory(device)
-    if free is not None and needed > free:
+    total, resident = weights_bytes(model), weights_bytes(model, mapped_from_disk=True)
+    needed = resident if map_weights else total
+    if free is None or needed <= free:
+        return
+    if map_weights:
         raise InsufficientMemoryError(
-            f"the model's weights need {_size(needed)} but only {_size(free)} of {device.type} memory is free: "
-            "quantize them (quantization='int8' or 'int4'), or free memory")
+            f"the model's weights need {_size(needed)} resident (of {_size(total)} mapped from disk and paged in as "
+            f"read: what each token reads, all but the experts it does not choose) but only {_size(free)} of "
+            f"{device.type} memory is free: quantize them (quantization='int8' or 'int4'), or free memory")
+    mapping = (f"map them from disk (map_weights=True: {_size(resident)} resident), "
+               if resident <= free and device.type == "cpu" else "")
+    raise InsufficientMemoryError(
+        f"the model's weights need {_size(needed)} but only {_size(free)} of {device.type} memory is free: "
+        f"quantize them (quantization='int8' or 'int4'), {mapping}or free memory")
 
 
 def _size(num_bytes: int) -> str:

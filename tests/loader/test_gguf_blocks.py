@@ -76,6 +76,15 @@ def test_one_call_for_all_layers_gives_the_modules_bits(mixed_file, monkeypatch)
     assert _outputs(llm) == one_call
 
 
+def test_blocks_mapped_from_a_prepared_file_generate_the_same(mixed_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMGEN_CACHE", str(tmp_path))  # where the prepared file goes (lmgen/loader/mapped.py)
+    expected = _outputs(LLM(str(mixed_file), kv_cache_memory="16MiB"))
+    for _ in ("prepared", "mapped"):
+        llm = LLM(str(mixed_file), kv_cache_memory="16MiB", map_weights=True)
+        assert isinstance(llm.engine.model.model.layers[0].self_attn.qkv_proj, GGMLLinear)
+        assert _outputs(llm) == expected
+
+
 def test_without_the_kernels_or_with_a_quantization_the_file_is_dequantized(mixed_file, monkeypatch):
     quantized = LLM(str(mixed_file), quantization="int8", kv_cache_memory="16MiB")
     assert not any(isinstance(m, GGMLLinear) for m in quantized.engine.model.modules())
