@@ -57,7 +57,7 @@ class EngineConfig:
     max_model_len: int | None = None  # context length; None: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
-    max_num_partial_prefills: int = 2  # prompts that share a step while several wait (lmgen/engine/scheduler.py)
+    max_num_partial_prefills: int = 1  # >1: prompts that share a step while several wait (lmgen/engine/scheduler.py)
     block_size: int = 16
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared beginnings
     max_logprobs: int = 20  # the most alternatives a request's logprobs or prompt_logprobs may ask for (vLLM's)

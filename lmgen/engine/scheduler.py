@@ -6,9 +6,10 @@ prompt); waiting requests are admitted with what is left, first come first serve
 CPU a step costs about its token count, so the order in which prompts are served decides
 every time to first token: first come first served finishes the k-th of a burst of equal
 prompts as early as any order can. A long prompt ahead of short ones would hold them all
-back, though: while other prompts wait, one takes at most 1 / ``max_num_partial_prefills``
-of the budget a step, so the prompts behind it share the step (vLLM's partial prefills);
-what they leave goes back to the capped ones, in order, so the step stays full.
+back, though: with ``max_num_partial_prefills`` N > 1 (opt-in), while other prompts wait one
+takes at most 1/N of the budget a step, so the prompts behind it share the step (vLLM's
+partial prefills); what they leave goes back to the capped ones, in order, so the step stays
+full.
 When the KV pool runs dry,
 the most recently admitted running request is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed later. Nothing is lost.
@@ -35,7 +36,7 @@ LONG_ROPE = b"long rope"  # the prefix-cache salt of blocks computed with longro
 class SchedulerConfig:
     max_num_seqs: int = 64  # requests in one batch
     max_num_batched_tokens: int = 512  # tokens in one step (the prefill chunk size, too)
-    max_num_partial_prefills: int = 2  # prompts that share a step's budget while more than one waits
+    max_num_partial_prefills: int = 1  # >1: prompts that share a step's budget while more than one waits
     block_size: int = 16
     enable_prefix_caching: bool = True
     rope_switch_length: int | None = None  # past this many tokens the model's rope changes (ModelSpec)

@@ -141,10 +141,10 @@ def test_a_request_crossing_the_rope_switch_length_recomputes_and_never_reuses_t
     assert short.block_ids[0] == short_block
 
 
-def partial_prefills(**settings) -> Scheduler:
-    """A budget of 16 tokens, 2 partial prefills; the test prompts share their tokens, so no prefix caching."""
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=16, block_size=4, enable_prefix_caching=False,
-                                     **settings), BlockPool(64))
+def partial_prefills(max_num_partial_prefills: int = 2) -> Scheduler:
+    """A budget of 16 tokens; the test prompts share their tokens, so no prefix caching."""
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_num_partial_prefills=max_num_partial_prefills,
+                                     block_size=4, enable_prefix_caching=False), BlockPool(64))
 
 
 def scheduled(scheduler: Scheduler, num_steps: int) -> list[list[tuple[str, int]]]:
