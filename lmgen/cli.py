@@ -61,6 +61,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")
     group.add_argument("--max-num-batched-tokens", type=int, default=512,
                        help="most tokens in one step; long prompts are prefilled in chunks of this size")
+    group.add_argument("--max-num-partial-prefills", type=int, default=1, metavar="N",
+                       help="while several prompts wait, each takes at most 1/N of a step's tokens, so "
+                            "a long prompt does not hold back the short ones behind it (default 1: first come, first served)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--quantize", dest="quantization", choices=QUANTIZATION_METHODS, default=None,
                        help="weight-only quantization while loading (int8: per output channel; int4: per group)")
@@ -101,7 +104,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_partial_prefills=args.max_num_partial_prefills, block_size=args.block_size,
                 enable_prefix_caching=args.enable_prefix_caching, max_logprobs=args.max_logprobs,
                 quantization=args.quantization,
                 quantization_group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,

@@ -74,6 +74,7 @@ def test_chat_keeps_history_and_resets(llama_path):
     (("generate", "x", "--tensor-parallel-size", "0"), "argument --tensor-parallel-size/-tp: must be at least 1, got 0"),
     (("serve", "--replicas", "0"), "argument --replicas: must be at least 1, got 0"),
     (("generate", "x", "--map-weights", "-tp", "2"), r"map_weights=True does not apply with tensor_parallel_size > 1"),
+    (("generate", "x", "--max-num-partial-prefills", "0"), "max_num_partial_prefills must be a positive integer"),
 ])
 def test_errors_are_one_line_without_traceback(llama_path, args, message):
     if "--model" not in args:

@@ -306,22 +306,22 @@ def load_tensor_parallel(config, model_path: Path, hf_config: dict, device: torc
 def pack_step(input_ids: torch.Tensor, positions: torch.Tensor, token_seq_lens: torch.Tensor,
               meta: AttentionMetadata) -> torch.Tensor:
     """A step's inputs as one int64 tensor (unpack_step reverses it)."""
-    head = torch.tensor([meta.max_query_len, bool(meta.masks), *meta.block_tables.shape], device=input_ids.device)
+    head = torch.tensor([meta.max_query_len, meta.prepared, *meta.block_tables.shape], device=input_ids.device)
     return torch.cat([head, input_ids, positions, token_seq_lens, meta.slot_mapping, meta.token_request,
                       meta.token_offset, meta.query_starts, meta.seq_lens, meta.block_tables.flatten()])
 
 
-def unpack_step(ints: torch.Tensor, block_size: int, windows: set[int | None],
+def unpack_step(ints: torch.Tensor, block_size: int, windows: set[int | None], head_dim: int,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
-    max_query_len, masks, batch, width = ints[:4].tolist()
+    max_query_len, prepared, batch, width = ints[:4].tolist()
     num_tokens = (ints.numel() - 4 - batch * (2 + width)) // 6
     (input_ids, positions, token_seq_lens, slots, token_request, token_offset, query_starts, seq_lens,
      tables) = ints[4:].split([num_tokens] * 6 + [batch, batch, batch * width])
     meta = AttentionMetadata(slot_mapping=slots, block_tables=tables.view(batch, width), query_starts=query_starts,
                              seq_lens=seq_lens, token_request=token_request, token_offset=token_offset,
                              max_query_len=max_query_len, block_size=block_size)
-    if masks:  # rank 0's attention takes masks this step: so does ours
-        meta.build_masks(windows)
+    if prepared:  # rank 0 prepared its attention (masks, a mixed step's split) this step: so do we
+        meta.prepare(windows, head_dim, ints.device)
     return input_ids, positions, token_seq_lens, meta
 
 
@@ -370,7 +370,8 @@ class _Worker:
             case Command.COPY:
                 self.cache.copy_blocks(ints.view(-1, 2).tolist())
             case Command.FORWARD:
-                step = unpack_step(ints, self.cache.block_size, set(self.model.spec.layer_windows))
+                spec = self.model.spec
+                step = unpack_step(ints, self.cache.block_size, set(spec.layer_windows), spec.head_dim)
                 self.model(*step, self.cache.layers)
             case Command.LOGITS:
                 dist.gather(self.model.compute_logits(floats), None, dst=0)

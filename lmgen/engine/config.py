@@ -57,6 +57,7 @@ class EngineConfig:
     max_model_len: int | None = None  # context length; None: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    max_num_partial_prefills: int = 1  # >1: prompts that share a step while several wait (lmgen/engine/scheduler.py)
     block_size: int = 16
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared beginnings
     max_logprobs: int = 20  # the most alternatives a request's logprobs or prompt_logprobs may ask for (vLLM's)
@@ -88,7 +89,8 @@ class EngineConfig:
         object.__setattr__(self, "speculative_config", SpeculativeConfig.of(self.speculative_config))
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise InvalidArgumentError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_num_partial_prefills", "block_size",
+                     "tensor_parallel_size"):
             _positive(name, getattr(self, name))
         if self.tensor_parallel_size > 1 and self.map_weights:
             raise InvalidArgumentError("map_weights=True does not apply with tensor_parallel_size > 1 (each rank "

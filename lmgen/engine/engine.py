@@ -77,9 +77,9 @@ class Engine:
             self.model.share_cache(self.kv_cache)
         graphs = self._graphed_decode()  # its padding rows write into the cache's last block, kept from the pool
         self.pool = BlockPool(self.kv_cache.num_blocks - (graphs is not None))
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   config.block_size, config.enable_prefix_caching,
-                                                   self.model.spec.rope_switch_length), self.pool)
+        self.scheduler = Scheduler(SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, config.max_num_partial_prefills, config.block_size,
+            config.enable_prefix_caching, self.model.spec.rope_switch_length), self.pool)
         if config.compile and graphs is not None:
             logger.warning("compile=True is ignored on a GPU, where decode steps replay CUDA graphs: compiled ones "
                            "replayed slower (6.8 vs 2.4 ms per batch-1 step of bench-125m on an H200); add "

@@ -14,7 +14,7 @@ from lmgen.engine.compiled import CompiledDecode
 from lmgen.engine.cuda_graphs import GraphedDecode
 from lmgen.engine.request import Request
 from lmgen.engine.scheduler import ScheduledBatch
-from lmgen.layers.attention import AttentionMetadata, reads_cache_in_place
+from lmgen.layers.attention import AttentionMetadata
 from lmgen.outputs import Logprob
 from lmgen.sampling.processors import WithDrafts
 from lmgen.sampling.sampler import SamplingBatch, row_starts, sample, top_logprobs
@@ -66,7 +66,7 @@ class ModelRunner:
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="lmgen-grammar")
 
     def prepare(self, batch: ScheduledBatch, masks: bool = True) -> StepInputs:
-        """The step's tensors; with `masks`, attention's masks too where its kernel reads none. The batch holds
+        """The step's tensors; with `masks`, what attention builds before the forward too (AttentionMetadata.prepare). The batch holds
         Requests, or (a draft model's step) PlainSequences: no drafts to check, no prompt to score, and a
         logits row after each one's last token once it is computed."""
         bs = self.block_size
@@ -107,8 +107,8 @@ class ModelRunner:
             slot_mapping=slot_mapping, block_tables=tables.view(len(batch), max_blocks), query_starts=query_starts,
             seq_lens=request_lens, token_request=token_request, token_offset=token_offset,
             max_query_len=max(batch.num_new_tokens), block_size=bs)
-        if masks and not reads_cache_in_place(meta, self.model.spec.head_dim, self.device):
-            meta.build_masks(self._windows)
+        if masks:
+            meta.prepare(self._windows, self.model.spec.head_dim, self.device)
         return StepInputs(input_ids, positions, token_seq_lens, meta, sample_indices, choosing, scoring)
 
     @torch.inference_mode()

@@ -2,7 +2,15 @@
 
 Each step hands out at most ``max_num_batched_tokens`` tokens. Running requests go
 first (a decoding one needs one token, a partly prefilled one the next chunk of its
-prompt); waiting requests are admitted with what is left. When the KV pool runs dry,
+prompt); waiting requests are admitted with what is left, first come first served. On a
+CPU a step costs about its token count, so the order in which prompts are served decides
+every time to first token: first come first served finishes the k-th of a burst of equal
+prompts as early as any order can. A long prompt ahead of short ones would hold them all
+back, though: with ``max_num_partial_prefills`` N > 1 (opt-in), while other prompts wait one
+takes at most 1/N of the budget a step, so the prompts behind it share the step (vLLM's
+partial prefills); what they leave goes back to the capped ones, in order, so the step stays
+full.
+When the KV pool runs dry,
 the most recently admitted running request is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed later. Nothing is lost.
 
@@ -28,6 +36,7 @@ LONG_ROPE = b"long rope"  # the prefix-cache salt of blocks computed with longro
 class SchedulerConfig:
     max_num_seqs: int = 64  # requests in one batch
     max_num_batched_tokens: int = 512  # tokens in one step (the prefill chunk size, too)
+    max_num_partial_prefills: int = 1  # >1: prompts that share a step's budget while more than one waits
     block_size: int = 16
     enable_prefix_caching: bool = True
     rope_switch_length: int | None = None  # past this many tokens the model's rope changes (ModelSpec)
@@ -85,6 +94,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        chunk = self._prompt_chunk()
         for request in list(self.running):
             if budget == 0:
                 break
@@ -92,7 +102,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop to make room
             if self._change_rope_regime(request):
                 self._release(request)  # its cache holds the other rope: recompute all of it
-            missing = request.num_tokens - request.num_computed_tokens
+            missing = min(request.num_tokens - request.num_computed_tokens, chunk)  # a drafting one misses 1 token
             del request.draft_token_ids[max(budget - missing, 0):]  # drafts are checked whole or not at all
             n = min(missing + len(request.draft_token_ids), budget)
             if n == 0:
@@ -103,10 +113,30 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         if not batch.preempted:  # no blocks to spare for newcomers when running ones were evicted
-            self._admit_waiting(batch, budget)
+            budget = self._admit_waiting(batch, budget, chunk)
+            self._extend_capped_chunks(batch, budget)
         return batch
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _extend_capped_chunks(self, batch: ScheduledBatch, budget: int) -> None:
+        """Hand the budget the step's prompts left to those capped at their share, in order."""
+        for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            extra = min(request.num_tokens - request.num_computed_tokens - n, budget)
+            if extra <= 0 or request.draft_token_ids:
+                continue
+            if not self._allocate(request, request.num_computed_tokens + n + extra, batch):
+                return
+            batch.num_new_tokens[i] += extra
+            budget -= extra
+
+    def _prompt_chunk(self) -> int:
+        """The most tokens of its prompt one request computes this step: the whole budget when one prompt (or
+        none) is pending, else its share."""
+        budget = self.config.max_num_batched_tokens
+        pending = len(self.waiting) + sum(r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
+        return budget if pending <= 1 else -(-budget // self.config.max_num_partial_prefills)
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, chunk: int) -> int:
+        """Admit waiting requests first come first served, each with at most `chunk` tokens; the budget left."""
         while self.waiting and budget > 0:
             if len(self.running) >= self.config.max_num_seqs and not self._preempt_idle(batch):
                 break
@@ -118,7 +148,7 @@ class Scheduler:
             looks_up = self.config.enable_prefix_caching and request.params.prompt_logprobs is None
             if request.num_computed_tokens == 0 and looks_up:
                 self._reuse_cached_prefix(request)
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = min(request.num_tokens - request.num_computed_tokens, chunk, budget)
             if not self._allocate(request, request.num_computed_tokens + n, batch):
                 self._release(request)
                 if self._preempt_idle(batch) or self._release_waiting_blocks():
@@ -133,6 +163,7 @@ class Scheduler:
             batch.requests.append(request)
             batch.num_new_tokens.append(n)
             budget -= n
+        return budget
 
     def _change_rope_regime(self, request: Request) -> bool:
         """Whether the request just grew into the other rope regime (then its hashes name the new one)."""

@@ -6,7 +6,9 @@ whole cached context, gathered from its block table and padded to a rectangle so
 one scaled_dot_product_attention call serves the batch (the reference path). A
 decode-only step on a CPU with lmgen's kernels reads each request's keys and values
 where they lie instead (``torch.ops.lmgen.decode_attention``): no gathered, padded or
-upcast copy of every context, which at batch 16 cost more than the layer's products.
+upcast copy of every context, which at batch 16 cost more than the layer's products. A step
+that mixes both (decodes beside prompt chunks) splits: the short queries' tokens go to the
+kernel, the long requests are padded among themselves only (ShortQueries).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class AttentionMetadata:
     max_query_len: int
     block_size: int
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # see build_masks; none for the kernel
+    short_queries: ShortQueries | None = None  # a mixed step's split (see prepare)
 
     @property
     def decode_only(self) -> bool:
@@ -51,6 +54,24 @@ class AttentionMetadata:
         lens = self.query_starts.index_select(0, self.token_request) + self.token_offset + 1
         return self.block_tables.index_select(0, self.token_request), lens
 
+    def prepare(self, windows: set[int | None], head_dim: int, device: torch.device) -> None:
+        """Build what attention reads besides the step's tensors, once before the forward: nothing where
+        the kernel attends for every token; the split and the long requests' masks where it attends for
+        some (ShortQueries); else the masks."""
+        if reads_cache_in_place(self, head_dim, device):
+            return
+        if kernel_attends(head_dim, device):
+            self.short_queries = ShortQueries.of(self)
+        if self.short_queries is None:
+            self.build_masks(windows)
+        else:
+            self.short_queries.long.build_masks(windows)
+
+    @property
+    def prepared(self) -> bool:
+        """Whether prepare built anything (a rank that receives the step's tensors prepares them too)."""
+        return bool(self.masks) or self.short_queries is not None
+
     def build_masks(self, windows: set[int | None]) -> None:
         """One [B, 1, max_q, S] bool mask per window (None: full causal), made before the forward so
         the layers only look masks up (a compiled forward traces no cache-filling branch)."""
@@ -65,16 +86,58 @@ class AttentionMetadata:
             self.masks[window] = allowed[:, None]
 
 
-#: Steps in which no request computes more tokens than this attend with lmgen's decode kernel, every
+@dataclass
+class ShortQueries:
+    """A step whose requests' queries are both short (decodes, drafts being checked, short chunks) and long
+    (prompt chunks): the short ones' tokens attend as decode rows in lmgen's kernel, the long requests
+    padded among themselves. Padded together, 64 decodes beside one 128-token chunk made 65 x 128 query
+    rows over 65 gathered contexts, 65 of them real: that step cost 2-3x one of the chunk alone."""
+
+    tokens: torch.Tensor  # [Ts] the short queries' tokens among the step's
+    tables: torch.Tensor  # [Ts, max_blocks] their requests' block tables
+    lens: torch.Tensor  # [Ts] the positions each attends to (up to its own)
+    long_tokens: torch.Tensor  # [Tl] the other tokens
+    long: AttentionMetadata  # the long requests alone
+
+    @classmethod
+    def of(cls, meta: AttentionMetadata) -> ShortQueries | None:
+        """The split of a step with both kinds of queries; None if it has no short one."""
+        query_lens = meta.seq_lens - meta.query_starts
+        short = query_lens <= MAX_QUERY_ROWS_IN_PLACE
+        if not short.any():
+            return None
+        token_short = short.index_select(0, meta.token_request)
+        tokens, long_tokens = token_short.nonzero().squeeze(1), (~token_short).nonzero().squeeze(1)
+        tables, lens = meta.query_rows()
+        long_requests = (~short).nonzero().squeeze(1)
+        long_index = (~short).cumsum(0) - 1  # a long request's index among the long ones
+        seq_lens = meta.seq_lens.index_select(0, long_requests)
+        num_blocks = -(-int(seq_lens.max()) // meta.block_size)  # no padding past the longest long request
+        long = AttentionMetadata(
+            slot_mapping=meta.slot_mapping.index_select(0, long_tokens),
+            block_tables=meta.block_tables.index_select(0, long_requests)[:, :num_blocks],
+            query_starts=meta.query_starts.index_select(0, long_requests), seq_lens=seq_lens,
+            token_request=long_index.index_select(0, meta.token_request.index_select(0, long_tokens)),
+            token_offset=meta.token_offset.index_select(0, long_tokens),
+            max_query_len=int(query_lens.index_select(0, long_requests).max()), block_size=meta.block_size)
+        return cls(tokens, tables.index_select(0, tokens), lens.index_select(0, tokens), long_tokens, long)
+
+
+#: Requests that compute no more tokens than this in a step attend with lmgen's decode kernel, every
 #: token a decode row of its own (AttentionMetadata.query_rows): decode, speculative drafts being
 #: checked, short prompt chunks. Longer queries re-read the context per token: SDPA's blocks win.
 MAX_QUERY_ROWS_IN_PLACE = 16
 
 
+def kernel_attends(head_dim: int, device: torch.device) -> bool:
+    """Whether lmgen's decode kernel attends on `device` for heads of `head_dim`."""
+    return kernels.serve(device) and head_dim % 16 == 0
+
+
 def reads_cache_in_place(meta: AttentionMetadata, head_dim: int, device: torch.device) -> bool:
-    """Whether the step's attention is lmgen's decode kernel, which reads the paged cache where it
+    """Whether the whole step's attention is lmgen's decode kernel, which reads the paged cache where it
     lies and needs no masks."""
-    return meta.max_query_len <= MAX_QUERY_ROWS_IN_PLACE and kernels.serve(device) and head_dim % 16 == 0
+    return meta.max_query_len <= MAX_QUERY_ROWS_IN_PLACE and kernel_attends(head_dim, device)
 
 
 def paged_attention(
@@ -102,6 +165,22 @@ def paged_attention(
         tables, lens = meta.query_rows()
         return torch.ops.lmgen.decode_attention(q, k_cache, v_cache, tables, lens, scale, window or 0, softcap or 0.0,
                                                 sinks)
+    split = meta.short_queries
+    if split is None:
+        return _padded_attention(q, k_cache, v_cache, meta, scale, window, softcap, sinks)
+    out = torch.empty_like(q)
+    out[split.tokens] = torch.ops.lmgen.decode_attention(q[split.tokens], k_cache, v_cache, split.tables, split.lens,
+                                                         scale, window or 0, softcap or 0.0, sinks)
+    out[split.long_tokens] = _padded_attention(q[split.long_tokens], k_cache, v_cache, split.long, scale, window,
+                                               softcap, sinks)
+    return out
+
+
+def _padded_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float, window: int | None, softcap: float | None, sinks: torch.Tensor | None,
+                      ) -> torch.Tensor:
+    """The reference: each request's context gathered and padded to a rectangle, one SDPA call for all."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     batch, dtype = meta.block_tables.shape[0], q.dtype
     cdtype = compute_dtype(dtype, q.device)
     first_block = _first_block_seen(meta, window)

@@ -139,3 +139,58 @@ def test_a_request_crossing_the_rope_switch_length_recomputes_and_never_reuses_t
     run_step(scheduler)
     assert scheduler.num_prefix_hit_tokens == 4
     assert short.block_ids[0] == short_block
+
+
+def partial_prefills(max_num_partial_prefills: int = 2) -> Scheduler:
+    """A budget of 16 tokens; the test prompts share their tokens, so no prefix caching."""
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_num_partial_prefills=max_num_partial_prefills,
+                                     block_size=4, enable_prefix_caching=False), BlockPool(64))
+
+
+def scheduled(scheduler: Scheduler, num_steps: int) -> list[list[tuple[str, int]]]:
+    """(request, tokens) of each of the next steps."""
+    return [[(r.request_id, n) for r, n in zip(batch.requests, batch.num_new_tokens)]
+            for batch in (run_step(scheduler) for _ in range(num_steps))]
+
+
+def test_a_burst_of_equal_prompts_is_served_first_come_first_served_while_decoders_keep_their_token():
+    scheduler = partial_prefills()
+    prompts = [make_request(f"p{i}", 6, max_tokens=4) for i in range(5)]
+    for request in prompts:
+        scheduler.add(request)
+    assert scheduled(scheduler, 3) == [
+        [("p0", 6), ("p1", 6), ("p2", 4)],  # each prompt whole (shorter than its share of 8), the budget cuts p2
+        [("p0", 1), ("p1", 1), ("p2", 2), ("p3", 6), ("p4", 6)],  # decoders first, then the queue in order
+        [("p0", 1), ("p1", 1), ("p2", 1), ("p3", 1), ("p4", 1)],
+    ]
+
+
+def test_a_long_prompt_shares_the_step_with_the_short_ones_behind_it_then_takes_the_budget_alone():
+    scheduler = partial_prefills()
+    long, short, other = make_request("long", 50), make_request("short", 5), make_request("other", 20)
+    for request in (long, short, other):
+        scheduler.add(request)
+    assert scheduled(scheduler, 5) == [
+        [("long", 8), ("short", 5), ("other", 3)],  # three prompts pending: each takes at most 8 of 16
+        [("long", 8), ("short", 1), ("other", 7)],  # two still prefilling: long's 8 and the rest to other
+        [("long", 8), ("short", 1), ("other", 7)],
+        [("long", 12), ("short", 1), ("other", 3)],  # other's last 3: long gets its 8 and what other left
+        [("long", 14), ("short", 1), ("other", 1)],  # long alone: uncapped, its last 14
+    ]
+    assert short.num_output_tokens == 5 and other.num_output_tokens == 2 and long.num_output_tokens == 1
+
+
+def test_what_the_short_prompts_leave_goes_back_to_the_capped_one():
+    scheduler = partial_prefills()
+    long, short = make_request("long", 40), make_request("short", 3)
+    scheduler.add(long)
+    scheduler.add(short)
+    assert run_step(scheduler).num_new_tokens == [13, 3]  # capped at 8, then given the 5 short left
+    assert len(long.block_ids) == 4  # blocks for all 13 of its tokens
+
+
+def test_one_partial_prefill_is_first_come_first_served_whole():
+    scheduler = partial_prefills(max_num_partial_prefills=1)
+    for request in (make_request("long", 40), make_request("short", 5)):
+        scheduler.add(request)
+    assert run_step(scheduler).num_new_tokens == [16]
