@@ -376,10 +376,13 @@ class Pair:
 PAIRS = [
     Pair("decode-f32", "f32", "float32", None, 128, 128, "decode_tok_s"),
     Pair("decode-bf16", "bf16", "bfloat16", None, 128, 128, "decode_tok_s"),
+    Pair("prefill-f32", "f32", "float32", None, 512, 2, "prefill_tok_s"),
     Pair("prefill-bf16", "bf16", "bfloat16", None, 512, 2, "prefill_tok_s"),
     # lmgen's quantized kernels take bfloat16 activations (layers/quant.py)
     Pair("decode-q8_0", "q8_0", "bfloat16", "int8", 128, 128, "decode_tok_s"),
     Pair("decode-q4_0", "q4_0", "bfloat16", "int4", 128, 128, "decode_tok_s"),
+    Pair("prefill-q8_0", "q8_0", "bfloat16", "int8", 512, 2, "prefill_tok_s"),
+    Pair("prefill-q4_0", "q4_0", "bfloat16", "int4", 512, 2, "prefill_tok_s"),
 ]
 
 
