@@ -4,6 +4,7 @@
     python benchmarks/llamacpp.py                  # every figure, median of --repeats (default 3)
     python benchmarks/llamacpp.py --only decode-bf16 prefill-bf16 --repeats 5 --json out.json
     python benchmarks/llamacpp.py --model gemma3-125m --check    # another family's bench model
+    python benchmarks/llamacpp.py --threads 1 --clock cpu        # CPU time of one thread: a shared machine
 
 Needs llama-cpp-python and gguf (pip install llama-cpp-python gguf; pip builds llama.cpp
 from source). The bench model (benchmarks/models.py: MODELS below)
@@ -18,8 +19,9 @@ beside the model in benchmarks/models/ (rebuilt when the checkpoint is newer, or
 
 Figures (../shared/BENCHMARKS.md): decode tokens/s at batch 1 (prompt 128, 128 new tokens,
 greedy, no EOS stop) and prefill tokens/s of one 512-token prompt. Both systems get the
-same random token-id prompts (fixed seed) and 2 threads; their runs alternate, so load
-from other processes falls on both alike. The ratio is lmgen / llama.cpp.
+same random token-id prompts (fixed seed) and 2 threads (--threads); their runs alternate, so load
+from other processes falls on both alike. The ratio is lmgen / llama.cpp. On a machine shared with
+other busy processes, `--threads 1 --clock cpu` times each run's CPU time instead of the wall clock.
 """
 
 from __future__ import annotations
@@ -277,11 +279,11 @@ class Run:
 
 
 def load_llama(path: Path, n_ctx: int, logits_all: bool = False, f32_kv: bool = False,
-               flash_attn: bool = False) -> llama_cpp.Llama:
+               flash_attn: bool = False, threads: int = THREADS) -> llama_cpp.Llama:
     import llama_cpp
 
     kv = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_kv else {}
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512,
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                            n_ubatch=512, logits_all=logits_all, flash_attn=flash_attn, verbose=False, **kv)
 
 
@@ -293,17 +295,18 @@ def llama_next(llm: llama_cpp.Llama) -> int:
     return int(logits.argmax())
 
 
-def llama_generate(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> tuple[Run, list[int]]:
+def llama_generate(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int,
+                   clock: Callable[[], float] = time.perf_counter) -> tuple[Run, list[int]]:
     """Prompt evaluation timed apart from the one-token-at-a-time decode loop."""
     llm.reset()
-    start = time.perf_counter()
+    start = clock()
     llm.eval(prompt)
     tokens = [llama_next(llm)]
-    first = time.perf_counter()
+    first = clock()
     for _ in range(new_tokens - 1):
         llm.eval(tokens[-1:])
         tokens.append(llama_next(llm))
-    end = time.perf_counter()
+    end = clock()
     return Run(first - start, (new_tokens - 1) / (end - first), len(prompt)), tokens
 
 
@@ -312,8 +315,9 @@ def load_lmgen(model: Path, dtype: str, quantization: str | None = None, compile
     return LLM(str(model), dtype=dtype, quantization=quantization, kv_cache_memory="256MiB", compile=compile)
 
 
-def lmgen_generate(llm: LLM, prompt: list[int], new_tokens: int) -> Run:
-    figures = lmgen_run(llm, [prompt], new_tokens)  # lmgen bench latency's own measurement
+def lmgen_generate(llm: LLM, prompt: list[int], new_tokens: int,
+                   clock: Callable[[], float] = time.perf_counter) -> Run:
+    figures = lmgen_run(llm, [prompt], new_tokens, clock)  # lmgen bench latency's own measurement
     return Run(figures.ttft_s, figures.decode_tok_s, len(prompt))
 
 
@@ -376,10 +380,13 @@ class Pair:
 PAIRS = [
     Pair("decode-f32", "f32", "float32", None, 128, 128, "decode_tok_s"),
     Pair("decode-bf16", "bf16", "bfloat16", None, 128, 128, "decode_tok_s"),
+    Pair("prefill-f32", "f32", "float32", None, 512, 2, "prefill_tok_s"),
     Pair("prefill-bf16", "bf16", "bfloat16", None, 512, 2, "prefill_tok_s"),
     # lmgen's quantized kernels take bfloat16 activations (layers/quant.py)
     Pair("decode-q8_0", "q8_0", "bfloat16", "int8", 128, 128, "decode_tok_s"),
     Pair("decode-q4_0", "q4_0", "bfloat16", "int4", 128, 128, "decode_tok_s"),
+    Pair("prefill-q8_0", "q8_0", "bfloat16", "int8", 512, 2, "prefill_tok_s"),
+    Pair("prefill-q4_0", "q4_0", "bfloat16", "int4", 512, 2, "prefill_tok_s"),
 ]
 
 
@@ -400,25 +407,34 @@ def alternate(runs: dict[str, Callable[[list[int]], Run]], prompts: list[list[in
     return results
 
 
-def measure_pair(model: Path, pair: Pair, repeats: int, flash_attn: bool, compile: bool = False) -> dict:
-    """Both systems loaded side by side, warmed up, then `repeats` alternating runs each. With
-    `compile`, lmgen runs its compiled decode step, and its eager path runs beside as a third system."""
+#: What a run's seconds are: the wall clock, or the process's CPU time (--clock cpu, with --threads 1:
+#: the work itself even while other processes take the core away; with more threads, llama.cpp's
+#: threads spin while they wait for each other, which CPU time would count as work).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure_pair(model: Path, pair: Pair, repeats: int, flash_attn: bool, compile: bool = False,
+                 threads: int = THREADS, clock: str = "wall") -> dict:
+    """Both systems loaded side by side, warmed up, then `repeats` alternating runs each, on `threads`
+    threads timed on `clock` (CLOCKS). With `compile`, lmgen runs its compiled decode step, and its eager
+    path runs beside as a third system."""
     path = ensure_gguf(model, pair.gguf)
     row: dict = {"model": model.name, "name": pair.name, "figure": pair.figure, "prompt_len": pair.prompt_len,
-                 "new_tokens": pair.new_tokens}
+                 "new_tokens": pair.new_tokens, "threads": threads, "clock": clock}
     try:
         ours = load_lmgen(model, pair.dtype, pair.quantization, compile)
         eager = load_lmgen(model, pair.dtype, pair.quantization) if compile else None
     except Exception as exc:  # e.g. a quantization method lmgen does not have yet
         row["note"] = f"lmgen {pair.dtype} {pair.quantization}: {type(exc).__name__}: {exc}"
         ours = None
-    llama = load_llama(path, n_ctx=1024, flash_attn=flash_attn)
+    llama = load_llama(path, n_ctx=1024, flash_attn=flash_attn, threads=threads)
+    timer = CLOCKS[clock]
     runs: dict[str, Callable[[list[int]], Run]] = {
-        "llama.cpp": lambda p: llama_generate(llama, p, pair.new_tokens)[0]}
+        "llama.cpp": lambda p: llama_generate(llama, p, pair.new_tokens, timer)[0]}
     if ours is not None:
-        runs["lmgen"] = lambda p: lmgen_generate(ours, p, pair.new_tokens)
+        runs["lmgen"] = lambda p: lmgen_generate(ours, p, pair.new_tokens, timer)
     if compile and ours is not None:
-        runs["lmgen eager"] = lambda p: lmgen_generate(eager, p, pair.new_tokens)
+        runs["lmgen eager"] = lambda p: lmgen_generate(eager, p, pair.new_tokens, timer)
     alternate(runs, random_prompts(1, 16, seed=99))  # warm-up: first-call allocations, page faults
     results = alternate(runs, random_prompts(repeats, pair.prompt_len, seed=0))
     lmgen_setting = pair.dtype + (f" {pair.quantization}" if pair.quantization else "")
@@ -440,7 +456,7 @@ def measure_pair(model: Path, pair: Pair, repeats: int, flash_attn: bool, compil
 
 
 def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
-    """GB/s of summing a float32 array far larger than the caches with THREADS threads: the
+    """GB/s of summing a float32 array far larger than the caches with torch's threads: the
     DRAM read rate a memory-bound batch-1 decode can reach at best."""
     data = torch.ones(megabytes * 2**20 // 4)
     data.sum()  # fault the pages in
@@ -480,13 +496,13 @@ def print_table(rows: list[dict]) -> None:
             print(f"note: {row['name']}: {row['note']}")
 
 
-def machine() -> dict:
+def machine(threads: int) -> dict:
     import llama_cpp
 
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
     return {"platform": platform.platform(), "cpu_flags": sorted(f for f in flags if f.startswith("avx")),
-            "threads": THREADS, "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
+            "threads": threads, "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
             "system_info": llama_cpp.llama_print_system_info().decode()}
 
 
@@ -501,13 +517,19 @@ def main() -> None:
     parser.add_argument("--flash-attn", action="store_true", help="llama.cpp with flash attention")
     parser.add_argument("--compile", action="store_true",
                         help="lmgen with its compiled decode step, and its eager path beside it")
+    parser.add_argument("--threads", type=int, default=THREADS, help="threads for each system")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="time runs by the wall clock, or by the process's CPU time (with --threads 1 on a "
+                             "shared machine: the work each run costs, whatever the other processes take)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
     missing = [name for name in ("llama_cpp", "gguf") if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(f"{', '.join(missing)} missing: pip install llama-cpp-python gguf")
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     model = ROOT / "models" / args.model
     if not (model / "model.safetensors").is_file():
         raise SystemExit(f"{model} is missing: python benchmarks/models.py --shape {args.model}")
@@ -518,14 +540,14 @@ def main() -> None:
     if args.check:
         raise SystemExit(0 if check(model) else 1)
     bandwidth = read_bandwidth()
-    print(f"DRAM read bandwidth, {THREADS} threads: {bandwidth} GB/s", flush=True)
+    print(f"DRAM read bandwidth, {args.threads} threads: {bandwidth} GB/s", flush=True)
     rows = []
     for pair in pairs:
-        rows.append(measure_pair(model, pair, args.repeats, args.flash_attn, args.compile))
+        rows.append(measure_pair(model, pair, args.repeats, args.flash_attn, args.compile, args.threads, args.clock))
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine(),
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine(args.threads),
                                                "read_bandwidth_gb_s": bandwidth,
                                                "rows": rows}, indent=2))
 
