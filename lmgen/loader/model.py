@@ -18,6 +18,7 @@ from lmgen import kernels
 from lmgen.errors import InsufficientMemoryError
 from lmgen.huge_pages import place_weights_in_huge_pages
 from lmgen.layers.ggml import prepare_ggml
+from lmgen.layers.ggml_recipes import RECIPES, quantize_to_blocks, recipe_types
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
 from lmgen.loader.checkpoint import is_gguf_file, iter_tensors, load_weights, read_json
 from lmgen.loader.gguf import GGUFCheckpoint
@@ -25,6 +26,7 @@ from lmgen.loader.gguf_tokenizer import gguf_tokenizer
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.models import build_context, model_class
 from lmgen.models.contract import CausalLM, ModelSpec, check_contract
+from lmgen.progress import progress
 
 if TYPE_CHECKING:
     from lmgen.distributed.sharding import Shard
@@ -70,7 +72,8 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors or GGUF tensors.
 
     `quantization` asks for int8/int4 (a checkpoint saved quantized loads as it is saved, and may only
-    be asked for the same); `max_model_len` defaults to the checkpoint's context length. With `shard`,
+    be asked for the same) or a llama.cpp recipe (q4_k_m: its blocks, where lmgen's CPU kernels run, else
+    their values dequantized); `max_model_len` defaults to the checkpoint's context length. With `shard`,
     the model is one rank's share under tensor parallelism (lmgen/distributed/sharding.py). With
     `gguf_blocks`, a GGUF file's linears whose block formats lmgen's CPU kernels read keep them
     (lmgen.layers.ggml), where those kernels run and no quantization is asked for; else every tensor
@@ -82,7 +85,8 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     saved = QuantConfig.from_hf(checkpoint.hf_config)
     quantization = resolve_quantization(quantization, saved, group_size_given)
     rank_spec = spec if shard is None else shard.spec(spec)
-    check_weights_fit(weights_bytes(cls, rank_spec, max_model_len, dtype, quantization), device)
+    recipe_blocks = device.type == "cpu" and shard is None and kernels.load()  # kept as blocks, if a recipe
+    check_weights_fit(weights_bytes(cls, rank_spec, max_model_len, dtype, quantization, recipe_blocks), device)
     with build_context(device, dtype):
         model = cls(rank_spec, max_model_len)
     check_contract(model)
@@ -90,12 +94,15 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     if gguf_blocks and checkpoint.gguf is not None and quantization is None and device.type == "cpu" and kernels.load():
         blocks = prepare_ggml(model, checkpoint.gguf.matrix_types())
     tensors = _tensors(checkpoint, cls, dtype, saved is not None, blocks)
-    if quantization is not None:
-        prepare_quantized(model, quantization)
+    if quantization is not None and quantization.method in RECIPES:
+        types, strides = _prepare(model, quantization, recipe_blocks)
+        tensors = progress(quantize_to_blocks(tensors, types, strides, dtype), "quantizing", "tensor")
+    elif quantization is not None:
+        _prepare(model, quantization, recipe_blocks)
         if saved is None:  # quantize each float tensor as it is read (whole: each rank then cuts its part)
             tensors = quantize_tensors(tensors, quantization)
     if shard is not None:
-        tensors = shard.tensors(tensors, model, _meta_model(cls, spec, max_model_len, dtype, quantization))
+        tensors = shard.tensors(tensors, model, _meta_model(cls, spec, max_model_len, dtype, quantization, False))
     if device.type == "cpu":
         place_weights_in_huge_pages(model)
         kernels.load()  # before packing, which lays int4 weights out for lmgen's kernel if they run
@@ -117,19 +124,31 @@ def _tensors(checkpoint: Checkpoint, cls: type, dtype: torch.dtype, saved_quanti
 
 
 def weights_bytes(cls: type, spec: ModelSpec, max_model_len: int, dtype: torch.dtype,
-                  quantization: QuantConfig | None) -> int:
+                  quantization: QuantConfig | None, recipe_blocks: bool = False) -> int:
     """The bytes the model's weights will take, from the model built on the meta device (nothing allocated)."""
-    return sum(p.nbytes for p in _meta_model(cls, spec, max_model_len, dtype, quantization).parameters())
+    return sum(p.nbytes for p in _meta_model(cls, spec, max_model_len, dtype, quantization, recipe_blocks).parameters())
 
 
 def _meta_model(cls: type, spec: ModelSpec, max_model_len: int, dtype: torch.dtype,
-                quantization: QuantConfig | None) -> CausalLM:
+                quantization: QuantConfig | None, recipe_blocks: bool) -> CausalLM:
     """The model built on the meta device, quantized modules in place: its shapes, nothing allocated."""
     with build_context(torch.device("meta"), dtype):
         model = cls(spec, max_model_len)
     if quantization is not None:
-        prepare_quantized(model, quantization)
+        _prepare(model, quantization, recipe_blocks)
     return model
+
+
+def _prepare(model: CausalLM, quantization: QuantConfig, recipe_blocks: bool
+             ) -> tuple[dict[str, int | None], dict[str, int]]:
+    """Swap the modules `quantization` quantizes for quantized ones (a recipe's for block layers where
+    `recipe_blocks`). For a recipe, returns the ggml type of each weight and the row stride of those block
+    layers hold (prepare_ggml); ({}, {}) for int8/int4."""
+    if quantization.method not in RECIPES:
+        prepare_quantized(model, quantization)
+        return {}, {}
+    types = recipe_types(model, quantization.method, quantization.lm_head)
+    return types, prepare_ggml(model, types) if recipe_blocks else {}
 
 
 def free_memory(device: torch.device) -> int | None:
