@@ -6,8 +6,8 @@ for lmgen's block kernels (lmgen/layers/ggml.py), exactly as if a Q4_K_M file ma
 had been loaded. Q4_K_M is Q4_K, with more bits where quantizing hurts most: Q6_K for the LM head (or the
 tied embedding), for attn_v and ffn_down in the first and last eighths of the layers and every third
 between; and since Q4_K and Q6_K need rows of 256 values, Q5_0 and Q8_0 stand in for them on narrower
-rows (Qwen2.5-0.5B's 896: there Q4_K_M is mostly Q5_0). Like llama.cpp, the layer of a tensor is its
-place among its kind sorted by name (``blk.10`` before ``blk.2``).
+rows (Qwen2.5-0.5B's 896: there Q4_K_M is mostly Q5_0). The layers are counted in order, as
+llama.cpp 0.3 counts them (older ones counted in the file's order, which put ``blk.10`` before ``blk.2``).
 
 Where lmgen's block kernels do not run (a GPU, no compiler, tensor parallelism) or read a type (Q5_1),
 the weights are dequantized back to the model's dtype: the same values, float memory.
@@ -69,8 +69,8 @@ def _kind(name: str) -> str:
 
 
 def _places(names: list[str]) -> dict[str, tuple[int, int]]:
-    """name -> (its place, how many): llama.cpp counts a kind's tensors in the order of their GGUF names."""
-    ordered = sorted(names, key=lambda n: f"blk.{_LAYER.match(n)[1]}." if _LAYER.match(n) else n)
+    """name -> (its place, how many): llama.cpp counts a kind's tensors in the order of their layers."""
+    ordered = sorted(names, key=lambda n: int(_LAYER.match(n)[1]))
     return {name: (i, len(ordered)) for i, name in enumerate(ordered)}
 
 
