@@ -9,6 +9,9 @@ between; and since Q4_K and Q6_K need rows of 256 values, Q5_0 and Q8_0 stand in
 rows (Qwen2.5-0.5B's 896: there Q4_K_M is mostly Q5_0). The layers are counted in order, as
 llama.cpp 0.3 counts them (older ones counted in the file's order, which put ``blk.10`` before ``blk.2``).
 
+GPT-2's llama.cpp file holds its tied table twice (the embedding in the default type, the head in the
+head's); lmgen holds it once, in the head's.
+
 Where lmgen's block kernels do not run (a GPU, no compiler, tensor parallelism) or read a type (Q5_1),
 the weights are dequantized back to the model's dtype: the same values, float memory.
 """

@@ -58,6 +58,16 @@ def test_recipes_pick_llama_cpps_types(qwen, tmp_path):
         assert ours == expected, method
 
 
+def test_fused_checkpoint_tensors_follow_llama_cpp(tmp_path):
+    """Phi-3 stores q/k/v as one tensor (llama.cpp's attn_qkv, whose rules are attn_v's) and gate/up as one;
+    its head is untied (the embedding takes the default type); rows of 64: every fallback."""
+    folder = build_checkpoint(tmp_path / "phi3", "phi3", num_hidden_layers=8)
+    theirs = matrices(llama_quantize(write_gguf(folder, tmp_path / "f32.gguf", "phi3"), tmp_path / "q.gguf",
+                                     FTYPES["q4_k_m"]))
+    ours = recipe_types(LLM(str(folder), kv_cache_memory="16MiB").engine.model, "q4_k_m", lm_head=True)
+    assert ours == {lmgen_name(name, FAMILIES["phi3"]): t.tensor_type.value for name, t in theirs.items()}
+
+
 def test_quantizers_write_llama_cpps_bytes(qwen, tmp_path):
     """Layer 0 of a Q4_K_M file (Q4_K, Q5_0, Q6_K, Q8_0; its up projection with an all-zero and a flat row),
     its tied embedding, and Q5_K and its fallback Q5_1 (a pure Q5_K_M)."""
