@@ -129,3 +129,15 @@ def test_recipes_refuse_what_they_cannot_do(checkpoint_factory, tmp_path):
     from lmgen.quantize import quantize_checkpoint
     with pytest.raises(InvalidArgumentError, match="applied while loading"):
         quantize_checkpoint(checkpoint_factory("llama"), tmp_path / "out", method="q4_k_m")
+
+
+def test_cli_and_drop_in_take_the_recipes(llama_path, capsys):
+    from lmgen.cli import main
+    from lmgen.layers.quant import QuantConfig
+    from lmgen.quantization_config import quantization_engine_args
+
+    assert main(["generate", "Lisbon", "--model", str(llama_path), "--quantize", "q4_k_m", "-n", "2", "-t", "0"]) == 0
+    assert quantization_engine_args(quantization_config=QuantConfig("q4_k_m"))["quantization"] == "q4_k_m"
+    with pytest.raises(SystemExit):  # lmgen quantize writes int8/int4 only
+        main(["quantize", "--model", str(llama_path), "--method", "q4_k_m", "--out", "x"])
+    assert "invalid choice: 'q4_k_m'" in capsys.readouterr().err
