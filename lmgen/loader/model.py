@@ -85,7 +85,8 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     saved = QuantConfig.from_hf(checkpoint.hf_config)
     quantization = resolve_quantization(quantization, saved, group_size_given)
     rank_spec = spec if shard is None else shard.spec(spec)
-    recipe_blocks = device.type == "cpu" and shard is None and kernels.load()  # kept as blocks, if a recipe
+    recipe = quantization is not None and quantization.method in RECIPES
+    recipe_blocks = recipe and device.type == "cpu" and shard is None and kernels.load()  # a recipe kept as blocks
     check_weights_fit(weights_bytes(cls, rank_spec, max_model_len, dtype, quantization, recipe_blocks), device)
     with build_context(device, dtype):
         model = cls(rank_spec, max_model_len)
@@ -94,7 +95,7 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     if gguf_blocks and checkpoint.gguf is not None and quantization is None and device.type == "cpu" and kernels.load():
         blocks = prepare_ggml(model, checkpoint.gguf.matrix_types())
     tensors = _tensors(checkpoint, cls, dtype, saved is not None, blocks)
-    if quantization is not None and quantization.method in RECIPES:
+    if recipe:
         types, strides = _prepare(model, quantization, recipe_blocks)
         tensors = progress(quantize_to_blocks(tensors, types, strides, dtype), "quantizing", "tensor")
     elif quantization is not None:
