@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from lmgen.distributed.parallel import torchrun_world_size
 from lmgen.errors import InvalidArgumentError, LmgenError
-from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QUANTIZATION_METHODS
+from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QUANTIZATION_METHODS, SAVED_METHODS
 from lmgen.tool_calls import PARSERS as TOOL_CALL_PARSERS
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "a long prompt does not hold back the short ones behind it (default 1: first come, first served)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--quantize", dest="quantization", choices=QUANTIZATION_METHODS, default=None,
-                       help="weight-only quantization while loading (int8: per output channel; int4: per group)")
+                       help="weight-only quantization while loading (int8: per output channel; int4: per group; q4_k_m, q6_k, "
+                            "q8_0: llama.cpp's recipes of GGUF blocks, run on lmgen's block kernels)")
     add_quantization_args(group)
     group.add_argument("--map-weights", action="store_true",
                        help="on a CPU, memory-map the weights from a file prepared (in ~/.cache/lmgen/weights, as "
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "tokenizer files): loading the copy reads its integer weights directly.")
     quantize.add_argument("--model", "-m", default=None, help="checkpoint folder or hub id (default: the demo model)")
     quantize.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    quantize.add_argument("--method", choices=QUANTIZATION_METHODS, default="int4", help="default int4")
+    quantize.add_argument("--method", choices=SAVED_METHODS, default="int4", help="default int4")
     add_quantization_args(quantize)
     quantize.add_argument("--out", "-o", required=True, help="the new model's folder (must be new or empty)")
     quantize.set_defaults(run=run_quantize)

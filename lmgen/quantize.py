@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmgen.errors import InvalidArgumentError
-from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QuantConfig, quantize_tensors
+from lmgen.layers.quant import DEFAULT_GROUP_SIZE, SAVED_METHODS, QuantConfig, quantize_tensors
 from lmgen.loader.checkpoint import MODEL_FILES, iter_tensors, read_json, resolve_model_path
 from lmgen.models import model_class
 from lmgen.progress import progress
@@ -32,6 +32,9 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, method
     >>> LLM("model-int4")   # loads the int4 weights as they are
     """
     config = QuantConfig(method, group_size, lm_head)
+    if method not in SAVED_METHODS:
+        raise InvalidArgumentError(f"lmgen quantize writes int8 or int4 checkpoints; {method} is applied while loading "
+                                   f"the float checkpoint (LLM(path, quantization={method!r}), --quantize {method})")
     source = resolve_model_path(model, revision)
     if not source.is_dir():
         raise InvalidArgumentError(f"{source} is a GGUF file: lmgen quantize writes checkpoint folders; load the file "

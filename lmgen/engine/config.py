@@ -61,7 +61,8 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared beginnings
     max_logprobs: int = 20  # the most alternatives a request's logprobs or prompt_logprobs may ask for (vLLM's)
-    quantization: str | None = None  # weight-only: "int8" (per output channel) or "int4" (per group)
+    quantization: str | None = None  # weight-only: "int8" (per output channel), "int4" (per group), or llama.cpp's
+    # recipes of GGUF blocks "q4_k_m", "q6_k", "q8_0" (lmgen/layers/ggml_recipes.py)
     quantization_group_size: int | None = None  # int4: input columns per scale (32, 64, 128, 256); None: 64
     quantize_lm_head: bool = True  # with quantization, the LM head and embedding table too (int8)
     compile: bool = False  # torch.compile the decode step: faster decode after a slower first start

@@ -108,29 +108,35 @@ class GGMLEmbedding(GGMLLinear):
         return GGMLLinear.forward(self, hidden)
 
 
+def weight_tensors(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """(module name, module, the checkpoint tensors its weight is made of) of each embedding table and each
+    linear (a fused one's shards in order) that blocks can hold; expert stacks are not among them."""
+    fused = {}  # fused module name -> its shards' checkpoint module names, in order
+    for part, (module, shard) in getattr(model, "packed_modules", {}).items():
+        fused.setdefault(module, {})[shard] = part
+    found = []
+    for name, module in model.named_modules():
+        if type(module) is Embedding:
+            found.append((name, module, [f"{name}.weight"]))
+        elif type(module) in (Linear, FusedLinear):
+            parent, _, leaf = name.rpartition(".")
+            shards = fused.get(leaf)
+            found.append((name, module, [f"{parent}.{shards[i]}.weight" for i in sorted(shards)] if shards
+                          else [f"{name}.weight"]))
+    return found
+
+
 def prepare_ggml(model: nn.Module, types: dict[str, int]) -> dict[str, int]:
     """Swap each linear whose file tensors (lmgen name -> ggml type in `types`) lmgen's kernels all read
     for a GGMLLinear; the others load dequantized. Returns the swapped tensors' row strides in bytes
     (lmgen name -> stride), which the GGUF loader copies their blocks into."""
-    fused = {}  # fused module name -> its shards' checkpoint module names, in order
-    for part, (module, shard) in getattr(model, "packed_modules", {}).items():
-        fused.setdefault(module, {})[shard] = part
     strides = {}
-    for name, module in list(model.named_modules()):
-        if type(module) is Embedding and readable(types.get(f"{name}.weight", -1), module.weight.shape[1]):
-            swapped = GGMLEmbedding(module, types[f"{name}.weight"])
-            model.set_submodule(name, swapped)
-            strides[f"{name}.weight"] = swapped.weight.shape[1]
+    for name, module, tensors in weight_tensors(model):
+        in_features = module.weight.shape[1]
+        if not all(t in types and readable(types[t], in_features) for t in tensors):
             continue
-        if type(module) not in (Linear, FusedLinear):  # not an expert stack, ...
-            continue
-        parent, _, leaf = name.rpartition(".")
-        shards = fused.get(leaf)
-        tensors = [f"{parent}.{shards[i]}.weight" for i in sorted(shards)] if shards else [f"{name}.weight"]
-        if not all(t in types and readable(types[t], module.in_features) for t in tensors):
-            continue
-        swapped = GGMLLinear(module, [types[t] for t in tensors])
+        swapped = (GGMLEmbedding(module, types[tensors[0]]) if isinstance(module, Embedding)
+                   else GGMLLinear(module, [types[t] for t in tensors]))
         model.set_submodule(name, swapped)
         strides.update(dict.fromkeys(tensors, swapped.weight.shape[1]))
     return strides
-

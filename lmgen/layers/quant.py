@@ -49,7 +49,9 @@ from lmgen.layers.precision import native_on_cpu
 if TYPE_CHECKING:
     from lmgen.loader.checkpoint import TensorRef
 
-QUANTIZATION_METHODS = ("int8", "int4")
+#: lmgen's own int8/int4, then llama.cpp's recipes of GGUF blocks applied while loading (lmgen/layers/ggml_recipes.py)
+SAVED_METHODS = ("int8", "int4")
+QUANTIZATION_METHODS = (*SAVED_METHODS, "q4_k_m", "q6_k", "q8_0")
 #: The group sizes PyTorch's int4 kernel accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 64
@@ -75,7 +77,7 @@ _CHUNK_ELEMENTS = 1 << 22
 class QuantConfig:
     """How a model's weights are quantized; saved as config.json's ``quantization_config``."""
 
-    method: str  # "int8" or "int4"
+    method: str  # a QUANTIZATION_METHODS entry
     group_size: int = DEFAULT_GROUP_SIZE  # int4: input columns sharing one scale and zero
     lm_head: bool = True  # also the LM head and the embedding table (int8 per row)
 
@@ -112,7 +114,7 @@ class QuantConfig:
         method = saved.get("quant_method")
         if method == "mxfp4":  # GPT-OSS's experts: its family dequantizes them while loading (models/gpt_oss.py)
             return None
-        if method != CHECKPOINT_QUANT_METHOD or saved.get("method") not in QUANTIZATION_METHODS:
+        if method != CHECKPOINT_QUANT_METHOD or saved.get("method") not in SAVED_METHODS:
             name = saved.get("method") if method == CHECKPOINT_QUANT_METHOD else method
             raise UnsupportedModelError(
                 f"the checkpoint is quantized with {name!r}, which lmgen cannot load: it reads its own int8/int4 "

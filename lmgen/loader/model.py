@@ -20,6 +20,7 @@ from lmgen import kernels
 from lmgen.errors import InsufficientMemoryError, InvalidArgumentError
 from lmgen.huge_pages import place_weights_in_huge_pages
 from lmgen.layers.ggml import prepare_ggml
+from lmgen.layers.ggml_recipes import RECIPES, quantize_to_blocks, recipe_types
 from lmgen.layers.moe import MoE
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
 from lmgen.loader import mapped
@@ -29,6 +30,7 @@ from lmgen.loader.gguf_tokenizer import gguf_tokenizer
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.models import build_context, model_class
 from lmgen.models.contract import CausalLM, ModelSpec, check_contract
+from lmgen.progress import progress
 
 if TYPE_CHECKING:
     from lmgen.distributed.sharding import Shard
@@ -74,7 +76,8 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors or GGUF tensors.
 
     `quantization` asks for int8/int4 (a checkpoint saved quantized loads as it is saved, and may only
-    be asked for the same); `max_model_len` defaults to the checkpoint's context length. With `shard`,
+    be asked for the same) or a llama.cpp recipe (q4_k_m: its blocks, where lmgen's CPU kernels run, else
+    their values dequantized); `max_model_len` defaults to the checkpoint's context length. With `shard`,
     the model is one rank's share under tensor parallelism (lmgen/distributed/sharding.py). With
     `gguf_blocks`, a GGUF file's linears whose block formats lmgen's CPU kernels read keep them
     (lmgen.layers.ggml), where those kernels run and no quantization is asked for; else every tensor
@@ -89,7 +92,10 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     saved = QuantConfig.from_hf(checkpoint.hf_config)
     quantization = resolve_quantization(quantization, saved, group_size_given)
     rank_spec = spec if shard is None else shard.spec(spec)
-    check_weights_fit(_meta_model(cls, rank_spec, max_model_len, dtype, quantization), device, map_weights)
+    recipe = quantization is not None and quantization.method in RECIPES
+    recipe_blocks = recipe and device.type == "cpu" and shard is None and kernels.load()  # a recipe kept as blocks
+    check_weights_fit(_meta_model(cls, rank_spec, max_model_len, dtype, quantization, recipe_blocks), device,
+                      map_weights)
     with build_context(device, dtype):
         model = cls(rank_spec, max_model_len)
     check_contract(model)
@@ -97,12 +103,15 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     if gguf_blocks and checkpoint.gguf is not None and quantization is None and device.type == "cpu" and kernels.load():
         blocks = prepare_ggml(model, checkpoint.gguf.matrix_types())
     tensors = _tensors(checkpoint, cls, dtype, saved is not None, blocks)
-    if quantization is not None:
-        prepare_quantized(model, quantization)
+    if recipe:
+        types, strides = _prepare(model, quantization, recipe_blocks)
+        tensors = progress(quantize_to_blocks(tensors, types, strides, dtype), "quantizing", "tensor")
+    elif quantization is not None:
+        _prepare(model, quantization, recipe_blocks)
         if saved is None:  # quantize each float tensor as it is read (whole: each rank then cuts its part)
             tensors = quantize_tensors(tensors, quantization)
     if shard is not None:
-        tensors = shard.tensors(tensors, model, _meta_model(cls, spec, max_model_len, dtype, quantization))
+        tensors = shard.tensors(tensors, model, _meta_model(cls, spec, max_model_len, dtype, quantization, False))
     if device.type == "cpu":
         kernels.load()  # before packing, which lays int4 weights out for lmgen's kernel if they run
 
@@ -174,13 +183,25 @@ def weights_bytes(model: CausalLM, mapped_from_disk: bool = False) -> int:
 
 
 def _meta_model(cls: type, spec: ModelSpec, max_model_len: int, dtype: torch.dtype,
-                quantization: QuantConfig | None) -> CausalLM:
+                quantization: QuantConfig | None, recipe_blocks: bool = False) -> CausalLM:
     """The model built on the meta device, quantized modules in place: its shapes, nothing allocated."""
     with build_context(torch.device("meta"), dtype):
         model = cls(spec, max_model_len)
     if quantization is not None:
-        prepare_quantized(model, quantization)
+        _prepare(model, quantization, recipe_blocks)
     return model
+
+
+def _prepare(model: CausalLM, quantization: QuantConfig, recipe_blocks: bool
+             ) -> tuple[dict[str, int | None], dict[str, int]]:
+    """Swap the modules `quantization` quantizes for quantized ones (a recipe's for block layers where
+    `recipe_blocks`). For a recipe, returns the ggml type of each weight and the row stride of those block
+    layers hold (prepare_ggml); ({}, {}) for int8/int4."""
+    if quantization.method not in RECIPES:
+        prepare_quantized(model, quantization)
+        return {}, {}
+    types = recipe_types(model, quantization.method, quantization.lm_head)
+    return types, prepare_ggml(model, types) if recipe_blocks else {}
 
 
 def free_memory(device: torch.device) -> int | None:
