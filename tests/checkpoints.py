@@ -176,3 +176,22 @@ def mxfp4_copy(source: Path, folder: Path) -> Path:
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+# llama.cpp's recipes (tests/layers/test_ggml_recipes.py, tests/data/record_llama_cpp_quants.py): 8 layers (its
+# layer rules pick 0, 3, 6 and 7), rows of 256 (K-quants) and 320 (their fallbacks)
+RECIPE_QWEN2_SHAPE = dict(hidden_size=256, intermediate_size=320, num_hidden_layers=8, num_attention_heads=4,
+                          num_key_value_heads=2)
+
+
+def recipe_qwen2_checkpoint(root: Path) -> Path:
+    """Qwen2 of RECIPE_QWEN2_SHAPE with the tied embedding (the LM head's rules), biases, and in layer 0's up
+    projection an all-zero row 3 and a flat row 4 (blocks of no or one distinct value)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = build_checkpoint(root / "qwen2", "qwen2", **RECIPE_QWEN2_SHAPE)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][3] = 0
+    tensors["model.layers.0.mlp.up_proj.weight"][4] = -0.25
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

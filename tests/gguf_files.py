@@ -32,9 +32,10 @@ def float32(name: str, array: np.ndarray) -> Q:
 
 
 def write_gguf(folder: Path, out: Path, arch: str, tensor_type: Callable[[str, np.ndarray], Q] = float32,
-               tokenizer: dict | None = None) -> Path:
+               tokenizer: dict | None = None, encode: Callable[[str, np.ndarray], np.ndarray] | None = None) -> Path:
     """`folder`'s model as a GGUF file of llama.cpp architecture `arch`; `tokenizer`: metadata from
-    `bpe_metadata` / `sentencepiece_metadata` (default: the folder's byte-level BPE)."""
+    `bpe_metadata` / `sentencepiece_metadata` (default: the folder's byte-level BPE); `encode`: a quantized
+    tensor's blocks (default: the gguf package's quantizer, random blocks for the K-quants it lacks)."""
     config = json.loads((folder / "config.json").read_text())
     writer = gguf.GGUFWriter(str(out), arch)
     tokenizer = _padded(tokenizer or bpe_metadata(folder), config["vocab_size"])
@@ -42,7 +43,9 @@ def write_gguf(folder: Path, out: Path, arch: str, tensor_type: Callable[[str, n
         _add(writer, key.replace("{arch}", arch), value)
     for name, array in _tensors(folder, config, arch):
         kind = tensor_type(name, array) if array.ndim == 2 else Q.F32
-        writer.add_tensor(name, _encode(array, kind), raw_dtype=kind if kind not in (Q.F32, Q.F16) else None)
+        floating = kind in (Q.F32, Q.F16)
+        data = encode(name, array) if encode and not floating else _encode(array, kind)
+        writer.add_tensor(name, data, raw_dtype=None if floating else kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
