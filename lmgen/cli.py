@@ -62,12 +62,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=512,
                        help="most tokens in one step; long prompts are prefilled in chunks of this size")
     group.add_argument("--max-num-partial-prefills", type=int, default=1, metavar="N",
-                       help="while several prompts wait, each takes at most 1/N of a step's tokens, so "
-                            "a long prompt does not hold back the short ones behind it (default 1: first come, first served)")
+                       help="while several prompts wait, each takes at most 1/N of a step's tokens, so a long "
+                            "prompt does not hold back the short ones behind it (default 1: first come, first served)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--quantize", dest="quantization", choices=QUANTIZATION_METHODS, default=None,
-                       help="weight-only quantization while loading (int8: per output channel; int4: per group; q4_k_m, q6_k, "
-                            "q8_0: llama.cpp's recipes of GGUF blocks, run on lmgen's block kernels)")
+                       help="weight-only quantization while loading (int8: per output channel; int4: per group; "
+                            "q4_k_m, q6_k, q8_0: llama.cpp's recipes of GGUF blocks, run on lmgen's block kernels)")
     add_quantization_args(group)
     group.add_argument("--map-weights", action="store_true",
                        help="on a CPU, memory-map the weights from a file prepared (in ~/.cache/lmgen/weights, as "

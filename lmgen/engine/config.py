@@ -90,8 +90,8 @@ class EngineConfig:
         object.__setattr__(self, "speculative_config", SpeculativeConfig.of(self.speculative_config))
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise InvalidArgumentError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_num_partial_prefills", "block_size",
-                     "tensor_parallel_size"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_num_partial_prefills",
+                     "block_size", "tensor_parallel_size"):
             _positive(name, getattr(self, name))
         if self.tensor_parallel_size > 1 and self.map_weights:
             raise InvalidArgumentError("map_weights=True does not apply with tensor_parallel_size > 1 (each rank "

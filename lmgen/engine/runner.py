@@ -66,9 +66,9 @@ class ModelRunner:
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="lmgen-grammar")
 
     def prepare(self, batch: ScheduledBatch, masks: bool = True) -> StepInputs:
-        """The step's tensors; with `masks`, what attention builds before the forward too (AttentionMetadata.prepare). The batch holds
-        Requests, or (a draft model's step) PlainSequences: no drafts to check, no prompt to score, and a
-        logits row after each one's last token once it is computed."""
+        """The step's tensors; with `masks`, what attention builds before the forward too
+        (AttentionMetadata.prepare). The batch holds Requests, or (a draft model's step) PlainSequences: no
+        drafts to check, no prompt to score, and a logits row after each one's last token once it is computed."""
         bs = self.block_size
         ids, positions, seq_lens, slots, token_request, token_offset = [], [], [], [], [], []
         tables, query_starts, request_lens, sample_indices, choosing = [], [], [], [], []

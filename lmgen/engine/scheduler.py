@@ -9,10 +9,9 @@ prompts as early as any order can. A long prompt ahead of short ones would hold 
 back, though: with ``max_num_partial_prefills`` N > 1 (opt-in), while other prompts wait one
 takes at most 1/N of the budget a step, so the prompts behind it share the step (vLLM's
 partial prefills); what they leave goes back to the capped ones, in order, so the step stays
-full.
-When the KV pool runs dry,
-the most recently admitted running request is preempted: its blocks are freed and it
-goes back to the front of the queue, to be recomputed later. Nothing is lost.
+full. When the KV pool runs dry, the most recently admitted running request is preempted:
+its blocks are freed and it goes back to the front of the queue, to be recomputed later.
+Nothing is lost.
 
 A model whose rope changes for the whole sequence once it grows past a length (longrope:
 Phi-3's long factors) has a request recompute its cache when it crosses that length, as

@@ -102,11 +102,16 @@ def _quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([_half_bytes(d), levels.view(torch.uint8)], 1)
 
 
+def _five_bit_levels(levels: torch.Tensor) -> torch.Tensor:
+    """5-bit levels [B, 32] as Q5_0 and Q5_1 store them after their scales: the 5th bits, then the low nibbles."""
+    return torch.cat([_high_bits(levels), _pack_nibbles(levels[:, :16], levels[:, 16:]).to(torch.uint8)], 1)
+
+
 def _quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
     d = _first_largest_magnitude(x, 1) / -16
     inverse = torch.where(d != 0, _f32(1.0) / d, _f32(0.0))
     levels = (x * inverse[:, None] + 16.5).trunc().clamp(max=31).to(torch.int32)
-    return torch.cat([_half_bytes(d), _high_bits(levels), _pack_nibbles(levels[:, :16], levels[:, 16:]).to(torch.uint8)], 1)
+    return torch.cat([_half_bytes(d), _five_bit_levels(levels)], 1)
 
 
 def _quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
@@ -114,8 +119,7 @@ def _quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
     d = (high - low) / 31
     inverse = torch.where(d != 0, _f32(1.0) / d, _f32(0.0))
     levels = ((x - low[:, None]) * inverse[:, None] + 0.5).trunc().to(torch.int32)
-    return torch.cat([_half_bytes(d), _half_bytes(low), _high_bits(levels),
-                      _pack_nibbles(levels[:, :16], levels[:, 16:]).to(torch.uint8)], 1)
+    return torch.cat([_half_bytes(d), _half_bytes(low), _five_bit_levels(levels)], 1)
 
 
 # ---- Q4_K and Q5_K: a scale and an offset per 32 values ---------------------------------------------

@@ -108,7 +108,8 @@ def quantize_to_blocks(tensors: Iterable[tuple[str, object]], types: dict[str, i
 
 
 def _blocks(ref: object, ggml_type: int, stride: int) -> torch.Tensor:
-    """The weight's rows as `ggml_type` blocks (uint8 [rows, stride or the row's bytes]), read a chunk of rows at a time."""
+    """The weight's rows as `ggml_type` blocks (uint8 [rows, stride or the row's bytes]), read a chunk of rows
+    at a time."""
     rows, columns = ref.shape
     values, nbytes = BLOCK_SIZES[ggml_type]
     row_bytes = columns // values * nbytes

@@ -376,10 +376,11 @@ class Int4Linear(QuantizedLinear):
         """
         if kernels.serve(self.weight.device) and self.out_features % INT4_KERNEL_ROWS == 0:
             # one weight, or each of a stack's (experts), interleaved in place
-            storage = [t.data.view(-1, *t.shape[-2:]) for t in (self.weight, self.scales, self.zeros)]
-            for weights in [] if laid_out else zip(*storage):
-                for tensor, interleaved in zip(weights, interleave_int4(*weights)):
-                    tensor.copy_(interleaved)
+            if not laid_out:
+                storage = [t.data.view(-1, *t.shape[-2:]) for t in (self.weight, self.scales, self.zeros)]
+                for weights in zip(*storage):
+                    for tensor, interleaved in zip(weights, interleave_int4(*weights)):
+                        tensor.copy_(interleaved)
             self.lmgen_layout, self.use_kernel = True, False
             return
         if not self.use_kernel:
