@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, NoReturn
 from lmgen.distributed.parallel import torchrun_world_size
 from lmgen.errors import InvalidArgumentError, LmgenError
 from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QUANTIZATION_METHODS, SAVED_METHODS
+from lmgen.reasoning import NO_PARSER as NO_REASONING_PARSER
+from lmgen.reasoning import PARSERS as REASONING_PARSERS
 from lmgen.tool_calls import PARSERS as TOOL_CALL_PARSERS
 
 if TYPE_CHECKING:
@@ -242,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, how long in-flight requests may finish before they are aborted (default: 30)")
     server.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
                         help="the format the model writes tool calls in (default: the one its chat template shows)")
+    server.add_argument("--reasoning-parser", choices=[*sorted(REASONING_PARSERS), NO_REASONING_PARSER], default=None,
+                        help="how the model marks its reasoning, returned as reasoning_content: qwen3 (a reply that "
+                             "opens <think>), deepseek_r1 (all before </think>) or none (default: the one its chat "
+                             "template shows)")
     server.add_argument("--max-request-bytes", default=None, metavar="SIZE",
                         help="largest request body, e.g. 1048576 or 64MiB; larger ones get 413 before they are "
                              "read (default: 16MiB)")
@@ -440,7 +446,8 @@ def serve_settings(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettin
     names = tuple(args.served_model_name or [args.model or "lmgen-demo"])
     settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("LMGEN_API_KEY"),
                               max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
-                              tool_call_parser=args.tool_call_parser, **limits)
+                              tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                              **limits)
     replicas = None
     if args.replicas is not None:
         from lmgen.server.ray_app import ReplicaOptions

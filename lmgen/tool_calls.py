@@ -26,6 +26,9 @@ from lmgen import harmony
 from lmgen.errors import InvalidArgumentError
 from lmgen.loader.tokenizer import Tokenizer
 from lmgen.params import StructuredOutputs
+from lmgen.reply import (
+    ChatReply, ContentReader, ReplyDelta, ReplyReader, ReplyStream, ToolCall, ToolCallDelta, partial_suffix,
+)
 
 _WHITESPACE = " \t\r\n"
 #: The layout forced calls are written in: json.dumps' default, as the families' templates show calls.
@@ -41,15 +44,6 @@ class ToolArgumentError(InvalidArgumentError):
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
         self.field = field
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One function call: its id, the function's name and its arguments as JSON text (an object)."""
-
-    id: str
-    name: str
-    arguments: str
 
 
 @dataclass
@@ -171,14 +165,6 @@ def _complete(call: PartialCall, source: str, argument_keys: tuple[str, ...]) ->
     return call
 
 
-def _partial_suffix(text: str, marker: str) -> int:
-    """How many characters at the end of `text` could be the start of `marker`."""
-    for size in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
-
-
 # ---- the formats -------------------------------------------------------------------------------
 class ToolParser:
     """One family's call format: where calls begin, how they are read, and a grammar that forces them."""
@@ -225,6 +211,12 @@ class ToolParser:
     def new_call_id(self) -> str:
         return f"call_{uuid.uuid4().hex[:24]}"
 
+    def reader(self, tooling: ToolCalling | None) -> ReplyReader:
+        """How replies are read: content, then calls in this format when `tooling` reads calls; else all content."""
+        if tooling is None or not tooling.parses:
+            return ContentReader()
+        return CallReader(self, tooling.max_calls)
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The content before the calls (None if blank) and the calls; all of `text` is content when it holds
         none, or when they are malformed or unfinished."""
@@ -259,7 +251,7 @@ class HermesToolParser(ToolParser):
         return None if start < 0 else start
 
     def holdback(self, text: str) -> int:
-        return _partial_suffix(text, self.OPEN)
+        return partial_suffix(text, self.OPEN)
 
     def scan(self, section: str) -> list[PartialCall]:
         calls: list[PartialCall] = []
@@ -298,7 +290,7 @@ class _MarkerOrBareJsonParser(ToolParser):
         return begin if text.startswith(self.opening, begin) else None
 
     def holdback(self, text: str) -> int:
-        return len(text) if not text.strip() else _partial_suffix(text, self.MARKER)
+        return len(text) if not text.strip() else partial_suffix(text, self.MARKER)
 
 
 class Llama3JsonToolParser(_MarkerOrBareJsonParser):
@@ -376,11 +368,16 @@ class MistralToolParser(_MarkerOrBareJsonParser):
 
 class HarmonyToolParser(ToolParser):
     """GPT-OSS (harmony, lmgen.harmony): each call is a message of its own to ``functions.NAME``, its text the
-    arguments' JSON. The reply's other messages are its answer and its reasoning, which read_harmony_reply
-    and HarmonyReplyStream tell apart too; parse gives the answer as content."""
+    arguments' JSON. The reply's other messages are its answer and its reasoning, which its reader
+    (HarmonyReader) tells apart too; parse gives the answer as content."""
 
     name = "harmony"
     template_markers = (f"{harmony.CHANNEL}commentary",)
+
+    def reader(self, tooling: ToolCalling | None) -> HarmonyReader:
+        """Harmony replies are read by channel whether calls are read or not."""
+        reads = tooling is not None and tooling.parses
+        return HarmonyReader(self if reads else None, tooling.max_calls if reads else None)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         reply = _read_harmony(text, self, None)
@@ -495,15 +492,6 @@ class ToolCalling:
         parallel = self.parallel_tool_calls and isinstance(self.tool_choice, str)  # a named function: one call
         return StructuredOutputs(grammar=self.parser.forced_grammar(functions, definitions, parallel))
 
-    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """The reply's content and its calls (new ids); all of it is content when it holds no valid calls."""
-        if not self.parses:
-            return text, []
-        content, calls = self.parser.parse(text)
-        return content, calls[:self.max_calls]
-
-    def stream(self) -> ToolCallStream:
-        return ToolCallStream(self.parser, self.max_calls)
 
 
 def _check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
@@ -552,18 +540,30 @@ def template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]
             if isinstance(message, dict) and message.get("tool_calls") else message for message in messages]
 
 
-# ---- streaming ---------------------------------------------------------------------------------
-@dataclass
-class ToolCallDelta:
-    """A piece of one call in a stream: the first carries its id and name, the next ones arguments' text."""
-
-    index: int
-    arguments: str
-    id: str | None = None
-    name: str | None = None
+def reply_reader(parser: ToolParser | None, tooling: ToolCalling | None) -> ReplyReader:
+    """How a reply is read: its content and, when `tooling` reads calls, its calls in `parser`'s format (harmony
+    replies: their messages by channel, calls or not); all content where no format is known."""
+    return ContentReader() if parser is None else parser.reader(tooling)
 
 
-class ToolCallStream:
+# ---- reading replies: finished and streamed -------------------------------------------------------
+class CallReader(ReplyReader):
+    """Content, then calls in one ToolParser's format (the first `max_calls` of them; None: all)."""
+
+    def __init__(self, parser: ToolParser, max_calls: int | None) -> None:
+        self.parser = parser
+        self.max_calls = max_calls
+
+    def read(self, text: str) -> ChatReply:
+        """All of `text` is content when it holds no valid calls; the calls get new ids."""
+        content, calls = self.parser.parse(text)
+        return ChatReply(content, None, calls[:self.max_calls])
+
+    def stream(self) -> ToolCallStream:
+        return ToolCallStream(self.parser, self.max_calls)
+
+
+class ToolCallStream(ReplyStream):
     """Turns a reply's text deltas into content deltas and call deltas, as OpenAI streams them.
 
     Content is passed on until the calls begin (holding back what might be their start); then each
@@ -586,22 +586,21 @@ class ToolCallStream:
     def called(self) -> bool:
         return bool(self.sent)
 
-    def feed(self, text: str, finished: bool) -> tuple[str, list[ToolCallDelta]]:
-        """The content and call deltas that `text` (the reply's next delta) lets out."""
+    def feed(self, text: str, finished: bool) -> ReplyDelta:
         self.text += text
         if self.open_arguments is not None and self.open_arguments.end(text) is None:
             self.sent[-1] += len(text)
-            return "", [ToolCallDelta(len(self.sent) - 1, text)] if text else []
+            return ReplyDelta(calls=[ToolCallDelta(len(self.sent) - 1, text)] if text else [])
         self.open_arguments = None
         start = self.parser.section_start(self.text)
         if start is None:
             end = len(self.text) if finished else len(self.text) - self.parser.holdback(self.text)
-            return self._content(end), []
+            return ReplyDelta(self._content(end))
         content = self._content(start)
         deltas = [] if start == self.broken_at else self._call_deltas(start)
         if finished and not self.sent:  # no calls after all: what was held is content
             content += self._content(len(self.text))
-        return content, deltas
+        return ReplyDelta(content, calls=deltas)
 
     def _content(self, end: int) -> str:
         piece = self.text[self.num_sent_chars:end] if end > self.num_sent_chars else ""
@@ -632,22 +631,23 @@ class ToolCallStream:
 
 
 # ---- harmony replies: content, reasoning and calls ------------------------------------------------
-@dataclass
-class ChatReply:
-    """A chat reply read: what the user is shown, the model's reasoning (None where there is none) and its calls."""
-
-    content: str | None
-    reasoning: str | None
-    calls: list[ToolCall]
-
-
-def read_harmony_reply(text: str, tooling: ToolCalling | None) -> ChatReply:
-    """A finished harmony reply (text with its markers) as vLLM answers for GPT-OSS: content from the final
-    channel and from commentary without a recipient (preambles), reasoning from analysis, a call from each
-    message to one of the caller's functions when `tooling` reads calls. Messages of a kind are joined by a
+class HarmonyReader(ReplyReader):
+    """Harmony replies (their text with its markers) as vLLM answers for GPT-OSS: content from the final channel
+    and from commentary without a recipient (preambles), reasoning from analysis, a call from each message to one
+    of the caller's functions when `parser` is given (the first `max_calls`). Messages of a kind are joined by a
     newline. A call whose text is no JSON object is read by its channel instead, like any other message."""
-    reads = tooling is not None and tooling.parses
-    return _read_harmony(text, tooling.parser if reads else None, tooling.max_calls if reads else None)
+
+    needs_special_tokens = True  # the markers are special tokens
+
+    def __init__(self, parser: HarmonyToolParser | None, max_calls: int | None) -> None:
+        self.parser = parser
+        self.max_calls = max_calls
+
+    def read(self, text: str) -> ChatReply:
+        return _read_harmony(text, self.parser, self.max_calls)
+
+    def stream(self) -> HarmonyReplyStream:
+        return HarmonyReplyStream(self.parser, self.max_calls)
 
 
 def _read_harmony(text: str, parser: ToolParser | None, max_calls: int | None) -> ChatReply:
@@ -682,17 +682,17 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
-class HarmonyReplyStream:
-    """A harmony reply's text deltas as content, reasoning and call deltas, adding up to read_harmony_reply's
+class HarmonyReplyStream(ReplyStream):
+    """A harmony reply's text deltas as content, reasoning and call deltas, adding up to HarmonyReader.read's
     answer (but for a call whose arguments turn out malformed: they went out as they came).
 
     Each message goes out as its text arrives (less a tail that may begin a marker); a call's id and name
     once its header is read, then its arguments' text. Only the message still open is read again at each
     delta."""
 
-    def __init__(self, tooling: ToolCalling | None) -> None:
-        self.parser = tooling.parser if tooling is not None and tooling.parses else None
-        self.max_calls = tooling.max_calls if self.parser is not None else None
+    def __init__(self, parser: ToolParser | None, max_calls: int | None) -> None:
+        self.parser = parser
+        self.max_calls = max_calls
         self.text = ""
         self.pos = 0  # where the open message's header starts
         self.kind: str | None = None  # the open message's kind, once its header is read
@@ -704,8 +704,7 @@ class HarmonyReplyStream:
     def called(self) -> bool:
         return self.num_calls > 0
 
-    def feed(self, text: str, finished: bool) -> tuple[str, str, list[ToolCallDelta]]:
-        """The content, reasoning and call deltas that `text` (the reply's next delta) lets out."""
+    def feed(self, text: str, finished: bool) -> ReplyDelta:
         self.text += text
         out, deltas = {"content": "", "reasoning": "", "dropped": ""}, []
         while True:
@@ -729,4 +728,4 @@ class HarmonyReplyStream:
             if not message.complete:
                 break
             self.pos, self.kind, self.num_sent_chars = next_pos, None, 0
-        return out["content"], out["reasoning"], deltas
+        return ReplyDelta(out["content"], out["reasoning"], deltas)

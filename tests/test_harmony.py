@@ -15,7 +15,7 @@ from lmgen.loader.tokenizer import Tokenizer
 from lmgen.server.app import build_app
 from lmgen.server.protocol import ChatMessage
 from lmgen.server.serving import ServerSettings, template_message
-from lmgen.tool_calls import HarmonyReplyStream, HarmonyToolParser, ToolCalling, read_harmony_reply, tool_parser_for
+from lmgen.tool_calls import HarmonyReader, HarmonyToolParser, ToolCalling, reply_reader, tool_parser_for
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -58,19 +58,24 @@ def harmony(tokenizer):
     return HarmonyToolParser(tokenizer)
 
 
+def reader(tooling: ToolCalling | None) -> HarmonyReader:
+    """Harmony replies read as the server reads them: for calls as `tooling` says (None: no tools)."""
+    return HarmonyReader(None, None) if tooling is None else reply_reader(tooling.parser, tooling)
+
+
 def read(text: str, tooling: ToolCalling | None) -> tuple:
-    reply = read_harmony_reply(text, tooling)
+    reply = reader(tooling).read(text)
     return reply.content, reply.reasoning, [(call.name, call.arguments) for call in reply.calls]
 
 
 def streamed(text: str, tooling: ToolCalling | None, size: int) -> tuple:
     """`text` fed in pieces of `size` characters: content, reasoning and calls reassembled (None: nothing sent)."""
-    stream, content, reasoning, calls = HarmonyReplyStream(tooling), "", "", []
+    stream, content, reasoning, calls = reader(tooling).stream(), "", "", []
     pieces = [text[i:i + size] for i in range(0, len(text), size)]
     for number, piece in enumerate(pieces):
-        content_delta, reasoning_delta, deltas = stream.feed(piece, number == len(pieces) - 1)
-        content, reasoning = content + content_delta, reasoning + reasoning_delta
-        for delta in deltas:
+        reply_delta = stream.feed(piece, number == len(pieces) - 1)
+        content, reasoning = content + reply_delta.content, reasoning + reply_delta.reasoning
+        for delta in reply_delta.calls:
             if delta.id is not None:
                 assert delta.index == len(calls) and delta.id.startswith("call_") and delta.arguments == ""
                 calls.append((delta.name, ""))

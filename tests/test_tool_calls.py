@@ -13,7 +13,7 @@ from lmgen.params import StructuredOutputs
 from lmgen.sampling.structured import LLGuidanceBackend
 from lmgen.tool_calls import (
     PARSERS, HermesToolParser, Llama3JsonToolParser, MistralToolParser, ToolArgumentError, ToolCalling,
-    template_messages, tool_parser_for,
+    reply_reader, template_messages, tool_parser_for,
 )
 from tests.loader.tokenizer_fixtures import LLAMA3_TEMPLATE, MISTRAL_TEMPLATE, QWEN25_TEMPLATE
 
@@ -85,14 +85,22 @@ def test_plain_replies_are_content(parser):
     assert parser.parse("The weather is fine.") == ("The weather is fine.", [])
 
 
+def parsed(calling: ToolCalling, text: str):
+    """The content and calls of a finished reply, read as the server reads it."""
+    reply = reply_reader(calling.parser, calling).read(text)
+    assert reply.reasoning is None
+    return reply.content, reply.calls
+
+
 def streamed(calling: ToolCalling, text: str, size: int):
     """Feed `text` in pieces of `size` characters; the content and each call (id, name, arguments) reassembled."""
-    stream, content, calls = calling.stream(), "", {}
+    stream, content, calls = reply_reader(calling.parser, calling).stream(), "", {}
     pieces = [text[i:i + size] for i in range(0, len(text), size)]
     for number, piece in enumerate(pieces):
-        text_delta, deltas = stream.feed(piece, number == len(pieces) - 1)
-        content += text_delta
-        for delta in deltas:
+        reply_delta = stream.feed(piece, number == len(pieces) - 1)
+        assert reply_delta.reasoning == ""
+        content += reply_delta.content
+        for delta in reply_delta.calls:
             if delta.id is not None:
                 assert delta.index == len(calls) and delta.arguments == "" and delta.name
                 calls[delta.index] = [delta.id, delta.name, ""]
@@ -120,7 +128,7 @@ def test_streamed_arguments_with_brackets_and_escapes_in_strings(tokenizer, size
     text = f'<tool_call>\n{{"name": "write", "arguments": {arguments}}}\n</tool_call>\n' + CALLS["hermes"][13:]
     calling = ToolCalling(TOOLS, HermesToolParser(tokenizer))
     _, calls, _ = streamed(calling, text, size)
-    assert [(name, args) for _, name, args in calls] == [(c.name, c.arguments) for c in calling.parse(text)[1]]
+    assert [(name, args) for _, name, args in calls] == [(c.name, c.arguments) for c in parsed(calling, text)[1]]
     assert calls[0][2] == arguments and len(calls) == 3
 
 
@@ -149,7 +157,7 @@ def test_mutated_replies_never_raise_and_stream_as_they_parse(parser):
             else:
                 chars.insert(at, rng.choice(alphabet))
         text = "".join(chars)
-        content, calls = calling.parse(text)
+        content, calls = parsed(calling, text)
         streamed_content, streamed_calls, _ = streamed(calling, text, rng.randint(1, 6))
         if calls:
             assert [(name, arguments) for _, name, arguments in streamed_calls] == [
@@ -160,13 +168,13 @@ def test_mutated_replies_never_raise_and_stream_as_they_parse(parser):
 
 def test_parallel_tool_calls_false_keeps_the_first_call(tokenizer):
     calling = ToolCalling(TOOLS, HermesToolParser(tokenizer), parallel_tool_calls=False)
-    assert [c.name for c in calling.parse(CALLS["hermes"])[1]] == ["get_weather"]
+    assert [c.name for c in parsed(calling, CALLS["hermes"])[1]] == ["get_weather"]
     assert [name for _, name, _ in streamed(calling, CALLS["hermes"], 4)[1]] == ["get_weather"]
 
 
 def test_tool_choice_none_reads_no_calls(tokenizer):
     text = CALLS["hermes"]
-    assert ToolCalling(TOOLS, HermesToolParser(tokenizer), "none").parse(text) == (text, [])
+    assert parsed(ToolCalling(TOOLS, HermesToolParser(tokenizer), "none"), text) == (text, [])
 
 
 def test_the_format_is_detected_from_the_chat_template():

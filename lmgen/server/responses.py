@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import Request
@@ -21,11 +22,14 @@ from pydantic_core import to_json
 
 from lmgen.engine.async_engine import STREAM_ERRORS, RequestStream
 from lmgen.outputs import CompletionOutput, RequestOutput
+from lmgen.reply import ReplyReader
 from lmgen.server.errors import bad_request
 from lmgen.server.protocol import (
     ChatCompletionRequest, ChatMessage, CoreSamplingFields, JsonSchemaFormat, ResponseFormat, TokenLogprob,
 )
-from lmgen.server.serving import SSE_HEADERS, OpenAIServing, _ChatFormatter, _collect, _Prompt, json_response
+from lmgen.server.serving import (
+    SSE_HEADERS, OpenAIServing, _ChatFormatter, _collect, _Prompt, decoded_for, json_response,
+)
 
 #: the `include` value that asks for the output's logprobs (the only one with a meaning here)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -42,8 +46,8 @@ class InputContentPart(BaseModel):
 
 
 class InputItem(BaseModel):
-    """An input item; only messages are served. Keys that clients echo back from earlier
-    responses' output messages (id, status, phase) are ignored."""
+    """An input item: a message, or the reasoning that led to the assistant message after it. Keys that
+    clients echo back from earlier responses' output items (id, status, phase, summary) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
     type: str = "message"
@@ -105,8 +109,20 @@ class ResponsesRequest(CoreSamplingFields):
             return messages + [ChatMessage(role="user", content=self.input)]
         if not self.input:
             raise bad_request("input is empty: give a string or at least one message", "input")
+        reasoning: str | None = None  # of the assistant message to come
         for index, item in enumerate(self.input):
-            messages.append(ChatMessage(role=_role(index, item), content=_text(index, item)))
+            if item.type == "reasoning":
+                reasoning = _reasoning_text(index, item)
+                continue
+            message = ChatMessage(role=_role(index, item), content=_text(index, item), reasoning_content=reasoning)
+            if reasoning is not None and message.role != "assistant":
+                raise bad_request("a reasoning item goes right before the assistant message it led to",
+                                  f"input.{index - 1}")
+            messages.append(message)
+            reasoning = None
+        if reasoning is not None:
+            raise bad_request("a reasoning item goes right before the assistant message it led to",
+                              f"input.{len(self.input) - 1}")
         return messages
 
     def _response_format(self) -> ResponseFormat | None:
@@ -137,6 +153,16 @@ def _text(index: int, item: InputItem) -> str:
             raise bad_request(f"content parts of type {part.type!r} are not supported: send input_text parts "
                               "({'type': 'input_text', 'text': ...}) or a string", f"input.{index}.content.{number}")
     return "\n".join(part.text for part in item.content)
+
+
+def _reasoning_text(index: int, item: InputItem) -> str:
+    """An echoed reasoning item's text (its reasoning_text parts)."""
+    parts = item.content if isinstance(item.content, list) else []
+    for number, part in enumerate(parts):
+        if part.type != "reasoning_text" or part.text is None:
+            raise bad_request(f"a reasoning item's content parts are reasoning_text parts, not {part.type!r}",
+                              f"input.{index}.content.{number}")
+    return "\n".join(part.text for part in parts)
 
 
 def _reject_unsupported(request: ResponsesRequest) -> None:
@@ -170,6 +196,24 @@ class OutputMessage(BaseModel):
     status: Literal["in_progress", "completed", "incomplete"]
     role: Literal["assistant"] = "assistant"
     content: list[OutputText]
+
+
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class OutputReasoning(BaseModel):
+    """The model's reasoning (a thinking model's <think> section, harmony's analysis), before its message."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    summary: list[Any] = Field(default_factory=list)  # OpenAI's models summarize their reasoning; none here
+    content: list[ReasoningText]
+
+
+OutputItem = OutputMessage | OutputReasoning
 
 
 class InputTokensDetails(BaseModel):
@@ -206,7 +250,7 @@ class ResponseObject(BaseModel):
     created_at: int
     status: Literal["in_progress", "completed", "incomplete", "failed"]
     model: str
-    output: list[OutputMessage] = Field(default_factory=list)
+    output: list[OutputItem] = Field(default_factory=list)
     instructions: str | None = None
     max_output_tokens: int | None = None
     temperature: float | None = None
@@ -225,17 +269,36 @@ class ResponseObject(BaseModel):
     usage: ResponseUsage | None = None
 
 
+@dataclass
+class _StreamedItem:
+    """An output item whose events are going out: its kind ("reasoning" or "message") and text so far."""
+
+    kind: str
+    id: str
+    output_index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
 class _ResponsesFormatter(_ChatFormatter):
-    """One engine request's deltas as a Response object or as Responses stream events."""
+    """One engine request's deltas as a Response object or as Responses stream events.
+
+    The reply's reasoning, if it has some, is a reasoning item before the message. A stream opens each item
+    at its first text; in the rare reply whose reasoning resumes after its answer began (harmony), each run
+    of reasoning or answer is an item of its own."""
 
     def __init__(self, serving: OpenAIServing, request: ResponsesRequest, chat: ChatCompletionRequest,
-                 prompt: _Prompt, response_id: str, model: str) -> None:
-        super().__init__(serving, chat, [prompt], response_id, model, tooling=None)
+                 prompt: _Prompt, response_id: str, model: str, reader: ReplyReader) -> None:
+        super().__init__(serving, chat, [prompt], response_id, model, tooling=None, reader=reader)
         self.responses_request = request
-        self.message_id = f"msg_{uuid.uuid4().hex}"
         self.sequence_number = 0
+        self.items: list[OutputItem] = []  # streamed and done
+        self.open_item: _StreamedItem | None = None
+        self.pending_logprobs: list[TokenLogprob] = []  # of tokens whose text has not gone out in the message
+        self.reasoning = ""  # streamed so far
 
-    def _response(self, status: str, output: list[OutputMessage], final: CompletionOutput | None) -> ResponseObject:
+    def _response(self, status: str, output: list[OutputItem], final: CompletionOutput | None,
+                  reasoning: str | None = None) -> ResponseObject:
         request = self.responses_request
         fields = request.model_dump(include={"instructions", "max_output_tokens", "temperature", "top_p",
                                              "top_logprobs", "metadata"})
@@ -244,7 +307,7 @@ class _ResponsesFormatter(_ChatFormatter):
         response = ResponseObject(id=self.request_id, created_at=self.created, status=status, model=self.model,
                                   output=output, **fields)
         if final is not None:
-            response.usage = self._usage(len(final.token_ids))
+            response.usage = self._usage(len(final.token_ids), reasoning)
             if final.finish_reason == "length":
                 response.incomplete_details = IncompleteDetails(reason="max_output_tokens")
             elif final.finish_reason == "abort":
@@ -252,25 +315,32 @@ class _ResponsesFormatter(_ChatFormatter):
                                                                             "finished (the server is shutting down)")
         return response
 
-    def _usage(self, num_output_tokens: int) -> ResponseUsage:
+    def _usage(self, num_output_tokens: int, reasoning: str | None) -> ResponseUsage:
         usage = self.usage(num_output_tokens)
+        # The reasoning's tokens as its text encodes (a reply's tokens are not split where its reasoning ends).
+        num_reasoning_tokens = len(self.tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
         return ResponseUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                             total_tokens=usage.total_tokens)
+                             total_tokens=usage.total_tokens,
+                             output_tokens_details=OutputTokensDetails(reasoning_tokens=num_reasoning_tokens))
 
-    def _message(self, final: CompletionOutput | None) -> OutputMessage:
-        """The output message so far (`final` None: just opened) or at its end."""
-        if final is None:
-            return OutputMessage(id=self.message_id, status="in_progress", content=[])
-        status = "completed" if final.finish_reason == "stop" else "incomplete"
-        return OutputMessage(id=self.message_id, status=status, content=[self._text_part(final)])
-
-    def _text_part(self, output: CompletionOutput) -> OutputText:
-        logprobs = self._logprobs(output)
-        return OutputText(text=output.text, logprobs=logprobs.content if logprobs else None)
+    def _item(self, item: _StreamedItem, status: str, opening: bool = False) -> OutputItem:
+        """The output item `item` is, just opened (no content part yet) or with its text so far."""
+        if item.kind == "reasoning":
+            content = [] if opening else [ReasoningText(text=item.text)]
+            return OutputReasoning(id=item.id, status=status, content=content)
+        logprobs = item.logprobs if self.request.logprobs else None
+        return OutputMessage(id=item.id, status=status,
+                             content=[] if opening else [OutputText(text=item.text, logprobs=logprobs)])
 
     def whole_response(self, final: RequestOutput) -> ResponseObject:
         output = final.outputs[0]
-        return self._response(_status(output), [self._message(output)], output)
+        reply = self.reader.read(output.text)
+        logprobs = self._logprobs(output)
+        message = _StreamedItem("message", _new_id("msg"), 0, reply.content or "", logprobs.content if logprobs else [])
+        items = [self._item(message, _item_status(output))]
+        if reply.reasoning is not None:
+            items.insert(0, self._item(_StreamedItem("reasoning", _new_id("rs"), 0, reply.reasoning), "completed"))
+        return self._response(_status(output), items, output, reply.reasoning)
 
     # ---- the event stream -------------------------------------------------------------------
     def _event(self, kind: str, **fields: Any) -> str:
@@ -278,23 +348,67 @@ class _ResponsesFormatter(_ChatFormatter):
         self.sequence_number += 1
         return f"event: {kind}\ndata: {to_json(payload, inf_nan_mode='null').decode()}\n\n"
 
-    def _part_event(self, kind: str, **fields: Any) -> str:
-        return self._event(kind, item_id=self.message_id, output_index=0, content_index=0, **fields)
+    def _part_event(self, item: _StreamedItem, kind: str, **fields: Any) -> str:
+        return self._event(kind, item_id=item.id, output_index=item.output_index, content_index=0, **fields)
+
+    def _switch(self, kind: str) -> list[str]:
+        """The events that make an item of `kind` the open one (none if it is)."""
+        if self.open_item is not None and self.open_item.kind == kind:
+            return []
+        events = self._close("completed") if self.open_item is not None else []
+        item = self.open_item = _StreamedItem(kind, _new_id("rs" if kind == "reasoning" else "msg"), len(self.items))
+        empty = ReasoningText(text="") if kind == "reasoning" else OutputText(text="")
+        return [*events, self._event("response.output_item.added", output_index=item.output_index,
+                                     item=self._item(item, "in_progress", opening=True)),
+                self._part_event(item, "response.content_part.added", part=empty)]
+
+    def _close(self, status: str) -> list[str]:
+        """The events that end the open item."""
+        item, self.open_item = self.open_item, None
+        done = self._item(item, status)
+        self.items.append(done)
+        part = done.content[0]
+        text_done = (self._part_event(item, "response.reasoning_text.done", text=item.text) if item.kind == "reasoning"
+                     else self._part_event(item, "response.output_text.done", text=item.text, logprobs=item.logprobs))
+        return [text_done, self._part_event(item, "response.content_part.done", part=part),
+                self._event("response.output_item.done", output_index=item.output_index, item=done)]
+
+    def _message_delta(self, text: str) -> list[str]:
+        events = self._switch("message")
+        logprobs, self.pending_logprobs = self.pending_logprobs, []
+        self.open_item.text += text
+        self.open_item.logprobs += logprobs
+        return [*events, self._part_event(self.open_item, "response.output_text.delta", delta=text, logprobs=logprobs)]
+
+    def _delta_events(self, output: CompletionOutput) -> list[str]:
+        """The events of one engine delta: reasoning text, then message text (with the logprobs so far)."""
+        reply = self.feed(output)
+        logprobs = self._logprobs(output)
+        self.pending_logprobs += logprobs.content if logprobs else []
+        events = []
+        if reply.reasoning:
+            events += self._switch("reasoning")
+            self.open_item.text += reply.reasoning
+            self.reasoning += reply.reasoning
+            events.append(self._part_event(self.open_item, "response.reasoning_text.delta", delta=reply.reasoning))
+        if reply.content:
+            events += self._message_delta(reply.content)
+        return events
+
+    def _closing_events(self, output: CompletionOutput) -> list[str]:
+        """The message (opened if the reply had no answer) with the logprobs left, and the open item's end."""
+        events = self._message_delta("") if self.pending_logprobs else self._switch("message")
+        return events + self._close(_item_status(output))
 
     async def events(self, stream: RequestStream) -> AsyncIterator[str]:
-        """response.created ... the text deltas ... response.completed (or .incomplete, .failed)."""
+        """response.created ... the items' events ... response.completed (or .incomplete, .failed)."""
         yield self._event("response.created", response=self._response("in_progress", [], None))
         yield self._event("response.in_progress", response=self._response("in_progress", [], None))
-        yield self._event("response.output_item.added", output_index=0, item=self._message(None))
-        yield self._part_event("response.content_part.added", part=OutputText(text=""))
         final: RequestOutput | None = None
         try:
             async for delta in stream:
-                output = delta.outputs[0]
-                logprobs = self._logprobs(output)
-                if output.text or logprobs:
-                    yield self._part_event("response.output_text.delta", delta=output.text,
-                                           logprobs=logprobs.content if logprobs else [])
+                for event in self._delta_events(delta.outputs[0]):
+                    yield event
                 if final is None:
                     final = delta
                 else:
@@ -308,14 +422,20 @@ class _ResponsesFormatter(_ChatFormatter):
         finally:
             stream.abort()  # runs when the client disconnects, too (the task is cancelled)
         output = final.outputs[0]
-        part = self._text_part(output)
-        yield self._part_event("response.output_text.done", text=output.text, logprobs=part.logprobs or [])
-        yield self._part_event("response.content_part.done", part=part)
-        message = self._message(output)
-        yield self._event("response.output_item.done", output_index=0, item=message)
+        for event in self._closing_events(output):
+            yield event
         status = _status(output)
         kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(status, "response.failed")
-        yield self._event(kind, response=self._response(status, [message], output))
+        yield self._event(kind, response=self._response(status, self.items, output, self.reasoning or None))
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _item_status(output: CompletionOutput) -> str:
+    """The status of a reply's last item: complete when the model stopped by itself."""
+    return "completed" if output.finish_reason == "stop" else "incomplete"
 
 
 def _status(output: CompletionOutput) -> str:
@@ -332,10 +452,11 @@ async def create_response(serving: OpenAIServing, request: ResponsesRequest, raw
     renames = {"max_tokens": "max_output_tokens", "logprobs": "top_logprobs",
                "structured": "structured_outputs" if request.structured_outputs else "text.format"}
     logprobs = (request.top_logprobs or 0) if chat.logprobs else None
-    params = serving._sampling_params(chat, request.max_output_tokens, logprobs, renames)
-    response_id = f"resp_{uuid.uuid4().hex}"
+    reader = serving.reply_reader(chat, tooling=None)
+    params = decoded_for(serving._sampling_params(chat, request.max_output_tokens, logprobs, renames), reader)
+    response_id = _new_id("resp")
     streams = await serving._start([prompt], params, response_id, renames, "input")
-    formatter = _ResponsesFormatter(serving, request, chat, prompt, response_id, model)
+    formatter = _ResponsesFormatter(serving, request, chat, prompt, response_id, model, reader)
     if request.stream:
         return StreamingResponse(formatter.events(streams[0]), media_type="text/event-stream", headers=SSE_HEADERS)
     finals = await _collect(streams, raw_request)

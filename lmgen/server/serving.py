@@ -32,9 +32,10 @@ from lmgen.server.protocol import (
     CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, PromptLogprob,
     PromptLogprobs, SamplingFields, TokenLogprob, TopLogprob, Usage,
 )
+from lmgen.reasoning import ThinkingReader, reasoning_parser_for
+from lmgen.reply import ReplyDelta, ReplyReader, ReplyStream
 from lmgen.tool_calls import (
-    ChatReply, HarmonyReplyStream, HarmonyToolParser, ToolArgumentError, ToolCallDelta, ToolCalling,
-    ToolCallStream, read_harmony_reply, template_tool_calls, tool_parser_for,
+    HarmonyToolParser, ToolArgumentError, ToolCalling, reply_reader, template_tool_calls, tool_parser_for,
 )
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -50,6 +51,7 @@ class ServerSettings:
     max_queued_requests: int | None = None  # None: no limit
     shutdown_timeout: float = 30.0  # seconds in-flight requests may run on after SIGTERM
     tool_call_parser: str | None = None  # None: the format the chat template shows (lmgen.tool_calls)
+    reasoning_parser: str | None = None  # None: the one the chat template shows; "none": none (lmgen.reasoning)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies are a 413
     # A stream whose client leaves this many deltas unread (beyond what the sockets buffer)
     # and reads none for a while has stopped reading: its request is aborted rather than
@@ -82,9 +84,10 @@ class OpenAIServing:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.tool_parser = tool_parser_for(self.tokenizer, settings.tool_call_parser)
-        # GPT-OSS: chat replies are harmony messages, read into content, reasoning and calls (so decoded with
-        # their markers, which are special tokens)
-        self.harmony = isinstance(self.tool_parser, HarmonyToolParser)
+        self.reasoning_parser = reasoning_parser_for(self.tokenizer, settings.reasoning_parser)
+        if self.reasoning_parser is not None and isinstance(self.tool_parser, HarmonyToolParser):
+            raise InvalidArgumentError("harmony replies (GPT-OSS) mark their reasoning themselves: drop "
+                                       f"reasoning_parser {self.reasoning_parser.name!r}")
 
     # ---- shared checks and conversions ----------------------------------------------------
     def check_model(self, name: str | None) -> str:
@@ -233,9 +236,9 @@ class OpenAIServing:
         prompt = self._chat_prompt(request)
         self._check_fits(prompt, max_tokens, max_tokens_field, "messages")
         params = self._sampling_params(request, max_tokens, logprobs, renames, request.prompt_logprobs)
-        if self.harmony:
-            params = dataclasses.replace(params, skip_special_tokens=False)
         tooling = self._tool_calling(request)
+        reader = self.reply_reader(request, tooling)
+        params = decoded_for(params, reader)
         if tooling is not None and tooling.forced:
             if params.structured is not None:
                 raise bad_request(f"{renames['structured']} cannot be combined with a tool_choice that forces a call",
@@ -244,8 +247,15 @@ class OpenAIServing:
             renames["structured"] = "tools"  # a schema the grammar engine refuses is a function's parameters
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start([prompt], params, request_id, renames, "messages")
-        formatter = _ChatFormatter(self, request, [prompt], request_id, model, tooling=tooling)
+        formatter = _ChatFormatter(self, request, [prompt], request_id, model, tooling=tooling, reader=reader)
         return await _respond(formatter, streams, raw_request)
+
+    def reply_reader(self, request: ChatCompletionRequest, tooling: ToolCalling | None) -> ReplyReader:
+        """How the request's replies are read: for calls as `tooling` says, after the model's reasoning unless
+        the request turned thinking off (chat_template_kwargs' enable_thinking: false)."""
+        reader = reply_reader(self.tool_parser, tooling)
+        thinking = (request.chat_template_kwargs or {}).get("enable_thinking") is not False
+        return ThinkingReader(self.reasoning_parser, reader) if self.reasoning_parser and thinking else reader
 
     def _tool_calling(self, request: ChatCompletionRequest) -> ToolCalling | None:
         """The request's tools and tool_choice, checked; None when it reads no calls and forces none."""
@@ -263,6 +273,11 @@ class OpenAIServing:
         except ToolArgumentError as exc:
             raise bad_request(str(exc), exc.field) from None
         return calling if calling.parses else None
+
+
+def decoded_for(params: SamplingParams, reader: ReplyReader) -> SamplingParams:
+    """`params` decoding replies for `reader`: with their special tokens where those mark the reply's parts."""
+    return dataclasses.replace(params, skip_special_tokens=False) if reader.needs_special_tokens else params
 
 
 def _echo_prompt_logprobs(request: CompletionRequest) -> int | None:
@@ -600,11 +615,12 @@ def _prompt_logprobs_field(request: SamplingFields, prompt_ids: list[int],
 
 
 class _ChatFormatter(_Formatter):
-    def __init__(self, serving: OpenAIServing, *args: Any, tooling: ToolCalling | None) -> None:
+    def __init__(self, serving: OpenAIServing, *args: Any, tooling: ToolCalling | None,
+                 reader: ReplyReader) -> None:
         super().__init__(serving, *args)
-        self.harmony = serving.harmony
         self.tooling = tooling
-        self.tool_streams: dict[int, ToolCallStream | HarmonyReplyStream] = {}  # choice index -> its reply so far
+        self.reader = reader
+        self.reply_streams: dict[int, ReplyStream] = {}  # choice index -> its reply so far
 
     def _logprobs(self, output: CompletionOutput) -> ChatLogprobs | None:
         if not self.request.logprobs or output.logprobs is None:
@@ -624,7 +640,7 @@ class _ChatFormatter(_Formatter):
         choices = []
         for output in finals[0].outputs:
             self.num_completion_tokens += len(output.token_ids)
-            reply = self._reply(output.text)
+            reply = self.reader.read(output.text)
             message = AssistantMessage(content=reply.content, reasoning_content=reply.reasoning, tool_calls=[
                 ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
                 for call in reply.calls] or None)
@@ -635,12 +651,6 @@ class _ChatFormatter(_Formatter):
         prompt_logprobs = _prompt_logprobs_field(self.request, self.prompts[0].token_ids, finals[0].prompt_logprobs)
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
                                       usage=self.usage(self.num_completion_tokens), prompt_logprobs=prompt_logprobs)
-
-    def _reply(self, text: str) -> ChatReply:
-        if self.harmony:
-            return read_harmony_reply(text, self.tooling)
-        content, calls = self.tooling.parse(text) if self.tooling else (text, [])
-        return ChatReply(content, None, calls)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices,
@@ -654,28 +664,21 @@ class _ChatFormatter(_Formatter):
         if not (output.text or output.token_ids or output.finish_reason):
             return None
         self.num_completion_tokens += len(output.token_ids)
-        delta, called = DeltaMessage(content=output.text), False
-        if self.tooling is not None or self.harmony:
-            content, reasoning, calls = self._feed(output)
-            delta = DeltaMessage(content=content or None, reasoning_content=reasoning or None, tool_calls=[
-                DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
-                              function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
-                for call in calls] or None)
-            called = self.tool_streams[output.index].called
+        reply = self.feed(output)
+        delta = DeltaMessage(content=reply.content or None, reasoning_content=reply.reasoning or None, tool_calls=[
+            DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
+                          function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
+            for call in reply.calls] or None)
+        called = self.reply_streams[output.index].called
         return self._chunk([ChatChunkChoice(index=output.index, delta=delta, logprobs=self._logprobs(output),
                                             finish_reason=self._finish_reason(output, called),
                                             stop_reason=output.stop_reason)])
 
-    def _feed(self, output: CompletionOutput) -> tuple[str, str, list[ToolCallDelta]]:
+    def feed(self, output: CompletionOutput) -> ReplyDelta:
         """The content, reasoning and call deltas of a choice's next delta, read by its reply's stream."""
-        if output.index not in self.tool_streams:
-            self.tool_streams[output.index] = (HarmonyReplyStream(self.tooling) if self.harmony
-                                               else self.tooling.stream())
-        stream = self.tool_streams[output.index]
-        if self.harmony:
-            return stream.feed(output.text, output.finished)
-        content, calls = stream.feed(output.text, output.finished)
-        return content, "", calls
+        if output.index not in self.reply_streams:
+            self.reply_streams[output.index] = self.reader.stream()
+        return self.reply_streams[output.index].feed(output.text, output.finished)
 
     def _finish_reason(self, output: CompletionOutput, called: bool) -> str | None:
         """OpenAI's "tool_calls" for a reply that ended by itself with calls the model chose to make (a call to
