@@ -6,8 +6,10 @@ Hermes / Qwen ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, Llam
 ``;``), Mistral ``[TOOL_CALLS][{"name": ..., "arguments": {...}}]``. A :class:`ToolParser` per
 format reads them; :func:`tool_parser_for` picks one by name or from the chat template's text.
 
+A format's replies are read (lmgen.reply) by a :class:`CallReader`: content, then calls, whole or
+streamed (:class:`ToolCallStream`); :func:`reply_reader` gives the reader of a request's replies.
 A call's ``arguments`` is the JSON text of the argument object exactly as the model wrote it,
-so the argument deltas of a stream (:class:`ToolCallStream`) add up to the whole call's.
+so the argument deltas of a stream add up to the whole call's.
 :class:`ToolCalling` holds one conversation's tools and ``tool_choice``: with "required" or a
 named function it gives a grammar (structured output) that lets the model write nothing but
 valid calls in its own format, whose arguments follow each function's JSON schema.

@@ -48,26 +48,43 @@ def llama_draft_path(llama_path, tmp_path_factory):
 ALL_VARIANTS = list(VARIANTS)
 
 
-@pytest.fixture(scope="session")
-def qwen_tools_path(tmp_path_factory):
-    """A tiny random Qwen2 with Qwen 2.5's tokenizer layout and chat template, which renders tools and
-    shows the Hermes call format (<tool_call>): tool calling end to end on random weights."""
+def qwen_chat_checkpoint(folder, build_tokenizer, config_class: str, **fields):
+    """A tiny random model (transformers' `config_class`, `fields` over the shared BASE) in `folder`, with the
+    tokenizer and chat template that `build_tokenizer` (tests/loader/tokenizer_fixtures.py) writes in Qwen's
+    layout: <|im_end|> ends a reply."""
     import transformers
 
     from checkpoints import BASE
     from lmgen.loader.tokenizer import Tokenizer
-    from tests.loader.tokenizer_fixtures import Backends, build_qwen2
+    from tests.loader.tokenizer_fixtures import Backends
 
-    folder = tmp_path_factory.mktemp("qwen-tools")
-    build_qwen2(folder, Backends())
+    build_tokenizer(folder, Backends())
     tokenizer = Tokenizer.from_pretrained(folder)
-    config = transformers.Qwen2Config(**{
-        **BASE, "vocab_size": -(-len(tokenizer) // 64) * 64, "max_position_embeddings": 2048,
+    config = getattr(transformers, config_class)(**{
+        **BASE, **fields, "vocab_size": -(-len(tokenizer) // 64) * 64, "max_position_embeddings": 2048,
         "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": tokenizer.token_to_id("<|im_end|>"),
         "pad_token_id": tokenizer.token_to_id("<|endoftext|>")})
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def qwen_tools_path(tmp_path_factory):
+    """A tiny random Qwen2 with Qwen 2.5's tokenizer layout and chat template, which renders tools and
+    shows the Hermes call format (<tool_call>): tool calling end to end on random weights."""
+    from tests.loader.tokenizer_fixtures import build_qwen2
+
+    return qwen_chat_checkpoint(tmp_path_factory.mktemp("qwen-tools"), build_qwen2, "Qwen2Config")
+
+
+@pytest.fixture(scope="session")
+def qwen3_path(tmp_path_factory):
+    """A tiny random Qwen3 with Qwen3's tokenizer (<think> and </think> added tokens) and chat template, which
+    shows Hermes calls and thinking (enable_thinking): reasoning end to end on random weights."""
+    from tests.loader.tokenizer_fixtures import build_qwen3
+
+    return qwen_chat_checkpoint(tmp_path_factory.mktemp("qwen3"), build_qwen3, "Qwen3Config", **VARIANTS["qwen3"][1])
 
 
 @pytest.fixture(scope="session")

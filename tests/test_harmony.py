@@ -3,19 +3,17 @@ a grammar; a conversation with calls and results rendered as transformers render
 
 import json
 import re
-import time
 
 import jsonschema
 import pytest
 import transformers
-from fastapi.testclient import TestClient
 
-from lmgen import LLM, Engine, EngineConfig, SamplingParams
+from lmgen import LLM, SamplingParams
 from lmgen.loader.tokenizer import Tokenizer
-from lmgen.server.app import build_app
 from lmgen.server.protocol import ChatMessage
-from lmgen.server.serving import ServerSettings, template_message
+from lmgen.server.serving import template_message
 from lmgen.tool_calls import HarmonyReader, HarmonyToolParser, ToolCalling, reply_reader, tool_parser_for
+from tests.server.serverutil import in_process
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -167,11 +165,7 @@ def test_forced_calls_follow_the_schema(gpt_oss_harmony_path, tokenizer):
 
 @pytest.fixture(scope="module")
 def http(gpt_oss_harmony_path):
-    settings = ServerSettings(served_model_names=("tiny",))
-    with TestClient(build_app(settings, lambda: Engine(EngineConfig(model=str(gpt_oss_harmony_path))))) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with in_process(gpt_oss_harmony_path) as client:
         yield client
 
 
@@ -222,6 +216,22 @@ def test_the_server_answers_calls(http, tokenizer, stream):
     [call] = message["tool_calls"]
     assert call["id"].startswith("call_") and call["function"] == {"name": "get_weather", "arguments": ARGUMENTS}
     assert finish == "tool_calls"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_response_gives_the_analysis_as_its_reasoning_item(http, tokenizer, stream):
+    body = {"input": "Weather in Lisbon?", "max_output_tokens": 200, "stream": stream, **scripted(tokenizer, ANSWER)}
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    if stream:  # the last event's response
+        response = json.loads(response.text.strip().rsplit("data: ", 1)[1])["response"]
+    else:
+        response = response.json()
+    reasoning, message = response["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["content"][0]["text"] == REPLIES[ANSWER][1]
+    assert message["content"][0]["text"] == REPLIES[ANSWER][0]
+    assert response["usage"]["output_tokens_details"]["reasoning_tokens"] == len(
+        tokenizer.encode(REPLIES[ANSWER][1], add_special_tokens=False))
 
 
 def test_the_server_forces_a_call_and_takes_the_conversation_back(http, tokenizer):

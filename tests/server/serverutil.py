@@ -20,10 +20,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import lmgen
 from checkpoints import BASE, build_tokenizer
+from lmgen import Engine, EngineConfig
+from lmgen.server.app import build_app
+from lmgen.server.serving import ServerSettings
 
 DEMO_MODEL = Path(lmgen.__file__).parent / "demo_model"
 
@@ -118,6 +122,18 @@ def serve(model: Path | str | None, *args: str, env: dict[str, str] | None = Non
         log = server.log()
         server.log_path.unlink()
     assert code == 0, f"the server exited with {code} after SIGTERM:\n{log}"
+
+
+@contextlib.contextmanager
+def in_process(model: Path) -> Iterator[TestClient]:
+    """The server's app on `model` (served as "tiny") in this process, through FastAPI's TestClient, once it
+    has loaded."""
+    settings = ServerSettings(served_model_names=("tiny",))
+    with TestClient(build_app(settings, lambda: Engine(EngineConfig(model=str(model))))) as client:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield client
 
 
 def _wait_until_healthy(server: ServerProcess) -> None:

@@ -24,7 +24,7 @@ def help_flags(capsys, command: str) -> tuple[set[str], str]:
 def test_serve_help_documents_every_flag_and_the_engine_flags_of_llm(capsys):
     serve_flags, text = help_flags(capsys, "serve")
     assert {"--host", "--port", "--served-model-name", "--api-key", "--max-queued-requests",
-            "--shutdown-timeout", "--tool-call-parser",
+            "--shutdown-timeout", "--tool-call-parser", "--reasoning-parser",
             "--max-request-bytes"} <= serve_flags
     generate_flags, _ = help_flags(capsys, "generate")
     assert generate_flags - SAMPLING_FLAGS <= serve_flags  # the engine flags of `generate`, i.e. of LLM(...)
@@ -38,6 +38,10 @@ def test_bad_flags_fail_before_listening(capsys):
         main(["serve", "--tool-call-parser", "qwen"])
     assert exited.value.code == 2
     assert "hermes" in capsys.readouterr().err  # the choices are listed
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--reasoning-parser", "r1"])
+    assert exited.value.code == 2
+    assert "'deepseek_r1', 'qwen3', 'none'" in capsys.readouterr().err
     assert main(["serve", "--max-request-bytes", "lots"]) == 2
     assert "'lots'" in capsys.readouterr().err
     assert main(["serve", "--max-request-bytes", "0"]) == 2
