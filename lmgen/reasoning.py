@@ -16,6 +16,7 @@ around it and the answer those it starts with, as the models' templates do when 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from lmgen.errors import InvalidArgumentError
@@ -65,6 +66,16 @@ def reasoning_parser_for(tokenizer: Tokenizer, name: str | None = None) -> Reaso
     except ChatTemplateError:  # a template that wants more than a lone user message: the model opens <think>
         return PARSERS["qwen3"]
     return PARSERS["deepseek_r1" if prompt.rstrip().endswith(START) else "qwen3"]
+
+
+def reasoning_reader(parser: ReasoningParser | None, answer: ReplyReader, *, thinking: bool = True,
+                     constrained: bool = False) -> ReplyReader:
+    """`answer` behind `parser`'s reasoning section; `answer` alone without a parser or where the request turned
+    thinking off. A reply a grammar shapes from its first token (structured output, a forced call) thinks only
+    if the grammar opens ``<think>``, so a reply without one is all answer, whatever the parser."""
+    if parser is None or not thinking:
+        return answer
+    return ThinkingReader(dataclasses.replace(parser, needs_start=True) if constrained else parser, answer)
 
 
 class ThinkingReader(ReplyReader):
@@ -119,7 +130,8 @@ class ThinkingStream(ReplyStream):
                 return self.answer.feed(self.text, finished)
             else:
                 self.start = 0
-        end = self.text.find(END, self.start)
+        # </think> ends after the reasoning sent so far (a long reasoning is not searched again at every delta)
+        end = self.text.find(END, max(self.start, self.num_sent_chars - len(END)))
         if end < 0:
             held = 0 if finished else partial_suffix(self.text, END)
             return ReplyDelta(reasoning=self._reasoning(len(self.text) - held))
@@ -130,8 +142,9 @@ class ThinkingStream(ReplyStream):
 
     def _reasoning(self, end: int) -> str:
         """The reasoning up to `end` not sent yet, less the blank space around it."""
-        begin = max(self.num_sent_chars, len(self.text) - len(self.text[self.start:].lstrip()))
-        end = len(self.text[:end].rstrip())
+        begin = self.num_sent_chars or len(self.text) - len(self.text[self.start:].lstrip())  # 0: none sent
+        while end > begin and self.text[end - 1].isspace():
+            end -= 1
         if end <= begin:
             return ""
         self.num_sent_chars = end

@@ -11,7 +11,7 @@ from pydantic import TypeAdapter
 
 from lmgen.errors import InvalidArgumentError
 from lmgen.loader.tokenizer import Tokenizer
-from lmgen.reasoning import PARSERS, ThinkingReader, reasoning_parser_for
+from lmgen.reasoning import PARSERS, ThinkingReader, reasoning_parser_for, reasoning_reader
 from lmgen.reply import ContentReader
 from lmgen.tool_calls import HermesToolParser, ToolCalling, reply_reader
 from tests.loader.tokenizer_fixtures import LLAMA3_TEMPLATE
@@ -82,6 +82,20 @@ def test_thinking_then_a_call(tokenizer, name):
     assert read(reader, CALL) == expected
     for size in (1, 4, 1000):
         assert streamed(reader, CALL, size) == expected
+
+
+def test_a_reply_a_grammar_shapes_thinks_only_where_the_grammar_opens_think(tokenizer):
+    """deepseek_r1 reads a reply without </think> as reasoning cut short, but a forced call or JSON never thinks."""
+    calling = ToolCalling(TOOLS, HermesToolParser(tokenizer), "required")
+    forced = CALL[CALL.index("<tool_call>"):]
+    reader = reasoning_reader(PARSERS["deepseek_r1"], reply_reader(calling.parser, calling), constrained=True)
+    assert read(reader, forced) == streamed(reader, forced, 3) == (None, None, [("get_weather", ARGUMENTS)])
+    assert read(reader, CALL) == ("Need the weather.", None, [("get_weather", ARGUMENTS)])
+    answer = ContentReader()
+    assert read(reasoning_reader(PARSERS["deepseek_r1"], answer, constrained=True), "{}") == (None, "{}", [])
+    assert read(reasoning_reader(PARSERS["deepseek_r1"], answer), "{}") == ("{}", None, [])
+    assert reasoning_reader(PARSERS["deepseek_r1"], answer, thinking=False) is answer
+    assert reasoning_reader(None, answer) is answer
 
 
 def test_the_parser_is_picked_from_the_chat_template(tokenizer):

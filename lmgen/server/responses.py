@@ -270,8 +270,9 @@ class ResponseObject(BaseModel):
 
 
 @dataclass
-class _StreamedItem:
-    """An output item whose events are going out: its kind ("reasoning" or "message") and text so far."""
+class _Item:
+    """An output item as it is built (streamed, or from a whole reply): its kind ("reasoning" or "message"), its
+    text and logprobs so far."""
 
     kind: str
     id: str
@@ -293,7 +294,7 @@ class _ResponsesFormatter(_ChatFormatter):
         self.responses_request = request
         self.sequence_number = 0
         self.items: list[OutputItem] = []  # streamed and done
-        self.open_item: _StreamedItem | None = None
+        self.open_item: _Item | None = None
         self.pending_logprobs: list[TokenLogprob] = []  # of tokens whose text has not gone out in the message
         self.reasoning = ""  # streamed so far
 
@@ -323,7 +324,7 @@ class _ResponsesFormatter(_ChatFormatter):
                              total_tokens=usage.total_tokens,
                              output_tokens_details=OutputTokensDetails(reasoning_tokens=num_reasoning_tokens))
 
-    def _item(self, item: _StreamedItem, status: str, opening: bool = False) -> OutputItem:
+    def _item(self, item: _Item, status: str, opening: bool = False) -> OutputItem:
         """The output item `item` is, just opened (no content part yet) or with its text so far."""
         if item.kind == "reasoning":
             content = [] if opening else [ReasoningText(text=item.text)]
@@ -336,10 +337,10 @@ class _ResponsesFormatter(_ChatFormatter):
         output = final.outputs[0]
         reply = self.reader.read(output.text)
         logprobs = self._logprobs(output)
-        message = _StreamedItem("message", _new_id("msg"), 0, reply.content or "", logprobs.content if logprobs else [])
+        message = _Item("message", _new_id("msg"), 0, reply.content or "", logprobs.content if logprobs else [])
         items = [self._item(message, _item_status(output))]
         if reply.reasoning is not None:
-            items.insert(0, self._item(_StreamedItem("reasoning", _new_id("rs"), 0, reply.reasoning), "completed"))
+            items.insert(0, self._item(_Item("reasoning", _new_id("rs"), 0, reply.reasoning), "completed"))
         return self._response(_status(output), items, output, reply.reasoning)
 
     # ---- the event stream -------------------------------------------------------------------
@@ -348,7 +349,7 @@ class _ResponsesFormatter(_ChatFormatter):
         self.sequence_number += 1
         return f"event: {kind}\ndata: {to_json(payload, inf_nan_mode='null').decode()}\n\n"
 
-    def _part_event(self, item: _StreamedItem, kind: str, **fields: Any) -> str:
+    def _part_event(self, item: _Item, kind: str, **fields: Any) -> str:
         return self._event(kind, item_id=item.id, output_index=item.output_index, content_index=0, **fields)
 
     def _switch(self, kind: str) -> list[str]:
@@ -356,7 +357,7 @@ class _ResponsesFormatter(_ChatFormatter):
         if self.open_item is not None and self.open_item.kind == kind:
             return []
         events = self._close("completed") if self.open_item is not None else []
-        item = self.open_item = _StreamedItem(kind, _new_id("rs" if kind == "reasoning" else "msg"), len(self.items))
+        item = self.open_item = _Item(kind, _new_id("rs" if kind == "reasoning" else "msg"), len(self.items))
         empty = ReasoningText(text="") if kind == "reasoning" else OutputText(text="")
         return [*events, self._event("response.output_item.added", output_index=item.output_index,
                                      item=self._item(item, "in_progress", opening=True)),
@@ -452,8 +453,9 @@ async def create_response(serving: OpenAIServing, request: ResponsesRequest, raw
     renames = {"max_tokens": "max_output_tokens", "logprobs": "top_logprobs",
                "structured": "structured_outputs" if request.structured_outputs else "text.format"}
     logprobs = (request.top_logprobs or 0) if chat.logprobs else None
-    reader = serving.reply_reader(chat, tooling=None)
-    params = decoded_for(serving._sampling_params(chat, request.max_output_tokens, logprobs, renames), reader)
+    params = serving._sampling_params(chat, request.max_output_tokens, logprobs, renames)
+    reader = serving.reply_reader(chat, None, params)
+    params = decoded_for(params, reader)
     response_id = _new_id("resp")
     streams = await serving._start([prompt], params, response_id, renames, "input")
     formatter = _ResponsesFormatter(serving, request, chat, prompt, response_id, model, reader)

@@ -32,7 +32,7 @@ from lmgen.server.protocol import (
     CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, PromptLogprob,
     PromptLogprobs, SamplingFields, TokenLogprob, TopLogprob, Usage,
 )
-from lmgen.reasoning import ThinkingReader, reasoning_parser_for
+from lmgen.reasoning import reasoning_parser_for, reasoning_reader
 from lmgen.reply import ReplyDelta, ReplyReader, ReplyStream
 from lmgen.tool_calls import (
     HarmonyToolParser, ToolArgumentError, ToolCalling, reply_reader, template_tool_calls, tool_parser_for,
@@ -237,25 +237,26 @@ class OpenAIServing:
         self._check_fits(prompt, max_tokens, max_tokens_field, "messages")
         params = self._sampling_params(request, max_tokens, logprobs, renames, request.prompt_logprobs)
         tooling = self._tool_calling(request)
-        reader = self.reply_reader(request, tooling)
-        params = decoded_for(params, reader)
         if tooling is not None and tooling.forced:
             if params.structured is not None:
                 raise bad_request(f"{renames['structured']} cannot be combined with a tool_choice that forces a call",
                                   "tool_choice")
             params = dataclasses.replace(params, structured=tooling.structured())
             renames["structured"] = "tools"  # a schema the grammar engine refuses is a function's parameters
+        reader = self.reply_reader(request, tooling, params)
+        params = decoded_for(params, reader)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start([prompt], params, request_id, renames, "messages")
         formatter = _ChatFormatter(self, request, [prompt], request_id, model, tooling=tooling, reader=reader)
         return await _respond(formatter, streams, raw_request)
 
-    def reply_reader(self, request: ChatCompletionRequest, tooling: ToolCalling | None) -> ReplyReader:
-        """How the request's replies are read: for calls as `tooling` says, after the model's reasoning unless
-        the request turned thinking off (chat_template_kwargs' enable_thinking: false)."""
-        reader = reply_reader(self.tool_parser, tooling)
+    def reply_reader(self, request: ChatCompletionRequest, tooling: ToolCalling | None,
+                     params: SamplingParams) -> ReplyReader:
+        """How the request's replies are read: for calls as `tooling` says, after the model's reasoning (unless
+        chat_template_kwargs' enable_thinking is false; `params` tell whether a grammar shapes the reply)."""
         thinking = (request.chat_template_kwargs or {}).get("enable_thinking") is not False
-        return ThinkingReader(self.reasoning_parser, reader) if self.reasoning_parser and thinking else reader
+        return reasoning_reader(self.reasoning_parser, reply_reader(self.tool_parser, tooling), thinking=thinking,
+                                constrained=params.structured is not None)
 
     def _tool_calling(self, request: ChatCompletionRequest) -> ToolCalling | None:
         """The request's tools and tool_choice, checked; None when it reads no calls and forces none."""
