@@ -3,15 +3,18 @@ a grammar; a conversation with calls and results rendered as transformers render
 
 import json
 import re
+import time
 
 import jsonschema
 import pytest
 import transformers
+from fastapi.testclient import TestClient
 
-from lmgen import LLM, SamplingParams
+from lmgen import LLM, Engine, EngineConfig, SamplingParams
 from lmgen.loader.tokenizer import Tokenizer
+from lmgen.server.app import build_app
 from lmgen.server.protocol import ChatMessage
-from lmgen.server.serving import template_message
+from lmgen.server.serving import ServerSettings, template_message
 from lmgen.tool_calls import HarmonyReader, HarmonyToolParser, ToolCalling, reply_reader, tool_parser_for
 from tests.server.serverutil import in_process
 
@@ -232,6 +235,21 @@ def test_a_response_gives_the_analysis_as_its_reasoning_item(http, tokenizer, st
     assert message["content"][0]["text"] == REPLIES[ANSWER][0]
     assert response["usage"]["output_tokens_details"]["reasoning_tokens"] == len(
         tokenizer.encode(REPLIES[ANSWER][1], add_special_tokens=False))
+
+
+def test_a_reasoning_parser_for_harmony_replies_fails_the_load_with_a_clear_error(gpt_oss_harmony_path):
+    failures = []
+    settings = ServerSettings(served_model_names=("tiny",), reasoning_parser="qwen3")
+
+    def load():
+        return Engine(EngineConfig(model=str(gpt_oss_harmony_path)))
+
+    with TestClient(build_app(settings, load, on_load_failure=failures.append)) as client:
+        deadline = time.monotonic() + 120
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/health").status_code == 503
+    assert "drop reasoning_parser 'qwen3'" in str(failures[0])
 
 
 def test_the_server_forces_a_call_and_takes_the_conversation_back(http, tokenizer):

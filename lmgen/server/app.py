@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from lmgen.engine.async_engine import AsyncEngine, EngineStats
 from lmgen.engine.engine import Engine
+from lmgen.errors import InvalidArgumentError
 from lmgen.server.errors import APIError, bad_request, install_handlers
 from lmgen.server.limits import install_size_limit
 from lmgen.server.metrics import CONTENT_TYPE, Metrics
@@ -132,9 +133,14 @@ def _start_loading(state: ServerState, load_engine: Callable[[], Engine], on_rea
     loop = asyncio.get_running_loop()
 
     def ready(engine: Engine) -> None:
-        state.engine = AsyncEngine(engine, observer=state.metrics, max_backlog=state.settings.stream_backlog)
+        async_engine = AsyncEngine(engine, observer=state.metrics, max_backlog=state.settings.stream_backlog)
+        try:
+            serving = OpenAIServing(async_engine, state.settings, state.metrics)
+        except InvalidArgumentError as exc:  # settings the model's chat format refuses (a parser's name)
+            failed(exc)
+            return
+        state.engine, state.serving = async_engine, serving
         state.engine.start()
-        state.serving = OpenAIServing(state.engine, state.settings, state.metrics)
         if on_ready is not None:
             on_ready()
 

@@ -23,6 +23,8 @@ from lmgen.engine.async_engine import STREAM_ERRORS, AsyncEngine, EngineStoppedE
 from lmgen.errors import InvalidArgumentError
 from lmgen.outputs import CompletionOutput, Logprob, RequestOutput
 from lmgen.params import SamplingParams
+from lmgen.reasoning import reasoning_parser_for, reasoning_reader
+from lmgen.reply import ReplyDelta, ReplyReader, ReplyStream
 from lmgen.server.errors import APIError, bad_request, from_invalid_argument, sse_error
 from lmgen.server.limits import DEFAULT_MAX_REQUEST_BYTES
 from lmgen.server.metrics import Metrics
@@ -32,8 +34,6 @@ from lmgen.server.protocol import (
     CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, PromptLogprob,
     PromptLogprobs, SamplingFields, TokenLogprob, TopLogprob, Usage,
 )
-from lmgen.reasoning import reasoning_parser_for, reasoning_reader
-from lmgen.reply import ReplyDelta, ReplyReader, ReplyStream
 from lmgen.tool_calls import (
     HarmonyToolParser, ToolArgumentError, ToolCalling, reply_reader, template_tool_calls, tool_parser_for,
 )
