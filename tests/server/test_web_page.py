@@ -124,3 +124,20 @@ def test_model_output_is_rendered_as_markdown_never_as_html(page):
     assert reply.locator("li").count() == 2
     assert "<script>" in reply.locator("pre").text_content()
     assert page.evaluate("window.pwned") is None
+
+
+def test_a_reasoning_models_thinking_is_shown_as_text_before_its_answer(page):
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+              {"choices": [{"index": 0, "delta": {"reasoning_content": "Is <b>2</b> "}}]},
+              {"choices": [{"index": 0, "delta": {"reasoning_content": "even? Yes."}}]},
+              {"choices": [{"index": 0, "delta": {"content": "**Yes**"}, "finish_reason": "stop"}]}]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    page.route("**/v1/chat/completions",
+               lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body))
+    send(page, "is 2 even?")
+    page.wait_for_selector(".message.assistant[data-done=true]")
+    bubble = page.locator(".message.assistant")
+    assert bubble.locator(":scope > div").evaluate_all("parts => parts.map(p => p.className)") == [
+        "reasoning", "content"]
+    assert bubble.locator(".reasoning").text_content() == "Is <b>2</b> even? Yes."
+    assert bubble.locator(".content strong").text_content() == "Yes"
