@@ -106,18 +106,25 @@ def test_settings_and_the_conversation_go_into_each_request(page):
     assert page.locator(".message").count() == 0
 
 
-def test_model_output_is_rendered_as_markdown_never_as_html(page):
-    hostile = ('<img src=x onerror="window.pwned=1"> **bold** and `<b>code</b>`\n\n- one\n- two\n\n'
-               '```\n<script>window.pwned=2</script>\n```')
+def scripted_reply(page, prompt: str, deltas: list[dict]):
+    """Send `prompt` while the server is stubbed to stream `deltas` (a chunk each, the last one finishing);
+    the assistant's message once it is done."""
     chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
-              {"choices": [{"index": 0, "delta": {"content": hostile[:20]}}]},
-              {"choices": [{"index": 0, "delta": {"content": hostile[20:]}, "finish_reason": "stop"}]}]
+              *[{"choices": [{"index": 0, "delta": delta}]} for delta in deltas[:-1]],
+              {"choices": [{"index": 0, "delta": deltas[-1], "finish_reason": "stop"}]}]
     body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
     page.route("**/v1/chat/completions",
                lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body))
-    send(page, "say something dangerous")
+    send(page, prompt)
     page.wait_for_selector(".message.assistant[data-done=true]")
-    reply = page.locator(".message.assistant .content")
+    return page.locator(".message.assistant")
+
+
+def test_model_output_is_rendered_as_markdown_never_as_html(page):
+    hostile = ('<img src=x onerror="window.pwned=1"> **bold** and `<b>code</b>`\n\n- one\n- two\n\n'
+               '```\n<script>window.pwned=2</script>\n```')
+    reply = scripted_reply(page, "say something dangerous", [{"content": hostile[:20]}, {"content": hostile[20:]}])
+    reply = reply.locator(".content")
     assert reply.locator("img, script, b").count() == 0
     assert reply.locator("strong").text_content() == "bold"
     assert reply.locator("code").first.text_content() == "<b>code</b>"
@@ -127,16 +134,8 @@ def test_model_output_is_rendered_as_markdown_never_as_html(page):
 
 
 def test_a_reasoning_models_thinking_is_shown_as_text_before_its_answer(page):
-    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
-              {"choices": [{"index": 0, "delta": {"reasoning_content": "Is <b>2</b> "}}]},
-              {"choices": [{"index": 0, "delta": {"reasoning_content": "even? Yes."}}]},
-              {"choices": [{"index": 0, "delta": {"content": "**Yes**"}, "finish_reason": "stop"}]}]
-    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-    page.route("**/v1/chat/completions",
-               lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body))
-    send(page, "is 2 even?")
-    page.wait_for_selector(".message.assistant[data-done=true]")
-    bubble = page.locator(".message.assistant")
+    bubble = scripted_reply(page, "is 2 even?", [{"reasoning_content": "Is <b>2</b> "},
+                                                 {"reasoning_content": "even? Yes."}, {"content": "**Yes**"}])
     assert bubble.locator(":scope > div").evaluate_all("parts => parts.map(p => p.className)") == [
         "reasoning", "content"]
     assert bubble.locator(".reasoning").text_content() == "Is <b>2</b> even? Yes."
