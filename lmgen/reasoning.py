@@ -31,10 +31,12 @@ NO_PARSER = "none"
 @dataclass(frozen=True)
 class ReasoningParser:
     """Where a reply's reasoning is: after a ``<think>`` it opens with (`needs_start`) or from its start, to
-    ``</think>`` or the reply's end."""
+    ``</think>`` or the reply's end. Where the tokenizer makes the markers special tokens (`special_markers`),
+    replies are decoded with their special tokens, or the markers would vanish from the text."""
 
     name: str
     needs_start: bool
+    special_markers: bool = False
 
     def split(self, text: str) -> tuple[str | None, str]:
         """A finished reply's reasoning (None: it has none) and the rest of it, the answer."""
@@ -54,18 +56,26 @@ PARSERS = {parser.name: parser for parser in (ReasoningParser("qwen3", needs_sta
 def reasoning_parser_for(tokenizer: Tokenizer, name: str | None = None) -> ReasoningParser | None:
     """The parser called `name` ("none": no parser), or the one the chat template shows: a template that writes
     ``</think>`` reasons, and one whose generation prompt already opens ``<think>`` is read as deepseek_r1."""
-    if name is not None:
-        if name != NO_PARSER and name not in PARSERS:
-            raise InvalidArgumentError(f"reasoning_parser {name!r} is unknown: use one of "
-                                       f"{', '.join([*sorted(PARSERS), NO_PARSER])}")
-        return PARSERS.get(name)
-    if END not in (tokenizer.chat_template or ""):
+    if name is None:
+        name = _template_parser(tokenizer)
+    elif name != NO_PARSER and name not in PARSERS:
+        raise InvalidArgumentError(f"reasoning_parser {name!r} is unknown: use one of "
+                                   f"{', '.join([*sorted(PARSERS), NO_PARSER])}")
+    if name not in PARSERS:
         return None
+    end_id = tokenizer.token_to_id(END)
+    special = end_id is not None and tokenizer.backend.get_added_tokens_decoder()[end_id].special
+    return dataclasses.replace(PARSERS[name], special_markers=special)
+
+
+def _template_parser(tokenizer: Tokenizer) -> str:
+    if END not in (tokenizer.chat_template or ""):
+        return NO_PARSER
     try:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     except ChatTemplateError:  # a template that wants more than a lone user message: the model opens <think>
-        return PARSERS["qwen3"]
-    return PARSERS["deepseek_r1" if prompt.rstrip().endswith(START) else "qwen3"]
+        return "qwen3"
+    return "deepseek_r1" if prompt.rstrip().endswith(START) else "qwen3"
 
 
 def reasoning_reader(parser: ReasoningParser | None, answer: ReplyReader, *, thinking: bool = True,
@@ -85,7 +95,7 @@ class ThinkingReader(ReplyReader):
     def __init__(self, parser: ReasoningParser, answer: ReplyReader) -> None:
         self.parser = parser
         self.answer = answer
-        self.needs_special_tokens = answer.needs_special_tokens
+        self.needs_special_tokens = answer.needs_special_tokens or parser.special_markers
 
     def read(self, text: str) -> ChatReply:
         reasoning, rest = self.parser.split(text)

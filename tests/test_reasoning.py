@@ -8,6 +8,8 @@ import openai
 import pytest
 from openai.types.responses import ResponseReasoningItem, ResponseStreamEvent
 from pydantic import TypeAdapter
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import models
 
 from lmgen.errors import InvalidArgumentError
 from lmgen.loader.tokenizer import Tokenizer
@@ -98,6 +100,15 @@ def test_a_reply_a_grammar_shapes_thinks_only_where_the_grammar_opens_think(toke
     assert reasoning_reader(None, answer) is answer
 
 
+def test_markers_that_are_special_tokens_are_decoded(tokenizer):
+    """Qwen3's <think> and </think> are plain added tokens; where a tokenizer makes them special, skipping special
+    tokens would drop them from the text."""
+    assert not ThinkingReader(reasoning_parser_for(tokenizer), ContentReader()).needs_special_tokens
+    backend = BackendTokenizer(models.WordLevel({"a": 0}, unk_token="a"))
+    special = Tokenizer(backend, extra_special_tokens=["<think>", "</think>"], chat_templates=tokenizer.chat_templates)
+    assert ThinkingReader(reasoning_parser_for(special), ContentReader()).needs_special_tokens
+
+
 def test_the_parser_is_picked_from_the_chat_template(tokenizer):
     opened = ("{% for m in messages %}<｜User｜>{{ m.content.split('</think>')[-1] }}{% endfor %}"
               "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")  # as DeepSeek-R1's
@@ -107,7 +118,7 @@ def test_the_parser_is_picked_from_the_chat_template(tokenizer):
         parser = reasoning_parser_for(Tokenizer(tokenizer.backend, chat_templates={"default": template}))
         assert (parser.name if parser else None) == name
     assert reasoning_parser_for(tokenizer, "none") is None
-    assert reasoning_parser_for(tokenizer, "deepseek_r1") is PARSERS["deepseek_r1"]
+    assert reasoning_parser_for(tokenizer, "deepseek_r1") == PARSERS["deepseek_r1"]
     with pytest.raises(InvalidArgumentError, match="deepseek_r1, qwen3, none"):
         reasoning_parser_for(tokenizer, "r1")
 
