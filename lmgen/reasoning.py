@@ -63,9 +63,8 @@ def reasoning_parser_for(tokenizer: Tokenizer, name: str | None = None) -> Reaso
                                    f"{', '.join([*sorted(PARSERS), NO_PARSER])}")
     if name not in PARSERS:
         return None
-    end_id = tokenizer.token_to_id(END)
-    special = end_id is not None and tokenizer.backend.get_added_tokens_decoder()[end_id].special
-    return dataclasses.replace(PARSERS[name], special_markers=special)
+    added = tokenizer.backend.get_added_tokens_decoder().get(tokenizer.token_to_id(END))  # None: plain text
+    return dataclasses.replace(PARSERS[name], special_markers=added is not None and added.special)
 
 
 def _template_parser(tokenizer: Tokenizer) -> str:
