@@ -260,7 +260,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None  # None when the reply is tool calls only
-    reasoning_content: str | None = None  # a reasoning model's reasoning (GPT-OSS's analysis channel)
+    reasoning_content: str | None = None  # a reasoning model's reasoning (<think> section, harmony's analysis)
     tool_calls: list[ChatToolCall] | None = None
 
 
