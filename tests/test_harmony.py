@@ -237,6 +237,22 @@ def test_a_response_gives_the_analysis_as_its_reasoning_item(http, tokenizer, st
         tokenizer.encode(REPLIES[ANSWER][1], add_special_tokens=False))
 
 
+def test_the_reasoning_effort_reaches_the_template(http, tokenizer):
+    """OpenAI's reasoning_effort (chat) and reasoning.effort (Responses) become the template's reasoning_effort,
+    which GPT-OSS's writes into its system message."""
+    messages = [{"role": "user", "content": "Weather in Lisbon?"}]
+    prompt_tokens = {effort: len(tokenizer.encode_chat(messages, add_generation_prompt=True, reasoning_effort=effort))
+                     for effort in ("medium", "minimal")}  # medium: the template's default
+    assert prompt_tokens["minimal"] != prompt_tokens["medium"]
+    for effort in ("medium", "minimal"):
+        chat = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1,
+                                                       **({} if effort == "medium" else {"reasoning_effort": effort})})
+        response = http.post("/v1/responses", json={"input": messages[0]["content"], "max_output_tokens": 1,
+                                                    "reasoning": {"effort": effort, "summary": "auto"}})
+        assert chat.json()["usage"]["prompt_tokens"] == response.json()["usage"]["input_tokens"] == prompt_tokens[effort]
+        assert response.json()["reasoning"] == {"effort": effort, "summary": "auto"}
+
+
 def test_a_reasoning_parser_for_harmony_replies_fails_the_load_with_a_clear_error(gpt_oss_harmony_path):
     failures = []
     settings = ServerSettings(served_model_names=("tiny",), reasoning_parser="qwen3")

@@ -170,6 +170,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None  # at most the server's --max-logprobs
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI's reasoning effort, which reaches the chat template as reasoning_effort (GPT-OSS's reads it)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     response_format: ResponseFormat | None = None

@@ -72,6 +72,12 @@ class TextConfig(BaseModel):
     verbosity: Literal["low", "medium", "high"] | None = None  # a hint for OpenAI's models; ignored
 
 
+class ReasoningConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None  # the template's reasoning_effort
+    summary: Literal["auto", "concise", "detailed"] | None = None  # OpenAI's models summarize; none are made here
+
+
 class ResponsesStreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_obfuscation: bool | None = None  # OpenAI pads events against side channels; not done here
@@ -86,6 +92,7 @@ class ResponsesRequest(CoreSamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     include: list[str] | None = None
     text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
     stream_options: ResponsesStreamOptions | None = None
     truncation: Literal["disabled"] | None = None  # "auto" (drop the input's start to fit) is not done
     parallel_tool_calls: bool | None = None  # meaningless without tools
@@ -101,7 +108,7 @@ class ResponsesRequest(CoreSamplingFields):
         return ChatCompletionRequest(
             **shared, messages=self._messages(), max_completion_tokens=self.max_output_tokens,
             logprobs=LOGPROBS_INCLUDE in (self.include or ()), top_logprobs=self.top_logprobs,
-            response_format=self._response_format())
+            response_format=self._response_format(), reasoning_effort=self.reasoning and self.reasoning.effort)
 
     def _messages(self) -> list[ChatMessage]:
         messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
@@ -263,6 +270,7 @@ class ResponseObject(BaseModel):
     truncation: Literal["disabled"] = "disabled"
     store: bool = False  # nothing is stored
     metadata: dict[str, str] | None = None
+    reasoning: ReasoningConfig | None = None
     previous_response_id: None = None
     error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None
@@ -302,7 +310,7 @@ class _ResponsesFormatter(_ChatFormatter):
                   reasoning: str | None = None) -> ResponseObject:
         request = self.responses_request
         fields = request.model_dump(include={"instructions", "max_output_tokens", "temperature", "top_p",
-                                             "top_logprobs", "metadata"})
+                                             "top_logprobs", "metadata", "reasoning"})
         if request.text is not None and request.text.format is not None:
             fields["text"] = request.text.model_dump(by_alias=True, exclude_none=True)
         response = ResponseObject(id=self.request_id, created_at=self.created, status=status, model=self.model,

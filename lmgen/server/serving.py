@@ -214,6 +214,8 @@ class OpenAIServing:
     def _chat_prompt(self, request: ChatCompletionRequest, field: str = "messages") -> _Prompt:
         messages = [template_message(i, m) for i, m in enumerate(request.messages)]
         template_kwargs = dict(request.chat_template_kwargs or {})
+        if request.reasoning_effort is not None:
+            template_kwargs.setdefault("reasoning_effort", request.reasoning_effort)
         if request.tools is not None:  # as the client wrote them, as transformers' apply_chat_template passes dicts
             template_kwargs["tools"] = [tool.model_dump(exclude_unset=True) for tool in request.tools]
         try:
