@@ -214,3 +214,16 @@ def test_a_streamed_response_has_the_reasoning_item_first(client, tokenizer):
     assert events[-1].response.usage == whole.usage
     with client.responses.stream(**kwargs) as stream:  # the SDK's helper checks the events as it assembles them
         assert stream.get_final_response().output_text == "Hello!"
+
+
+def test_a_streamed_responses_logprobs_add_up_to_the_whole_ones(client, tokenizer):
+    """Every output token's logprob goes out with the message's text (those of the reasoning with its first
+    delta), as the whole response gives them."""
+    kwargs = dict(model="tiny", input="Hi", max_output_tokens=100, include=["message.output_text.logprobs"],
+                  top_logprobs=1, extra_body=scripted(tokenizer, THOUGHT))
+    whole = client.responses.create(**kwargs)
+    events = list(client.responses.create(stream=True, **kwargs))
+    streamed_tokens = [entry.token for event in events if event.type == "response.output_text.delta"
+                       for entry in event.logprobs]
+    whole_tokens = [entry.token for entry in whole.output[1].content[0].logprobs]
+    assert streamed_tokens == whole_tokens and len(whole_tokens) == whole.usage.output_tokens
