@@ -109,6 +109,12 @@ def test_logprobs_and_json_schema_output(client):
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
      "input.0.content.0"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),
+    # a reasoning item goes with the assistant message right after it
+    ({"input": [{"type": "reasoning", "content": [{"type": "reasoning_text", "text": "x"}]},
+                {"role": "user", "content": "Hi"}]}, "input.0"),
+    ({"input": [{"role": "user", "content": "Hi"}, {"type": "reasoning", "summary": []}]}, "input.1"),
+    ({"input": [{"type": "reasoning", "content": [{"type": "output_text", "text": "x"}]},
+                {"role": "assistant", "content": "Hi"}]}, "input.0.content.0"),
     ({"max_output_token": 5}, "max_output_token"),  # a typo
     ({"background": True}, "background"),
     ({"n": 2}, "n"),
