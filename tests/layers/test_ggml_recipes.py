@@ -82,6 +82,14 @@ def test_round_trip_is_gguf_dequantize(ggml_type):
     assert (values - weight).abs().max() < 0.1 * step.max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_any_float_dtype_quantizes_as_its_float32_values(dtype):
+    """Rows are widened (bfloat16, float16) or rounded (float64) to float32 one at a time, as a checkpoint's are."""
+    weight = (torch.randn(3, 512) * torch.logspace(-3, 2, 3)[:, None]).to(dtype)
+    for ggml_type in (Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, Q8_0):
+        assert torch.equal(quantize_blocks(weight, ggml_type), quantize_blocks(weight.float(), ggml_type)), ggml_type
+
+
 def test_quantize_blocks_refuses_what_it_cannot_write():
     with pytest.raises(RuntimeError, match="rows of 96 values are no whole blocks of 256"):
         quantize_blocks(torch.randn(2, 96), Q4_K)
