@@ -1,6 +1,7 @@
-"""lmgen's own CPU kernels (cpu.cpp; ggml_blocks.cpp for GGUF's block formats): products of activation
-rows with weight matrices (a few rows reading weights at DRAM speed, many in register tiles at
-matrix-multiply speed), decode attention over the paged cache, and the layers' small elementwise steps.
+"""lmgen's own CPU kernels (cpu.cpp; ggml_blocks.cpp and ggml_quantize.cpp for GGUF's block formats):
+products of activation rows with weight matrices (a few rows reading weights at DRAM speed, many in
+register tiles at matrix-multiply speed), decode attention over the paged cache, the layers' small
+elementwise steps, and llama.cpp's quantizers (float weights into GGUF blocks, byte for byte).
 
 Batch-1 decode reads every weight once per token, and PyTorch's one-row CPU products
 read them at about half the rate memory allows (``benchmarks/gemv.py``); around them, an
@@ -12,7 +13,8 @@ first (``benchmarks/batched_products.py``), so every product runs on them. The k
 C++ (AVX2), compiled with the machine's C++ compiler the first time a model loads on a
 CPU and cached per machine, like torch.compile's own C++; without a compiler, on another
 CPU or with ``LMGEN_CPU_KERNELS=0``, PyTorch's kernels run instead, with the same results
-up to float rounding. They register as PyTorch operators (``torch.ops.lmgen.*``), so a
+up to float rounding (llama.cpp's recipes, ``quantization="q4_k_m"``, whose quantizers are here,
+are refused). They register as PyTorch operators (``torch.ops.lmgen.*``), so a
 compiled decode step calls them too.
 """
 
@@ -36,8 +38,9 @@ import torch.utils.cpp_extension
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-#: compiled together into one library (ggml_blocks.cpp: products with GGUF's block formats)
-_SOURCES = [_HERE / "cpu.cpp", _HERE / "ggml_blocks.cpp"]
+#: compiled together into one library (ggml_blocks.cpp: products with GGUF's block formats; ggml_quantize.cpp:
+#: float weights into them, as llama.cpp quantizes)
+_SOURCES = [_HERE / "cpu.cpp", _HERE / "ggml_blocks.cpp", _HERE / "ggml_quantize.cpp"]
 _HEADERS = [_HERE / "ggml_blocks.h"]
 # -ffp-contract=off: a * b + c rounds the product as written (as PyTorch's elementwise ops
 # do), never fused into one FMA behind the source's back; the kernels ask for FMAs explicitly.

@@ -12,8 +12,9 @@ llama.cpp 0.3 counts them (older ones counted in the file's order, which put ``b
 GPT-2's llama.cpp file holds its tied table twice (the embedding in the default type, the head in the
 head's); lmgen holds it once, in the head's.
 
-Where lmgen's block kernels do not run (a GPU, no compiler, tensor parallelism) or read a type (Q5_1),
-the weights are dequantized back to the model's dtype: the same values, float memory.
+Where lmgen's block kernels do not run the model (a GPU, tensor parallelism) or read a type (Q5_1), the
+weights are dequantized back to the model's dtype: the same values, float memory. The quantizers are C++
+beside those kernels, so a machine that cannot build them (no AVX2, no compiler) is refused the recipes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch import nn
 
 from lmgen.errors import InvalidArgumentError
 from lmgen.layers.ggml import weight_tensors
-from lmgen.layers.ggml_quant import BLOCK_SIZES, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, quantize_blocks
+from lmgen.layers.ggml_quant import (BLOCK_SIZES, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, quantize_blocks,
+                                     require_quantizers)
 from lmgen.layers.moe import ExpertLinear
 
 #: method -> the type of the tensors its rules do not single out
@@ -38,7 +40,9 @@ _ROWS_PER_CHUNK_VALUES = 1 << 22
 
 
 def recipe_types(model: nn.Module, method: str, lm_head: bool) -> dict[str, int | None]:
-    """The ggml type of each checkpoint weight (lmgen's names) that `method` quantizes; None: kept in float."""
+    """The ggml type of each checkpoint weight (lmgen's names) that `method` quantizes; None: kept in float.
+    Refuses, before anything is built, where the quantizers cannot run."""
+    require_quantizers(f"quantization {method!r}")
     if any(isinstance(m, ExpertLinear) for m in model.modules()):
         raise InvalidArgumentError(f"quantization {method!r} runs dense models; for a mixture of experts use "
                                    "'int4' or 'int8'")
@@ -113,12 +117,13 @@ def _blocks(ref: object, ggml_type: int, stride: int) -> torch.Tensor:
     rows, columns = ref.shape
     values, nbytes = BLOCK_SIZES[ggml_type]
     row_bytes = columns // values * nbytes
-    out = torch.zeros(rows, stride or row_bytes, dtype=torch.uint8)
+    out = torch.empty(rows, stride or row_bytes, dtype=torch.uint8)
+    out[:, row_bytes:] = 0  # the rows' padding
     step = max(1, _ROWS_PER_CHUNK_VALUES // columns)
     chunks = ref.split(step) if isinstance(ref, torch.Tensor) else ref.row_chunks(step)
     first = 0
     for chunk in chunks:
-        out[first:first + len(chunk), :row_bytes] = quantize_blocks(chunk, ggml_type)
+        quantize_blocks(chunk, ggml_type, out[first:first + len(chunk)])
         first += len(chunk)
     return out
 

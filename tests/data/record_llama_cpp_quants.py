@@ -9,11 +9,15 @@ layers, rows of 256 and 320 values: every rule and fallback) for q4_k_m, q6_k an
 (fused q/k/v and gate/up) for q4_k_m. Types depend on names and shapes only. And data/llama_cpp_quants.npz:
 for a tensor of each block type, its first ROWS rows as float32 (from the f32 GGUF llama.cpp quantized)
 and llama.cpp's blocks of those rows; block quantizers work row by row, block by block, so the rows' blocks
-are those of the whole tensor.
+are those of the whole tensor. And data/llama_cpp_hard_quants.npz: rows made to be hard for the quantizers
+(all-zero and flat groups, -0, ties of +a and -a, values on half steps, subnormal to 6e4, outliers) and
+llama.cpp's blocks of them in each type, from its ``ggml_quantize_chunk`` (no importance matrix: the
+reference quantizers ``llama-quantize`` runs).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 import tempfile
@@ -40,6 +44,38 @@ def llama_quantize(source: Path, out: Path, ftype: str, pure: bool = False) -> d
     return {t.name: t for t in gguf.GGUFReader(out).tensors if len(t.shape) == 2}
 
 
+HARD_TYPES = ("Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+
+
+def hard_rows(n: int = 512) -> np.ndarray:
+    """One row of each kind that tries the quantizers' searches, roundings and ties."""
+    rng = np.random.default_rng(0)
+    normal = rng.standard_normal(n)
+    holes = normal.copy()
+    holes[:32], holes[32:64], holes[64:80], holes[100:300] = 0, 3.0, 0, 0  # all-zero and flat groups
+    rows = [normal, normal * 1e-30, normal * 1e-40, normal * 6e4, np.abs(normal) + 0.5, -np.abs(normal) - 0.5,
+            rng.integers(-3, 4, n) * 0.125, rng.choice([-1.0, 1.0, 0.0, -0.0, 0.5, -0.5], n),
+            np.where(rng.random(n) < 0.9, -0.0, normal), rng.integers(-254, 255, n) / 2.0 * 0.7,
+            rng.standard_t(1.5, n), normal * (rng.random(n) < 0.05), normal * 0.02 + (np.arange(n) % 97 == 5) * 30,
+            normal * 1e-3 + (np.arange(n) % 32 == 5), holes]
+    return np.stack(rows).astype(np.float32)
+
+
+def record_hard_rows() -> None:
+    ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    ggml.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    rows = hard_rows()
+    arrays = {"floats": rows}
+    for name in HARD_TYPES:
+        kind = gguf.GGMLQuantizationType[name]
+        values, nbytes = gguf.GGML_QUANT_SIZES[kind]
+        blocks = np.zeros((len(rows), rows.shape[1] // values * nbytes), np.uint8)
+        ggml.ggml_quantize_chunk(kind.value, rows.ctypes.data, blocks.ctypes.data, 0, len(rows), rows.shape[1], None)
+        arrays[name] = blocks
+    np.savez_compressed(HERE / "llama_cpp_hard_quants.npz", **arrays)
+
+
 def main() -> None:
     root = Path(tempfile.mkdtemp())
     qwen2 = write_gguf(recipe_qwen2_checkpoint(root), root / "qwen2-f32.gguf", "qwen2")
@@ -62,6 +98,7 @@ def main() -> None:
         arrays[key + ":floats"] = floats[t.name][:ROWS].astype(np.float32)
         arrays[key + ":blocks"] = np.array(t.data)[:ROWS]
     np.savez_compressed(HERE / "llama_cpp_quants.npz", **arrays)
+    record_hard_rows()
     print(f"recorded {len(chosen)} tensors and {sum(map(len, types['qwen2'].values()))} types in {HERE}")
 
 

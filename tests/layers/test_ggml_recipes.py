@@ -1,4 +1,4 @@
-"""llama.cpp's recipes quantized while loading (layers/ggml_quant.py, layers/ggml_recipes.py), against llama.cpp
+"""llama.cpp's recipes quantized while loading (kernels/ggml_quantize.cpp, layers/ggml_recipes.py), against llama.cpp
 itself: its ``llama_model_quantize``'s type for every matrix of tiny checkpoints and its blocks for a tensor of
 each type, recorded by data/record_llama_cpp_quants.py (llama-cpp-python builds llama.cpp from source: too
 long for every test run), equal lmgen's recipe's types and quantizers' bytes; loading a checkpoint with
@@ -15,13 +15,14 @@ from safetensors.torch import load_file
 
 from checkpoints import build_checkpoint, recipe_qwen2_checkpoint
 from gguf_files import write_gguf
-from lmgen import LLM, SamplingParams
+from lmgen import LLM, SamplingParams, kernels
 from lmgen.errors import InvalidArgumentError
 from lmgen.layers.ggml import GGMLLinear
 from lmgen.layers.ggml_quant import Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, quantize_blocks
-from lmgen.layers.ggml_recipes import recipe_types
+from lmgen.layers.ggml_recipes import quantize_to_blocks, recipe_types
 from lmgen.loader.gguf import FAMILIES, lmgen_name
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # the quantizers are C++ beside the block kernels
 DATA = Path(__file__).resolve().parents[1] / "data"
 LLAMA_TYPES = json.loads((DATA / "llama_cpp_quants.json").read_text())
 
@@ -48,13 +49,27 @@ def test_fused_checkpoint_tensors_follow_llama_cpp(tmp_path):
 
 def test_quantizers_write_llama_cpps_bytes():
     """Layers 0 and 1 of a Q4_K_M file (Q4_K, Q5_0, Q6_K, Q8_0; its up projection with an all-zero and a flat row),
-    its tied embedding, and Q5_K and its fallback Q5_1 (a pure Q5_K_M)."""
+    its tied embedding, and Q5_K and its fallback Q5_1 (a pure Q5_K_M); written into padded rows, whose padding
+    stays."""
     recorded = np.load(DATA / "llama_cpp_quants.npz")
     keys = sorted({key.rsplit(":", 1)[0] for key in recorded.files})
     assert {key.split(":")[1] for key in keys} == {"Q4_K", "Q5_0", "Q6_K", "Q8_0", "Q5_K", "Q5_1"}
     for key in keys:
-        ours = quantize_blocks(torch.from_numpy(recorded[key + ":floats"]), gguf.GGMLQuantizationType[key.split(":")[1]])
-        assert torch.equal(ours.flatten(), torch.from_numpy(recorded[key + ":blocks"]).flatten()), key
+        theirs = torch.from_numpy(recorded[key + ":blocks"])
+        out = torch.full((len(theirs), theirs[0].numel() + 8), 7, dtype=torch.uint8)
+        quantize_blocks(torch.from_numpy(recorded[key + ":floats"]), gguf.GGMLQuantizationType[key.split(":")[1]], out)
+        assert torch.equal(out[:, :-8].flatten(), theirs.flatten()) and (out[:, -8:] == 7).all(), key
+
+
+def test_quantizers_write_llama_cpps_bytes_on_hard_rows():
+    """Rows made to be hard (data/record_llama_cpp_quants.py's hard_rows: all-zero and flat groups, -0, ties of +a
+    and -a, values on half steps, subnormal to 6e4, outliers), in each type, against llama.cpp's blocks of them."""
+    recorded = np.load(DATA / "llama_cpp_hard_quants.npz")
+    floats = torch.from_numpy(recorded["floats"])
+    assert len(floats) == 15 and set(recorded.files) == {"floats", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
+    for name in recorded.files[1:]:
+        ours = quantize_blocks(floats, gguf.GGMLQuantizationType[name])
+        assert torch.equal(ours, torch.from_numpy(recorded[name])), name
 
 
 @pytest.mark.parametrize("ggml_type", [Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, Q8_0])
@@ -65,6 +80,23 @@ def test_round_trip_is_gguf_dequantize(ggml_type):
     values = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(ggml_type)))
     step = weight.abs().amax(1, keepdim=True)
     assert (values - weight).abs().max() < 0.1 * step.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_any_float_dtype_quantizes_as_its_float32_values(dtype):
+    """Rows are widened (bfloat16, float16) or rounded (float64) to float32 one at a time, as a checkpoint's are."""
+    weight = (torch.randn(3, 512) * torch.logspace(-3, 2, 3)[:, None]).to(dtype)
+    for ggml_type in (Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, Q8_0):
+        assert torch.equal(quantize_blocks(weight, ggml_type), quantize_blocks(weight.float(), ggml_type)), ggml_type
+
+
+def test_quantize_blocks_refuses_what_it_cannot_write():
+    with pytest.raises(RuntimeError, match="rows of 96 values are no whole blocks of 256"):
+        quantize_blocks(torch.randn(2, 96), Q4_K)
+    with pytest.raises(RuntimeError, match="lmgen quantizes to ggml types .* not 2"):
+        torch.ops.lmgen.quantize_blocks(torch.randn(2, 64), 2, torch.empty(2, 36, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match=r"out must be uint8 \[2, at least 68\]"):
+        quantize_blocks(torch.randn(2, 64), Q8_0, torch.empty(2, 60, dtype=torch.uint8))
 
 
 @pytest.mark.usefixtures("cpu_kernels")
@@ -89,22 +121,25 @@ def test_q4_k_m_loads_as_llama_cpps_file(qwen, tmp_path):
         theirs.generate(["The quick brown"], params)[0].outputs[0].token_ids
 
 
-def test_without_block_kernels_the_values_are_dequantized(llama_path, monkeypatch):
-    """Where the block kernels do not run, the same quantized values load as floats."""
-    from lmgen import kernels
-    monkeypatch.setattr(kernels, "load", lambda: False)
-    llm = LLM(str(llama_path), quantization="q4_k_m", kv_cache_memory="16MiB")
-    assert not any(isinstance(m, GGMLLinear) for m in llm.engine.model.modules())
-    weight = llm.engine.model.model.layers[0].mlp.down_proj.weight
-    float_weight = load_file(llama_path / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+def test_where_no_block_layer_holds_a_weight_its_values_load(llama_path):
+    """A weight left to a float module (a GPU, tensor parallelism) loads as its blocks' values, in the model's dtype."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    float_weight = load_file(llama_path / "model.safetensors")[name]
+    [(_, weight)] = quantize_to_blocks([(name, float_weight)], {name: Q5_0}, {}, torch.bfloat16)
     blocks = quantize_blocks(float_weight, Q5_0)  # layer 0 of 2: Q4_K, on 128 columns Q5_0
     expected = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q5_0)
-    assert torch.equal(weight, torch.from_numpy(expected).to(weight.dtype))
+    assert weight.dtype == torch.bfloat16 and torch.equal(weight, torch.from_numpy(expected).bfloat16())
 
 
-def test_recipes_refuse_what_they_cannot_do(checkpoint_factory, tmp_path):
+def test_recipes_refuse_what_they_cannot_do(checkpoint_factory, tmp_path, monkeypatch):
     with pytest.raises(InvalidArgumentError, match="dense models"):
         LLM(str(checkpoint_factory("mixtral")), quantization="q4_k_m", kv_cache_memory="16MiB")
+    with monkeypatch.context() as patch:  # a machine without lmgen's kernels, which hold the quantizers
+        patch.setattr(kernels, "load", lambda: False)
+        patch.setattr(kernels, "why_not", "no C++ compiler found (set CXX or install g++)")
+        with pytest.raises(InvalidArgumentError, match=r"quantization 'q6_k' needs lmgen's CPU kernels .* off here "
+                                                       r"\(no C\+\+ compiler found"):
+            LLM(str(checkpoint_factory("llama")), quantization="q6_k", kv_cache_memory="16MiB")
     from lmgen.quantize import quantize_checkpoint
     with pytest.raises(InvalidArgumentError, match="applied while loading"):
         quantize_checkpoint(checkpoint_factory("llama"), tmp_path / "out", method="q4_k_m")
