@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -42,15 +43,16 @@ def tensors_in_huge_pages(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> l
             for (shape, dtype), offset, nbytes in zip(specs, offsets, sizes)]
 
 
-def place_weights_in_huge_pages(model: nn.Module) -> None:
-    """Give the model's CPU parameters new memory in one mapping backed by huge pages.
+def place_weights_in_huge_pages(model: nn.Module, besides: Collection[nn.Parameter] = ()) -> None:
+    """Give the model's CPU parameters, but those in `besides`, new memory in one mapping backed by huge pages.
 
     Their contents are not kept: call after building the model and before loading its weights,
     so that the memory PyTorch allocated for them was never touched (never resident) and the
     weights are written once, into the huge pages. Does nothing where the OS has no
     ``madvise(MADV_HUGEPAGE)``.
     """
-    params = [p for p in model.parameters() if p.device.type == "cpu" and p.numel()]
+    kept = {id(p) for p in besides}
+    params = [p for p in model.parameters() if p.device.type == "cpu" and p.numel() and id(p) not in kept]
     tensors = tensors_in_huge_pages([(tuple(p.shape), p.dtype) for p in params])
     if tensors is None:
         return

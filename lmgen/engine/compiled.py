@@ -21,6 +21,7 @@ import torch
 from lmgen import kernels
 from lmgen.errors import InvalidArgumentError
 from lmgen.layers.attention import AttentionMetadata
+from lmgen.layers.moe import MoE
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class CompiledDecode:
         # calls the step's few hundred kernels without Python in between (3 ms less per step
         # on bench-125m).
         options = {"emulate_precision_casts": True, "cpp_wrapper": True}
+        for module in model.modules():  # experts are chosen on the host each step: eager, between the graphs
+            if isinstance(module, MoE):  # (disabled here, not by a decorator: importing torch._dynamo costs 70 MiB)
+                module.forward = torch.compiler.disable(module.forward)
         self._forward = torch.compile(model.forward, dynamic=False, options=options)
         self._seen_shapes: set[bool] = set()
         # a graph cached on disk calls lmgen's ops with the signatures it was compiled against: key it by their source

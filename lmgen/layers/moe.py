@@ -122,7 +122,6 @@ class MoE(nn.Module):
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert is not None else None
         self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False)
 
-    @torch.compiler.disable  # the grouping is decided on the host each step
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
         config = self.config

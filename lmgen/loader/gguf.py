@@ -7,7 +7,9 @@ on every count and offset, so a truncated or malformed file is an error naming t
 crash or a huge allocation; ``hf_config`` maps the metadata onto the config.json keys of the family
 lmgen runs it as; ``weights`` yields each tensor under lmgen's name as a ``GGUFTensor``, which
 dequantizes (the ``gguf`` package's ``dequantize``, for every ggml type) a few rows at a time from
-the memory-mapped file straight into its parameter, so loading holds no second copy of the model.
+the memory-mapped file straight into its parameter, so loading holds no second copy of the model; an
+embedding table stored as lmgen holds it is not copied at all but a view of the file (``in_file``): a
+lookup reads a few rows, and only their pages become resident.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 #: ggml types stored as plain values, read without dequantizing
 _FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
-#: values dequantized per step while loading a tensor (64 MiB of float32): bounds the transient memory
-_CHUNK_VALUES = 1 << 24
+#: values dequantized per step while loading a tensor (16 MiB of float32): bounds the transient memory
+_CHUNK_VALUES = 1 << 22
+#: bytes copied per step from the file into a tensor stored as it is loaded (the file's pages then dropped)
+_CHUNK_BYTES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ def _require_gguf_package() -> None:
 
 
 class GGUFCheckpoint:
-    """A GGUF file's metadata and tensors, over one read-only memory mapping of the file."""
+    """A GGUF file's metadata and tensors, over one memory mapping of the file (copy on write, never written)."""
 
     def __init__(self, path: Path, buffer: mmap.mmap, metadata: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
         self.path, self._buffer, self.metadata, self.tensors = path, buffer, metadata, tensors
@@ -139,8 +143,8 @@ class GGUFCheckpoint:
             raise ModelNotFoundError(f"no GGUF file at {path}")
         if path.stat().st_size == 0:
             raise malformed(path, "it is empty")
-        with open(path, "rb") as f:
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with open(path, "rb") as f:  # copy on write: a parameter may be a view of the file (GGUFTensor.in_file)
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         cursor = _Cursor(path, buffer)
         magic = buffer[:4]
         if magic != MAGIC:
@@ -162,6 +166,11 @@ class GGUFCheckpoint:
         tensors = {name: _tensor_info(path, name, dims, kind, data_start + offset, len(buffer))
                    for name, dims, kind, offset in infos}
         return cls(path, buffer, metadata, tensors)
+
+    def drop_string_lists(self) -> None:
+        """Forget the metadata's lists of strings: the tokenizer's vocabulary and merges, Python strings of
+        tens of MiB that nothing reads once the tokenizer is built from them."""
+        self.metadata = {key: value for key, value in self.metadata.items() if not isinstance(value, list)}
 
     @property
     def architecture(self) -> str:
@@ -283,11 +292,50 @@ class GGUFTensor:
         if tuple(dest.shape) != self.shape:
             raise UnsupportedModelError(f"GGUF tensor {self.info.name} of shape {list(self.shape)} does not fit "
                                         f"parameter of shape {list(dest.shape)}")
+        if dest.data_ptr() == self._address():  # a view of the file (in_file): its values are in place
+            return
         rows = dest.view(self.shape[0], -1)  # a 1-D tensor: one value per row
         if self.row_stride:
             rows[:, self.info.nbytes // self.shape[0]:] = 0
+        if self._as_stored(dest.dtype):
+            self._copy_stored(rows.view(torch.uint8))
+            return
         for first, values in self._rows(max(1, _CHUNK_VALUES // rows.shape[1])):
             rows[first:first + len(values), :values.shape[1]].copy_(values)
+
+    def in_file(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The tensor as loaded in `dtype`, as a view of the file's pages, where they hold exactly that (blocks
+        with no padding after them, or values of `dtype`); else None."""
+        if not self._as_stored(dtype) or self.row_stride not in (0, self.info.nbytes // self.shape[0]):
+            return None
+        stored = torch.frombuffer(self.buffer, dtype=torch.uint8, count=self.info.nbytes, offset=self.info.start)
+        return stored.view(torch.uint8 if self.row_stride else dtype).view(self.shape)
+
+    def _address(self) -> int:
+        return torch.frombuffer(self.buffer, dtype=torch.uint8, count=1, offset=self.info.start).data_ptr()
+
+    def _as_stored(self, dtype: torch.dtype) -> bool:
+        """Whether the tensor's bytes are its values in `dtype` in place: blocks, or values of that dtype."""
+        unchanged = self.row_source is None and not self.shift
+        return unchanged and (self.row_stride > 0 or _FLOAT_TYPES.get(self.info.ggml_type) == dtype)
+
+    def _copy_stored(self, dest: torch.Tensor) -> None:
+        """Copy the stored rows straight from the mapping into `dest` (uint8 [rows, >= row bytes]), no buffer
+        in between (a buffer of each chunk, freed, would leave the allocator holding memory after loading)."""
+        row_bytes = self.info.nbytes // self.shape[0]
+        step = max(1, _CHUNK_BYTES // row_bytes)
+        for first in range(0, self.shape[0], step):
+            count = min(step, self.shape[0] - first)
+            start = self.info.start + first * row_bytes
+            stored = np.frombuffer(self.buffer, np.uint8, count * row_bytes, start).reshape(count, row_bytes)
+            np.copyto(dest[first:first + count, :row_bytes].numpy(), stored)
+            del stored  # the mapping's pages are no longer viewed
+            self._drop_pages(start, count * row_bytes)
+
+    def _drop_pages(self, start: int, nbytes: int) -> None:
+        """The file's pages of bytes [start, start + nbytes) leave the process's resident memory once read."""
+        page = start - start % mmap.PAGESIZE
+        self.buffer.madvise(mmap.MADV_DONTNEED, page, start + nbytes - page)
 
     def row_chunks(self, rows: int) -> Iterator[torch.Tensor]:
         """The tensor about `rows` rows at a time, in `dtype` (quantizing while loading holds no whole copy)."""
@@ -319,15 +367,14 @@ class GGUFTensor:
         """The values of the `rows` file rows stored at bytes [start, start + nbytes), flat."""
         raw = np.frombuffer(self.buffer, np.uint8, nbytes, start).reshape(rows, -1)
         float_type = _FLOAT_TYPES.get(self.info.ggml_type)
-        if self.row_stride:  # the blocks as stored, copied out of the read-only mapping
+        if self.row_stride:  # the blocks as stored, copied out of the mapping
             values = torch.from_numpy(raw.copy())
-        elif float_type is not None:  # stored as values: reinterpreted, copied out of the read-only mapping
+        elif float_type is not None:  # stored as values: reinterpreted, copied out of the mapping
             values = torch.from_numpy(raw.copy()).view(float_type)
         else:
             values = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(self.info.ggml_type)))
         del raw  # the mapping's pages are no longer viewed
-        page = start - start % mmap.PAGESIZE
-        self.buffer.madvise(mmap.MADV_DONTNEED, page, start + nbytes - page)
+        self._drop_pages(start, nbytes)
         return values.reshape(-1)
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 import lmgen
 from lmgen import kernels
 from lmgen.errors import InsufficientMemoryError, InvalidArgumentError
 from lmgen.huge_pages import place_weights_in_huge_pages
-from lmgen.layers.ggml import prepare_ggml
+from lmgen.layers.ggml import GGMLEmbedding, prepare_ggml
 from lmgen.layers.ggml_recipes import RECIPES, quantize_to_blocks, recipe_types
+from lmgen.layers.linear import Embedding
 from lmgen.layers.moe import MoE
 from lmgen.layers.quant import QuantConfig, pack_quantized, prepare_quantized, quantize_tensors, resolve_quantization
 from lmgen.loader import mapped
@@ -53,7 +55,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """The config, generation config and tokenizer of a folder, or of a GGUF file's metadata."""
     if is_gguf_file(path):
         gguf = GGUFCheckpoint.open(path)
-        return Checkpoint(path, gguf.hf_config(), gguf.generation_config(), gguf_tokenizer(gguf), gguf)
+        tokenizer = gguf_tokenizer(gguf)
+        gguf.drop_string_lists()  # the vocabulary and merges, built into the tokenizer: not held while loading
+        return Checkpoint(path, gguf.hf_config(), gguf.generation_config(), tokenizer, gguf)
     return Checkpoint(path, read_json(path, "config.json", required=True), read_json(path, "generation_config.json"),
                       Tokenizer.from_pretrained(path))
 
@@ -103,6 +107,8 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     if gguf_blocks and checkpoint.gguf is not None and quantization is None and device.type == "cpu" and kernels.load():
         blocks = prepare_ggml(model, checkpoint.gguf.matrix_types())
     tensors = _tensors(checkpoint, cls, dtype, saved is not None, blocks)
+    in_file = (_embeddings_in_file(model, checkpoint.gguf, dtype, blocks) if checkpoint.gguf is not None
+               and quantization is None and shard is None and device.type == "cpu" and not map_weights else [])
     if recipe:
         types, strides = _prepare(model, quantization, recipe_blocks)
         tensors = progress(quantize_to_blocks(tensors, types, strides, dtype), "quantizing", "tensor")
@@ -123,11 +129,29 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
         _load_mapped(model, _prepared_file(checkpoint, dtype, quantization, blocks), fill)
     else:
         if device.type == "cpu":
-            place_weights_in_huge_pages(model)
+            place_weights_in_huge_pages(model, besides=in_file)
         fill()
     if shard is not None:
         shard.finish(model, spec)
     return LoadedModel(model.eval(), max_model_len, quantization)
+
+
+def _embeddings_in_file(model: CausalLM, gguf: GGUFCheckpoint, dtype: torch.dtype, blocks: dict[str, int]
+                        ) -> list[nn.Parameter]:
+    """Make each embedding table whose bytes in the GGUF file are its values as the model holds them (its
+    blocks, or values of its dtype) a view of the file: a lookup reads a few rows, and only their pages
+    become resident, pages of the file that the OS may drop again. Not a table tied to the LM head, which
+    reads all of it every token (faster from huge pages). Returns the parameters so placed."""
+    head = model.model.embed_tokens if model.lm_head is None else None
+    tensors, placed = dict(gguf.weights(dtype, blocks)), []
+    for name, module in model.named_modules():
+        source = tensors.get(f"{name}.weight")
+        if isinstance(module, (Embedding, GGMLEmbedding)) and module is not head and source is not None:
+            view = source.in_file(module.weight.dtype)
+            if view is not None and view.shape == module.weight.shape:
+                module.weight.data = view
+                placed.append(module.weight)
+    return placed
 
 
 def _load_mapped(model: CausalLM, file: Path, fill: Callable[[], None]) -> None:

@@ -6,6 +6,8 @@ malformed file is a clear error."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -198,6 +200,16 @@ def test_generation_stops_at_the_files_end_ids(gguf_model):
     llm = LLM(str(file), kv_cache_memory="16MiB")
     assert llm.engine.eos_token_ids == {2}
     assert llm.tokenizer.chat_template == read_checkpoint(folder).tokenizer.chat_template
+
+
+def test_running_a_file_imports_neither_transformers_nor_torch_dynamo(gguf_model):
+    """Each costs tens of MiB of resident memory (torch._dynamo 70 MiB) and a second or more of start-up, and
+    lmgen needs neither unless asked to compile: loaded and run in a fresh process, they stay unimported."""
+    _, file = gguf_model("llama", "llama")
+    script = (f"import sys; from lmgen import LLM; LLM({str(file)!r}).generate([[1, 17, 230]]); "
+              "print(sorted({'transformers', 'torch._dynamo'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "[]"
 
 
 def test_cli_generates_from_a_gguf_file(gguf_model):

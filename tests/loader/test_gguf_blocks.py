@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as Q
 from checkpoints import build_checkpoint
 import gguf_files
 from gguf_files import write_gguf
+from mappings import mapping_of
 from lmgen import LLM, SamplingParams
 from lmgen.layers.ggml import GGMLEmbedding, GGMLLinear
 from lmgen.layers.linear import FusedLinear, Linear
@@ -62,6 +63,17 @@ def test_blocks_generate_what_the_dequantized_file_generates(mixed_file):
         for step, step_f in zip(logprobs, logprobs_f):
             chosen = next(iter(step_f))
             assert abs(step[chosen].logprob - step_f[chosen].logprob) < 0.05
+
+
+def test_an_untied_embedding_table_is_a_view_of_the_file_never_copied(mixed_file):
+    """No anonymous copy of the table: pages of the file (only those of the rows looked up are read), which
+    generating never writes; the matrices read whole every token are copied (into huge pages)."""
+    llm = LLM(str(mixed_file), kv_cache_memory="16MiB")
+    table = llm.engine.model.model.embed_tokens.weight
+    assert mapping_of(table.data_ptr())[0] == str(mixed_file)
+    _outputs(llm)
+    assert mapping_of(table.data_ptr())[1]["Anonymous"] == 0
+    assert mapping_of(llm.engine.model.model.layers[0].mlp.down_proj.weight.data_ptr())[0] != str(mixed_file)
 
 
 def test_one_call_for_all_layers_gives_the_modules_bits(mixed_file, monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from mappings import mapping_of
 from lmgen import LLM, InvalidArgumentError, SamplingParams, UnsupportedModelError
 from lmgen.errors import InsufficientMemoryError
 from lmgen.loader import model as loader
@@ -31,22 +32,6 @@ def _tokens(llm: LLM) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
 
 
-def _mapping_of(address: int) -> tuple[str, dict[str, int]]:
-    """The file mapped at `address` in this process, and that mapping's smaps fields (kB)."""
-    fields, found = {}, None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()
-        if "-" in head[0] and not head[0].endswith(":"):
-            if found is not None:
-                break
-            low, high = (int(part, 16) for part in head[0].split("-"))
-            found = (head[5] if len(head) > 5 else "") if low <= address < high else None
-        elif found is not None and head[0].endswith(":") and len(head) >= 2 and head[1].isdigit():
-            fields[head[0][:-1]] = int(head[1])
-    assert found is not None, f"no mapping holds address {address:#x}"
-    return found, fields
-
-
 def test_mapped_weights_give_transformers_tokens_and_are_pages_of_the_file(checkpoint_factory, weights_dir):
     path = checkpoint_factory("qwen3-moe")
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -58,11 +43,11 @@ def test_mapped_weights_give_transformers_tokens_and_are_pages_of_the_file(check
     [file] = weights_dir.glob("*.weights")
     llm = LLM(str(path), dtype="float32", map_weights=True)  # later ones map it
     experts = llm.engine.model.model.layers[0].mlp.experts.gate_up_proj.weight
-    name, before = _mapping_of(experts.data_ptr())
+    name, before = mapping_of(experts.data_ptr())
     assert name == str(file)
     assert before.get("Rss", 0) * 1024 < experts.nbytes  # loading read none of it
     assert _tokens(llm) == expected
-    _, after = _mapping_of(experts.data_ptr())
+    _, after = mapping_of(experts.data_ptr())
     assert after["Rss"] > before.get("Rss", 0) and after["Anonymous"] == 0  # read, never written
 
 
