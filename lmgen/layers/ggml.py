@@ -16,10 +16,12 @@ different types (Q4_K_M keeps v in Q6_K or Q8_0 beside q and k in Q4_K): each pa
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmgen.errors import UnsupportedModelError
 from lmgen.layers.linear import Embedding, FusedLinear, KernelOperands, Linear
 
 #: ggml type -> (values, bytes) of its block: the types lmgen's kernels read (gguf's GGML_QUANT_SIZES)
@@ -30,6 +32,17 @@ BLOCK_FORMATS = {8: (32, 34), 2: (32, 18), 6: (32, 22), 12: (256, 144), 13: (256
 #: which reuse each tile across all the rows.
 BLOCK_PRODUCT_MAX_ROWS = 64
 _TILE_VALUES = 1 << 22
+
+
+def dequantize_blocks(blocks: np.ndarray, ggml_type: int) -> torch.Tensor:
+    """float32 values of rows of blocks (uint8 [rows, bytes]) of any ggml type: the gguf package's dequantize,
+    which knows every type (lmgen's kernels read only the BLOCK_FORMATS)."""
+    try:  # an optional extra, as for transformers
+        import gguf
+    except ImportError:
+        raise UnsupportedModelError('GGUF blocks are dequantized with the gguf package (llama.cpp\'s): pip install '
+                                    '"lmgen[gguf]" (in a source checkout: pip install -e ".[gguf]")') from None
+    return torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(ggml_type)))
 
 
 def row_bytes(ggml_type: int, in_features: int) -> int:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lmgen.errors import InvalidArgumentError
-from lmgen.layers.ggml import weight_tensors
+from lmgen.layers.ggml import dequantize_blocks, weight_tensors
 from lmgen.layers.ggml_quant import (BLOCK_SIZES, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, quantize_blocks,
                                      require_quantizers)
 from lmgen.layers.moe import ExpertLinear
@@ -108,7 +108,7 @@ def quantize_to_blocks(tensors: Iterable[tuple[str, object]], types: dict[str, i
         elif name in strides:
             yield name, _blocks(ref, ggml_type, strides[name])
         else:
-            yield name, _dequantized(_blocks(ref, ggml_type, 0), ggml_type, ref.shape[1]).to(dtype)
+            yield name, dequantize_blocks(_blocks(ref, ggml_type, 0).numpy(), ggml_type).to(dtype)
 
 
 def _blocks(ref: object, ggml_type: int, stride: int) -> torch.Tensor:
@@ -126,14 +126,3 @@ def _blocks(ref: object, ggml_type: int, stride: int) -> torch.Tensor:
         quantize_blocks(chunk, ggml_type, out[first:first + len(chunk)])
         first += len(chunk)
     return out
-
-
-def _dequantized(blocks: torch.Tensor, ggml_type: int, columns: int) -> torch.Tensor:
-    """float32 [rows, columns] from their blocks (the gguf package's dequantize: every type, any device)."""
-    try:
-        import gguf
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise InvalidArgumentError('quantizing to GGUF blocks where lmgen\'s block kernels do not run needs the gguf '
-                                   'package to dequantize them: pip install "lmgen[gguf]"') from None
-    values = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(ggml_type))
-    return torch.from_numpy(values).view(len(blocks), columns)

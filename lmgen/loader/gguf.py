@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lmgen.errors import ModelNotFoundError, UnsupportedModelError
+from lmgen.layers.ggml import dequantize_blocks
 
 try:  # an optional extra, as for transformers: pip install 'lmgen[gguf]'
     import gguf
@@ -372,7 +373,7 @@ class GGUFTensor:
         elif float_type is not None:  # stored as values: reinterpreted, copied out of the mapping
             values = torch.from_numpy(raw.copy()).view(float_type)
         else:
-            values = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(self.info.ggml_type)))
+            values = dequantize_blocks(raw, self.info.ggml_type)
         del raw  # the mapping's pages are no longer viewed
         self._drop_pages(start, nbytes)
         return values.reshape(-1)
