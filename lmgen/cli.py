@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
+from lmgen import disk_cache
 from lmgen.distributed.parallel import torchrun_world_size
 from lmgen.errors import InvalidArgumentError, LmgenError
 from lmgen.layers.quant import DEFAULT_GROUP_SIZE, QUANTIZATION_METHODS, SAVED_METHODS
@@ -313,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens between window starts, at most --context (default: context / 2)")
     add_engine_args(ppl)
     ppl.set_defaults(run=run_perplexity)
+    cache = commands.add_parser(
+        "cache", help="list or clear what lmgen keeps on disk",
+        description="lmgen keeps its CPU kernels built for this machine and weights prepared for --map-weights "
+                    "under $LMGEN_CACHE (default ~/.cache/lmgen). Both are made again when needed: clearing "
+                    "costs a kernel build (about 30 s) or a model's first mapped load.")
+    cache.add_argument("action", nargs="?", choices=["list", "clear"], default="list", help="default list")
+    cache.add_argument("--kind", choices=disk_cache.KINDS, action="append", default=None,
+                       help="only this kind of entry (repeatable; default: all)")
+    cache.set_defaults(run=run_cache)
     for command in commands.choices.values():
         add_global_args(command, default=None)
     return parser
@@ -514,6 +524,17 @@ def run_perplexity(args: argparse.Namespace) -> int:
                f"{result.num_windows} windows of {result.window_tokens} tokens, stride {result.stride}")
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats over {result.num_tokens} "
           f"scored tokens; {windows})")
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    kinds = tuple(args.kind or disk_cache.KINDS)
+    found = disk_cache.clear(kinds) if args.action == "clear" else disk_cache.entries(kinds)
+    for entry in found:
+        print(disk_cache.describe(entry))
+    total = disk_cache.format_size(sum(entry.size for entry in found))
+    where = ", ".join(str(disk_cache.directory(kind)) for kind in kinds)
+    print(f"{'removed' if args.action == 'clear' else 'in'} {where}: {len(found)} file(s), {total}")
     return 0
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension
 
+from lmgen import disk_cache
+
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
@@ -129,7 +131,7 @@ def _built_library() -> Path:
     compiler = _compiler()
     key = hashlib.sha256(b"\0".join([source_digest().encode(), torch.__version__.encode(), compiler.encode(),
                                      " ".join(_FLAGS).encode(), sys.version.encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get("LMGEN_CACHE", Path.home() / ".cache" / "lmgen")) / "kernels"
+    cache = disk_cache.directory("kernels")
     library = cache / f"cpu-{key}.so"
     if library.exists():
         return library

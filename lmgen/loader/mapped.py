@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmgen import disk_cache
 from lmgen.errors import UnsupportedModelError
 
 MAGIC = b"LMGENMAP"
@@ -46,8 +47,7 @@ _ALIGNMENT = 64  # a cache line
 def prepared_path(name: str, identity: dict) -> Path:
     """The prepared file of model `name` for `identity` (JSON data: what decides the parameters' contents)."""
     digest = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True).encode()).hexdigest()
-    cache = Path(os.environ.get("LMGEN_CACHE", Path.home() / ".cache" / "lmgen")) / "weights"
-    return cache / f"{name}-{digest[:20]}.weights"
+    return disk_cache.directory("weights") / f"{name}-{digest[:20]}.weights"
 
 
 def file_layout(model: nn.Module) -> tuple[bytes, int]:

@@ -18,6 +18,7 @@ from torch import nn
 
 import lmgen
 from lmgen import kernels
+from lmgen.disk_cache import format_size
 from lmgen.errors import InsufficientMemoryError, InvalidArgumentError
 from lmgen.huge_pages import place_weights_in_huge_pages
 from lmgen.layers.ggml import GGMLEmbedding, prepare_ggml
@@ -162,9 +163,9 @@ def _load_mapped(model: CausalLM, file: Path, fill: Callable[[], None]) -> None:
         file.parent.mkdir(parents=True, exist_ok=True)
         size, free = mapped.file_layout(model)[1], shutil.disk_usage(file.parent).free
         if size > free:
-            raise InsufficientMemoryError(f"mapping the model's weights needs a file of {_size(size)} in "
-                                          f"{file.parent} but only {_size(free)} of disk is free there: free disk "
-                                          "space, or load without map_weights")
+            raise InsufficientMemoryError(f"mapping the model's weights needs a file of {format_size(size)} in "
+                                          f"{file.parent} but only {format_size(free)} of disk is free there: free "
+                                          "disk space, or load without map_weights")
         logger.info("preparing the weights in %s, to be mapped from there", file)
         mapped.prepare(file, model, fill)
     mapped.map_prepared(file, model)
@@ -251,15 +252,12 @@ def check_weights_fit(model: CausalLM, device: torch.device, map_weights: bool =
         return
     if map_weights:
         raise InsufficientMemoryError(
-            f"the model's weights need {_size(needed)} resident (of {_size(total)} mapped from disk and paged in as "
-            f"read: what each token reads, all but the experts it does not choose) but only {_size(free)} of "
-            f"{device.type} memory is free: quantize them (quantization='int8' or 'int4'), or free memory")
-    mapping = (f"map them from disk (map_weights=True: {_size(resident)} resident), "
+            f"the model's weights need {format_size(needed)} resident (of {format_size(total)} mapped from disk and "
+            f"paged in as read: what each token reads, all but the experts it does not choose) but only "
+            f"{format_size(free)} of {device.type} memory is free: quantize them (quantization='int8' or 'int4'), "
+            "or free memory")
+    mapping = (f"map them from disk (map_weights=True: {format_size(resident)} resident), "
                if resident <= free and device.type == "cpu" else "")
     raise InsufficientMemoryError(
-        f"the model's weights need {_size(needed)} but only {_size(free)} of {device.type} memory is free: "
-        f"quantize them (quantization='int8' or 'int4'), {mapping}or free memory")
-
-
-def _size(num_bytes: int) -> str:
-    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+        f"the model's weights need {format_size(needed)} but only {format_size(free)} of {device.type} memory is "
+        f"free: quantize them (quantization='int8' or 'int4'), {mapping}or free memory")
