@@ -115,6 +115,8 @@ def _model_metadata(config: dict, arch: str) -> dict:
         meta |= {"{arch}.expert_count": config.get("num_experts") or config["num_local_experts"],
                  "{arch}.expert_used_count": config["num_experts_per_tok"],
                  "{arch}.expert_feed_forward_length": config["moe_intermediate_size"]}
+        if config.get("shared_expert_intermediate_size"):
+            meta["{arch}.expert_shared_feed_forward_length"] = config["shared_expert_intermediate_size"]
     if arch == "granite":
         meta |= {"{arch}.embedding_scale": float(config["embedding_multiplier"]),
                  "{arch}.residual_scale": float(config["residual_multiplier"]),

@@ -489,13 +489,11 @@ def _gemma3_config(meta: _Metadata) -> dict:
 
 
 def _qwen_moe_config(meta: _Metadata, norm_topk: bool) -> dict:
-    """Qwen2-MoE and Qwen3-MoE: experts in the layers that have a router (llama.cpp's qwen3moe renormalises
-    the chosen experts' weights, its qwen2moe does not), Qwen2-MoE's shared expert where the file has one."""
-    layers = meta("block_count")
+    """Qwen2-MoE and Qwen3-MoE: experts in every layer (as llama.cpp runs them; its qwen3moe renormalises the
+    chosen experts' weights, its qwen2moe does not), Qwen2-MoE's shared expert where the file has one."""
     return _llama_config(meta) | {
         "num_experts": meta("expert_count"), "num_experts_per_tok": meta("expert_used_count"),
         "moe_intermediate_size": meta("expert_feed_forward_length"), "norm_topk_prob": norm_topk,
-        "mlp_only_layers": [i for i in range(layers) if not meta.has(f"blk.{i}.ffn_gate_inp.weight")],
         "shared_expert_intermediate_size": meta("expert_shared_feed_forward_length", 0),
         "qkv_bias": meta.has("blk.0.attn_q.bias")}
 
