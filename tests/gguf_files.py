@@ -111,10 +111,11 @@ def _model_metadata(config: dict, arch: str) -> dict:
                 meta["{arch}." + key] = float(config[key])
     if arch == "gemma3":
         meta["{arch}.rope.freq_base_swa"] = float(rope["sliding_attention"]["rope_theta"])
-    if "num_experts_per_tok" in config:  # llama.cpp's qwen3moe renormalises the chosen experts' weights
+    if "num_experts_per_tok" in config:  # a mixture of experts: Mixtral's as wide as feed_forward_length
         meta |= {"{arch}.expert_count": config.get("num_experts") or config["num_local_experts"],
-                 "{arch}.expert_used_count": config["num_experts_per_tok"],
-                 "{arch}.expert_feed_forward_length": config["moe_intermediate_size"]}
+                 "{arch}.expert_used_count": config["num_experts_per_tok"]}
+        if "moe_intermediate_size" in config:
+            meta["{arch}.expert_feed_forward_length"] = config["moe_intermediate_size"]
         if config.get("shared_expert_intermediate_size"):
             meta["{arch}.expert_shared_feed_forward_length"] = config["shared_expert_intermediate_size"]
     if arch == "granite":

@@ -178,7 +178,9 @@ class GGUFCheckpoint:
     def hf_config(self) -> dict:
         """The config.json this file's model would have (the keys lmgen's family reads)."""
         family, meta = self.family(), _Metadata(self)
-        return {"architectures": [family.architecture], **family.config(meta),
+        architecture = family.experts_architecture if family.experts_architecture and meta("expert_count", 0) \
+            else family.architecture
+        return {"architectures": [architecture], **family.config(meta),
                 "vocab_size": self._shape("token_embd.weight")[0],
                 "tie_word_embeddings": "output.weight" not in self.tensors,
                 "bos_token_id": meta.token_id("bos"), "eos_token_id": meta.token_id("eos"),
@@ -460,6 +462,8 @@ def _llama_config(meta: _Metadata) -> dict:
     }
     if (window := meta("attention.sliding_window", None)) is not None:
         config["sliding_window"] = window
+    if experts := meta("expert_count", 0):  # a mixture of experts
+        config |= {"num_local_experts": experts, "num_experts_per_tok": meta("expert_used_count")}
     return config
 
 
@@ -492,7 +496,6 @@ def _qwen_moe_config(meta: _Metadata, norm_topk: bool) -> dict:
     """Qwen2-MoE and Qwen3-MoE: experts in every layer (as llama.cpp runs them; its qwen3moe renormalises the
     chosen experts' weights, its qwen2moe does not), Qwen2-MoE's shared expert where the file has one."""
     return _llama_config(meta) | {
-        "num_experts": meta("expert_count"), "num_experts_per_tok": meta("expert_used_count"),
         "moe_intermediate_size": meta("expert_feed_forward_length"), "norm_topk_prob": norm_topk,
         "shared_expert_intermediate_size": meta("expert_shared_feed_forward_length", 0),
         "qkv_bias": meta.has("blk.0.attn_q.bias")}
@@ -513,10 +516,12 @@ class Family:
     permuted_qk: bool = False  # llama.cpp's converter permuted q and k (LlamaModel and its subclasses)
     norm_shift: float = 0.0  # added to norm weights (Gemma's converter stores 1 + w)
     renames: dict[str, str] = field(default_factory=dict)  # block tensor names of this family's own
+    experts_architecture: str | None = None  # lmgen's registry name for a file with experts (Mixtral is llama)
 
 
 FAMILIES = {
-    "llama": Family("LlamaForCausalLM", _llama_config, permuted_qk=True),  # Mistral's files too
+    "llama": Family("LlamaForCausalLM", _llama_config, permuted_qk=True,  # Mistral's and Mixtral's files too
+                    experts_architecture="MixtralForCausalLM"),
     "qwen2": Family("Qwen2ForCausalLM", _llama_config),
     "qwen3": Family("Qwen3ForCausalLM", _llama_config),
     "qwen2moe": Family("Qwen2MoeForCausalLM", lambda meta: _qwen_moe_config(meta, norm_topk=False)),
