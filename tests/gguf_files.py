@@ -3,7 +3,8 @@
 `write_gguf` turns a checkpoint folder (tests/checkpoints.py) into a GGUF file of one architecture:
 llama.cpp's metadata keys and tensor names (the `gguf` package's name map), its layouts (q/k rows
 permuted for llama-style models, Gemma's norms stored as 1 + w, GPT-2's Conv1D weights transposed
-and its head written out, rope factors as tensors), each tensor in the type `tensor_type` picks, and
+and its head written out, rope factors as tensors, a mixture of experts' per-expert matrices stacked
+[experts, out, in] per projection), each tensor in the type `tensor_type` picks, and
 the tokenizer as metadata: the checkpoint's byte-level BPE, or a SentencePiece vocabulary with scores.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +44,7 @@ def write_gguf(folder: Path, out: Path, arch: str, tensor_type: Callable[[str, n
     for key, value in {**_model_metadata(config, arch), **tokenizer}.items():
         _add(writer, key.replace("{arch}", arch), value)
     for name, array in _tensors(folder, config, arch):
-        kind = tensor_type(name, array) if array.ndim == 2 else Q.F32
+        kind = tensor_type(name, array) if array.ndim > 1 else Q.F32
         floating = kind in (Q.F32, Q.F16)
         data = encode(name, array) if encode and not floating else _encode(array, kind)
         writer.add_tensor(name, data, raw_dtype=None if floating else kind)
@@ -109,6 +111,13 @@ def _model_metadata(config: dict, arch: str) -> dict:
                 meta["{arch}." + key] = float(config[key])
     if arch == "gemma3":
         meta["{arch}.rope.freq_base_swa"] = float(rope["sliding_attention"]["rope_theta"])
+    if "num_experts_per_tok" in config:  # a mixture of experts: Mixtral's as wide as feed_forward_length
+        meta |= {"{arch}.expert_count": config.get("num_experts") or config["num_local_experts"],
+                 "{arch}.expert_used_count": config["num_experts_per_tok"]}
+        if "moe_intermediate_size" in config:
+            meta["{arch}.expert_feed_forward_length"] = config["moe_intermediate_size"]
+        if config.get("shared_expert_intermediate_size"):
+            meta["{arch}.expert_shared_feed_forward_length"] = config["shared_expert_intermediate_size"]
     if arch == "granite":
         meta |= {"{arch}.embedding_scale": float(config["embedding_multiplier"]),
                  "{arch}.residual_scale": float(config["residual_multiplier"]),
@@ -121,8 +130,7 @@ def _tensors(folder: Path, config: dict, arch: str):
     """(GGUF name, float32 array) in llama.cpp's layouts."""
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch],
                                      config.get("num_hidden_layers") or config["n_layer"])
-    state = load_file(str(folder / "model.safetensors"))
-    for hf_name, tensor in state.items():
+    for hf_name, tensor in _stacked_experts(load_file(str(folder / "model.safetensors"))).items():
         if hf_name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # GPT-2's causal mask
         base, _, leaf = hf_name.rpartition(".")
@@ -140,6 +148,19 @@ def _tensors(folder: Path, config: dict, arch: str):
         if arch == "gpt2" and name == "token_embd.weight":
             yield "output.weight", tensor.numpy()  # llama.cpp writes GPT-2's head out
     yield from _rope_tensors(config, arch)
+
+
+def _stacked_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each layer's per-expert matrices (``mlp.experts.N.gate_proj.weight``) stacked by projection
+    (``mlp.experts.gate_proj.weight`` [experts, out, in]), as llama.cpp's converter writes them."""
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
+    out = {}
+    for name, tensor in state.items():
+        if match := re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+\.weight)", name):
+            stacks.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = tensor
+        else:
+            out[name] = tensor
+    return out | {name: torch.stack([experts[i] for i in sorted(experts)]) for name, experts in stacks.items()}
 
 
 def _rope_tensors(config: dict, arch: str):
@@ -179,7 +200,7 @@ def random_k_blocks(shape: tuple[int, ...], kind: Q, rng: np.random.Generator) -
         data[..., :4] = scales
     else:  # Q6_K: d ends it
         data[..., -2:] = scales
-    return data.reshape(rows, blocks * block_bytes)
+    return data.reshape(*shape[:-1], blocks * block_bytes)
 
 
 def bpe_metadata(folder: Path, pre: str = "gpt2") -> dict:

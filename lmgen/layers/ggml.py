@@ -12,6 +12,11 @@ quantization, the GGUF loader dequantizes every tensor instead (lmgen/loader/ggu
 A fused layer (q/k/v, gate/up) stacks its checkpoint tensors' rows, which GGUF files may store in
 different types (Q4_K_M keeps v in Q6_K or Q8_0 beside q and k in Q4_K): each part keeps its type
 (``layout``: (type, rows) per part), and rows are as many bytes apart as the widest part's.
+
+A mixture of experts' stacked projection (lmgen.layers.moe.ExpertLinear) keeps its experts' blocks as
+the file stores them, weight uint8 [experts, out, bytes per row], one layout for all (a file stores
+each projection's experts in one tensor of one type); each chosen expert runs as
+``moe.expert_view``, a GGMLLinear over its slice of the stack (no copy).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 
 from lmgen.errors import UnsupportedModelError
 from lmgen.layers.linear import Embedding, FusedLinear, KernelOperands, Linear
+from lmgen.layers.moe import ExpertLinear
 
 #: ggml type -> (values, bytes) of its block: the types lmgen's kernels read (gguf's GGML_QUANT_SIZES)
 BLOCK_FORMATS = {8: (32, 34), 2: (32, 18), 6: (32, 22), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
@@ -56,16 +62,17 @@ def readable(ggml_type: int, in_features: int) -> bool:
 
 
 class GGMLLinear(nn.Module):
-    """A linear layer over GGUF blocks: one ggml type per part (a fused layer's shards, else one)."""
+    """A linear layer over GGUF blocks: one ggml type per part (a fused layer's shards, else one); or a stack
+    of experts' (``stack``: [experts], the weight's leading dimension)."""
 
     def __init__(self, linear: Linear | Embedding, types: list[int]) -> None:
         super().__init__()
-        self.out_features, self.in_features = linear.weight.shape
+        *self.stack, self.out_features, self.in_features = linear.weight.shape
         self.shard_sizes = getattr(linear, "shard_sizes", None)  # the loader fills a fused layer's shards
         sizes = self.shard_sizes or [self.out_features]
         self.types = list(types)
         stride = max(row_bytes(t, self.in_features) for t in types)
-        self.weight = nn.Parameter(torch.empty(self.out_features, stride, dtype=torch.uint8,
+        self.weight = nn.Parameter(torch.empty(*self.stack, self.out_features, stride, dtype=torch.uint8,
                                                device=linear.weight.device), requires_grad=False)
         self.layout = torch.tensor(list(zip(types, sizes)), dtype=torch.int64)  # what gemv_blocks reads
         self.bias = getattr(linear, "bias", None)
@@ -81,8 +88,9 @@ class GGMLLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def kernel_operands(self) -> KernelOperands:
-        """(blocks, layout, no zeros, bias): cpu.cpp's product() tells blocks by their uint8 and no zeros."""
-        return self.weight, self.layout, None, self.bias
+        """(blocks, layout, no zeros, bias): cpu.cpp's product() tells blocks by their uint8 and no zeros. A
+        stack's layout is the same for each expert (cpu.cpp's expert() takes each operand's slice)."""
+        return self.weight, self.layout.expand(*self.stack, *self.layout.shape), None, self.bias
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight [out_features, in_features]."""
@@ -123,7 +131,7 @@ class GGMLEmbedding(GGMLLinear):
 
 def weight_tensors(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
     """(module name, module, the checkpoint tensors its weight is made of) of each embedding table and each
-    linear (a fused one's shards in order) that blocks can hold; expert stacks are not among them."""
+    linear (a fused one's shards in order) and each stack of experts' projections that blocks can hold."""
     fused = {}  # fused module name -> its shards' checkpoint module names, in order
     for part, (module, shard) in getattr(model, "packed_modules", {}).items():
         fused.setdefault(module, {})[shard] = part
@@ -131,7 +139,7 @@ def weight_tensors(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
     for name, module in model.named_modules():
         if type(module) is Embedding:
             found.append((name, module, [f"{name}.weight"]))
-        elif type(module) in (Linear, FusedLinear):
+        elif type(module) in (Linear, FusedLinear, ExpertLinear):
             parent, _, leaf = name.rpartition(".")
             shards = fused.get(leaf)
             found.append((name, module, [f"{parent}.{shards[i]}.weight" for i in sorted(shards)] if shards
@@ -145,11 +153,11 @@ def prepare_ggml(model: nn.Module, types: dict[str, int]) -> dict[str, int]:
     (lmgen name -> stride), which the GGUF loader copies their blocks into."""
     strides = {}
     for name, module, tensors in weight_tensors(model):
-        in_features = module.weight.shape[1]
+        in_features = module.weight.shape[-1]
         if not all(t in types and readable(types[t], in_features) for t in tensors):
             continue
         swapped = (GGMLEmbedding(module, types[tensors[0]]) if isinstance(module, Embedding)
                    else GGMLLinear(module, [types[t] for t in tensors]))
         model.set_submodule(name, swapped)
-        strides.update(dict.fromkeys(tensors, swapped.weight.shape[1]))
+        strides.update(dict.fromkeys(tensors, swapped.weight.shape[-1]))
     return strides

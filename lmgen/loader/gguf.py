@@ -19,7 +19,7 @@ import mmap
 import re
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,9 @@ class GGUFCheckpoint:
     def hf_config(self) -> dict:
         """The config.json this file's model would have (the keys lmgen's family reads)."""
         family, meta = self.family(), _Metadata(self)
-        return {"architectures": [family.architecture], **family.config(meta),
+        architecture = family.experts_architecture if family.experts_architecture and meta("expert_count", 0) \
+            else family.architecture
+        return {"architectures": [architecture], **family.config(meta),
                 "vocab_size": self._shape("token_embd.weight")[0],
                 "tie_word_embeddings": "output.weight" not in self.tensors,
                 "bos_token_id": meta.token_id("bos"), "eos_token_id": meta.token_id("eos"),
@@ -208,14 +210,19 @@ class GGUFCheckpoint:
             if info.name in CONFIG_TENSORS:
                 continue
             name = lmgen_name(info.name, family)
+            if info.name.endswith("ffn_gate_inp_shexp.weight") and len(info.shape) == 1:
+                info = replace(info, shape=(1, *info.shape))  # Qwen2-MoE's shared expert gate: a linear of one output
+            if len(info.shape) == 3:  # a stack of experts: each expert's matrix, read into its place in lmgen's stack
+                yield from _experts(name, GGUFTensor(self._buffer, info, dtype, row_stride=blocks.get(name, 0)))
+                continue
             shift = family.norm_shift if info.name.endswith("norm.weight") else 0.0
             yield name, GGUFTensor(self._buffer, info, dtype, *_permuted_rows(info, family, config), shift,
                                    blocks.get(name, 0))
 
     def matrix_types(self) -> dict[str, int]:
-        """The ggml type of each matrix, by lmgen's name."""
+        """The ggml type of each matrix and each stack of experts' matrices, by lmgen's name."""
         family = self.family()
-        return {lmgen_name(info.name, family): info.ggml_type for info in self.tensors.values() if len(info.shape) == 2}
+        return {lmgen_name(info.name, family): info.ggml_type for info in self.tensors.values() if len(info.shape) > 1}
 
     def read_floats(self, name: str) -> list[float]:
         """A small tensor's values (rope factors the config needs)."""
@@ -379,6 +386,17 @@ class GGUFTensor:
         return values.reshape(-1)
 
 
+def _experts(name: str, stack: GGUFTensor) -> Iterator[tuple[str, GGUFTensor]]:
+    """A stack of experts' matrices [experts, out, in] (``...experts.gate_proj.weight``) as each expert's
+    (``...experts.N.gate_proj.weight``: lmgen/loader/checkpoint.py loads it at index N of its stack)."""
+    info, (parent, _, leaf) = stack.info, name.rpartition(".experts.")
+    count, nbytes = info.shape[0], info.nbytes // info.shape[0]
+    for expert in range(count):
+        one = replace(info, name=f"{info.name}[{expert}]", shape=info.shape[1:], start=info.start + expert * nbytes,
+                      nbytes=nbytes)
+        yield f"{parent}.experts.{expert}.{leaf}", replace(stack, info=one)
+
+
 # ---- llama.cpp's names and layouts -> lmgen's --------------------------------------------------
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "position_embd": "model.embed_positions",
                  "output_norm": "model.norm", "output": "lm_head"}
@@ -389,6 +407,11 @@ _BLOCK_NAMES = {
     "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
     "post_ffw_norm": "post_feedforward_layernorm",
+    # a mixture of experts: the router, each projection's experts stacked [experts, out, in], a shared expert
+    "ffn_gate_inp": "mlp.router", "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 #: tensors that are config, not weights: rope frequency factors (read into the rope's settings)
 CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
@@ -487,6 +510,8 @@ def _llama_config(meta: _Metadata) -> dict:
     }
     if (window := meta("attention.sliding_window", None)) is not None:
         config["sliding_window"] = window
+    if experts := meta("expert_count", 0):  # a mixture of experts
+        config |= {"num_local_experts": experts, "num_experts_per_tok": meta("expert_used_count")}
     return config
 
 
@@ -515,6 +540,15 @@ def _gemma3_config(meta: _Metadata) -> dict:
     return config | {"rope_parameters": {"full_attention": config["rope_parameters"], "sliding_attention": local}}
 
 
+def _qwen_moe_config(meta: _Metadata, norm_topk: bool) -> dict:
+    """Qwen2-MoE and Qwen3-MoE: experts in every layer (as llama.cpp runs them; its qwen3moe renormalises the
+    chosen experts' weights, its qwen2moe does not), Qwen2-MoE's shared expert where the file has one."""
+    return _llama_config(meta) | {
+        "moe_intermediate_size": meta("expert_feed_forward_length"), "norm_topk_prob": norm_topk,
+        "shared_expert_intermediate_size": meta("expert_shared_feed_forward_length", 0),
+        "qkv_bias": meta.has("blk.0.attn_q.bias")}
+
+
 def _gpt2_config(meta: _Metadata) -> dict:
     return {"n_embd": meta("embedding_length"), "n_layer": meta("block_count"), "n_head": meta("attention.head_count"),
             "n_inner": meta("feed_forward_length"), "n_positions": meta("context_length"),
@@ -530,12 +564,16 @@ class Family:
     permuted_qk: bool = False  # llama.cpp's converter permuted q and k (LlamaModel and its subclasses)
     norm_shift: float = 0.0  # added to norm weights (Gemma's converter stores 1 + w)
     renames: dict[str, str] = field(default_factory=dict)  # block tensor names of this family's own
+    experts_architecture: str | None = None  # lmgen's registry name for a file with experts (Mixtral is llama)
 
 
 FAMILIES = {
-    "llama": Family("LlamaForCausalLM", _llama_config, permuted_qk=True),  # Mistral's files too
+    "llama": Family("LlamaForCausalLM", _llama_config, permuted_qk=True,  # Mistral's and Mixtral's files too
+                    experts_architecture="MixtralForCausalLM"),
     "qwen2": Family("Qwen2ForCausalLM", _llama_config),
     "qwen3": Family("Qwen3ForCausalLM", _llama_config),
+    "qwen2moe": Family("Qwen2MoeForCausalLM", lambda meta: _qwen_moe_config(meta, norm_topk=False)),
+    "qwen3moe": Family("Qwen3MoeForCausalLM", lambda meta: _qwen_moe_config(meta, norm_topk=True)),
     "gemma2": Family("Gemma2ForCausalLM", lambda meta: _gemma_config(meta, every=2), norm_shift=-1.0),
     "gemma3": Family("Gemma3ForCausalLM", _gemma3_config, norm_shift=-1.0),
     "phi3": Family("Phi3ForCausalLM", _llama_config, renames={"ffn_up": "mlp.gate_up_proj"}),

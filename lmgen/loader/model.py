@@ -99,14 +99,16 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     rank_spec = spec if shard is None else shard.spec(spec)
     recipe = quantization is not None and quantization.method in RECIPES
     recipe_blocks = recipe and device.type == "cpu" and shard is None and kernels.load()  # a recipe kept as blocks
-    check_weights_fit(_meta_model(cls, rank_spec, max_model_len, dtype, quantization, recipe_blocks), device,
-                      map_weights)
+    file_blocks = (gguf_blocks and checkpoint.gguf is not None and quantization is None and device.type == "cpu"
+                   and kernels.load())  # a GGUF file's linears kept in their block formats
+    file_types = checkpoint.gguf.matrix_types() if file_blocks else {}
+    meta_model = _meta_model(cls, rank_spec, max_model_len, dtype, quantization, recipe_blocks)
+    prepare_ggml(meta_model, file_types)  # counted as the blocks they stay
+    check_weights_fit(meta_model, device, map_weights)
     with build_context(device, dtype):
         model = cls(rank_spec, max_model_len)
     check_contract(model)
-    blocks = {}
-    if gguf_blocks and checkpoint.gguf is not None and quantization is None and device.type == "cpu" and kernels.load():
-        blocks = prepare_ggml(model, checkpoint.gguf.matrix_types())
+    blocks = prepare_ggml(model, file_types)
     tensors = _tensors(checkpoint, cls, dtype, saved is not None, blocks)
     in_file = (_embeddings_in_file(model, checkpoint.gguf, dtype, blocks) if checkpoint.gguf is not None
                and quantization is None and shard is None and device.type == "cpu" and not map_weights else [])

@@ -37,6 +37,9 @@ ARCHITECTURES = {
     "qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}),
     "gemma2": ("gemma2", {"query_pre_attn_scalar": 16}), "gemma3": ("gemma3", {}), "phi3": ("phi3", {}),
     "olmo2": ("olmo2", {}), "granite": ("granite", {}), "smollm3": ("smollm3", {}), "gpt2": ("gpt2", {}),
+    # mixtures of experts: experts in every layer, Mixtral as llama without its sliding window (llama.cpp's way)
+    "qwen2-moe": ("qwen2moe", {}), "qwen3-moe": ("qwen3moe", {"mlp_only_layers": None}),
+    "mixtral": ("llama", {"sliding_window": None}),
 }
 
 
