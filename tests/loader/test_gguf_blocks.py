@@ -70,6 +70,15 @@ def _outputs(llm: LLM) -> list[tuple[list[int], list]]:
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(PROMPTS, PARAMS)]
 
 
+def _assert_same_tokens_close_logprobs(native: LLM, dequantized: LLM) -> None:
+    """The same greedy tokens; each chosen token's log-probability within 0.05 of the float32 product's."""
+    for (tokens, logprobs), (tokens_f, logprobs_f) in zip(_outputs(native), _outputs(dequantized)):
+        assert tokens == tokens_f
+        for step, step_f in zip(logprobs, logprobs_f):
+            chosen = next(iter(step_f))
+            assert abs(step[chosen].logprob - step_f[chosen].logprob) < 0.05
+
+
 def test_blocks_generate_what_the_dequantized_file_generates(mixed_file):
     """The kernels multiply the same weights with activations rounded to int8 per block (as llama.cpp):
     the same greedy tokens, and log-probabilities within 0.05 of the float32 product's."""
@@ -81,11 +90,7 @@ def test_blocks_generate_what_the_dequantized_file_generates(mixed_file):
     assert isinstance(native.engine.model.model.embed_tokens, GGMLEmbedding)  # rows dequantized when looked up
     dequantized = LLM(str(mixed_file), dtype="float32", kv_cache_memory="16MiB")
     assert type(dequantized.engine.model.model.layers[0].self_attn.qkv_proj) is FusedLinear
-    for (tokens, logprobs), (tokens_f, logprobs_f) in zip(_outputs(native), _outputs(dequantized)):
-        assert tokens == tokens_f
-        for step, step_f in zip(logprobs, logprobs_f):
-            chosen = next(iter(step_f))
-            assert abs(step[chosen].logprob - step_f[chosen].logprob) < 0.05
+    _assert_same_tokens_close_logprobs(native, dequantized)
 
 
 def test_an_untied_embedding_table_is_a_view_of_the_file_never_copied(mixed_file):
@@ -147,11 +152,7 @@ def test_experts_in_blocks_generate_what_the_dequantized_file_generates(moe_file
         assert all(p.dtype == torch.uint8 for p in experts.parameters())
     dequantized = LLM(str(moe_file), dtype="float32", kv_cache_memory="16MiB")
     assert dequantized.engine.model.model.layers[0].mlp.experts.gate_up_proj.weight.dtype == torch.float32
-    for (tokens, logprobs), (tokens_f, logprobs_f) in zip(_outputs(native), _outputs(dequantized)):
-        assert tokens == tokens_f
-        for step, step_f in zip(logprobs, logprobs_f):
-            chosen = next(iter(step_f))
-            assert abs(step[chosen].logprob - step_f[chosen].logprob) < 0.05
+    _assert_same_tokens_close_logprobs(native, dequantized)
 
 
 def test_the_dequantized_file_generates_what_transformers_generates_from_it(moe_file):
