@@ -495,7 +495,6 @@ class ToolCalling:
         return StructuredOutputs(grammar=self.parser.forced_grammar(functions, definitions, parallel))
 
 
-
 def _check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
     """The `function` of each tool, checked: OpenAI's {"type": "function", "function": {"name": ...}}."""
     functions = []
