@@ -472,25 +472,6 @@ struct QuantizedRows {
   std::vector<float> rounded_sums;  // [M, groups]: dx * sum of xq over the group
 };
 
-inline int32_t horizontal_sum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
-}
-
-// 32 floats times `inverse`, rounded to the nearest integer (even on ties, as lrintf) as int8.
-// Adds the integers to `sum`.
-inline __m256i quantize_block(const float* x, __m256 inverse, __m256i& sum) {
-  __m256i v[4];
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), inverse));
-    sum = _mm256_add_epi32(sum, v[i]);
-  }
-  // the packs interleave 128-bit lanes: columns 0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31
-  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
-
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   const int64_t groups = M * K / G;
   QuantizedRows q{std::vector<int8_t>(M * K), std::vector<float>(groups), std::vector<float>(groups),
@@ -511,10 +492,10 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
     __m256i rounded_sum = _mm256_setzero_si256();
     for (int64_t i = 0; i < G; i += 32)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.values.data() + g * G + i),
-                          quantize_block(group + i, inverse, rounded_sum));
+                          lmgen::round_to_int8(group + i, inverse, rounded_sum));
     q.scales[g] = top / 127.0f;
     q.sums[g] = horizontal_sum(sum);
-    q.rounded_sums[g] = q.scales[g] * static_cast<float>(horizontal_sum(rounded_sum));
+    q.rounded_sums[g] = q.scales[g] * static_cast<float>(lmgen::lane_sum(rounded_sum));
   }
   return q;
 }
@@ -606,13 +587,6 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return rounded_output(sums, x, N);
 }
 
-// x's 4 int8 values at p in every 32-bit lane (one broadcast load).
-inline __m256i broadcast4(const int8_t* p) {
-  int32_t four;
-  std::memcpy(&four, p, sizeof four);
-  return _mm256_set1_epi32(four);
-}
-
 // The dot products of 8 weight rows' levels with R rows of x's quantized values xq (x_stride apart)
 // over G columns, as int32s (sums[r] lane i: row i): `chunks` points at the 8 rows' first 8-column chunk of those columns. Each
 // chunk's lane i holds row i's 8 levels, so each vpmaddubsw takes x's same 4 columns broadcast to
@@ -629,8 +603,8 @@ inline void int4_group_sums(const uint8_t* chunks, const int8_t* xq, int64_t x_s
       const __m256i low_levels = _mm256_and_si256(packed, mask);
       const __m256i high_levels = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
       for (int r = 0; r < R; ++r) {  // the levels unpacked once for R rows of x
-        low[r] = _mm256_add_epi16(low[r], _mm256_maddubs_epi16(low_levels, broadcast4(xq + r * x_stride + k)));
-        high[r] = _mm256_add_epi16(high[r], _mm256_maddubs_epi16(high_levels, broadcast4(xq + r * x_stride + k + 4)));
+        low[r] = _mm256_add_epi16(low[r], _mm256_maddubs_epi16(low_levels, lmgen::broadcast4(xq + r * x_stride + k)));
+        high[r] = _mm256_add_epi16(high[r], _mm256_maddubs_epi16(high_levels, lmgen::broadcast4(xq + r * x_stride + k + 4)));
       }
     }
     for (int r = 0; r < R; ++r)
@@ -1663,8 +1637,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(const at::Tensor& x, const std:
 
 }  // namespace
 
-void lmgen::parallel_output_rows(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
-  for_each_output_range(n, 1, body);
+void lmgen::parallel_output_rows(int64_t n, int64_t unit, const std::function<void(int64_t, int64_t)>& body) {
+  for_each_output_range(n, unit, body);
 }
 
 TORCH_LIBRARY(lmgen, m) {

@@ -9,9 +9,13 @@
 //   sum_k w_k x_k = d * dx * sum_k s_k q_k xq_k - sum over sub-blocks of m * sum_k x_k,
 // q times xq in one vpmaddubsw (unsigned times signed: signed levels give their magnitude, x
 // carrying their sign; pairs within int16: |q| <= 128, |xq| <= 127), the integer scales in the
-// vpmaddwd that adds the pairs, int32 sums over the block, then one FMA in float32; the offsets' term
-// takes the sums of the rounded x per 32 (as llama.cpp's bsums), so that a product is exactly the
-// dequantized weight's with the rounded x. Decoding costs a few instructions per 32 weights.
+// vpmaddwd that adds the pairs, int32 sums over the block, then one FMA in float32. The offsets' term
+// is integer work too: each sub-block's offset level (8 or 16 for Q4_0 and Q5_0, the K-quants' 6-bit
+// minimums) times the integer sum of its 32 rounded x (as llama.cpp's bsums), summed over the block,
+// scaled once a block (d for Q4_0 and Q5_0, folded into the block's integer sum; dmin for the K-quants),
+// so that a product is exactly the dequantized weight's with the rounded x. Decoding costs a few
+// instructions per 32 weights (a float multiply-add per sub-block for the offsets, which chained one
+// after another, cost Q5_0 and Q4_K a tenth of their speed).
 
 #include "ggml_blocks.h"
 
@@ -67,28 +71,29 @@ inline __m256i bits_as_16s(uint32_t bits) {
 }
 
 // The K-quants' 6-bit scales and minimums of the 8 sub-blocks, packed into 12 bytes: sub-blocks 0-3's
-// in the low 6 bits of bytes 0-3 and 4-7, sub-blocks 4-7's low 4 bits in bytes 8-11 (scale low
-// nibble, minimum high) and their top 2 bits in the top bits of bytes 0-3 and 4-7. Unpacked once per
-// block, all at once: per sub-block, with the sub-block a variable, it was the kernel's bottleneck.
-inline void scales_and_mins(const uint8_t* s, int16_t scale[8], int16_t min[8]) {
+// in the low 6 bits of bytes 0-3 (scales) and 4-7 (minimums), sub-blocks 4-7's low 4 bits in bytes
+// 8-11 (scale low nibble, minimum high) and their top 2 bits in the top bits of bytes 0-3 and 4-7.
+// Unpacked once per block, all at once: per sub-block, with the sub-block a variable, it was the
+// kernel's bottleneck. `minimums`: the minimums (bytes 4-7 and the high nibbles) instead of the scales.
+inline void six_bit_values(const uint8_t* s, bool minimums, int16_t out[8]) {
+  const uint8_t* low = s + (minimums ? 4 : 0);
   for (int j = 0; j < 4; ++j) {
-    scale[j] = s[j] & 63;
-    min[j] = s[j + 4] & 63;
-    scale[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-    min[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    out[j] = low[j] & 63;
+    out[j + 4] = ((s[j + 8] >> (minimums ? 4 : 0)) & 0x0F) | ((low[j] >> 6) << 4);
   }
 }
 
-// Each format: its block's values and bytes, whether its levels are unsigned and it has offsets,
-// scale(block): d, and sub_blocks(block, f), which calls f(sub-block index, q, integer scales, m)
-// for each sub-block of 32 values in order.
+// Each format: its block's values and bytes, whether its levels are unsigned, scale(block): d,
+// sub_blocks(block, f), which calls f(sub-block index, q, integer scales) for each sub-block of 32
+// values in order, and where it has offsets (w = d * s * q - offset_scale * offset level),
+// offset_levels(block, levels): each sub-block's, and offset_scale(block).
 struct Q8_0 {
   static constexpr int64_t kValues = 32, kBytes = 34;
   static constexpr bool kUnsigned = false, kOffset = false;
   static float scale(const uint8_t* b) { return half_at(b); }
   template <typename F>
   static void sub_blocks(const uint8_t* b, F&& f) {
-    f(0, load32(b + 2), scales16(1, 1), 0.0f);
+    f(0, load32(b + 2), scales16(1, 1));
   }
 };
 
@@ -96,9 +101,11 @@ struct Q4_0 {
   static constexpr int64_t kValues = 32, kBytes = 18;
   static constexpr bool kUnsigned = true, kOffset = true;  // w = d * (q - 8): levels q, offset 8 d
   static float scale(const uint8_t* b) { return half_at(b); }
+  static float offset_scale(const uint8_t* b) { return half_at(b); }
+  static void offset_levels(const uint8_t*, int16_t levels[1]) { levels[0] = 8; }
   template <typename F>
   static void sub_blocks(const uint8_t* b, F&& f) {
-    f(0, split_nibbles(b + 2), scales16(1, 1), 8.0f * half_at(b));
+    f(0, split_nibbles(b + 2), scales16(1, 1));
   }
 };
 
@@ -106,11 +113,13 @@ struct Q5_0 {
   static constexpr int64_t kValues = 32, kBytes = 22;
   static constexpr bool kUnsigned = true, kOffset = true;  // w = d * (q - 16): levels q, offset 16 d
   static float scale(const uint8_t* b) { return half_at(b); }
+  static float offset_scale(const uint8_t* b) { return half_at(b); }
+  static void offset_levels(const uint8_t*, int16_t levels[1]) { levels[0] = 16; }
   template <typename F>
   static void sub_blocks(const uint8_t* b, F&& f) {
     uint32_t fifth;
     std::memcpy(&fifth, b + 2, sizeof fifth);
-    f(0, _mm256_or_si256(split_nibbles(b + 6), bits_as_16s(fifth)), scales16(1, 1), 16.0f * half_at(b));
+    f(0, _mm256_or_si256(split_nibbles(b + 6), bits_as_16s(fifth)), scales16(1, 1));
   }
 };
 
@@ -121,20 +130,21 @@ struct QK_Nibbles {
   static constexpr int64_t kValues = 256, kBytes = kFifthBit ? 176 : 144;
   static constexpr bool kUnsigned = true, kOffset = true;
   static float scale(const uint8_t* b) { return half_at(b); }
+  static float offset_scale(const uint8_t* b) { return half_at(b + 2); }  // dmin
+  static void offset_levels(const uint8_t* b, int16_t levels[8]) { six_bit_values(b + 4, true, levels); }
   template <typename F>
   static void sub_blocks(const uint8_t* b, F&& f) {
-    const float dmin = half_at(b + 2);
     const uint8_t* levels = b + (kFifthBit ? 48 : 16);
     const __m256i fifth = kFifthBit ? load32(b + 16) : _mm256_setzero_si256();
-    int16_t scale[8], min[8];
-    scales_and_mins(b + 4, scale, min);
+    int16_t scale[8];
+    six_bit_values(b + 4, false, scale);
     for (int j = 0; j < 4; ++j) {
       const __m256i v = load32(levels + 32 * j);
       __m256i q[2] = {low_nibbles(v), high_nibbles(v)};
       for (int h = 0; h < 2; ++h) {
         const int sub = 2 * j + h;
         if constexpr (kFifthBit) q[h] = _mm256_or_si256(q[h], high_bits(fifth, sub, 1));
-        f(sub, q[h], _mm256_set1_epi16(scale[sub]), dmin * min[sub]);
+        f(sub, q[h], _mm256_set1_epi16(scale[sub]));
       }
     }
   }
@@ -159,7 +169,7 @@ struct Q6_K {
       for (int t = 0; t < 4; ++t) {
         const __m256i q = _mm256_sub_epi8(_mm256_or_si256(nibbles[t], high_bits(pairs, 2 * t, 3)), _mm256_set1_epi8(32));
         const int8_t* s = scales + 8 * half + 2 * t;
-        f(4 * half + t, q, scales16(s[0], s[1]), 0.0f);
+        f(4 * half + t, q, scales16(s[0], s[1]));
       }
     }
   }
@@ -179,30 +189,48 @@ void with_format(int64_t type, F&& body) {
 }
 
 // Activation rows [M, K] rounded to int8 in blocks of `block` values: a scale per block, and the sum
-// of every 32 rounded values, scaled (the offsets' term).
+// of every 32 rounded values (the offsets' term; |sum| <= 32 * 127 fits int16).
 struct QuantizedRows {
   int64_t K, block;
   std::vector<int8_t> values;
-  std::vector<float> scales, sums;
+  std::vector<float> scales;
+  std::vector<int16_t> sums;
 };
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t block) {
   QuantizedRows q{K, block, std::vector<int8_t>(M * K), std::vector<float>(M * K / block),
-                  std::vector<float>(M * K / kSub)};
+                  std::vector<int16_t>(M * K / kSub)};
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t b = 0; b < M * K / block; ++b) {
     const float* v = x + b * block;
-    float top = 0.0f;
-    for (int64_t i = 0; i < block; ++i) top = std::max(top, std::fabs(v[i]));
-    const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
-    for (int64_t i = 0; i < block; ++i) q.values[b * block + i] = static_cast<int8_t>(std::nearbyint(v[i] * inverse));
+    __m256 largest = _mm256_setzero_ps();
+    for (int64_t i = 0; i < block; i += 8) largest = _mm256_max_ps(largest, _mm256_and_ps(_mm256_loadu_ps(v + i), magnitude));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, largest);
+    const float top = *std::max_element(lanes, lanes + 8);
+    const __m256 inverse = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+    for (int64_t i = 0; i < block; i += kSub) {
+      __m256i sum = _mm256_setzero_si256();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.values.data() + b * block + i), round_to_int8(v + i, inverse, sum));
+      q.sums[(b * block + i) / kSub] = static_cast<int16_t>(lane_sum(sum));
+    }
     q.scales[b] = top / 127.0f;
   }
-  for (int64_t g = 0; g < M * K / kSub; ++g) {
-    int32_t sum = 0;
-    for (int64_t i = 0; i < kSub; ++i) sum += q.values[g * kSub + i];
-    q.sums[g] = q.scales[g * kSub / block] * static_cast<float>(sum);
-  }
   return q;
+}
+
+// Sum over a block's sub-blocks of offset level times the sub-block's sum of rounded x.
+template <int64_t kSubs>
+inline int32_t offset_sum(const int16_t (&levels)[kSubs], const int16_t* sums) {
+  if constexpr (kSubs == 1) {
+    return levels[0] * sums[0];
+  } else {
+    static_assert(kSubs == 8, "K-quant blocks have 8 sub-blocks");
+    __m128i s = _mm_madd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(levels)),
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(sums)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+  }
 }
 
 inline float horizontal_sum(__m256 v) {
@@ -214,28 +242,39 @@ inline float horizontal_sum(__m256 v) {
 // y[m * ldy] = weight row . x row m, for the R activation rows from m0 (x in blocks of T::kValues).
 template <typename T, int R>
 void dot_row(const uint8_t* row, const QuantizedRows& x, int64_t m0, float* y, int64_t ldy) {
+  constexpr int64_t kSubs = T::kValues / kSub;
   const int64_t K = x.K, groups = K / kSub, blocks = K / T::kValues;
   const int8_t* xq = x.values.data() + m0 * K;
   const float* dx = x.scales.data() + m0 * blocks;
-  const float* sums = x.sums.data() + m0 * groups;
+  const int16_t* sums = x.sums.data() + m0 * groups;
   __m256 acc[R];
-  float offsets[R];
+  float offsets[R];  // the K-quants' offsets' term (Q4_0's and Q5_0's is in their integer sums)
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offsets[r] = 0.0f;
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* block = row + b * T::kBytes;
     _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);
     __m256i sum[R];
     for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
-    T::sub_blocks(block, [&](int sub, __m256i q, __m256i scales, float m) {
-      const int64_t g = b * (T::kValues / kSub) + sub;
+    T::sub_blocks(block, [&](int sub, __m256i q, __m256i scales) {
+      const int64_t g = b * kSubs + sub;
       const __m256i magnitude = T::kUnsigned ? q : _mm256_sign_epi8(q, q);
       for (int r = 0; r < R; ++r) {
         const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + g * kSub));
         const __m256i signed_x = T::kUnsigned ? xr : _mm256_sign_epi8(xr, q);
         sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_x), scales));
-        if constexpr (T::kOffset) offsets[r] += m * sums[r * groups + g];
       }
     });
+    if constexpr (T::kOffset) {
+      int16_t levels[kSubs];
+      T::offset_levels(block, levels);
+      for (int r = 0; r < R; ++r) {
+        const int32_t offset = offset_sum(levels, sums + r * groups + b * kSubs);
+        if constexpr (kSubs == 1)  // Q4_0, Q5_0: w = d * (q - level), one integer sum
+          sum[r] = _mm256_sub_epi32(sum[r], _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0));
+        else
+          offsets[r] += T::offset_scale(block) * dx[r * blocks + b] * static_cast<float>(offset);
+      }
+    }
     const float d = T::scale(block);
     for (int r = 0; r < R; ++r)
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx[r * blocks + b]), acc[r]);
@@ -255,9 +294,138 @@ void product_rows(const uint8_t* rows, int64_t stride, const QuantizedRows& x, i
   }
 }
 
+// ---- Q4_K laid out 8 rows at a time ----------------------------------------------------------------
+// Row by row, a Q4_K product decodes a sub-block per instruction sequence and reduces each row's sum
+// across lanes: as many instructions again as the multiplies, which bound it (9-10 GB/s a core, where
+// DRAM gives more). Laid out 8 rows at a time (pack_blocks, once after loading; "x8"), a super-block's
+// 8 rows lie together, their levels in 8-column chunks with row i in lane i (as cpu.cpp's int4 kernel
+// reads them), so each vpmaddubsw multiplies 4 columns of all 8 rows, their scales and minimums are
+// vectors, and the sums land one row per lane. Per 8 rows and super-block, 1184 bytes (148 a row, the
+// file's 144 with the 6-bit scales and minimums as bytes):
+//   d [row 8] f16 | dmin [row 8] f16 | scales [sub-block 8][row 8] | minimums [sub-block pair 4][row 8][2] |
+//   levels [sub-block 8][chunk 4][row 8][4]: byte j of a row's 4 holds its column 8 c + j (low nibble) and
+//   8 c + j + 4 (high) of the sub-block
+constexpr int64_t kPacked = 256;  // added to a ggml type: its rows laid out 8 at a time
+constexpr int64_t kQ4_Kx8 = kQ4_K + kPacked;
+constexpr int64_t kX8Bytes = 1184, kX8Dmin = 16, kX8Scales = 32, kX8Mins = 96, kX8Levels = 160;
+
+inline int64_t x8_min_at(int sub, int row) { return kX8Mins + 16 * (sub / 2) + 2 * row + sub % 2; }
+inline int64_t x8_level_at(int sub, int column, int row) {  // the byte; column % 8 >= 4: its high nibble
+  return kX8Levels + (4 * sub + column / 8) * 32 + 4 * row + column % 4;
+}
+
+// 8 rows of Q4_K blocks (`stride` bytes apart) -> their x8 layout in `out`.
+void pack_q4_k_rows(const uint8_t* rows, int64_t stride, int64_t blocks, uint8_t* out) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    uint8_t* o = out + b * kX8Bytes;
+    for (int i = 0; i < 8; ++i) {
+      const uint8_t* block = rows + i * stride + b * Q4_K::kBytes;
+      std::memcpy(o + 2 * i, block, 2);
+      std::memcpy(o + kX8Dmin + 2 * i, block + 2, 2);
+      int16_t scale[8], min[8];
+      six_bit_values(block + 4, false, scale);
+      six_bit_values(block + 4, true, min);
+      for (int sub = 0; sub < 8; ++sub) {
+        o[kX8Scales + 8 * sub + i] = static_cast<uint8_t>(scale[sub]);
+        o[x8_min_at(sub, i)] = static_cast<uint8_t>(min[sub]);
+        // sub-block 2j + h: bytes 32 j .. 32 j + 31, nibble h; byte 8c + k (k < 4) then holds 8c + k + 4 too
+        const __m256i levels = low_nibbles(_mm256_srli_epi16(load32(block + 16 + 32 * (sub / 2)), 4 * (sub % 2)));
+        alignas(32) uint32_t chunks[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(chunks),
+                           _mm256_or_si256(levels, _mm256_slli_epi16(_mm256_srli_si256(levels, 4), 4)));
+        for (int c = 0; c < 4; ++c) std::memcpy(o + x8_level_at(sub, 8 * c, i), chunks + 2 * c, 4);
+      }
+    }
+  }
+}
+
+// Row i of 8 rows in the x8 layout, dequantized (as Q4_K's: w = d * (s * q) - dmin * m).
+void dequantize_q4_kx8_row(const uint8_t* group, int64_t blocks, int i, float* w) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* p = group + b * kX8Bytes;
+    const float d = half_at(p + 2 * i), dmin = half_at(p + kX8Dmin + 2 * i);
+    for (int sub = 0; sub < 8; ++sub) {
+      const int16_t scale = p[kX8Scales + 8 * sub + i];
+      const float m = dmin * static_cast<int16_t>(p[x8_min_at(sub, i)]);
+      for (int v = 0; v < kSub; ++v) {
+        const int q = (p[x8_level_at(sub, v, i)] >> (v % 8 >= 4 ? 4 : 0)) & 0x0F;
+        w[b * 256 + sub * kSub + v] = d * static_cast<float>(scale * q) - m;
+      }
+    }
+  }
+}
+
+// y[r * ldy + i] = row i of the 8 in the x8 layout at `group` . x row m0 + r, for R activation rows.
+template <int R>
+void dot_8_rows_q4_kx8(const uint8_t* group, const QuantizedRows& x, int64_t m0, float* y, int64_t ldy) {
+  const int64_t K = x.K, blocks = K / 256, groups = K / kSub;
+  const int8_t* xq = x.values.data() + m0 * K;
+  const float* dx = x.scales.data() + m0 * blocks;
+  const int16_t* sums = x.sums.data() + m0 * groups;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* p = group + b * kX8Bytes;
+    __m256i scaled[R], offsets[R];  // per row lane: sum of scale * (levels . x), sum of minimum * sum of x
+    for (int r = 0; r < R; ++r) scaled[r] = offsets[r] = _mm256_setzero_si256();
+    for (int sub = 0; sub < 8; ++sub) {
+      const uint8_t* levels = p + kX8Levels + 128 * sub;
+      _mm_prefetch(reinterpret_cast<const char*>(levels) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(levels) + kPrefetchBytes + 64, _MM_HINT_T0);
+      const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + kX8Scales + 8 * sub));
+      const __m256i scales = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(eight, eight));  // row i's in lane i, twice
+      __m256i pairs[R];  // 16-bit pair sums of 32 columns: 4 * 2 * 2 * 15 * 127 < 32768
+      for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        const __m256i packed = load32(levels + 32 * c);
+        const __m256i low = _mm256_and_si256(packed, mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xs = xq + r * K + b * 256 + sub * kSub + 8 * c;
+          pairs[r] = _mm256_add_epi16(pairs[r], _mm256_add_epi16(_mm256_maddubs_epi16(low, broadcast4(xs)),
+                                                                 _mm256_maddubs_epi16(high, broadcast4(xs + 4))));
+        }
+      }
+      for (int r = 0; r < R; ++r) scaled[r] = _mm256_add_epi32(scaled[r], _mm256_madd_epi16(pairs[r], scales));
+    }
+    for (int pair = 0; pair < 4; ++pair) {  // row i's two minimums in lane i, times x's two sub-block sums
+      const __m256i mins = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kX8Mins + 16 * pair)));
+      for (int r = 0; r < R; ++r) {
+        int32_t two;
+        std::memcpy(&two, sums + r * groups + b * 8 + 2 * pair, sizeof two);
+        offsets[r] = _mm256_add_epi32(offsets[r], _mm256_madd_epi16(mins, _mm256_set1_epi32(two)));
+      }
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kX8Dmin)));
+    for (int r = 0; r < R; ++r) {
+      const __m256 scale = _mm256_set1_ps(dx[r * blocks + b]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled[r]), _mm256_mul_ps(d, scale), acc[r]);
+      acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(offsets[r]), _mm256_mul_ps(dmin, scale), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy, acc[r]);
+}
+
+// Output rows [n0, n1) (multiples of 8) of a part in the x8 layout into y [M, ldy].
+void product_rows_q4_kx8(const uint8_t* rows, int64_t stride, const QuantizedRows& x, int64_t M, int64_t n0,
+                         int64_t n1, float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; n += 8) {
+    const uint8_t* group = rows + n * stride;  // 8 rows' bytes, contiguous
+    int64_t m = 0;
+    for (; m + kRowsPerPass <= M; m += kRowsPerPass) dot_8_rows_q4_kx8<kRowsPerPass>(group, x, m, y + m * ldy + n, ldy);
+    for (; m < M; ++m) dot_8_rows_q4_kx8<1>(group, x, m, y + m * ldy + n, ldy);
+  }
+}
+
 void check_blocks(const at::Tensor& blocks, int64_t type, int64_t K, const char* op) {
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.is_cpu(), op,
               ": the blocks must be a contiguous uint8 matrix on the CPU");
+  if (type == kQ4_Kx8) {
+    TORCH_CHECK(K % 256 == 0 && K / 256 * kX8Bytes <= 8 * blocks.size(1), op, ": rows of ", K,
+                " values laid out 8 at a time as Q4_K do not fit rows of ", blocks.size(1), " bytes");
+    return;
+  }
   with_format(type, [&](auto format) {
     using T = decltype(format);
     TORCH_CHECK(K % T::kValues == 0 && K / T::kValues * T::kBytes <= blocks.size(1), op, ": rows of ", K,
@@ -271,18 +439,29 @@ at::Tensor dequantize_blocks(const at::Tensor& blocks, int64_t type, int64_t K) 
   at::Tensor out = at::empty({N, K}, blocks.options().dtype(at::kFloat));
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
+  if (type == kQ4_Kx8) {
+    TORCH_CHECK(N % 8 == 0, "dequantize_blocks: rows laid out 8 at a time come in eights, got ", N);
+    parallel_output_rows(N, 8, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) dequantize_q4_kx8_row(bp + (n - n % 8) * stride, K / 256, n % 8, op + n * K);
+    });
+    return out;
+  }
   with_format(type, [&](auto format) {
     using T = decltype(format);
-    parallel_output_rows(N, [&](int64_t n0, int64_t n1) {
+    parallel_output_rows(N, 1, [&](int64_t n0, int64_t n1) {
       alignas(32) int8_t q[kSub];
       alignas(32) int16_t s[16];
       for (int64_t n = n0; n < n1; ++n) {
         for (int64_t b = 0; b < K / T::kValues; ++b) {
           const uint8_t* block = bp + n * stride + b * T::kBytes;
           const float d = T::scale(block);
-          T::sub_blocks(block, [&](int sub, __m256i levels, __m256i scales, float m) {
+          int16_t offset_levels[T::kValues / kSub] = {};
+          if constexpr (T::kOffset) T::offset_levels(block, offset_levels);
+          T::sub_blocks(block, [&](int sub, __m256i levels, __m256i scales) {
             _mm256_store_si256(reinterpret_cast<__m256i*>(q), levels);
             _mm256_store_si256(reinterpret_cast<__m256i*>(s), scales);
+            float m = 0.0f;
+            if constexpr (T::kOffset) m = T::offset_scale(block) * offset_levels[sub];
             float* w = op + n * K + b * T::kValues + sub * kSub;
             for (int i = 0; i < kSub; ++i) w[i] = d * static_cast<float>(s[i / 2] * q[i]) - m;
           });
@@ -312,16 +491,44 @@ at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& blocks, const at::
     TORCH_CHECK(rows >= 0 && first + rows <= N, "gemv_blocks: the layout's rows exceed the blocks' ", N);
     check_blocks(blocks, type, K, "gemv_blocks");
     const uint8_t* part = blocks.data_ptr<uint8_t>() + first * stride;
-    with_format(type, [&](auto format) {
-      using T = decltype(format);
-      std::optional<QuantizedRows>& xq = by_block[T::kValues == 256];
-      if (!xq) xq = quantize_rows(xf.data_ptr<float>(), M, K, T::kValues);
-      parallel_output_rows(rows, [&](int64_t n0, int64_t n1) { product_rows<T>(part, stride, *xq, M, n0, n1, yp + first, N); });
-    });
+    auto rounded_x = [&](int64_t values) -> const QuantizedRows& {
+      std::optional<QuantizedRows>& xq = by_block[values == 256];
+      if (!xq) xq = quantize_rows(xf.data_ptr<float>(), M, K, values);
+      return *xq;
+    };
+    if (type == kQ4_Kx8) {
+      TORCH_CHECK(rows % 8 == 0, "gemv_blocks: rows laid out 8 at a time come in eights, got ", rows);
+      const QuantizedRows& xq = rounded_x(256);
+      parallel_output_rows(rows, 8, [&](int64_t n0, int64_t n1) { product_rows_q4_kx8(part, stride, xq, M, n0, n1, yp + first, N); });
+    } else {
+      with_format(type, [&](auto format) {
+        using T = decltype(format);
+        const QuantizedRows& xq = rounded_x(T::kValues);
+        parallel_output_rows(rows, 1, [&](int64_t n0, int64_t n1) { product_rows<T>(part, stride, xq, M, n0, n1, yp + first, N); });
+      });
+    }
     first += rows;
   }
   TORCH_CHECK(first == N, "gemv_blocks: the layout covers ", first, " rows of the blocks' ", N);
   return y.to(x.scalar_type());
+}
+
+// Lays rows of blocks (uint8 [rows, stride], rows in eights) out 8 at a time in place, for the products
+// above; returns the type the layout then gives them. Only Q4_K has such a layout.
+int64_t pack_blocks(const at::Tensor& blocks, int64_t type, int64_t K) {
+  TORCH_CHECK(type == kQ4_K, "pack_blocks: only Q4_K rows are laid out 8 at a time, not ggml type ", type);
+  check_blocks(blocks, kQ4_Kx8, K, "pack_blocks");
+  TORCH_CHECK(blocks.size(0) % 8 == 0, "pack_blocks: rows come in eights, got ", blocks.size(0));
+  const int64_t stride = blocks.size(1);
+  uint8_t* bp = blocks.data_ptr<uint8_t>();
+  parallel_output_rows(blocks.size(0), 8, [&](int64_t n0, int64_t n1) {
+    std::vector<uint8_t> rows(8 * stride);
+    for (int64_t n = n0; n < n1; n += 8) {
+      std::memcpy(rows.data(), bp + n * stride, rows.size());
+      pack_q4_k_rows(rows.data(), stride, K / 256, bp + n * stride);
+    }
+  });
+  return kQ4_Kx8;
 }
 
 }  // namespace lmgen
@@ -329,9 +536,11 @@ at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& blocks, const at::
 TORCH_LIBRARY_FRAGMENT(lmgen, m) {
   m.def("gemv_blocks(Tensor x, Tensor blocks, Tensor layout) -> Tensor");
   m.def("dequantize_blocks(Tensor blocks, int ggml_type, int in_features) -> Tensor");
+  m.def("pack_blocks(Tensor(a!) blocks, int ggml_type, int in_features) -> int");
 }
 
 TORCH_LIBRARY_IMPL(lmgen, CPU, m) {
   m.impl("gemv_blocks", &lmgen::gemv_blocks);
   m.impl("dequantize_blocks", &lmgen::dequantize_blocks);
+  m.impl("pack_blocks", &lmgen::pack_blocks);
 }

@@ -414,7 +414,7 @@ void quantize_blocks(const at::Tensor& weight, int64_t type, at::Tensor& out) {
   const int64_t stride = out.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_blocks", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    parallel_output_rows(N, [&](int64_t n0, int64_t n1) {
+    parallel_output_rows(N, 1, [&](int64_t n0, int64_t n1) {
       std::vector<float> buffer;
       for (int64_t n = n0; n < n1; ++n) {
         const float* row = float_row(xp, K, n, buffer);

@@ -43,6 +43,7 @@ from torch import nn
 
 from lmgen import kernels
 from lmgen.errors import InvalidArgumentError, UnsupportedModelError
+from lmgen.layers.ggml import GGMLLinear
 from lmgen.layers.linear import Embedding, KernelOperands, Linear
 from lmgen.layers.precision import native_on_cpu
 
@@ -445,9 +446,10 @@ def prepare_quantized(model: nn.Module, config: QuantConfig) -> list[tuple[str, 
 
 
 def pack_quantized(model: nn.Module, laid_out: bool = False) -> None:
-    """Rearrange every loaded int4 layer for its kernel (`laid_out`: only mark them so, see Int4Linear.pack)."""
+    """Rearrange every loaded int4 layer and GGUF block layer for its kernel (`laid_out`: only mark them so, see
+    Int4Linear.pack and GGMLLinear.pack)."""
     for module in model.modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, (Int4Linear, GGMLLinear)):
             module.pack(laid_out)
 
 

@@ -67,6 +67,34 @@ def test_gemv_blocks_is_the_dequantized_product_of_rounded_activations(kind, row
     assert torch.allclose(half.float(), torch.ops.lmgen.gemv_blocks(x.bfloat16().float(), blocks, layout).bfloat16().float())
 
 
+@pytest.mark.parametrize("rows", ROWS)
+def test_q4_k_rows_laid_out_8_at_a_time_are_the_same_weight(rows):
+    """pack_blocks lays Q4_K rows out 8 at a time in place (rows padded to the wider layout): the same
+    dequantized values, and products as the rows' own, whose integer sums they share."""
+    blocks, weight = _blocks(Q.Q4_K, (200, IN_FEATURES), rows)  # 25 groups of 8: threads' shares are no multiple of 4
+    laid_out = torch.zeros(200, ggml.row_bytes(Q.Q4_K, IN_FEATURES, laid_out=True), dtype=torch.uint8)
+    laid_out[:, :blocks.shape[1]] = blocks
+    kind = torch.ops.lmgen.pack_blocks(laid_out, int(Q.Q4_K), IN_FEATURES)
+    assert kind == ggml.LAID_OUT[Q.Q4_K][0]
+    assert torch.equal(torch.ops.lmgen.dequantize_blocks(laid_out, kind, IN_FEATURES),
+                       torch.ops.lmgen.dequantize_blocks(blocks, int(Q.Q4_K), IN_FEATURES))
+    x = torch.randn(rows, IN_FEATURES, generator=torch.Generator().manual_seed(rows))
+    out = torch.ops.lmgen.gemv_blocks(x, laid_out, torch.tensor([[kind, 200]]))
+    _assert_product(out, x, [(Q.Q4_K, weight)])
+    row_by_row = torch.ops.lmgen.gemv_blocks(x, blocks, torch.tensor([[int(Q.Q4_K), 200]]))
+    assert torch.allclose(out, row_by_row, rtol=1e-5, atol=1e-5 * row_by_row.abs().max().item())
+
+
+def test_only_q4_k_rows_in_eights_are_laid_out():
+    blocks, _ = _blocks(Q.Q4_K, (12, IN_FEATURES), 0)
+    with pytest.raises(RuntimeError, match="rows come in eights, got 12"):
+        torch.ops.lmgen.pack_blocks(torch.zeros(12, 296, dtype=torch.uint8), int(Q.Q4_K), IN_FEATURES)
+    with pytest.raises(RuntimeError, match="do not fit rows of 288 bytes"):
+        torch.ops.lmgen.pack_blocks(blocks[:8].clone(), int(Q.Q4_K), IN_FEATURES)  # no room for the layout
+    with pytest.raises(RuntimeError, match="only Q4_K rows .* not ggml type 14"):
+        torch.ops.lmgen.pack_blocks(torch.zeros(8, 420, dtype=torch.uint8), int(Q.Q6_K), IN_FEATURES)
+
+
 def _fused(parts: list[tuple[Q, int]], bias: bool) -> tuple[GGMLLinear, list[tuple[Q, torch.Tensor]]]:
     """A fused layer of parts in different types, as Q4_K_M files store q/k/v; and each part's float weight."""
     linear = FusedLinear(IN_FEATURES, [rows for _, rows in parts], bias=bias)
