@@ -294,138 +294,224 @@ void product_rows(const uint8_t* rows, int64_t stride, const QuantizedRows& x, i
   }
 }
 
-// ---- Q4_K laid out 8 rows at a time ----------------------------------------------------------------
-// Row by row, a Q4_K product decodes a sub-block per instruction sequence and reduces each row's sum
-// across lanes: as many instructions again as the multiplies, which bound it (9-10 GB/s a core, where
-// DRAM gives more). Laid out 8 rows at a time (pack_blocks, once after loading; "x8"), a super-block's
-// 8 rows lie together, their levels in 8-column chunks with row i in lane i (as cpu.cpp's int4 kernel
-// reads them), so each vpmaddubsw multiplies 4 columns of all 8 rows, their scales and minimums are
-// vectors, and the sums land one row per lane. Per 8 rows and super-block, 1184 bytes (148 a row, the
-// file's 144 with the 6-bit scales and minimums as bytes):
-//   d [row 8] f16 | dmin [row 8] f16 | scales [sub-block 8][row 8] | minimums [sub-block pair 4][row 8][2] |
-//   levels [sub-block 8][chunk 4][row 8][4]: byte j of a row's 4 holds its column 8 c + j (low nibble) and
-//   8 c + j + 4 (high) of the sub-block
-constexpr int64_t kPacked = 256;  // added to a ggml type: its rows laid out 8 at a time
-constexpr int64_t kQ4_Kx8 = kQ4_K + kPacked;
-constexpr int64_t kX8Bytes = 1184, kX8Dmin = 16, kX8Scales = 32, kX8Mins = 96, kX8Levels = 160;
+// ---- Rows laid out 8 at a time ----------------------------------------------------------------------
+// Row by row, a product decodes each row's blocks a sub-block at a time and reduces its sum across lanes:
+// as many instructions again as the multiplies, which bound it (Q4_K and Q5_0 8-10 GB/s a core, where
+// DRAM gives more). Laid out 8 rows at a time (pack_blocks, once after loading), a block's 8 rows lie
+// together, their levels in 8-column chunks with row i in lane i (as cpu.cpp's int4 kernel reads them):
+// byte j of a row's 4 holds its column 8 c + j (low nibble) and 8 c + j + 4 (high). Each vpmaddubsw then
+// multiplies 4 columns of all 8 rows, the rows' scales are vectors, and the sums land one row per lane.
+// llama.cpp's CPU backend repacks Q4_0 and Q4_K likewise. A laid-out type is its ggml type + kPacked.
+constexpr int64_t kPacked = 256;
 
-inline int64_t x8_min_at(int sub, int row) { return kX8Mins + 16 * (sub / 2) + 2 * row + sub % 2; }
-inline int64_t x8_level_at(int sub, int column, int row) {  // the byte; column % 8 >= 4: its high nibble
-  return kX8Levels + (4 * sub + column / 8) * 32 + 4 * row + column % 4;
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// 32 levels (bytes 0-31, at most 15 each) -> a row's 4 chunks' bytes, chunk c at out + 32 c.
+inline void store_chunks(__m256i levels, uint8_t* out) {
+  alignas(32) uint32_t words[8];  // word 2 c: columns 8 c .. 8 c + 3, each with its column + 4 above
+  _mm256_store_si256(reinterpret_cast<__m256i*>(words), _mm256_or_si256(levels, _mm256_slli_epi16(_mm256_srli_si256(levels, 4), 4)));
+  for (int c = 0; c < 4; ++c) std::memcpy(out + 32 * c, words + 2 * c, 4);
 }
 
-// 8 rows of Q4_K blocks (`stride` bytes apart) -> their x8 layout in `out`.
-void pack_q4_k_rows(const uint8_t* rows, int64_t stride, int64_t blocks, uint8_t* out) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    uint8_t* o = out + b * kX8Bytes;
-    for (int i = 0; i < 8; ++i) {
-      const uint8_t* block = rows + i * stride + b * Q4_K::kBytes;
-      std::memcpy(o + 2 * i, block, 2);
-      std::memcpy(o + kX8Dmin + 2 * i, block + 2, 2);
-      int16_t scale[8], min[8];
-      six_bit_values(block + 4, false, scale);
-      six_bit_values(block + 4, true, min);
-      for (int sub = 0; sub < 8; ++sub) {
-        o[kX8Scales + 8 * sub + i] = static_cast<uint8_t>(scale[sub]);
-        o[x8_min_at(sub, i)] = static_cast<uint8_t>(min[sub]);
-        // sub-block 2j + h: bytes 32 j .. 32 j + 31, nibble h; byte 8c + k (k < 4) then holds 8c + k + 4 too
-        const __m256i levels = low_nibbles(_mm256_srli_epi16(load32(block + 16 + 32 * (sub / 2)), 4 * (sub % 2)));
-        alignas(32) uint32_t chunks[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(chunks),
-                           _mm256_or_si256(levels, _mm256_slli_epi16(_mm256_srli_si256(levels, 4), 4)));
-        for (int c = 0; c < 4; ++c) std::memcpy(o + x8_level_at(sub, 8 * c, i), chunks + 2 * c, 4);
-      }
-    }
-  }
+// A laid-out chunk's level of row i, column v of its sub-block (levels at `chunks`).
+inline int chunk_level(const uint8_t* chunks, int i, int v) {
+  return (chunks[32 * (v / 8) + 4 * i + v % 4] >> (v % 8 >= 4 ? 4 : 0)) & 0x0F;
 }
 
-// Row i of 8 rows in the x8 layout, dequantized (as Q4_K's: w = d * (s * q) - dmin * m).
-void dequantize_q4_kx8_row(const uint8_t* group, int64_t blocks, int i, float* w) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* p = group + b * kX8Bytes;
-    const float d = half_at(p + 2 * i), dmin = half_at(p + kX8Dmin + 2 * i);
-    for (int sub = 0; sub < 8; ++sub) {
-      const int16_t scale = p[kX8Scales + 8 * sub + i];
-      const float m = dmin * static_cast<int16_t>(p[x8_min_at(sub, i)]);
-      for (int v = 0; v < kSub; ++v) {
-        const int q = (p[x8_level_at(sub, v, i)] >> (v % 8 >= 4 ? 4 : 0)) & 0x0F;
-        w[b * 256 + sub * kSub + v] = d * static_cast<float>(scale * q) - m;
-      }
-    }
-  }
-}
-
-// y[r * ldy + i] = row i of the 8 in the x8 layout at `group` . x row m0 + r, for R activation rows.
+// pairs[r] lane i += row i's levels of chunk c (at `chunks`) times x row r's same 8 columns (at xq + r K), as
+// 16-bit pair sums (each at most 2 levels * 127: the caller widens them before they overflow); `fifth`:
+// the fifth bits of the chunk's low and high levels, as 16s.
 template <int R>
-void dot_8_rows_q4_kx8(const uint8_t* group, const QuantizedRows& x, int64_t m0, float* y, int64_t ldy) {
-  const int64_t K = x.K, blocks = K / 256, groups = K / kSub;
-  const int8_t* xq = x.values.data() + m0 * K;
-  const float* dx = x.scales.data() + m0 * blocks;
-  const int16_t* sums = x.sums.data() + m0 * groups;
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* p = group + b * kX8Bytes;
+inline void chunk_product(const uint8_t* chunks, int c, const int8_t* xq, int64_t K, __m256i (&pairs)[R],
+                          const __m256i* fifth = nullptr) {
+  const __m256i packed = load32(chunks + 32 * c);
+  __m256i low = low_nibbles(packed), high = high_nibbles(packed);
+  if (fifth) low = _mm256_or_si256(low, fifth[0]), high = _mm256_or_si256(high, fifth[1]);
+  for (int r = 0; r < R; ++r)
+    pairs[r] = _mm256_add_epi16(pairs[r], _mm256_add_epi16(_mm256_maddubs_epi16(low, broadcast4(xq + r * K + 8 * c)),
+                                                           _mm256_maddubs_epi16(high, broadcast4(xq + r * K + 8 * c + 4))));
+}
+
+// Q4_K, per 8 rows and super-block 1184 bytes (148 a row, the file's 144 with the 6-bit scales and
+// minimums as bytes): d [row 8] f16 | dmin [row 8] f16 | scales [sub-block 8][row 8] |
+// minimums [sub-block pair 4][row 8][2] | levels [sub-block 8][chunk 4][row 8][4].
+struct Q4_Kx8 {
+  static constexpr int64_t kType = kQ4_K + kPacked, kValues = 256, kBytes = 1184;
+  static constexpr int64_t kDmin = 16, kScales = 32, kMins = 96, kLevels = 160;
+  static int64_t min_at(int sub, int row) { return kMins + 16 * (sub / 2) + 2 * row + sub % 2; }
+
+  using Plain = Q4_K;
+
+  // Row i's block of the file into the 8 rows' laid-out block o.
+  static void pack(const uint8_t* block, int i, uint8_t* o) {
+    std::memcpy(o + 2 * i, block, 2);
+    std::memcpy(o + kDmin + 2 * i, block + 2, 2);
+    int16_t scale[8], min[8];
+    six_bit_values(block + 4, false, scale);
+    six_bit_values(block + 4, true, min);
+    for (int sub = 0; sub < 8; ++sub) {
+      o[kScales + 8 * sub + i] = static_cast<uint8_t>(scale[sub]);
+      o[min_at(sub, i)] = static_cast<uint8_t>(min[sub]);
+      // sub-block 2 j + h: bytes 32 j .. 32 j + 31, nibble h
+      store_chunks(low_nibbles(_mm256_srli_epi16(load32(block + 16 + 32 * (sub / 2)), 4 * (sub % 2))),
+                   o + kLevels + 128 * sub + 4 * i);
+    }
+  }
+
+  // Row i, as Q4_K's: w = d * (s * q) - dmin * m.
+  static void dequantize_row(const uint8_t* group, int64_t blocks, int i, float* w) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* p = group + b * kBytes;
+      const float d = half_at(p + 2 * i), dmin = half_at(p + kDmin + 2 * i);
+      for (int sub = 0; sub < 8; ++sub) {
+        const int16_t scale = p[kScales + 8 * sub + i];
+        const float m = dmin * static_cast<int16_t>(p[min_at(sub, i)]);
+        for (int v = 0; v < kSub; ++v)
+          w[b * kValues + sub * kSub + v] = d * static_cast<float>(scale * chunk_level(p + kLevels + 128 * sub, i, v)) - m;
+      }
+    }
+  }
+
+  // acc[r] lane i += row i . x row m0 + r over the super-block at p (x's block b).
+  template <int R>
+  static void dot(const uint8_t* p, const QuantizedRows& x, int64_t m0, int64_t b, __m256 (&acc)[R]) {
+    const int64_t K = x.K, blocks = K / kValues, groups = K / kSub;
+    const int8_t* xq = x.values.data() + m0 * K + b * kValues;
+    const int16_t* sums = x.sums.data() + m0 * groups + b * 8;
     __m256i scaled[R], offsets[R];  // per row lane: sum of scale * (levels . x), sum of minimum * sum of x
     for (int r = 0; r < R; ++r) scaled[r] = offsets[r] = _mm256_setzero_si256();
     for (int sub = 0; sub < 8; ++sub) {
-      const uint8_t* levels = p + kX8Levels + 128 * sub;
-      _mm_prefetch(reinterpret_cast<const char*>(levels) + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(levels) + kPrefetchBytes + 64, _MM_HINT_T0);
-      const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + kX8Scales + 8 * sub));
+      const uint8_t* chunks = p + kLevels + 128 * sub;
+      _mm_prefetch(reinterpret_cast<const char*>(chunks) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(chunks) + kPrefetchBytes + 64, _MM_HINT_T0);
+      const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + kScales + 8 * sub));
       const __m256i scales = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(eight, eight));  // row i's in lane i, twice
-      __m256i pairs[R];  // 16-bit pair sums of 32 columns: 4 * 2 * 2 * 15 * 127 < 32768
+      __m256i pairs[R];  // 15 * 127 * 16 < 32768
       for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
-      for (int c = 0; c < 4; ++c) {
-        const __m256i packed = load32(levels + 32 * c);
-        const __m256i low = _mm256_and_si256(packed, mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-        for (int r = 0; r < R; ++r) {
-          const int8_t* xs = xq + r * K + b * 256 + sub * kSub + 8 * c;
-          pairs[r] = _mm256_add_epi16(pairs[r], _mm256_add_epi16(_mm256_maddubs_epi16(low, broadcast4(xs)),
-                                                                 _mm256_maddubs_epi16(high, broadcast4(xs + 4))));
-        }
-      }
+      for (int c = 0; c < 4; ++c) chunk_product<R>(chunks, c, xq + sub * kSub, K, pairs);
       for (int r = 0; r < R; ++r) scaled[r] = _mm256_add_epi32(scaled[r], _mm256_madd_epi16(pairs[r], scales));
     }
     for (int pair = 0; pair < 4; ++pair) {  // row i's two minimums in lane i, times x's two sub-block sums
-      const __m256i mins = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kX8Mins + 16 * pair)));
+      const __m256i mins = _mm256_cvtepu8_epi16(load16(p + kMins + 16 * pair));
       for (int r = 0; r < R; ++r) {
         int32_t two;
-        std::memcpy(&two, sums + r * groups + b * 8 + 2 * pair, sizeof two);
+        std::memcpy(&two, sums + r * groups + 2 * pair, sizeof two);
         offsets[r] = _mm256_add_epi32(offsets[r], _mm256_madd_epi16(mins, _mm256_set1_epi32(two)));
       }
     }
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kX8Dmin)));
+    const __m256 d = _mm256_cvtph_ps(load16(p)), dmin = _mm256_cvtph_ps(load16(p + kDmin));
     for (int r = 0; r < R; ++r) {
-      const __m256 scale = _mm256_set1_ps(dx[r * blocks + b]);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled[r]), _mm256_mul_ps(d, scale), acc[r]);
-      acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(offsets[r]), _mm256_mul_ps(dmin, scale), acc[r]);
+      const __m256 dx = _mm256_set1_ps(x.scales[(m0 + r) * blocks + b]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled[r]), _mm256_mul_ps(d, dx), acc[r]);
+      acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(offsets[r]), _mm256_mul_ps(dmin, dx), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy, acc[r]);
+};
+
+// Q5_0, per 8 rows and block 176 bytes (as the file's 8 x 22): d [row 8] f16 | fifth bits [row 8][4]:
+// byte j of a row's 4, bit 2 c the fifth bit of column 8 c + j, bit 2 c + 1 of 8 c + j + 4 |
+// levels' low 4 bits [chunk 4][row 8][4].
+struct Q5_0x8 {
+  static constexpr int64_t kType = kQ5_0 + kPacked, kValues = 32, kBytes = 176;
+  static constexpr int64_t kFifth = 16, kLevels = 48;
+
+  using Plain = Q5_0;
+
+  static void pack(const uint8_t* block, int i, uint8_t* o) {
+    std::memcpy(o + 2 * i, block, 2);
+    uint32_t fifth;  // bit v: value v's
+    std::memcpy(&fifth, block + 2, sizeof fifth);
+    store_chunks(low_nibbles(split_nibbles(block + 6)), o + kLevels + 4 * i);
+    for (int j = 0; j < 4; ++j) {
+      uint8_t bits = 0;
+      for (int c = 0; c < 4; ++c) bits |= ((fifth >> (8 * c + j)) & 1) << (2 * c) | ((fifth >> (8 * c + j + 4)) & 1) << (2 * c + 1);
+      o[kFifth + 4 * i + j] = bits;
+    }
+  }
+
+  // Row i, as Q5_0's: w = d * q - 16 d.
+  static void dequantize_row(const uint8_t* group, int64_t blocks, int i, float* w) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* p = group + b * kBytes;
+      const float d = half_at(p + 2 * i), m = d * static_cast<int16_t>(16);
+      for (int v = 0; v < kSub; ++v) {
+        const int fifth = (p[kFifth + 4 * i + v % 4] >> (2 * (v / 8) + (v % 8 >= 4))) & 1;
+        w[b * kValues + v] = d * static_cast<float>(chunk_level(p + kLevels, i, v) | fifth << 4) - m;
+      }
+    }
+  }
+
+  // Bit `bit` of each byte of v, as 16 (or 0).
+  template <int kBit>
+  static __m256i bit_as_16(__m256i v) {
+    if constexpr (kBit < 4) return _mm256_and_si256(_mm256_slli_epi16(v, 4 - kBit), _mm256_set1_epi8(16));
+    else return _mm256_and_si256(_mm256_srli_epi16(v, kBit - 4), _mm256_set1_epi8(16));
+  }
+
+  template <int R>
+  static void dot(const uint8_t* p, const QuantizedRows& x, int64_t m0, int64_t b, __m256 (&acc)[R]) {
+    const int64_t K = x.K, blocks = K / kValues;
+    for (int line = 0; line < kBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes + line, _MM_HINT_T0);
+    const __m256i bits = load32(p + kFifth);
+    const __m256i fifth[8] = {bit_as_16<0>(bits), bit_as_16<1>(bits), bit_as_16<2>(bits), bit_as_16<3>(bits),
+                              bit_as_16<4>(bits), bit_as_16<5>(bits), bit_as_16<6>(bits), bit_as_16<7>(bits)};
+    const int8_t* xq = x.values.data() + m0 * K + b * kValues;
+    __m256i sums[R];
+    for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
+    for (int half = 0; half < 2; ++half) {  // pair sums widened every two chunks: 31 * 127 * 8 < 32768
+      __m256i pairs[R];
+      for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
+      for (int c = 2 * half; c < 2 * half + 2; ++c) chunk_product<R>(p + kLevels, c, xq, K, pairs, fifth + 2 * c);
+      for (int r = 0; r < R; ++r) sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(pairs[r], _mm256_set1_epi16(1)));
+    }
+    const __m256 d = _mm256_cvtph_ps(load16(p));
+    for (int r = 0; r < R; ++r) {  // w = d (q - 16): each row's sum less 16 times the sum of x
+      const int64_t block = (m0 + r) * blocks + b;
+      const __m256i centred = _mm256_sub_epi32(sums[r], _mm256_set1_epi32(16 * x.sums[block]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(d, _mm256_set1_ps(x.scales[block])), acc[r]);
+    }
+  }
+};
+
+template <typename F>
+bool with_laid_out_format(int64_t type, F&& body) {
+  switch (type) {
+    case Q4_Kx8::kType: return body(Q4_Kx8{}), true;
+    case Q5_0x8::kType: return body(Q5_0x8{}), true;
+    default: return false;
+  }
 }
 
-// Output rows [n0, n1) (multiples of 8) of a part in the x8 layout into y [M, ldy].
-void product_rows_q4_kx8(const uint8_t* rows, int64_t stride, const QuantizedRows& x, int64_t M, int64_t n0,
-                         int64_t n1, float* y, int64_t ldy) {
-  for (int64_t n = n0; n < n1; n += 8) {
+// Output rows [n0, n1) (multiples of 8) of a part laid out 8 rows at a time into y [M, ldy].
+template <typename T>
+void product_rows_x8(const uint8_t* rows, int64_t stride, const QuantizedRows& x, int64_t M, int64_t n0, int64_t n1,
+                     float* y, int64_t ldy) {
+  const int64_t blocks = x.K / T::kValues;
+  auto rows_times = [&](auto block, const uint8_t* group, int64_t m) {
+    constexpr int R = decltype(block)::value;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) T::template dot<R>(group + b * T::kBytes, x, m, b, acc);
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + (m + r) * ldy, acc[r]);
+  };
+  y += n0;
+  for (int64_t n = n0; n < n1; n += 8, y += 8) {
     const uint8_t* group = rows + n * stride;  // 8 rows' bytes, contiguous
     int64_t m = 0;
-    for (; m + kRowsPerPass <= M; m += kRowsPerPass) dot_8_rows_q4_kx8<kRowsPerPass>(group, x, m, y + m * ldy + n, ldy);
-    for (; m < M; ++m) dot_8_rows_q4_kx8<1>(group, x, m, y + m * ldy + n, ldy);
+    for (; m + kRowsPerPass <= M; m += kRowsPerPass) rows_times(std::integral_constant<int, kRowsPerPass>{}, group, m);
+    for (; m < M; ++m) rows_times(std::integral_constant<int, 1>{}, group, m);
   }
 }
 
 void check_blocks(const at::Tensor& blocks, int64_t type, int64_t K, const char* op) {
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.is_cpu(), op,
               ": the blocks must be a contiguous uint8 matrix on the CPU");
-  if (type == kQ4_Kx8) {
-    TORCH_CHECK(K % 256 == 0 && K / 256 * kX8Bytes <= 8 * blocks.size(1), op, ": rows of ", K,
-                " values laid out 8 at a time as Q4_K do not fit rows of ", blocks.size(1), " bytes");
-    return;
-  }
+  const bool laid_out = with_laid_out_format(type, [&](auto format) {
+    using T = decltype(format);
+    TORCH_CHECK(K % T::kValues == 0 && K / T::kValues * T::kBytes <= 8 * blocks.size(1), op, ": rows of ", K,
+                " values laid out 8 at a time as ggml type ", type - kPacked, " do not fit rows of ", blocks.size(1), " bytes");
+  });
+  if (laid_out) return;
   with_format(type, [&](auto format) {
     using T = decltype(format);
     TORCH_CHECK(K % T::kValues == 0 && K / T::kValues * T::kBytes <= blocks.size(1), op, ": rows of ", K,
@@ -439,13 +525,14 @@ at::Tensor dequantize_blocks(const at::Tensor& blocks, int64_t type, int64_t K) 
   at::Tensor out = at::empty({N, K}, blocks.options().dtype(at::kFloat));
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  if (type == kQ4_Kx8) {
+  const bool laid_out = with_laid_out_format(type, [&](auto format) {
+    using T = decltype(format);
     TORCH_CHECK(N % 8 == 0, "dequantize_blocks: rows laid out 8 at a time come in eights, got ", N);
     parallel_output_rows(N, 8, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) dequantize_q4_kx8_row(bp + (n - n % 8) * stride, K / 256, n % 8, op + n * K);
+      for (int64_t n = n0; n < n1; ++n) T::dequantize_row(bp + (n - n % 8) * stride, K / T::kValues, n % 8, op + n * K);
     });
-    return out;
-  }
+  });
+  if (laid_out) return out;
   with_format(type, [&](auto format) {
     using T = decltype(format);
     parallel_output_rows(N, 1, [&](int64_t n0, int64_t n1) {
@@ -496,11 +583,13 @@ at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& blocks, const at::
       if (!xq) xq = quantize_rows(xf.data_ptr<float>(), M, K, values);
       return *xq;
     };
-    if (type == kQ4_Kx8) {
+    const bool laid_out = with_laid_out_format(type, [&](auto format) {
+      using T = decltype(format);
       TORCH_CHECK(rows % 8 == 0, "gemv_blocks: rows laid out 8 at a time come in eights, got ", rows);
-      const QuantizedRows& xq = rounded_x(256);
-      parallel_output_rows(rows, 8, [&](int64_t n0, int64_t n1) { product_rows_q4_kx8(part, stride, xq, M, n0, n1, yp + first, N); });
-    } else {
+      const QuantizedRows& xq = rounded_x(T::kValues);
+      parallel_output_rows(rows, 8, [&](int64_t n0, int64_t n1) { product_rows_x8<T>(part, stride, xq, M, n0, n1, yp + first, N); });
+    });
+    if (!laid_out) {
       with_format(type, [&](auto format) {
         using T = decltype(format);
         const QuantizedRows& xq = rounded_x(T::kValues);
@@ -514,21 +603,26 @@ at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& blocks, const at::
 }
 
 // Lays rows of blocks (uint8 [rows, stride], rows in eights) out 8 at a time in place, for the products
-// above; returns the type the layout then gives them. Only Q4_K has such a layout.
+// above; returns the type the layout then gives them (Q4_K and Q5_0 have such layouts).
 int64_t pack_blocks(const at::Tensor& blocks, int64_t type, int64_t K) {
-  TORCH_CHECK(type == kQ4_K, "pack_blocks: only Q4_K rows are laid out 8 at a time, not ggml type ", type);
-  check_blocks(blocks, kQ4_Kx8, K, "pack_blocks");
+  TORCH_CHECK(with_laid_out_format(type + kPacked, [](auto) {}),
+              "pack_blocks: only Q4_K and Q5_0 rows are laid out 8 at a time, not ggml type ", type);
+  check_blocks(blocks, type + kPacked, K, "pack_blocks");
   TORCH_CHECK(blocks.size(0) % 8 == 0, "pack_blocks: rows come in eights, got ", blocks.size(0));
   const int64_t stride = blocks.size(1);
   uint8_t* bp = blocks.data_ptr<uint8_t>();
-  parallel_output_rows(blocks.size(0), 8, [&](int64_t n0, int64_t n1) {
-    std::vector<uint8_t> rows(8 * stride);
-    for (int64_t n = n0; n < n1; n += 8) {
-      std::memcpy(rows.data(), bp + n * stride, rows.size());
-      pack_q4_k_rows(rows.data(), stride, K / 256, bp + n * stride);
-    }
+  with_laid_out_format(type + kPacked, [&](auto format) {
+    using T = decltype(format);
+    parallel_output_rows(blocks.size(0), 8, [&](int64_t n0, int64_t n1) {
+      std::vector<uint8_t> rows(8 * stride);
+      for (int64_t n = n0; n < n1; n += 8) {
+        std::memcpy(rows.data(), bp + n * stride, rows.size());
+        for (int64_t b = 0; b < K / T::kValues; ++b)
+          for (int i = 0; i < 8; ++i) T::pack(rows.data() + i * stride + b * T::Plain::kBytes, i, bp + n * stride + b * T::kBytes);
+      }
+    });
   });
-  return kQ4_Kx8;
+  return type + kPacked;
 }
 
 }  // namespace lmgen

@@ -35,7 +35,7 @@ from lmgen.layers.moe import ExpertLinear
 #: ggml type -> (values, bytes) of its block: the types lmgen's kernels read (gguf's GGML_QUANT_SIZES)
 BLOCK_FORMATS = {8: (32, 34), 2: (32, 18), 6: (32, 22), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
 #: ggml type -> (the type its rows have laid out 8 at a time, bytes a row per block so): kernels/ggml_blocks.cpp
-LAID_OUT = {12: (268, 148)}
+LAID_OUT = {12: (268, 148), 6: (262, 22)}
 # Values per dequantized tile of a prefill product (16 MiB of float32): bounds its transient memory.
 #: Up to this many activation rows the block kernels multiply (int8 activations, integer products, the
 #: weights read once per row group); more rows dequantize tiles of weight rows for float products,

@@ -67,31 +67,32 @@ def test_gemv_blocks_is_the_dequantized_product_of_rounded_activations(kind, row
     assert torch.allclose(half.float(), torch.ops.lmgen.gemv_blocks(x.bfloat16().float(), blocks, layout).bfloat16().float())
 
 
+@pytest.mark.parametrize("kind", list(ggml.LAID_OUT), ids=lambda kind: Q(kind).name)
 @pytest.mark.parametrize("rows", ROWS)
-def test_q4_k_rows_laid_out_8_at_a_time_are_the_same_weight(rows):
-    """pack_blocks lays Q4_K rows out 8 at a time in place (rows padded to the wider layout): the same
-    dequantized values, and products as the rows' own, whose integer sums they share."""
-    blocks, weight = _blocks(Q.Q4_K, (200, IN_FEATURES), rows)  # 25 groups of 8: threads' shares are no multiple of 4
-    laid_out = torch.zeros(200, ggml.row_bytes(Q.Q4_K, IN_FEATURES, laid_out=True), dtype=torch.uint8)
+def test_rows_laid_out_8_at_a_time_are_the_same_weight(kind, rows):
+    """pack_blocks lays rows out 8 at a time in place (rows padded to a wider layout where it is one): the
+    same dequantized values, and products as the rows' own, whose integer sums they share."""
+    blocks, weight = _blocks(Q(kind), (200, IN_FEATURES), rows)  # 25 groups of 8: threads' shares are no multiple of 4
+    laid_out = torch.zeros(200, ggml.row_bytes(kind, IN_FEATURES, laid_out=True), dtype=torch.uint8)
     laid_out[:, :blocks.shape[1]] = blocks
-    kind = torch.ops.lmgen.pack_blocks(laid_out, int(Q.Q4_K), IN_FEATURES)
-    assert kind == ggml.LAID_OUT[Q.Q4_K][0]
-    assert torch.equal(torch.ops.lmgen.dequantize_blocks(laid_out, kind, IN_FEATURES),
-                       torch.ops.lmgen.dequantize_blocks(blocks, int(Q.Q4_K), IN_FEATURES))
+    laid_out_kind = torch.ops.lmgen.pack_blocks(laid_out, kind, IN_FEATURES)
+    assert laid_out_kind == ggml.LAID_OUT[kind][0]
+    assert torch.equal(torch.ops.lmgen.dequantize_blocks(laid_out, laid_out_kind, IN_FEATURES),
+                       torch.ops.lmgen.dequantize_blocks(blocks, kind, IN_FEATURES))
     x = torch.randn(rows, IN_FEATURES, generator=torch.Generator().manual_seed(rows))
-    out = torch.ops.lmgen.gemv_blocks(x, laid_out, torch.tensor([[kind, 200]]))
-    _assert_product(out, x, [(Q.Q4_K, weight)])
-    row_by_row = torch.ops.lmgen.gemv_blocks(x, blocks, torch.tensor([[int(Q.Q4_K), 200]]))
+    out = torch.ops.lmgen.gemv_blocks(x, laid_out, torch.tensor([[laid_out_kind, 200]]))
+    _assert_product(out, x, [(Q(kind), weight)])
+    row_by_row = torch.ops.lmgen.gemv_blocks(x, blocks, torch.tensor([[kind, 200]]))
     assert torch.allclose(out, row_by_row, rtol=1e-5, atol=1e-5 * row_by_row.abs().max().item())
 
 
-def test_only_q4_k_rows_in_eights_are_laid_out():
+def test_only_some_types_rows_in_eights_are_laid_out():
     blocks, _ = _blocks(Q.Q4_K, (12, IN_FEATURES), 0)
     with pytest.raises(RuntimeError, match="rows come in eights, got 12"):
         torch.ops.lmgen.pack_blocks(torch.zeros(12, 296, dtype=torch.uint8), int(Q.Q4_K), IN_FEATURES)
     with pytest.raises(RuntimeError, match="do not fit rows of 288 bytes"):
         torch.ops.lmgen.pack_blocks(blocks[:8].clone(), int(Q.Q4_K), IN_FEATURES)  # no room for the layout
-    with pytest.raises(RuntimeError, match="only Q4_K rows .* not ggml type 14"):
+    with pytest.raises(RuntimeError, match="only Q4_K and Q5_0 rows .* not ggml type 14"):
         torch.ops.lmgen.pack_blocks(torch.zeros(8, 420, dtype=torch.uint8), int(Q.Q6_K), IN_FEATURES)
 
 
