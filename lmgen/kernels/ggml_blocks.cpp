@@ -189,17 +189,17 @@ void with_format(int64_t type, F&& body) {
 }
 
 // Activation rows [M, K] rounded to int8 in blocks of `block` values: a scale per block, and the sum
-// of every 32 rounded values (the offsets' term; |sum| <= 32 * 127 fits int16).
+// of every 32 rounded values and of every 16 (the offsets' terms; |sum| <= 32 * 127 fits int16).
 struct QuantizedRows {
   int64_t K, block;
   std::vector<int8_t> values;
   std::vector<float> scales;
-  std::vector<int16_t> sums;
+  std::vector<int16_t> sums, half_sums;
 };
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t block) {
   QuantizedRows q{K, block, std::vector<int8_t>(M * K), std::vector<float>(M * K / block),
-                  std::vector<int16_t>(M * K / kSub)};
+                  std::vector<int16_t>(M * K / kSub), std::vector<int16_t>(M * K / 16)};
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t b = 0; b < M * K / block; ++b) {
     const float* v = x + b * block;
@@ -211,8 +211,14 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t block)
     const __m256 inverse = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
     for (int64_t i = 0; i < block; i += kSub) {
       __m256i sum = _mm256_setzero_si256();
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.values.data() + b * block + i), round_to_int8(v + i, inverse, sum));
-      q.sums[(b * block + i) / kSub] = static_cast<int16_t>(lane_sum(sum));
+      const __m256i rounded = round_to_int8(v + i, inverse, sum);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.values.data() + b * block + i), rounded);
+      const int64_t g = (b * block + i) / kSub;
+      q.sums[g] = static_cast<int16_t>(lane_sum(sum));
+      // sums of 4 consecutive values; the first 16's in the low half
+      const __m256i fours = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), rounded), _mm256_set1_epi16(1));
+      q.half_sums[2 * g] = static_cast<int16_t>(lane_sum(_mm256_permute2x128_si256(fours, fours, 0x80)));
+      q.half_sums[2 * g + 1] = static_cast<int16_t>(q.sums[g] - q.half_sums[2 * g]);
     }
     q.scales[b] = top / 127.0f;
   }
@@ -313,6 +319,19 @@ inline void store_chunks(__m256i levels, uint8_t* out) {
   for (int c = 0; c < 4; ++c) std::memcpy(out + 32 * c, words + 2 * c, 4);
 }
 
+// Asks for the cache lines kPrefetchBytes ahead of `bytes` bytes read from p.
+inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
+  for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes + line, _MM_HINT_T0);
+}
+
+// The bits of each byte of v from bit kBit on, moved up to bit 4 and kept where kMask (0x10: one bit, 0x30:
+// two) says: a 5th or 6th level bit in place. The 16-bit shifts move no other byte's bits into the mask.
+template <int kBit, int kMask>
+inline __m256i bits_at_4(__m256i v) {
+  if constexpr (kBit < 4) return _mm256_and_si256(_mm256_slli_epi16(v, 4 - kBit), _mm256_set1_epi8(kMask));
+  else return _mm256_and_si256(_mm256_srli_epi16(v, kBit - 4), _mm256_set1_epi8(kMask));
+}
+
 // A laid-out chunk's level of row i, column v of its sub-block (levels at `chunks`).
 inline int chunk_level(const uint8_t* chunks, int i, int v) {
   return (chunks[32 * (v / 8) + 4 * i + v % 4] >> (v % 8 >= 4 ? 4 : 0)) & 0x0F;
@@ -382,8 +401,7 @@ struct Q4_Kx8 {
     for (int r = 0; r < R; ++r) scaled[r] = offsets[r] = _mm256_setzero_si256();
     for (int sub = 0; sub < 8; ++sub) {
       const uint8_t* chunks = p + kLevels + 128 * sub;
-      _mm_prefetch(reinterpret_cast<const char*>(chunks) + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(chunks) + kPrefetchBytes + 64, _MM_HINT_T0);
+      prefetch_ahead(chunks, 128);
       const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + kScales + 8 * sub));
       const __m256i scales = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(eight, eight));  // row i's in lane i, twice
       __m256i pairs[R];  // 15 * 127 * 16 < 32768
@@ -441,20 +459,13 @@ struct Q5_0x8 {
     }
   }
 
-  // Bit `bit` of each byte of v, as 16 (or 0).
-  template <int kBit>
-  static __m256i bit_as_16(__m256i v) {
-    if constexpr (kBit < 4) return _mm256_and_si256(_mm256_slli_epi16(v, 4 - kBit), _mm256_set1_epi8(16));
-    else return _mm256_and_si256(_mm256_srli_epi16(v, kBit - 4), _mm256_set1_epi8(16));
-  }
-
   template <int R>
   static void dot(const uint8_t* p, const QuantizedRows& x, int64_t m0, int64_t b, __m256 (&acc)[R]) {
     const int64_t K = x.K, blocks = K / kValues;
-    for (int line = 0; line < kBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes + line, _MM_HINT_T0);
+    prefetch_ahead(p, kBytes);
     const __m256i bits = load32(p + kFifth);
-    const __m256i fifth[8] = {bit_as_16<0>(bits), bit_as_16<1>(bits), bit_as_16<2>(bits), bit_as_16<3>(bits),
-                              bit_as_16<4>(bits), bit_as_16<5>(bits), bit_as_16<6>(bits), bit_as_16<7>(bits)};
+    const __m256i fifth[8] = {bits_at_4<0, 0x10>(bits), bits_at_4<1, 0x10>(bits), bits_at_4<2, 0x10>(bits), bits_at_4<3, 0x10>(bits),
+                              bits_at_4<4, 0x10>(bits), bits_at_4<5, 0x10>(bits), bits_at_4<6, 0x10>(bits), bits_at_4<7, 0x10>(bits)};
     const int8_t* xq = x.values.data() + m0 * K + b * kValues;
     __m256i sums[R];
     for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
@@ -473,11 +484,102 @@ struct Q5_0x8 {
   }
 };
 
+// Q6_K, per 8 rows and super-block 1680 bytes (as the file's 8 x 210): d [row 8] f16 |
+// scales [sub-block 8][half 2][row 8] int8 (values 0-15 and 16-31 of the sub-block) |
+// levels' low 4 bits [sub-block 8][chunk 4][row 8][4] | their top 2 bits [sub-block 8][chunk pair 2][row 8][4]:
+// byte j of a row's 4, bits 4 (c % 2) + 2 h the top bits of column 8 c + j + 4 h. Levels q are unsigned
+// (0-63), w = d * s * (q - 32): each row's sum less 32 times its scales times x's sums of 16.
+struct Q6_Kx8 {
+  static constexpr int64_t kType = kQ6_K + kPacked, kValues = 256, kBytes = 1680;
+  static constexpr int64_t kScales = 16, kLevels = 144, kTop = 1168;
+  using Plain = Q6_K;
+
+  // Sub-block sub = 4 half + t of a file's block: its 32 low nibbles' and top bits' bytes and shifts.
+  static __m256i file_levels(const uint8_t* block, int sub, bool top) {
+    const int half = sub / 4, t = sub % 4;
+    if (top) return _mm256_and_si256(_mm256_srli_epi16(load32(block + 128 + 32 * half), 2 * t), _mm256_set1_epi8(3));
+    return low_nibbles(_mm256_srli_epi16(load32(block + 64 * half + 32 * (t % 2)), 4 * (t / 2)));
+  }
+
+  static void pack(const uint8_t* block, int i, uint8_t* o) {
+    std::memcpy(o + 2 * i, block + 208, 2);
+    const auto* scales = reinterpret_cast<const int8_t*>(block + 192);
+    for (int sub = 0; sub < 8; ++sub) {
+      for (int half = 0; half < 2; ++half) o[kScales + 16 * sub + 8 * half + i] = static_cast<uint8_t>(scales[2 * sub + half]);
+      store_chunks(file_levels(block, sub, false), o + kLevels + 128 * sub + 4 * i);
+      alignas(32) uint8_t top[32];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(top), file_levels(block, sub, true));
+      for (int pair = 0; pair < 2; ++pair)
+        for (int j = 0; j < 4; ++j) {
+          uint8_t bits = 0;
+          for (int c = 2 * pair; c < 2 * pair + 2; ++c)
+            for (int h = 0; h < 2; ++h) bits |= top[8 * c + j + 4 * h] << (4 * (c % 2) + 2 * h);
+          o[kTop + 64 * sub + 32 * pair + 4 * i + j] = bits;
+        }
+    }
+  }
+
+  // Row i, as Q6_K's: w = d * (s * (q - 32)).
+  static void dequantize_row(const uint8_t* group, int64_t blocks, int i, float* w) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* p = group + b * kBytes;
+      const float d = half_at(p + 2 * i);
+      for (int sub = 0; sub < 8; ++sub)
+        for (int v = 0; v < kSub; ++v) {
+          const int c = v / 8, h = v % 8 >= 4;
+          const int top = (p[kTop + 64 * sub + 32 * (c / 2) + 4 * i + v % 4] >> (4 * (c % 2) + 2 * h)) & 3;
+          const int q = (chunk_level(p + kLevels + 128 * sub, i, v) | top << 4) - 32;
+          const int16_t scale = static_cast<int8_t>(p[kScales + 16 * sub + 8 * (v / 16) + i]);
+          w[b * kValues + sub * kSub + v] = d * static_cast<float>(scale * q);
+        }
+    }
+  }
+
+  template <int R>
+  static void dot(const uint8_t* p, const QuantizedRows& x, int64_t m0, int64_t b, __m256 (&acc)[R]) {
+    const int64_t K = x.K, blocks = K / kValues;
+    const int8_t* xq = x.values.data() + m0 * K + b * kValues;
+    const int16_t* half_sums = x.half_sums.data() + (m0 * K + b * kValues) / 16;
+    __m256i scaled[R], offsets[R];  // per row lane: sum of scale * (levels . x), sum of scale * sum of x
+    for (int r = 0; r < R; ++r) scaled[r] = offsets[r] = _mm256_setzero_si256();
+    for (int sub = 0; sub < 8; ++sub) {
+      const uint8_t* chunks = p + kLevels + 128 * sub;
+      prefetch_ahead(chunks, 128);
+      prefetch_ahead(p + kTop + 64 * sub, 64);
+      const __m128i both = load16(p + kScales + 16 * sub);  // rows' scales of values 0-15, then 16-31
+      const __m256i halves[2] = {_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(both, both)),  // row i's in lane i, twice
+                                 _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(both, both))};
+      const __m256i side_by_side = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(both, _mm_srli_si128(both, 8)));
+      for (int pair = 0; pair < 2; ++pair) {
+        const __m256i top = load32(p + kTop + 64 * sub + 32 * pair);
+        const __m256i tops[4] = {bits_at_4<0, 0x30>(top), bits_at_4<2, 0x30>(top), bits_at_4<4, 0x30>(top), bits_at_4<6, 0x30>(top)};
+        for (int c = 2 * pair; c < 2 * pair + 2; ++c) {
+          __m256i pairs[R];  // 63 * 127 * 4 < 32768: widened every chunk
+          for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
+          chunk_product<R>(chunks, c, xq + sub * kSub, K, pairs, tops + 2 * (c % 2));
+          for (int r = 0; r < R; ++r) scaled[r] = _mm256_add_epi32(scaled[r], _mm256_madd_epi16(pairs[r], halves[pair]));
+        }
+      }
+      for (int r = 0; r < R; ++r) {  // row i's two scales in lane i, times x's two sums of 16
+        int32_t two;
+        std::memcpy(&two, half_sums + r * (K / 16) + 2 * sub, sizeof two);
+        offsets[r] = _mm256_add_epi32(offsets[r], _mm256_madd_epi16(side_by_side, _mm256_set1_epi32(two)));
+      }
+    }
+    const __m256 d = _mm256_cvtph_ps(load16(p));
+    for (int r = 0; r < R; ++r) {
+      const __m256i centred = _mm256_sub_epi32(scaled[r], _mm256_slli_epi32(offsets[r], 5));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(d, _mm256_set1_ps(x.scales[(m0 + r) * blocks + b])), acc[r]);
+    }
+  }
+};
+
 template <typename F>
 bool with_laid_out_format(int64_t type, F&& body) {
   switch (type) {
     case Q4_Kx8::kType: return body(Q4_Kx8{}), true;
     case Q5_0x8::kType: return body(Q5_0x8{}), true;
+    case Q6_Kx8::kType: return body(Q6_Kx8{}), true;
     default: return false;
   }
 }
@@ -603,10 +705,10 @@ at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& blocks, const at::
 }
 
 // Lays rows of blocks (uint8 [rows, stride], rows in eights) out 8 at a time in place, for the products
-// above; returns the type the layout then gives them (Q4_K and Q5_0 have such layouts).
+// above; returns the type the layout then gives them (Q4_K, Q5_0 and Q6_K have such layouts).
 int64_t pack_blocks(const at::Tensor& blocks, int64_t type, int64_t K) {
   TORCH_CHECK(with_laid_out_format(type + kPacked, [](auto) {}),
-              "pack_blocks: only Q4_K and Q5_0 rows are laid out 8 at a time, not ggml type ", type);
+              "pack_blocks: only Q4_K, Q5_0 and Q6_K rows are laid out 8 at a time, not ggml type ", type);
   check_blocks(blocks, type + kPacked, K, "pack_blocks");
   TORCH_CHECK(blocks.size(0) % 8 == 0, "pack_blocks: rows come in eights, got ", blocks.size(0));
   const int64_t stride = blocks.size(1);

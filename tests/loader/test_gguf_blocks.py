@@ -34,7 +34,11 @@ TYPES = {"attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K, "attn_output": Q.
 MOE_TYPES = {"ffn_gate_exps": Q.Q4_K, "ffn_up_exps": Q.Q8_0, "ffn_down_exps": Q.Q4_K, "attn_q": Q.Q8_0,
              "attn_k": Q.Q8_0, "attn_v": Q.Q8_0, "attn_output": Q.Q8_0, "token_embd": Q.Q8_0, "output": Q.Q8_0}
 EXPERT_SIZE = 256
-Q4_K_X8 = LAID_OUT[Q.Q4_K][0]  # Q4_K rows as the block layers hold them once loaded: laid out 8 at a time
+
+
+def _held(kind: Q) -> int:
+    """The type block layers hold rows of `kind` in once loaded: laid out 8 at a time where it has a layout."""
+    return LAID_OUT.get(kind, (kind,))[0]
 
 
 def _type(name: str, array: np.ndarray, types: dict[str, Q] = TYPES) -> Q:
@@ -85,7 +89,7 @@ def test_blocks_generate_what_the_dequantized_file_generates(mixed_file):
     the same greedy tokens, and log-probabilities within 0.05 of the float32 product's."""
     native = LLM(str(mixed_file), kv_cache_memory="16MiB")
     layer = native.engine.model.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, GGMLLinear) and layer.self_attn.qkv_proj.types == [Q4_K_X8, Q.Q5_K, Q.Q6_K]
+    assert isinstance(layer.self_attn.qkv_proj, GGMLLinear) and layer.self_attn.qkv_proj.types == [_held(Q.Q4_K), Q.Q5_K, _held(Q.Q6_K)]
     assert isinstance(layer.mlp.down_proj, GGMLLinear)
     assert type(native.engine.model.lm_head) is Linear  # F16: dequantized
     assert isinstance(native.engine.model.model.embed_tokens, GGMLEmbedding)  # rows dequantized when looked up
@@ -147,7 +151,7 @@ def test_experts_in_blocks_generate_what_the_dequantized_file_generates(moe_file
     native = LLM(str(moe_file), kv_cache_memory="16MiB")
     for layer in native.engine.model.model.layers:
         experts = layer.mlp.experts
-        for stack, types in ((experts.gate_up_proj, [Q4_K_X8, Q.Q8_0]), (experts.down_proj, [Q4_K_X8])):
+        for stack, types in ((experts.gate_up_proj, [_held(Q.Q4_K), Q.Q8_0]), (experts.down_proj, [_held(Q.Q4_K)])):
             assert isinstance(stack, GGMLLinear) and stack.types == types
             assert stack.weight.dtype == torch.uint8 and stack.weight.shape[:2] == (8, stack.out_features)
         assert all(p.dtype == torch.uint8 for p in experts.parameters())
