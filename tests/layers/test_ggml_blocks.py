@@ -97,7 +97,8 @@ def test_only_some_types_rows_in_eights_are_laid_out():
 
 
 def _fused(parts: list[tuple[Q, int]], bias: bool) -> tuple[GGMLLinear, list[tuple[Q, torch.Tensor]]]:
-    """A fused layer of parts in different types, as Q4_K_M files store q/k/v; and each part's float weight."""
+    """A fused layer of parts in different types, as Q4_K_M files store q/k/v, packed as loading packs it (the
+    parts whose rows come in eights laid out 8 at a time); and each part's float weight."""
     linear = FusedLinear(IN_FEATURES, [rows for _, rows in parts], bias=bias)
     if bias:
         linear.bias.data.normal_()
@@ -107,15 +108,17 @@ def _fused(parts: list[tuple[Q, int]], bias: bool) -> tuple[GGMLLinear, list[tup
         blocks, weight = _blocks(kind, (rows, IN_FEATURES), seed)
         layer.weight.data[first:first + rows, :blocks.shape[1]] = blocks
         first, weights = first + rows, [*weights, (kind, weight)]
+    layer.pack()
     return layer, weights
 
 
 @pytest.mark.parametrize("rows", [1, 17, 64, 65, 130])
 def test_a_fused_layer_of_mixed_types_in_decode_and_prefill(rows, monkeypatch):
     """Up to ggml.BLOCK_PRODUCT_MAX_ROWS rows on the block kernels; beyond, dequantized a tile of rows at a time
-    (tiles cut inside parts here) for a float32 product."""
+    (tiles cut inside parts here, in whole eights of rows) for a float32 product."""
     monkeypatch.setattr(ggml, "_TILE_VALUES", 50 * IN_FEATURES)
-    layer, parts = _fused([(Q.Q4_K, 70), (Q.Q6_K, 33), (Q.Q8_0, 66), (Q.Q5_0, 8)], bias=True)
+    layer, parts = _fused([(Q.Q4_K, 72), (Q.Q6_K, 33), (Q.Q8_0, 66), (Q.Q5_0, 8)], bias=True)
+    assert layer.types == [ggml.LAID_OUT[Q.Q4_K][0], Q.Q6_K, Q.Q8_0, ggml.LAID_OUT[Q.Q5_0][0]]
     x = torch.randn(1, rows, IN_FEATURES, generator=torch.Generator().manual_seed(rows))  # [batch, tokens, K]
     out = layer(x)
     weight = torch.cat([weight for _, weight in parts])
