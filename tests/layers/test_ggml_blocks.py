@@ -114,17 +114,22 @@ def _fused(parts: list[tuple[Q, int]], bias: bool) -> tuple[GGMLLinear, list[tup
 
 @pytest.mark.parametrize("rows", [1, 17, 64, 65, 130])
 def test_a_fused_layer_of_mixed_types_in_decode_and_prefill(rows, monkeypatch):
-    """Up to ggml.BLOCK_PRODUCT_MAX_ROWS rows on the block kernels; beyond, dequantized a tile of rows at a time
-    (tiles cut inside parts here, in whole eights of rows) for a float32 product."""
+    """Up to ggml.BLOCK_PRODUCT_MAX_ROWS rows on the block kernels; beyond, the parts laid out 8 rows at a time
+    still on theirs, the others dequantized a tile of rows at a time (tiles cut inside parts here) for a
+    float32 product."""
     monkeypatch.setattr(ggml, "_TILE_VALUES", 50 * IN_FEATURES)
     layer, parts = _fused([(Q.Q4_K, 72), (Q.Q6_K, 33), (Q.Q8_0, 66), (Q.Q5_0, 8)], bias=True)
     assert layer.types == [ggml.LAID_OUT[Q.Q4_K][0], Q.Q6_K, Q.Q8_0, ggml.LAID_OUT[Q.Q5_0][0]]
     x = torch.randn(1, rows, IN_FEATURES, generator=torch.Generator().manual_seed(rows))  # [batch, tokens, K]
-    out = layer(x)
+    out = layer(x)[0] - layer.bias
     weight = torch.cat([weight for _, weight in parts])
-    assert out.shape == (1, rows, weight.shape[0])
-    if rows <= 64:
-        _assert_product(out[0] - layer.bias, x[0], parts)
-    else:
-        assert torch.allclose(out[0], F.linear(x[0], weight, layer.bias), rtol=1e-4, atol=1e-4)
+    assert out.shape == (rows, weight.shape[0])
+    first = 0
+    for (kind, part), held in zip(parts, layer.types):
+        columns = out[:, first:first + len(part)]
+        if rows <= 64 or held != kind:
+            _assert_product(columns, x[0], [(kind, part)])
+        else:
+            assert torch.allclose(columns, F.linear(x[0], part), rtol=1e-4, atol=1e-4)
+        first += len(part)
     assert torch.allclose(layer.dequantized(), weight, rtol=1e-6, atol=1e-7)
