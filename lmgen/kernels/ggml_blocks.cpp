@@ -574,12 +574,56 @@ struct Q6_Kx8 {
   }
 };
 
+// Q8_0, per 8 rows and block 272 bytes (as the file's 8 x 34): d [row 8] f16 | levels [4 columns 8][row 8][4],
+// int8. vpmaddubsw takes the levels' magnitudes and x carrying their signs; each 4 columns' pair sums (up
+// to 2 * 128 * 127) are widened at once.
+struct Q8_0x8 {
+  static constexpr int64_t kType = kQ8_0 + kPacked, kValues = 32, kBytes = 272;
+  static constexpr int64_t kLevels = 16;
+  using Plain = Q8_0;
+
+  static void pack(const uint8_t* block, int i, uint8_t* o) {
+    std::memcpy(o + 2 * i, block, 2);
+    for (int c = 0; c < 8; ++c) std::memcpy(o + kLevels + 32 * c + 4 * i, block + 2 + 4 * c, 4);
+  }
+
+  // Row i, as Q8_0's: w = d * q.
+  static void dequantize_row(const uint8_t* group, int64_t blocks, int i, float* w) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* p = group + b * kBytes;
+      const float d = half_at(p + 2 * i);
+      for (int v = 0; v < kSub; ++v)
+        w[b * kValues + v] = d * static_cast<float>(static_cast<int8_t>(p[kLevels + 32 * (v / 4) + 4 * i + v % 4]));
+    }
+  }
+
+  template <int R>
+  static void dot(const uint8_t* p, const QuantizedRows& x, int64_t m0, int64_t b, __m256 (&acc)[R]) {
+    const int64_t K = x.K, blocks = K / kValues;
+    prefetch_ahead(p, kBytes);
+    const int8_t* xq = x.values.data() + m0 * K + b * kValues;
+    __m256i sums[R];
+    for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i levels = load32(p + kLevels + 32 * c), magnitudes = _mm256_sign_epi8(levels, levels);
+      for (int r = 0; r < R; ++r) {
+        const __m256i signed_x = _mm256_sign_epi8(broadcast4(xq + r * K + 4 * c), levels);
+        sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, signed_x), _mm256_set1_epi16(1)));
+      }
+    }
+    const __m256 d = _mm256_cvtph_ps(load16(p));
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_mul_ps(d, _mm256_set1_ps(x.scales[(m0 + r) * blocks + b])), acc[r]);
+  }
+};
+
 template <typename F>
 bool with_laid_out_format(int64_t type, F&& body) {
   switch (type) {
     case Q4_Kx8::kType: return body(Q4_Kx8{}), true;
     case Q5_0x8::kType: return body(Q5_0x8{}), true;
     case Q6_Kx8::kType: return body(Q6_Kx8{}), true;
+    case Q8_0x8::kType: return body(Q8_0x8{}), true;
     default: return false;
   }
 }
@@ -705,10 +749,10 @@ at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& blocks, const at::
 }
 
 // Lays rows of blocks (uint8 [rows, stride], rows in eights) out 8 at a time in place, for the products
-// above; returns the type the layout then gives them (Q4_K, Q5_0 and Q6_K have such layouts).
+// above; returns the type the layout then gives them (Q4_K, Q5_0, Q6_K and Q8_0 have such layouts).
 int64_t pack_blocks(const at::Tensor& blocks, int64_t type, int64_t K) {
   TORCH_CHECK(with_laid_out_format(type + kPacked, [](auto) {}),
-              "pack_blocks: only Q4_K, Q5_0 and Q6_K rows are laid out 8 at a time, not ggml type ", type);
+              "pack_blocks: only Q4_K, Q5_0, Q6_K and Q8_0 rows are laid out 8 at a time, not ggml type ", type);
   check_blocks(blocks, type + kPacked, K, "pack_blocks");
   TORCH_CHECK(blocks.size(0) % 8 == 0, "pack_blocks: rows come in eights, got ", blocks.size(0));
   const int64_t stride = blocks.size(1);

@@ -4,7 +4,7 @@ A Q4_K_M or Q8_0 file runs with exactly the weights llama.cpp runs: loading copi
 tensor's blocks from the file as they are (``GGMLLinear.weight``, uint8 [out, bytes per row]),
 and lmgen's kernels (``kernels/ggml_blocks.cpp``) read them in products of a few rows (decode),
 rounding the activations to int8 per block of the format (32 values; 256 for the K-quants) as
-llama.cpp does. Q4_K, Q5_0 and Q6_K rows are laid out 8 at a time once loaded (``pack``: each block's
+llama.cpp does. Q4_K, Q5_0, Q6_K and Q8_0 rows are laid out 8 at a time once loaded (``pack``: each block's
 8 rows side by side, which the kernel multiplies at once, up to 2.8x the speed of a row at a time; Q4_K
 takes 148 bytes a row per 256 values so instead of 144), as llama.cpp's CPU backend repacks Q4_K.
 Products of more rows (prefill) dequantize the weight a tile of rows at a time for a float32 GEMM. Without lmgen's
@@ -35,13 +35,13 @@ from lmgen.layers.moe import ExpertLinear
 #: ggml type -> (values, bytes) of its block: the types lmgen's kernels read (gguf's GGML_QUANT_SIZES)
 BLOCK_FORMATS = {8: (32, 34), 2: (32, 18), 6: (32, 22), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
 #: ggml type -> (the type its rows have laid out 8 at a time, bytes a row per block so): kernels/ggml_blocks.cpp
-LAID_OUT = {12: (268, 148), 6: (262, 22), 14: (270, 210)}
+LAID_OUT = {12: (268, 148), 6: (262, 22), 14: (270, 210), 8: (264, 34)}
 _LAID_OUT_TYPES = {laid_out for laid_out, _ in LAID_OUT.values()}
 # Values per dequantized tile of a prefill product (16 MiB of float32): bounds its transient memory.
 #: Up to this many activation rows the block kernels multiply (int8 activations, integer products, the
 #: weights read once per row group); more rows dequantize tiles of weight rows for float products,
 #: which reuse each tile across all the rows, except rows laid out 8 at a time: their kernel beats a
-#: float GEMM at any count (512 rows, 1 thread: Q4_K 2.2x, Q5_0 1.6x, Q6_K 1.3x the speed).
+#: float GEMM at any count (512 rows, 1 thread: Q4_K 2.2x, Q5_0 1.6x, Q6_K 1.3x, Q8_0 1.2-1.4x the speed).
 BLOCK_PRODUCT_MAX_ROWS = 64
 _TILE_VALUES = 1 << 22
 

@@ -92,8 +92,8 @@ def test_only_some_types_rows_in_eights_are_laid_out():
         torch.ops.lmgen.pack_blocks(torch.zeros(12, 296, dtype=torch.uint8), int(Q.Q4_K), IN_FEATURES)
     with pytest.raises(RuntimeError, match="do not fit rows of 288 bytes"):
         torch.ops.lmgen.pack_blocks(blocks[:8].clone(), int(Q.Q4_K), IN_FEATURES)  # no room for the layout
-    with pytest.raises(RuntimeError, match="only Q4_K, Q5_0 and Q6_K rows .* not ggml type 8"):
-        torch.ops.lmgen.pack_blocks(torch.zeros(8, 544, dtype=torch.uint8), int(Q.Q8_0), IN_FEATURES)
+    with pytest.raises(RuntimeError, match="only Q4_K, Q5_0, Q6_K and Q8_0 rows .* not ggml type 13"):
+        torch.ops.lmgen.pack_blocks(torch.zeros(8, 352, dtype=torch.uint8), int(Q.Q5_K), IN_FEATURES)
 
 
 def _fused(parts: list[tuple[Q, int]], bias: bool) -> tuple[GGMLLinear, list[tuple[Q, torch.Tensor]]]:

@@ -151,7 +151,7 @@ def test_experts_in_blocks_generate_what_the_dequantized_file_generates(moe_file
     native = LLM(str(moe_file), kv_cache_memory="16MiB")
     for layer in native.engine.model.model.layers:
         experts = layer.mlp.experts
-        for stack, types in ((experts.gate_up_proj, [_held(Q.Q4_K), Q.Q8_0]), (experts.down_proj, [_held(Q.Q4_K)])):
+        for stack, types in ((experts.gate_up_proj, [_held(Q.Q4_K), _held(Q.Q8_0)]), (experts.down_proj, [_held(Q.Q4_K)])):
             assert isinstance(stack, GGMLLinear) and stack.types == types
             assert stack.weight.dtype == torch.uint8 and stack.weight.shape[:2] == (8, stack.out_features)
         assert all(p.dtype == torch.uint8 for p in experts.parameters())
