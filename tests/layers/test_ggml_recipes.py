@@ -22,6 +22,7 @@ from lmgen.layers.ggml import GGMLLinear
 from lmgen.layers.ggml_quant import Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, quantize_blocks
 from lmgen.layers.ggml_recipes import quantize_to_blocks, recipe_types
 from lmgen.loader.gguf import FAMILIES, lmgen_name
+from lmgen.models.transformer import TransformerForCausalLM
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # the quantizers are C++ beside the block kernels
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -136,7 +137,7 @@ def test_q4_k_m_loads_as_llama_cpps_file(checkpoint, name, num_block_layers, req
         rows = torch.from_numpy(array).flatten(0, -2)  # a stack of experts [experts, out, in]: all its rows
         return quantize_blocks(rows, types[name]).view(*array.shape[:-1], -1).numpy()
 
-    file = write_gguf(folder, tmp_path / "q4_k_m.gguf", name, encode=blocks,  # F32: the routers and shared expert's gate
+    file = write_gguf(folder, tmp_path / "q4_k_m.gguf", name, encode=blocks,  # F32: routers, the shared expert's gate
                       tensor_type=lambda name, array: gguf.GGMLQuantizationType(types.get(name, 0)))
     ours = LLM(str(folder), quantization="q4_k_m", kv_cache_memory="16MiB")
     theirs = LLM(str(file), kv_cache_memory="16MiB")
@@ -155,6 +156,25 @@ def test_q4_k_m_loads_as_llama_cpps_file(checkpoint, name, num_block_layers, req
     assert scored[0].outputs[0].token_ids == scored[1].outputs[0].token_ids
     for position, (step, step_f) in enumerate(zip(scored[0].prompt_logprobs[1:], scored[1].prompt_logprobs[1:]), 1):
         assert abs(step[prompt[position]].logprob - step_f[prompt[position]].logprob) < 1e-3, position
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "olmoe", "qwen3-moe", "gpt-oss"])
+def test_every_mixture_of_experts_runs_its_stacks_as_blocks(variant, checkpoint_factory, monkeypatch):
+    """Each family's experts held as blocks (rows of 64: Q5_0 and Q8_0, the fallbacks), GPT-OSS's with biases,
+    Qwen3-MoE's beside a dense layer: the one call for all layers gives the module path's tokens."""
+    llm = LLM(str(checkpoint_factory(variant)), quantization="q4_k_m", kv_cache_memory="16MiB",
+              enable_prefix_caching=False)
+    stacks = [m for name, m in llm.engine.model.named_modules()
+              if name.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+    assert stacks and all(isinstance(m, GGMLLinear) and m.weight.dtype == torch.uint8 for m in stacks)
+    calls, decode_layers = [], torch.ops.lmgen.decode_layers
+    monkeypatch.setattr(torch.ops.lmgen, "decode_layers", lambda *args: calls.append(1) or decode_layers(*args),
+                        raising=False)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    one_call = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    assert len(calls) == 8  # the prefill (prompts short enough to read the cache in place) and 7 decode steps
+    monkeypatch.setattr(TransformerForCausalLM, "one_call_layers", lambda *_: None)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == one_call
 
 
 def test_where_no_block_layer_holds_a_weight_its_values_load(llama_path):
