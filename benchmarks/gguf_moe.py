@@ -1,8 +1,12 @@
 """A mixture of experts' GGUF file run with its experts in their block formats (lmgen's default on its CPU
-kernels) beside lmgen dequantizing the same file to bfloat16 and llama.cpp (llama-cpp-python) on the file.
+kernels) beside lmgen dequantizing the same file to bfloat16 and llama.cpp (llama-cpp-python) on the file;
+with --folder, also lmgen loading the float folder the file was made from with llama.cpp's recipe
+(quantization=--recipe: the same blocks, quantized while loading).
 
     python benchmarks/gguf_moe.py                  # benchmarks/models/qwen3-moe-1b-a150m-q4_0.gguf
     python benchmarks/gguf_moe.py --model benchmarks/models/qwen3-moe-1b-a150m-q4_k_m.gguf --threads 1 --clock cpu
+    python benchmarks/gguf_moe.py --model benchmarks/models/qwen3-moe-1b-a150m-q4_k_m.gguf \
+        --folder benchmarks/models/qwen3-moe-1b-a150m --systems "lmgen recipe" "lmgen blocks" llama.cpp
 
 Each system runs in a fresh process: it loads the file, then decodes --new-tokens greedy tokens after a
 32-token random prompt, --repeats times. Printed: the median decode tokens/s, the load time, the peak
@@ -26,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp import CLOCKS, THREADS, llama_generate, lmgen_generate, load_llama, random_prompts  # noqa: E402
 from load_memory import rss_bytes  # noqa: E402
 
-SYSTEMS = ("lmgen blocks", "lmgen bfloat16", "llama.cpp")
+SYSTEMS = ("lmgen blocks", "lmgen bfloat16", "llama.cpp", "lmgen recipe")
 DEFAULT_MODEL = Path("benchmarks/models/qwen3-moe-1b-a150m-q4_0.gguf")
 
 
@@ -42,8 +46,9 @@ def measure(system: str, file: Path, args: argparse.Namespace) -> None:
         llama = load_llama(file, n_ctx=256, threads=args.threads)
         run = lambda prompt: llama_generate(llama, prompt, args.new_tokens, CLOCKS[args.clock])[0]  # noqa: E731
     else:
-        dtype = "bfloat16" if system == "lmgen bfloat16" else "auto"  # auto: the blocks, as they are
-        llm = LLM(str(file), dtype=dtype, kv_cache_memory="64MiB", max_model_len=256)
+        source, how = ((args.folder, {"quantization": args.recipe}) if system == "lmgen recipe" else
+                       (file, {"dtype": "bfloat16" if system == "lmgen bfloat16" else "auto"}))  # auto: the blocks
+        llm = LLM(str(source), kv_cache_memory="64MiB", max_model_len=256, **how)
         run = lambda prompt: lmgen_generate(llm, prompt, args.new_tokens, CLOCKS[args.clock])  # noqa: E731
     load_s = time.perf_counter() - started
     warm_up, *prompts = random_prompts(args.repeats + 1, 32, seed=0)
@@ -63,11 +68,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--folder", type=Path, help="the float folder the file was made from ('lmgen recipe')")
+    parser.add_argument("--recipe", choices=["q4_k_m", "q6_k", "q8_0"], default="q4_k_m")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, help="default: all (the recipe with --folder)")
     parser.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)  # one system, in this process
     args = parser.parse_args()
     if not args.model.is_file():
         parser.error(f"no GGUF file at {args.model}")
+    args.systems = args.systems or list(SYSTEMS if args.folder else SYSTEMS[:-1])
+    if "lmgen recipe" in args.systems and args.folder is None:
+        parser.error("system 'lmgen recipe' loads --folder")
     if args.system:
         measure(args.system, args.model, args)
         return

@@ -195,3 +195,18 @@ def recipe_qwen2_checkpoint(root: Path) -> Path:
     tensors["model.layers.0.mlp.up_proj.weight"][4] = -0.25
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+# llama.cpp's recipes for mixtures of experts: RECIPE_QWEN2_SHAPE's layers, experts' down projections of 320
+# columns (fallbacks); Qwen2-MoE's 4 experts with a shared expert, Mixtral's 8 (llama.cpp's rules for 8 experts).
+# name -> (variant, llama.cpp architecture, changes)
+RECIPE_MOE = {
+    "qwen2moe": ("qwen2-moe", "qwen2moe", dict(num_experts=4, moe_intermediate_size=320,
+                                               shared_expert_intermediate_size=320)),
+    "mixtral": ("mixtral", "llama", dict(num_local_experts=8, sliding_window=None)),
+}
+
+
+def recipe_moe_checkpoint(root: Path, name: str) -> Path:
+    variant, _, changes = RECIPE_MOE[name]
+    return build_checkpoint(root / name, variant, **{**RECIPE_QWEN2_SHAPE, **changes})

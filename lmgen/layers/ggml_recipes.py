@@ -9,6 +9,13 @@ between; and since Q4_K and Q6_K need rows of 256 values, Q5_0 and Q8_0 stand in
 rows (Qwen2.5-0.5B's 896: there Q4_K_M is mostly Q5_0). The layers are counted in order, as
 llama.cpp 0.3 counts them (older ones counted in the file's order, which put ``blk.10`` before ``blk.2``).
 
+A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS) is quantized as llama.cpp quantizes
+its files, where each projection's experts are one tensor: a stack takes one type (the projection's rules;
+its experts' checkpoint tensors are quantized into it one by one), the experts' and the shared expert's
+down projections are ffn_down of their layer, and the router (and Qwen2-MoE's shared expert gate) stays
+in float. With exactly 8 experts llama.cpp gives attn_k and attn_v Q8_0 in every recipe and attn_output
+Q5_K in Q4_K_M (its rule for Mixtral 8x7B).
+
 GPT-2's llama.cpp file holds its tied table twice (the embedding in the default type, the head in the
 head's); lmgen holds it once, in the head's.
 
@@ -25,7 +32,6 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from lmgen.errors import InvalidArgumentError
 from lmgen.layers.ggml import dequantize_blocks, weight_tensors
 from lmgen.layers.ggml_quant import (BLOCK_SIZES, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, quantize_blocks,
                                      require_quantizers)
@@ -36,23 +42,25 @@ RECIPES = {"q4_k_m": Q4_K, "q6_k": Q6_K, "q8_0": Q8_0}
 # the type llama.cpp takes for rows that are no whole blocks of the one chosen (none: kept in float)
 _FALLBACK = {Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.\d+\.")  # one expert's checkpoint tensor: ...experts.N.gate_proj.weight
 _ROWS_PER_CHUNK_VALUES = 1 << 22
 
 
 def recipe_types(model: nn.Module, method: str, lm_head: bool) -> dict[str, int | None]:
-    """The ggml type of each checkpoint weight (lmgen's names) that `method` quantizes; None: kept in float.
-    Refuses, before anything is built, where the quantizers cannot run."""
+    """The ggml type of each checkpoint weight (lmgen's names; a mixture of experts' stack of one projection
+    under one name) that `method` quantizes; None: kept in float. Refuses, before anything is built, where the
+    quantizers cannot run."""
     require_quantizers(f"quantization {method!r}")
-    if any(isinstance(m, ExpertLinear) for m in model.modules()):
-        raise InvalidArgumentError(f"quantization {method!r} runs dense models; for a mixture of experts use "
-                                   "'int4' or 'int8'")
     tied = getattr(model, "lm_head", None) is None
-    weights = {t: module.weight.shape[1] for _, module, tensors in weight_tensors(model) for t in tensors
+    weights = {t: module.weight.shape[-1] for _, module, tensors in weight_tensors(model) for t in tensors
                if _quantized(t, lm_head)}
-    order = {kind: _places([t for t in weights if _kind(t) == kind]) for kind in ("attn_v", "ffn_down")}
+    num_layers = 1 + max((int(found[1]) for t in weights if (found := _LAYER.match(t))), default=-1)
+    num_experts = max((m.weight.shape[0] for m in model.modules() if isinstance(m, ExpertLinear)), default=1)
     types = {}
     for name, columns in weights.items():
-        chosen = _llama_type(method, _kind(name), order.get(_kind(name), {}).get(name), columns, tied)
+        layer = _LAYER.match(name)
+        place = (int(layer[1]), num_layers) if layer else None
+        chosen = _llama_type(method, _kind(name), place, columns, tied, num_experts)
         if columns % BLOCK_SIZES[chosen][0]:
             chosen = _FALLBACK.get(chosen)
             if chosen is not None and columns % BLOCK_SIZES[chosen][0]:
@@ -69,16 +77,11 @@ def _quantized(name: str, lm_head: bool) -> bool:
 
 
 def _kind(name: str) -> str:
-    """llama.cpp's category of a tensor, as far as its recipes tell them apart."""
+    """llama.cpp's category of a tensor, as far as its recipes tell them apart (a shared expert's and the
+    experts' down projections are ffn_down too)."""
     module = name.split(".")[-2]
-    return {"v_proj": "attn_v", "qkv_proj": "attn_v", "down_proj": "ffn_down", "lm_head": "output",
-            "embed_tokens": "token_embd"}.get(module, "other")
-
-
-def _places(names: list[str]) -> dict[str, tuple[int, int]]:
-    """name -> (its place, how many): llama.cpp counts a kind's tensors in the order of their layers."""
-    ordered = sorted(names, key=lambda n: int(_LAYER.match(n)[1]))
-    return {name: (i, len(ordered)) for i, name in enumerate(ordered)}
+    return {"v_proj": "attn_v", "qkv_proj": "attn_v", "k_proj": "attn_k", "o_proj": "attn_output",
+            "down_proj": "ffn_down", "lm_head": "output", "embed_tokens": "token_embd"}.get(module, "other")
 
 
 def _more_bits(place: int, count: int) -> bool:
@@ -86,11 +89,19 @@ def _more_bits(place: int, count: int) -> bool:
     return place < count // 8 or place >= 7 * count // 8 or (place - count // 8) % 3 == 2
 
 
-def _llama_type(method: str, kind: str, place: tuple[int, int] | None, columns: int, tied: bool) -> int:
-    """llama.cpp's choice for one tensor (llama_tensor_get_type, before the fallback for narrow rows)."""
+def _llama_type(method: str, kind: str, place: tuple[int, int] | None, columns: int, tied: bool,
+                num_experts: int) -> int:
+    """llama.cpp's choice for one tensor (llama_tensor_get_type, before the fallback for narrow rows). `place`:
+    (its layer, the number of layers): llama.cpp counts attn_v and a dense model's ffn_down tensors in the
+    order of their layers, one a layer, and reads a mixture of experts' ffn_down layer from the tensor's name
+    (its experts' and its shared expert's alike), which come to the same."""
     default = RECIPES[method]
     if kind == "output" or (kind == "token_embd" and tied):  # the tied embedding is the LM head
         return Q8_0 if columns % BLOCK_SIZES[default][0] or default == Q8_0 else Q6_K
+    if num_experts == 8 and kind in ("attn_v", "attn_k"):  # llama.cpp's rule for Mixtral 8x7B, in every recipe
+        return Q8_0
+    if num_experts == 8 and kind == "attn_output" and method == "q4_k_m":
+        return Q5_K
     if method == "q4_k_m" and kind in ("attn_v", "ffn_down") and place is not None and _more_bits(*place):
         return Q6_K
     return default
@@ -100,29 +111,40 @@ def _llama_type(method: str, kind: str, place: tuple[int, int] | None, columns: 
 def quantize_to_blocks(tensors: Iterable[tuple[str, object]], types: dict[str, int | None], strides: dict[str, int],
                        dtype: torch.dtype) -> Iterator[tuple[str, object]]:
     """A checkpoint's tensors with each weight named in `types` quantized: as its blocks, rows padded to
-    `strides[name]` bytes, where a block layer holds it; else dequantized back to `dtype`."""
+    `strides[name]` bytes, where a block layer holds it (quantized when loaded, into the layer's weight);
+    else dequantized back to `dtype`."""
     for name, ref in tensors:
-        ggml_type = types.get(name)
+        weight = _EXPERT.sub(".experts.", name)  # one expert's matrix is quantized as its stack's
+        ggml_type = types.get(weight)
         if ggml_type is None:
             yield name, ref
-        elif name in strides:
-            yield name, _blocks(ref, ggml_type, strides[name])
+        elif weight in strides:
+            yield name, _Blocks(ref, ggml_type, strides[weight])
         else:
-            yield name, dequantize_blocks(_blocks(ref, ggml_type, 0).numpy(), ggml_type).to(dtype)
+            yield name, dequantize_blocks(_Blocks(ref, ggml_type).load().numpy(), ggml_type).to(dtype)
 
 
-def _blocks(ref: object, ggml_type: int, stride: int) -> torch.Tensor:
-    """The weight's rows as `ggml_type` blocks (uint8 [rows, stride or the row's bytes]), read a chunk of rows
-    at a time."""
-    rows, columns = ref.shape
-    values, nbytes = BLOCK_SIZES[ggml_type]
-    row_bytes = columns // values * nbytes
-    out = torch.empty(rows, stride or row_bytes, dtype=torch.uint8)
-    out[:, row_bytes:] = 0  # the rows' padding
-    step = max(1, _ROWS_PER_CHUNK_VALUES // columns)
-    chunks = ref.split(step) if isinstance(ref, torch.Tensor) else ref.row_chunks(step)
-    first = 0
-    for chunk in chunks:
-        quantize_blocks(chunk, ggml_type, out[first:first + len(chunk)])
-        first += len(chunk)
-    return out
+class _Blocks:
+    """A float weight's rows as `ggml_type` blocks (uint8 [rows, stride or the row's bytes]), quantized when
+    loaded, a chunk of rows at a time: straight into the parameter's rows (``load_into``, as a file's tensor
+    reads itself into place: lmgen/loader/checkpoint.py), or into a tensor of its own (``load``)."""
+
+    def __init__(self, ref: object, ggml_type: int, stride: int = 0) -> None:
+        rows, self.columns = ref.shape
+        values, nbytes = BLOCK_SIZES[ggml_type]
+        self.ref, self.ggml_type, self.row_bytes = ref, ggml_type, self.columns // values * nbytes
+        self.shape = (rows, stride or self.row_bytes)
+
+    def load(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=torch.uint8)
+        self.load_into(out)
+        return out
+
+    def load_into(self, out: torch.Tensor) -> None:
+        out[:, self.row_bytes:] = 0  # the rows' padding
+        step = max(1, _ROWS_PER_CHUNK_VALUES // self.columns)
+        chunks = self.ref.split(step) if isinstance(self.ref, torch.Tensor) else self.ref.row_chunks(step)
+        first = 0
+        for chunk in chunks:
+            quantize_blocks(chunk, self.ggml_type, out[first:first + len(chunk)])
+            first += len(chunk)

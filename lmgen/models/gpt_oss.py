@@ -6,7 +6,7 @@ is applied in float32.
 Its checkpoints store each layer's experts as whole stacks, [in, out] per expert, with gate and up
 interleaved (gate in even columns, up in odd ones); OpenAI's release stores them in MXFP4 (``*_blocks``: two
 4-bit E2M1 values a byte, 32 to a block; ``*_scales``: a power-of-two exponent per block, biased by 127), which
-are dequantized here while loading. Both become lmgen's per-expert [out, in] tensors, gate rows then up rows.
+are dequantized here while loading. Both become lmgen's per-expert [out, in] tensors, gate and up apart.
 """
 
 from __future__ import annotations
@@ -94,10 +94,13 @@ class GptOssForCausalLM(LlamaForCausalLM):
 def _experts(prefix: str, projection: str, leaf: str, stack: torch.Tensor, scales: torch.Tensor | None = None,
              ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each expert's tensor of a stack [E, out, ...] (MXFP4 blocks with their `scales`: dequantized one expert at
-    a time), under lmgen's per-expert names; gate_up's rows de-interleaved into gate rows, then up rows."""
+    a time), under lmgen's per-expert names; gate_up's rows de-interleaved into a gate and an up tensor, as
+    Llama's (the two shards of lmgen's gate_up_proj; a llama.cpp recipe gives each its type)."""
     for expert, rows in enumerate(stack):
         if scales is not None:
             rows = dequantize_mxfp4(rows, scales[expert])
         if projection == "gate_up_proj":
-            rows = torch.cat((rows[0::2], rows[1::2]))
-        yield f"{prefix}.{expert}.{projection}{leaf}", rows.contiguous()
+            yield f"{prefix}.{expert}.gate_proj{leaf}", rows[0::2].contiguous()
+            yield f"{prefix}.{expert}.up_proj{leaf}", rows[1::2].contiguous()
+        else:
+            yield f"{prefix}.{expert}.{projection}{leaf}", rows.contiguous()

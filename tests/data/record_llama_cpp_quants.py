@@ -5,8 +5,9 @@ lmgen's recipes against llama.cpp without building llama.cpp on every test machi
     cd tests && python data/record_llama_cpp_quants.py
 
 Writes data/llama_cpp_quants.json: the type ``llama_model_quantize`` gives each matrix of a tiny Qwen2 (8
-layers, rows of 256 and 320 values: every rule and fallback) for q4_k_m, q6_k and q8_0, and of a tiny Phi-3
-(fused q/k/v and gate/up) for q4_k_m. Types depend on names and shapes only. And data/llama_cpp_quants.npz:
+layers, rows of 256 and 320 values: every rule and fallback) for q4_k_m, q6_k and q8_0, of a tiny Phi-3
+(fused q/k/v and gate/up) for q4_k_m, and of tiny mixtures of experts (checkpoints.RECIPE_MOE: a shared expert,
+8 experts) for the three. Types depend on names and shapes only. And data/llama_cpp_quants.npz:
 for a tensor of each block type, its first ROWS rows as float32 (from the f32 GGUF llama.cpp quantized)
 and llama.cpp's blocks of those rows; block quantizers work row by row, block by block, so the rows' blocks
 are those of the whole tensor. And data/llama_cpp_hard_quants.npz: rows made to be hard for the quantizers
@@ -29,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoints import build_checkpoint, recipe_qwen2_checkpoint  # noqa: E402
+from checkpoints import RECIPE_MOE, build_checkpoint, recipe_moe_checkpoint, recipe_qwen2_checkpoint  # noqa: E402
 from gguf_files import write_gguf  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +42,7 @@ def llama_quantize(source: Path, out: Path, ftype: str, pure: bool = False) -> d
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread, params.pure = getattr(llama_cpp, ftype), 1, pure
     assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) == 0
-    return {t.name: t for t in gguf.GGUFReader(out).tensors if len(t.shape) == 2}
+    return {t.name: t for t in gguf.GGUFReader(out).tensors if len(t.shape) > 1}
 
 
 HARD_TYPES = ("Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
@@ -85,6 +86,11 @@ def main() -> None:
                        for method, tensors in quantized.items()},
              "phi3": {"q4_k_m": {name: t.tensor_type.value for name, t in
                                  llama_quantize(phi3, root / "phi3-q4_k_m.gguf", FTYPES["q4_k_m"]).items()}}}
+    for name, (_, arch, _) in RECIPE_MOE.items():
+        moe = write_gguf(recipe_moe_checkpoint(root, name), root / f"{name}-f32.gguf", arch)
+        types[name] = {method: {tensor: t.tensor_type.value for tensor, t in
+                                llama_quantize(moe, root / f"{name}-{method}.gguf", ftype).items()}
+                       for method, ftype in FTYPES.items()}
     (HERE / "llama_cpp_quants.json").write_text(json.dumps(types, indent=1, sort_keys=True) + "\n")
 
     floats = {t.name: np.array(t.data) for t in gguf.GGUFReader(qwen2).tensors}

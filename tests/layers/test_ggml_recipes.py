@@ -1,8 +1,9 @@
 """llama.cpp's recipes quantized while loading (kernels/ggml_quantize.cpp, layers/ggml_recipes.py), against llama.cpp
-itself: its ``llama_model_quantize``'s type for every matrix of tiny checkpoints and its blocks for a tensor of
-each type, recorded by data/record_llama_cpp_quants.py (llama-cpp-python builds llama.cpp from source: too
-long for every test run), equal lmgen's recipe's types and quantizers' bytes; loading a checkpoint with
-``quantization="q4_k_m"`` gives the block layers of loading the GGUF file of llama.cpp's types."""
+itself: its ``llama_model_quantize``'s type for every matrix of tiny checkpoints (dense, and mixtures of experts)
+and its blocks for a tensor of each type, recorded by data/record_llama_cpp_quants.py (llama-cpp-python builds
+llama.cpp from source: too long for every test run), equal lmgen's recipe's types and quantizers' bytes;
+loading a checkpoint with ``quantization="q4_k_m"`` gives the block layers (stacks of experts' too) of loading
+the GGUF file of llama.cpp's types."""
 
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoints import build_checkpoint, recipe_qwen2_checkpoint
+from checkpoints import RECIPE_MOE, build_checkpoint, recipe_moe_checkpoint, recipe_qwen2_checkpoint
 from gguf_files import write_gguf
 from lmgen import LLM, SamplingParams, kernels
 from lmgen.errors import InvalidArgumentError
@@ -21,10 +22,12 @@ from lmgen.layers.ggml import GGMLLinear
 from lmgen.layers.ggml_quant import Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, quantize_blocks
 from lmgen.layers.ggml_recipes import quantize_to_blocks, recipe_types
 from lmgen.loader.gguf import FAMILIES, lmgen_name
+from lmgen.models.transformer import TransformerForCausalLM
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # the quantizers are C++ beside the block kernels
 DATA = Path(__file__).resolve().parents[1] / "data"
 LLAMA_TYPES = json.loads((DATA / "llama_cpp_quants.json").read_text())
+PROMPTS = [[1, 17, 230, 45, 99], [1, 400, 3, 3, 72, 5, 9]]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,26 @@ def test_fused_checkpoint_tensors_follow_llama_cpp(tmp_path):
     folder = build_checkpoint(tmp_path / "phi3", "phi3", num_hidden_layers=8)
     ours = recipe_types(LLM(str(folder), kv_cache_memory="16MiB").engine.model, "q4_k_m", lm_head=True)
     assert ours == {lmgen_name(name, FAMILIES["phi3"]): kind for name, kind in LLAMA_TYPES["phi3"]["q4_k_m"].items()}
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(tmp_path_factory) -> Path:
+    return recipe_moe_checkpoint(tmp_path_factory.mktemp("recipes"), "qwen2moe")
+
+
+@pytest.mark.parametrize("name", RECIPE_MOE)
+def test_moe_recipes_pick_llama_cpps_types(name, qwen2_moe, tmp_path):
+    """A stack of experts takes one type (its rows of 320: the fallbacks); the experts' and the shared expert's
+    down projections take a dense ffn_down's by their layer; 8 experts (Mixtral) raise attn_k, attn_v and (q4_k_m)
+    attn_output; llama.cpp keeps the routers in float (F32 there, absent here)."""
+    folder = qwen2_moe if name == "qwen2moe" else recipe_moe_checkpoint(tmp_path, name)
+    model = LLM(str(folder), kv_cache_memory="16MiB").engine.model
+    family = FAMILIES[RECIPE_MOE[name][1]]
+    for method, theirs in LLAMA_TYPES[name].items():
+        routers = {lmgen_name(n, family) for n, kind in theirs.items() if kind == gguf.GGMLQuantizationType.F32}
+        assert routers and all(n.endswith(".mlp.router.weight") for n in routers)
+        ours = recipe_types(model, method, lm_head=True)
+        assert ours == {lmgen_name(n, family): kind for n, kind in theirs.items() if kind}, (name, method)
 
 
 def test_quantizers_write_llama_cpps_bytes():
@@ -99,26 +122,59 @@ def test_quantize_blocks_refuses_what_it_cannot_write():
         quantize_blocks(torch.randn(2, 64), Q8_0, torch.empty(2, 60, dtype=torch.uint8))
 
 
-@pytest.mark.usefixtures("cpu_kernels")
-def test_q4_k_m_loads_as_llama_cpps_file(qwen, tmp_path):
-    """The GGUF file of llama.cpp's types and blocks (its quantizers' bytes are lmgen's: above)."""
-    types = LLAMA_TYPES["qwen2"]["q4_k_m"]
+@pytest.mark.parametrize("checkpoint, name, num_block_layers", [
+    ("qwen", "qwen2", 8 * 4 + 1),  # qkv, o, gate/up, down; the tied embedding
+    ("qwen2_moe", "qwen2moe", 8 * 6 + 1),  # qkv, o, the experts' gate/up and down stacks, the shared expert's two
+])
+def test_q4_k_m_loads_as_llama_cpps_file(checkpoint, name, num_block_layers, request, tmp_path):
+    """The GGUF file of llama.cpp's types and blocks (its quantizers' bytes are lmgen's: above): the same block
+    layers, stacks of experts too, byte for byte, and greedy tokens; and the file dequantized to float32 scores a
+    prompt as lmgen's q4_k_m does, whose prefill of 240 tokens runs every product on more than 64 rows (each of
+    the 4 experts is chosen some 120 times), which block layers compute in float32 from dequantized tiles."""
+    folder, types = request.getfixturevalue(checkpoint), LLAMA_TYPES[name]["q4_k_m"]
 
     def blocks(name: str, array: np.ndarray) -> np.ndarray:
-        return quantize_blocks(torch.from_numpy(array), types[name]).numpy()
+        rows = torch.from_numpy(array).flatten(0, -2)  # a stack of experts [experts, out, in]: all its rows
+        return quantize_blocks(rows, types[name]).view(*array.shape[:-1], -1).numpy()
 
-    file = write_gguf(qwen, tmp_path / "q4_k_m.gguf", "qwen2", lambda name, array: gguf.GGMLQuantizationType(types[name]),
-                      encode=blocks)
-    ours = LLM(str(qwen), quantization="q4_k_m", kv_cache_memory="16MiB")
+    file = write_gguf(folder, tmp_path / "q4_k_m.gguf", name, encode=blocks,  # F32: routers, the shared expert's gate
+                      tensor_type=lambda name, array: gguf.GGMLQuantizationType(types.get(name, 0)))
+    ours = LLM(str(folder), quantization="q4_k_m", kv_cache_memory="16MiB")
     theirs = LLM(str(file), kv_cache_memory="16MiB")
     mine = {n: m for n, m in ours.engine.model.named_modules() if isinstance(m, GGMLLinear)}
     file_layers = {n: m for n, m in theirs.engine.model.named_modules() if isinstance(m, GGMLLinear)}
-    assert mine.keys() == file_layers.keys() and len(mine) == 8 * 4 + 1  # qkv, o, gate/up, down; the tied embedding
-    for name, layer in mine.items():
-        assert layer.types == file_layers[name].types and torch.equal(layer.weight, file_layers[name].weight), name
-    params = SamplingParams(max_tokens=8, temperature=0)
-    assert ours.generate(["The quick brown"], params)[0].outputs[0].token_ids == \
-        theirs.generate(["The quick brown"], params)[0].outputs[0].token_ids
+    assert mine.keys() == file_layers.keys() and len(mine) == num_block_layers
+    for layer_name, layer in mine.items():
+        assert layer.types == file_layers[layer_name].types, layer_name
+        assert torch.equal(layer.weight, file_layers[layer_name].weight), layer_name
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in ours.generate(PROMPTS, params)] == \
+        [o.outputs[0].token_ids for o in theirs.generate(PROMPTS, params)]
+    prompt = torch.randint(3, 512, (240,), generator=torch.Generator().manual_seed(0)).tolist()
+    scored = [llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
+              for llm in (ours, LLM(str(file), dtype="float32", kv_cache_memory="16MiB"))]
+    assert scored[0].outputs[0].token_ids == scored[1].outputs[0].token_ids
+    for position, (step, step_f) in enumerate(zip(scored[0].prompt_logprobs[1:], scored[1].prompt_logprobs[1:]), 1):
+        assert abs(step[prompt[position]].logprob - step_f[prompt[position]].logprob) < 1e-3, position
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "olmoe", "qwen3-moe", "gpt-oss"])
+def test_every_mixture_of_experts_runs_its_stacks_as_blocks(variant, checkpoint_factory, monkeypatch):
+    """Each family's experts held as blocks (rows of 64: Q5_0 and Q8_0, the fallbacks), GPT-OSS's with biases,
+    Qwen3-MoE's beside a dense layer: the one call for all layers gives the module path's tokens."""
+    llm = LLM(str(checkpoint_factory(variant)), quantization="q4_k_m", kv_cache_memory="16MiB",
+              enable_prefix_caching=False)
+    stacks = [m for name, m in llm.engine.model.named_modules()
+              if name.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+    assert stacks and all(isinstance(m, GGMLLinear) and m.weight.dtype == torch.uint8 for m in stacks)
+    calls, decode_layers = [], torch.ops.lmgen.decode_layers
+    monkeypatch.setattr(torch.ops.lmgen, "decode_layers", lambda *args: calls.append(1) or decode_layers(*args),
+                        raising=False)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    one_call = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    assert len(calls) == 8  # the prefill (prompts short enough to read the cache in place) and 7 decode steps
+    monkeypatch.setattr(TransformerForCausalLM, "one_call_layers", lambda *_: None)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == one_call
 
 
 def test_where_no_block_layer_holds_a_weight_its_values_load(llama_path):
@@ -132,8 +188,6 @@ def test_where_no_block_layer_holds_a_weight_its_values_load(llama_path):
 
 
 def test_recipes_refuse_what_they_cannot_do(checkpoint_factory, tmp_path, monkeypatch):
-    with pytest.raises(InvalidArgumentError, match="dense models"):
-        LLM(str(checkpoint_factory("mixtral")), quantization="q4_k_m", kv_cache_memory="16MiB")
     with monkeypatch.context() as patch:  # a machine without lmgen's kernels, which hold the quantizers
         patch.setattr(kernels, "load", lambda: False)
         patch.setattr(kernels, "why_not", "no C++ compiler found (set CXX or install g++)")
