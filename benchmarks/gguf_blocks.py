@@ -8,6 +8,7 @@
     python benchmarks/gguf_blocks.py --perplexity docs/architecture.md --max-chars 16000
     python benchmarks/gguf_blocks.py --products      # one product per block format of the file
     python benchmarks/gguf_blocks.py --memory        # peak resident memory of each system
+    python benchmarks/gguf_blocks.py --kv-cache-dtype float16 [--memory]  # lmgen's KV cache in float16 beside
 
 Figures: decode tokens/s at batch 1 (a 32-token prompt, --new-tokens greedy tokens, no EOS stop) and
 prefill tokens/s of one 512-token prompt (time to the first token), each system on THREADS threads;
@@ -21,6 +22,8 @@ With --memory: each system in a fresh process loads the file, prefills 512 token
 KV cache of MEMORY_CONTEXT tokens; its peak resident set (VmHWM: file pages it mapped and touched count)
 and that peak above the process's resident set after imports (lmgen and PyTorch, imported by both), beside
 the file's size, its KV cache's and the bound of both and 300 MiB.
+With --kv-cache-dtype D: lmgen on the blocks with its keys and values stored in D is one system more (in
+--memory, one process more), beside lmgen's default (the model's float32) and llama.cpp (float16).
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ from llamacpp import alternate, llama_generate, lmgen_generate, load_llama, rand
 from load_memory import rss_bytes  # noqa: E402
 from real_model import gguf_file  # noqa: E402
 
+import torch  # noqa: E402
+
 from lmgen import LLM, SamplingParams  # noqa: E402
+from lmgen.engine.config import DTYPES  # noqa: E402
 from lmgen.perplexity import perplexity, windows  # noqa: E402
 
 VOCAB = 151_000  # ordinary (non-special) ids of Qwen2.5's vocabulary
 MEMORY_CONTEXT = 1024  # tokens of KV cache in --memory
-KV_TOKEN_BYTES = 24 * 1024  # Qwen2.5-0.5B's keys and values of a token in lmgen's float32 (llama.cpp: float16)
+KV_TOKEN_BYTES = 24 * 1024  # Qwen2.5-0.5B's keys and values of a token in float32 (llama.cpp's float16: half)
 ALLOWANCE = 300 * 2**20  # issue 25's bound on peak resident memory: the file, the KV cache and this
 
 
@@ -111,29 +117,32 @@ def compare_perplexity(file: Path, text: str, context: int = 512) -> None:
                       "lmgen/llama.cpp": round(ours.perplexity / theirs, 4)}))
 
 
-def peak_memory(system: str, file: Path) -> None:
+def peak_memory(system: str, file: Path, kv_cache_dtype: str) -> None:
     """One system's peak resident memory over a load, a 512-token prefill and 64 decoded tokens (run alone in
-    its process: the peak is the process's)."""
+    its process: the peak is the process's); lmgen's keys and values stored in `kv_cache_dtype`."""
     baseline = rss_bytes()
     prompt = random_prompts(1, 512, seed=0, vocab=VOCAB)[0]
     if system == "lmgen":
-        llm = LLM(str(file), kv_cache_memory=MEMORY_CONTEXT * KV_TOKEN_BYTES, max_model_len=MEMORY_CONTEXT)
+        kv_bytes = MEMORY_CONTEXT * KV_TOKEN_BYTES * DTYPES.get(kv_cache_dtype, torch.float32).itemsize // 4
+        llm = LLM(str(file), kv_cache_memory=kv_bytes, kv_cache_dtype=kv_cache_dtype, max_model_len=MEMORY_CONTEXT)
         lmgen_generate(llm, prompt, 64)
+        system += f" KV {str(llm.engine.kv_cache_dtype).removeprefix('torch.')}"
     else:
+        kv_bytes = MEMORY_CONTEXT * KV_TOKEN_BYTES // 2
         llama_generate(load_llama(file, n_ctx=MEMORY_CONTEXT), prompt, 64)
     peak = rss_bytes("VmHWM")
-    kv_bytes = MEMORY_CONTEXT * KV_TOKEN_BYTES // (1 if system == "lmgen" else 2)
     print(json.dumps({"system": system, "file MiB": round(file.stat().st_size / 2**20, 1),
                       "KV MiB": kv_bytes / 2**20, "peak RSS MiB": round(peak / 2**20, 1),
                       "peak above baseline MiB": round((peak - baseline) / 2**20, 1),
                       "bound MiB": round((file.stat().st_size + kv_bytes + ALLOWANCE) / 2**20, 1)}))
 
 
-def compare_memory(file: Path) -> None:
+def compare_memory(file: Path, kv_cache_dtype: str | None) -> None:
     import subprocess
 
-    for system in ("lmgen", "llama.cpp"):
-        subprocess.run([sys.executable, __file__, "--memory-of", system], check=True)
+    for system, kv in (("lmgen", "auto"), ("lmgen", kv_cache_dtype), ("llama.cpp", "auto")):
+        if kv is not None:
+            subprocess.run([sys.executable, __file__, "--memory-of", system, "--kv-cache-dtype", kv], check=True)
 
 
 def main() -> None:
@@ -145,13 +154,15 @@ def main() -> None:
     parser.add_argument("--products", action="store_true", help="one product per block format only")
     parser.add_argument("--memory", action="store_true", help="peak resident memory of each system only")
     parser.add_argument("--memory-of", choices=["lmgen", "llama.cpp"], help=argparse.SUPPRESS)
+    parser.add_argument("--kv-cache-dtype", default=None,
+                        help="also lmgen on the blocks with its KV cache in this dtype (float16, bfloat16)")
     args = parser.parse_args()
     file = gguf_file()
     if args.memory_of:
-        peak_memory(args.memory_of, file)
+        peak_memory(args.memory_of, file, args.kv_cache_dtype)
         return
     if args.memory:
-        compare_memory(file)
+        compare_memory(file, args.kv_cache_dtype)
         return
     if args.products:
         product_costs(file)
@@ -161,17 +172,21 @@ def main() -> None:
         return
     blocks = LLM(str(file), kv_cache_memory="256MiB")
     bf16 = LLM(str(file), dtype="bfloat16", kv_cache_memory="256MiB")
+    other_kv = None if args.kv_cache_dtype is None else LLM(str(file), kv_cache_memory="256MiB",
+                                                            kv_cache_dtype=args.kv_cache_dtype)
     llama = load_llama(file, n_ctx=1024)
     text = blocks.tokenizer.encode("def quicksort(arr):")
     greedy = SamplingParams(max_tokens=24, temperature=0)
+    lmgens = {"lmgen blocks": blocks, "lmgen bfloat16": bf16, f"lmgen blocks KV {args.kv_cache_dtype}": other_kv}
     print("greedy tokens of a text prompt:", json.dumps({
-        "lmgen blocks": blocks.generate([text], greedy)[0].outputs[0].token_ids,
-        "lmgen bfloat16": bf16.generate([text], greedy)[0].outputs[0].token_ids,
+        **{name: llm.generate([text], greedy)[0].outputs[0].token_ids for name, llm in lmgens.items() if llm is not None},
         "llama.cpp": llama_generate(llama, text, 24)[1]}))
     for figure, prompt_len, new_tokens in (("decode_tok_s", 32, args.new_tokens), ("prefill_tok_s", 512, 2)):
         runs = {"lmgen blocks": lambda p: lmgen_generate(blocks, p, new_tokens),
                 "lmgen bfloat16": lambda p: lmgen_generate(bf16, p, new_tokens),
                 "llama.cpp": lambda p: llama_generate(llama, p, new_tokens)[0]}
+        if other_kv is not None:
+            runs[f"lmgen blocks KV {args.kv_cache_dtype}"] = lambda p: lmgen_generate(other_kv, p, new_tokens)
         alternate(runs, random_prompts(1, 16, seed=99, vocab=VOCAB))  # warm-up
         results = alternate(runs, random_prompts(args.repeats, prompt_len, seed=0, vocab=VOCAB))
         medians = {name: statistics.median(getattr(r, figure) for r in rs) for name, rs in results.items()}

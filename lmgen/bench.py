@@ -210,7 +210,8 @@ def prefix_rows(llm: LLM, prefix_len: int, repeats: int) -> list[dict]:
     one can reuse exactly that prefix and nothing more; with the cache off every run is cold."""
     engine = llm.engine
     uncached = LLM(str(engine.model_path), dtype=str(engine.dtype).removeprefix("torch."),
-                   enable_prefix_caching=False, max_num_batched_tokens=engine.config.max_num_batched_tokens)
+                   kv_cache_dtype=engine.config.kv_cache_dtype, enable_prefix_caching=False,
+                   max_num_batched_tokens=engine.config.max_num_batched_tokens)
     vocab_size = engine.model.spec.vocab_size
     rows = []
     for system, model in (("lmgen prefix cache on", llm), ("lmgen prefix cache off", uncached)):

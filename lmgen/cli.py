@@ -59,6 +59,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     group.add_argument("--kv-cache-memory", default=None,
                        help="KV-cache budget, e.g. 512MiB or 4GiB (default: 1GiB on CPU, 85%% of free GPU memory)")
+    group.add_argument("--kv-cache-dtype", default="auto",
+                       help="what the KV cache stores keys and values in: auto (the model's dtype), float16, "
+                            "bfloat16 or float32; half of float32 holds twice the tokens in --kv-cache-memory")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="context length in tokens (default: the model's)")
     group.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")
@@ -107,6 +110,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                kv_cache_dtype=args.kv_cache_dtype,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_partial_prefills=args.max_num_partial_prefills, block_size=args.block_size,
@@ -490,9 +494,12 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.compare == "transformers":
             bench.require_transformers()  # before lmgen's own model loads
         llm = _load(args)
-        quantized = f" {llm.engine.quantization.method}" if llm.engine.quantization else ""
-        print(f"{llm.engine.model_path.name} {llm.engine.dtype}{quantized}, prompt {args.prompt_len}, "
-              f"{args.new_tokens} new tokens, median of {args.repeats}; {bench.machine()}")
+        engine = llm.engine
+        quantized = f" {engine.quantization.method}" if engine.quantization else ""
+        cache_tokens = engine.kv_cache.num_blocks * engine.kv_cache.block_size
+        print(f"{engine.model_path.name} {engine.dtype}{quantized}, KV cache {cache_tokens} tokens in "
+              f"{engine.kv_cache_dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens, median of "
+              f"{args.repeats}; {bench.machine()}")
         rows = bench.run_bench(llm, args.mode, sizes, args.prompt_len, args.new_tokens, args.repeats, args.compare)
     bench.report(rows, args.json, args.mode)
     if args.plot:

@@ -75,6 +75,7 @@ def test_chat_keeps_history_and_resets(llama_path):
     (("serve", "--replicas", "0"), "argument --replicas: must be at least 1, got 0"),
     (("generate", "x", "--map-weights", "-tp", "2"), r"map_weights=True does not apply with tensor_parallel_size > 1"),
     (("generate", "x", "--max-num-partial-prefills", "0"), "max_num_partial_prefills must be a positive integer"),
+    (("generate", "x", "--kv-cache-dtype", "fp8"), "lmgen does not store fp8 keys and values yet"),
 ])
 def test_errors_are_one_line_without_traceback(llama_path, args, message):
     if "--model" not in args:
@@ -128,9 +129,11 @@ def test_bench_plot_without_matplotlib_fails_before_loading(monkeypatch, capsys)
 
 
 def test_bench_prefix_reports_cache_on_and_off(llama_path):
-    result = lmgen("bench", "prefix", "--model", str(llama_path), "--prompt-len", "40", "--repeats", "1")
+    result = lmgen("bench", "prefix", "--model", str(llama_path), "--prompt-len", "40", "--repeats", "1",
+                   "--kv-cache-dtype", "float16")
     assert result.returncode == 0, result.stderr
     assert "prefix cache on" in result.stdout and "prefix cache off" in result.stdout
+    assert "torch.float32, KV cache 16384 tokens in torch.float16" in result.stdout  # 64 sequences of 256
 
 
 def test_bench_latency_times_prefill_of_prompts_the_cache_has_not_seen(llama_path):

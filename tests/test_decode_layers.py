@@ -36,6 +36,25 @@ def test_one_call_for_all_layers_gives_the_modules_bits(checkpoint_factory, monk
     # no prefix cache: the second run must prefill as the first did (a cached prefix leaves a chunk short
     # enough for the decode kernel instead of SDPA)
     llm = LLM(str(checkpoint_factory(variant)), dtype=dtype, quantization=quantization, enable_prefix_caching=False)
+    _assert_one_call_gives_the_modules_bits(llm, monkeypatch)
+
+
+@pytest.mark.parametrize("variant, dtype, kv_cache_dtype", [
+    ("llama", "float32", "float16"), ("qwen2", "float32", "bfloat16"),
+    ("phi3", "bfloat16", "float32"),  # partial rotary: the keys' unrotated part converted too; a wider cache
+    ("mistral-sliding", "bfloat16", "float16"),  # bfloat16 into float16: through float32, as PyTorch converts
+])
+def test_one_call_writes_a_cache_of_another_dtype_as_the_modules_do(checkpoint_factory, monkeypatch, variant, dtype,
+                                                                     kv_cache_dtype):
+    """The kernel's conversion into the cache against index_copy_ of keys and values cast by PyTorch: the same
+    bits, for 3 requests of 5, 19 and 40 prompt tokens over 2 KV heads of 16 dimensions."""
+    llm = LLM(str(checkpoint_factory(variant)), dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+              enable_prefix_caching=False)
+    assert llm.engine.kv_cache.layers[0][0].dtype == getattr(torch, kv_cache_dtype)
+    _assert_one_call_gives_the_modules_bits(llm, monkeypatch)
+
+
+def _assert_one_call_gives_the_modules_bits(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     decode_layers = torch.ops.lmgen.decode_layers
     monkeypatch.setattr(torch.ops.lmgen, "decode_layers", lambda *args: calls.append(1) or decode_layers(*args),

@@ -13,7 +13,8 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
 
 
 class KVCache:
-    """``layers[i] = (k, v)``, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """``layers[i] = (k, v)``, each [num_blocks, block_size, num_kv_heads, head_dim] in `dtype`: the engine's
+    kv_cache_dtype, which may differ from the model's (writes round into it, attention reads it back)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:

@@ -343,7 +343,7 @@ class _Worker:
         self.shard, self.device = shard, device
         self.model: nn.Module | None = None
         self.cache: KVCache | None = None
-        self.dtype = torch.float32
+        self.dtype = self.cache_dtype = torch.float32
 
     def serve_one(self) -> bool:
         """Receive and run one command; False after STOP."""
@@ -366,7 +366,7 @@ class _Worker:
             case Command.CACHE:
                 spec = self.model.spec
                 self.cache = KVCache(spec.num_layers, int(ints[0]), int(ints[1]), spec.num_kv_heads, spec.head_dim,
-                                     self.dtype, self.device)
+                                     self.cache_dtype, self.device)
             case Command.COPY:
                 self.cache.copy_blocks(ints.view(-1, 2).tolist())
             case Command.FORWARD:
@@ -387,5 +387,6 @@ class _Worker:
         checkpoint = read_checkpoint(Path(model_path))
         hf_config = checkpoint.hf_config
         self.dtype = config.torch_dtype(hf_config.get("dtype") or hf_config.get("torch_dtype"), self.device)
+        self.cache_dtype = config.kv_cache_torch_dtype(self.dtype)
         self.model = load_model(checkpoint, self.device, self.dtype, config.max_model_len, config.quant_config(),
                                 config.quantization_group_size is not None, self.shard).model

@@ -54,6 +54,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16, float16
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     kv_cache_memory: int | str | None = None  # bytes or "2GiB"; None: see DEFAULT_*
+    kv_cache_dtype: str = "auto"  # keys and values stored in: auto (the model's dtype), float16, bfloat16, float32
     max_model_len: int | None = None  # context length; None: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -82,6 +83,12 @@ class EngineConfig:
         if self.dtype not in ("auto", *DTYPES):
             raise InvalidArgumentError(
                 f"dtype {self.dtype!r} is not supported; use one of: auto, float32, bfloat16, float16")
+        if str(self.kv_cache_dtype).startswith("fp8"):
+            raise InvalidArgumentError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported: lmgen does not store "
+                                       "fp8 keys and values yet; use auto, float16, bfloat16 or float32")
+        if self.kv_cache_dtype not in ("auto", *DTYPES):
+            raise InvalidArgumentError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; use one of: auto, "
+                                       "float16, bfloat16, float32")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise InvalidArgumentError(f"device {self.device!r} is not supported; use auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -121,3 +128,8 @@ class EngineConfig:
             return DTYPES[self.dtype]
         dtype = DTYPES.get(str(checkpoint_dtype), torch.float32)
         return compute_dtype(dtype, device)
+
+    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the KV cache stores keys and values in: the caller's, for "auto" the one the model runs in.
+        Attention reads them back into the model's dtype (or float32), so only their storage is rounded."""
+        return model_dtype if self.kv_cache_dtype == "auto" else DTYPES[self.kv_cache_dtype]

@@ -59,6 +59,7 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.hf_config.get("dtype") or self.hf_config.get("torch_dtype"), self.device)
+        self.kv_cache_dtype = config.kv_cache_torch_dtype(self.dtype)
         # GGUF blocks stay whole: a rank's share of a row-split weight would cut through them
         load = partial(load_model, checkpoint, self.device, self.dtype, config.max_model_len, config.quant_config(),
                        config.quantization_group_size is not None,
@@ -96,9 +97,9 @@ class Engine:
         self._ready: list[RequestOutput] = []  # deltas made between steps (aborts), sent by the next step()
         self._grammar_backend: GrammarBackend | None = None  # built on the first structured request
         self.spec_decode = SpecDecodeStats()  # speculative decoding's record over all requests so far
-        logger.info("loaded %s (%s, %s) in %.1f s; KV cache %d blocks of %d tokens (%.0f MiB)",
+        logger.info("loaded %s (%s, %s) in %.1f s; KV cache %d blocks of %d tokens (%s, %.0f MiB)",
                     self.model_path, self.dtype, self.device, time.perf_counter() - started,
-                    self.kv_cache.num_blocks, config.block_size, self.kv_cache.nbytes / 2**20)
+                    self.kv_cache.num_blocks, config.block_size, self.kv_cache_dtype, self.kv_cache.nbytes / 2**20)
 
     # ---- loading -------------------------------------------------------------------------
     def _kv_cache_budget(self) -> int:
@@ -109,7 +110,8 @@ class Engine:
         return DEFAULT_CPU_KV_CACHE_BYTES
 
     def _bytes_per_block(self, spec: ModelSpec) -> int:
-        return bytes_per_block(spec.num_layers, self.config.block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
+        return bytes_per_block(spec.num_layers, self.config.block_size, spec.num_kv_heads, spec.head_dim,
+                               self.kv_cache_dtype)
 
     def _draft_share(self, budget: int, draft_spec: ModelSpec) -> int:
         """The draft model's part of the KV-cache budget: as many tokens as the target's part holds (a small
@@ -128,7 +130,7 @@ class Engine:
             raise InvalidArgumentError(f"{owner}kv_cache_memory, {budget} bytes, is smaller than one KV block "
                                        f"({per_block} bytes); raise kv_cache_memory")
         return KVCache(spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim,
-                       self.dtype, self.device)
+                       self.kv_cache_dtype, self.device)
 
     def _proposer(self, draft: LoadedModel | None, draft_budget: int) -> Proposer | None:
         """What speculative_config asks for: prompt lookup, or the draft model on its own KV cache."""

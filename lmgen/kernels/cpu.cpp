@@ -1490,16 +1490,29 @@ struct DecodeLayers : torch::CustomClassHolder {
   }
 };
 
+// n values of E stored as C's, rounded to nearest even as PyTorch's casts round: the KV cache may
+// hold another dtype than the model computes in (kv_cache_dtype).
+template <typename E, typename C>
+void store_converted(const E* in, C* out, int64_t n) {
+  if constexpr (std::is_same_v<E, C>) {
+    std::memcpy(out, in, n * sizeof(E));
+  } else {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8(out + i, round8(load8(in + i), C{}));
+    for (; i < n; ++i) out[i] = static_cast<C>(scalar(in[i]));
+  }
+}
+
 // A layer's q, k and v rows [T, width] (any row stride, each row contiguous): q rotated into q_out
-// [T, H, D], k rotated and v copied straight into each token's slot of the caches [blocks,
-// block_size, KVH, D]: what rotary, then index_copy_ of k and of v into the caches do, without the
-// views in between and their ~1-2 us of dispatch each. No tables (cos undefined): no rotary.
+// [T, H, D], k rotated and v copied into each token's slot of the caches [blocks, block_size, KVH, D],
+// converted to the caches' dtype: what rotary, then index_copy_ of k and of v into the caches do,
+// without the views in between and their ~1-2 us of dispatch each. No tables (cos undefined): no rotary.
 void rotate_into_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                        const at::Tensor& sin, const at::Tensor& slot_mapping, const at::Tensor& k_cache,
                        const at::Tensor& v_cache, const at::Tensor& q_out) {
   const int64_t T = q_out.size(0), H = q_out.size(1), D = q_out.size(2), KVH = k_cache.size(2);
   const at::ScalarType type = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == type && v.scalar_type() == type && k_cache.scalar_type() == type &&
+  TORCH_CHECK(k.scalar_type() == type && v.scalar_type() == type && k_cache.scalar_type() == v_cache.scalar_type() &&
                   q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1 && q.size(1) == H * D &&
                   k.size(1) == KVH * D && v.size(1) == KVH * D && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
@@ -1510,14 +1523,20 @@ void rotate_into_cache(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   with_float_type(type, "decode_layers", [&](auto element) {
     using E = decltype(element);
     const E *c = R ? cos.data_ptr<E>() : nullptr, *s = R ? sin.data_ptr<E>() : nullptr;
-    E *kc = k_cache.data_ptr<E>(), *vc = v_cache.data_ptr<E>();
     rotate_rows(q.data_ptr<E>(), q.stride(0), c, s, q_out.data_ptr<E>(), T, H, D, R);
-    for (int64_t t = 0; t < T; ++t) {
-      TORCH_CHECK(0 <= slots[t] && slots[t] < slots_in_cache, "decode_layers: slot ", slots[t], " is not in the cache");
-      rotate_rows(k.data_ptr<E>() + t * k.stride(0), k.stride(0), c ? c + t * R : c, s ? s + t * R : s,
-                  kc + slots[t] * KVH * D, 1, KVH, D, R);
-      std::memcpy(vc + slots[t] * KVH * D, v.data_ptr<E>() + t * v.stride(0), KVH * D * sizeof(E));
-    }
+    std::vector<E> rotated(KVH * D);  // one token's keys, rotated in the model's dtype as the modules rotate them
+    with_float_type(k_cache.scalar_type(), "decode_layers", [&](auto stored) {
+      using C = decltype(stored);
+      C *kc = k_cache.data_ptr<C>(), *vc = v_cache.data_ptr<C>();
+      for (int64_t t = 0; t < T; ++t) {
+        TORCH_CHECK(0 <= slots[t] && slots[t] < slots_in_cache, "decode_layers: slot ", slots[t],
+                    " is not in the cache");
+        rotate_rows(k.data_ptr<E>() + t * k.stride(0), k.stride(0), c ? c + t * R : c, s ? s + t * R : s,
+                    rotated.data(), 1, KVH, D, R);
+        store_converted(rotated.data(), kc + slots[t] * KVH * D, KVH * D);
+        store_converted(v.data_ptr<E>() + t * v.stride(0), vc + slots[t] * KVH * D, KVH * D);
+      }
+    });
   });
 }
 

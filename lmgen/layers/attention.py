@@ -158,8 +158,9 @@ def paged_attention(
     so that a head may attend to nothing."""
     k_cache, v_cache = kv_cache
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    # the cache may store another dtype than the model computes in (kv_cache_dtype): rounded once, on the way in
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
     if reads_cache_in_place(meta, head_dim, q.device):
         tables, lens = meta.query_rows()
