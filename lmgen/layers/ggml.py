@@ -89,7 +89,7 @@ class GGMLLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= BLOCK_PRODUCT_MAX_ROWS:
+        if rows.shape[0] <= BLOCK_PRODUCT_MAX_ROWS or all(t in _LAID_OUT_TYPES for t in self.types):
             out = torch.ops.lmgen.gemv_blocks(rows, self.weight, self.layout)
         else:
             out = self._tiled_product(rows.float()).to(x.dtype)
