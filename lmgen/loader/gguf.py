@@ -168,6 +168,13 @@ class GGUFCheckpoint:
                    for name, dims, kind, offset in infos}
         return cls(path, buffer, metadata, tensors)
 
+    def drop_pages(self) -> None:
+        """The file's pages leave the process's resident memory: the header's, read when the file was opened,
+        and those the kernel mapped around the tensors' as they were read (a read fault maps up to 16 pages
+        around the one read: its fault-around). A view of the file (``GGUFTensor.in_file``) pages in again
+        what it reads. Nothing writes to the mapping, so nothing is lost."""
+        self._buffer.madvise(mmap.MADV_DONTNEED)
+
     def drop_string_lists(self) -> None:
         """Forget the metadata's lists of strings: the tokenizer's vocabulary and merges, Python strings of
         tens of MiB that nothing reads once the tokenizer is built from them."""

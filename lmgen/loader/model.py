@@ -134,6 +134,8 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
         if device.type == "cpu":
             place_weights_in_huge_pages(model, besides=in_file)
         fill()
+    if checkpoint.gguf is not None:
+        checkpoint.gguf.drop_pages()
     if shard is not None:
         shard.finish(model, spec)
     return LoadedModel(model.eval(), max_model_len, quantization)
@@ -144,7 +146,9 @@ def _embeddings_in_file(model: CausalLM, gguf: GGUFCheckpoint, dtype: torch.dtyp
     """Make each embedding table whose bytes in the GGUF file are its values as the model holds them (its
     blocks, or values of its dtype) a view of the file: a lookup reads a few rows, and only their pages
     become resident, pages of the file that the OS may drop again. Not a table tied to the LM head, which
-    reads all of it every token (faster from huge pages). Returns the parameters so placed."""
+    reads all of it every token (faster from huge pages). The file's pages leave resident memory after each
+    lookup: the kernel maps 16 pages of the file around each page read (its fault-around, which MADV_RANDOM
+    does not turn off), 64 KiB for a row of a few hundred bytes. Returns the parameters so placed."""
     head = model.model.embed_tokens if model.lm_head is None else None
     tensors, placed = dict(gguf.weights(dtype, blocks)), []
     for name, module in model.named_modules():
@@ -153,6 +157,7 @@ def _embeddings_in_file(model: CausalLM, gguf: GGUFCheckpoint, dtype: torch.dtyp
             view = source.in_file(module.weight.dtype)
             if view is not None and view.shape == module.weight.shape:
                 module.weight.data = view
+                module.register_forward_hook(lambda *_: gguf.drop_pages())
                 placed.append(module.weight)
     return placed
 
