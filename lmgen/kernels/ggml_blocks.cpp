@@ -305,8 +305,9 @@ void product_rows(const uint8_t* rows, int64_t stride, const QuantizedRows& x, i
 // as many instructions again as the multiplies, which bound it (Q4_K and Q5_0 8-10 GB/s a core, where
 // DRAM gives more). Laid out 8 rows at a time (pack_blocks, once after loading), a block's 8 rows lie
 // together, their levels in 8-column chunks with row i in lane i (as cpu.cpp's int4 kernel reads them):
-// byte j of a row's 4 holds its column 8 c + j (low nibble) and 8 c + j + 4 (high). Each vpmaddubsw then
-// multiplies 4 columns of all 8 rows, the rows' scales are vectors, and the sums land one row per lane.
+// byte j of a row's 4 holds its column 8 c + j (low nibble) and 8 c + j + 4 (high); Q8_0's whole-byte
+// levels, 4 columns a lane. Each vpmaddubsw then multiplies 4 columns of all 8 rows, the rows' scales are
+// vectors, and the sums land one row per lane.
 // llama.cpp's CPU backend repacks Q4_0 and Q4_K likewise. A laid-out type is its ggml type + kPacked.
 constexpr int64_t kPacked = 256;
 
@@ -338,14 +339,14 @@ inline int chunk_level(const uint8_t* chunks, int i, int v) {
 }
 
 // pairs[r] lane i += row i's levels of chunk c (at `chunks`) times x row r's same 8 columns (at xq + r K), as
-// 16-bit pair sums (each at most 2 levels * 127: the caller widens them before they overflow); `fifth`:
-// the fifth bits of the chunk's low and high levels, as 16s.
+// 16-bit pair sums (each at most 2 levels * 127: the caller widens them before they overflow); `top_bits`:
+// the bits above the nibbles of the chunk's low and high levels, in place (Q5_0's fifth, Q6_K's top two).
 template <int R>
 inline void chunk_product(const uint8_t* chunks, int c, const int8_t* xq, int64_t K, __m256i (&pairs)[R],
-                          const __m256i* fifth = nullptr) {
+                          const __m256i* top_bits = nullptr) {
   const __m256i packed = load32(chunks + 32 * c);
   __m256i low = low_nibbles(packed), high = high_nibbles(packed);
-  if (fifth) low = _mm256_or_si256(low, fifth[0]), high = _mm256_or_si256(high, fifth[1]);
+  if (top_bits) low = _mm256_or_si256(low, top_bits[0]), high = _mm256_or_si256(high, top_bits[1]);
   for (int r = 0; r < R; ++r)
     pairs[r] = _mm256_add_epi16(pairs[r], _mm256_add_epi16(_mm256_maddubs_epi16(low, broadcast4(xq + r * K + 8 * c)),
                                                            _mm256_maddubs_epi16(high, broadcast4(xq + r * K + 8 * c + 4))));
@@ -494,7 +495,7 @@ struct Q6_Kx8 {
   static constexpr int64_t kScales = 16, kLevels = 144, kTop = 1168;
   using Plain = Q6_K;
 
-  // Sub-block sub = 4 half + t of a file's block: its 32 low nibbles' and top bits' bytes and shifts.
+  // Sub-block sub = 4 half + t of a file's block: its 32 levels' low 4 bits, or (`top`) their top 2 bits.
   static __m256i file_levels(const uint8_t* block, int sub, bool top) {
     const int half = sub / 4, t = sub % 4;
     if (top) return _mm256_and_si256(_mm256_srli_epi16(load32(block + 128 + 32 * half), 2 * t), _mm256_set1_epi8(3));

@@ -4,10 +4,11 @@ A Q4_K_M or Q8_0 file runs with exactly the weights llama.cpp runs: loading copi
 tensor's blocks from the file as they are (``GGMLLinear.weight``, uint8 [out, bytes per row]),
 and lmgen's kernels (``kernels/ggml_blocks.cpp``) read them in products of a few rows (decode),
 rounding the activations to int8 per block of the format (32 values; 256 for the K-quants) as
-llama.cpp does. Q4_K, Q5_0, Q6_K and Q8_0 rows are laid out 8 at a time once loaded (``pack``: each block's
-8 rows side by side, which the kernel multiplies at once, up to 2.8x the speed of a row at a time; Q4_K
-takes 148 bytes a row per 256 values so instead of 144), as llama.cpp's CPU backend repacks Q4_K.
-Products of more rows (prefill) dequantize the weight a tile of rows at a time for a float32 GEMM. Without lmgen's
+llama.cpp does. Q4_K, Q5_0, Q6_K and Q8_0 rows are laid out 8 at a time once loaded (``pack``: each
+block's 8 rows side by side, which the kernel multiplies at once, up to 2.8x the speed of a row at a
+time; Q4_K then takes 148 bytes a row per 256 values, not the file's 144), as llama.cpp's CPU backend
+repacks Q4_K. Products of more rows (prefill) run the laid-out parts on the same kernel and dequantize
+the others a tile of rows at a time for a float32 GEMM. Without lmgen's
 kernels (no compiler, ``LMGEN_CPU_KERNELS=0``, a GPU) or when the caller asks for a dtype or a
 quantization, the GGUF loader dequantizes every tensor instead (lmgen/loader/gguf.py).
 
