@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.utils.cpp_extension
 
 from lmgen import disk_cache
 
@@ -136,8 +135,10 @@ def _built_library() -> Path:
     if library.exists():
         return library
     cache.mkdir(parents=True, exist_ok=True)
+    from torch.utils import cpp_extension  # only to build: it imports setuptools (4.5 MiB resident)
+
     torch_lib = Path(torch.__file__).parent / "lib"
-    includes = [f"-I{path}" for path in torch.utils.cpp_extension.include_paths()]
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     started = time.perf_counter()
     # a warning so that the CLI, quiet by default, says why its first start pauses
     logger.warning("building lmgen's CPU kernels for this machine (once, about 30 s on 2 cores)")
