@@ -191,14 +191,14 @@ void with_format(int64_t type, F&& body) {
 // Activation rows [M, K] rounded to int8 in blocks of `block` values: a scale per block, and the sum
 // of every 32 rounded values and of every 16 (the offsets' terms; |sum| <= 32 * 127 fits int16).
 struct QuantizedRows {
-  int64_t K, block;
+  int64_t K;
   std::vector<int8_t> values;
   std::vector<float> scales;
   std::vector<int16_t> sums, half_sums;
 };
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t block) {
-  QuantizedRows q{K, block, std::vector<int8_t>(M * K), std::vector<float>(M * K / block),
+  QuantizedRows q{K, std::vector<int8_t>(M * K), std::vector<float>(M * K / block),
                   std::vector<int16_t>(M * K / kSub), std::vector<int16_t>(M * K / 16)};
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t b = 0; b < M * K / block; ++b) {
